@@ -1,0 +1,306 @@
+"""Typed clients of the Cleanlist Public API (sync and async) over httpx.
+
+The client classifies and parses; it does not loop. One layer owns retries (the Prefect task), and it
+reads `cleanlist.errors.policy_for` to decide. Every request first takes a slot from the process-wide
+rate limiter of its endpoint; a 429 with Retry-After holds that endpoint for every caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+from pydantic import SecretStr
+
+from cleanlist.constants import API_PREFIX, POOL_TIMEOUT, WRITE_TIMEOUT
+from cleanlist.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    MissingAPIKeyError,
+    RateLimitError,
+    make_status_error,
+)
+from cleanlist.models import (
+    BulkEnrichRequest,
+    BulkEnrichResponse,
+    Contact,
+    CreditsBalance,
+    EnrichmentType,
+    KeyValidation,
+    TaskResult,
+    WebhookDeliveries,
+    WorkflowStatus,
+)
+from cleanlist.ratelimit import RateLimiter, shared_limiter
+from cleanlist.settings import CleanlistSettings, RateLimit
+
+logger = logging.getLogger("cleanlist.client")
+
+ENDPOINTS: dict[str, tuple[str, str]] = {
+    "validate-key": ("GET", "/auth/validate-key"),
+    "credits-balance": ("GET", "/credits/balance"),
+    "enrich-bulk": ("POST", "/enrich/bulk"),
+    "enrich-status": ("GET", "/enrich/status"),
+    "webhook-deliveries": ("GET", "/webhooks/deliveries"),
+}
+# validate-key is free and documented without a 429; everything else spends the endpoint's budget.
+_UNLIMITED = frozenset({"validate-key"})
+
+
+def redact(text: str, secret: SecretStr | None) -> str:
+    """Remove the key from any text that might be shown (error bodies can echo headers)."""
+    if secret is None:
+        return text
+    value = secret.get_secret_value()
+    return text.replace(value, "[redacted]") if value else text
+
+
+class _ClientCore:
+    """What the sync and async clients share: settings, headers, limiter, parsing, error mapping."""
+
+    def __init__(
+        self,
+        api_key: str | SecretStr | None = None,
+        *,
+        base_url: str | None = None,
+        rate_limit: RateLimit | str | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        settings: CleanlistSettings | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        settings = settings or CleanlistSettings()
+        key = api_key if api_key is not None else settings.api_key
+        if isinstance(key, str):
+            key = SecretStr(key)
+        if key is None or not key.get_secret_value().strip():
+            raise MissingAPIKeyError()
+        self._api_key: SecretStr = key
+        self.base_url = (base_url or settings.base_url).rstrip("/")
+        if isinstance(rate_limit, str):
+            rate_limit = RateLimit.parse(rate_limit)
+        self.rate_limit = rate_limit or settings.rate
+        if isinstance(timeout, int | float):
+            timeout = httpx.Timeout(timeout)
+        self.timeout = timeout or httpx.Timeout(
+            connect=settings.connect_timeout,
+            read=settings.read_timeout,
+            write=WRITE_TIMEOUT,
+            pool=POOL_TIMEOUT,
+        )
+        key_id = hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:16]
+        self.limiter = limiter or shared_limiter(self.base_url, key_id, self.rate_limit)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r}, rate_limit='{self.rate_limit}')"
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self._api_key.get_secret_value()}",
+            "Accept": "application/json",
+            "User-Agent": "cleanlist-prefect/0.1",
+        }
+
+    def _url(self, endpoint: str) -> str:
+        return f"{self.base_url}{API_PREFIX}{ENDPOINTS[endpoint][1]}"
+
+    def _error_from(self, endpoint: str, response: httpx.Response) -> APIError:
+        method, path = ENDPOINTS[endpoint]
+        try:
+            body: Any = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = {"detail": redact(response.text[:300], self._api_key)}
+        if isinstance(body, dict) and isinstance(body.get("detail"), str):
+            body = {**body, "detail": redact(body["detail"], self._api_key)}
+        error = make_status_error(
+            status_code=response.status_code,
+            method=method,
+            path=path,
+            body=body,
+            headers=response.headers,
+        )
+        if isinstance(error, RateLimitError) and error.retry_after is not None:
+            self.limiter.endpoint(endpoint).hold(error.retry_after)
+        return error
+
+    def _transport_error(self, endpoint: str, exc: httpx.TransportError) -> APIError:
+        method, path = ENDPOINTS[endpoint]
+        kind = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+        reason = redact(str(exc) or type(exc).__name__, self._api_key)
+        return kind(f"Cleanlist API {method} {path} failed: {type(exc).__name__}: {reason}")
+
+    def _parse(self, endpoint: str, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            raise self._error_from(endpoint, response)
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            method, path = ENDPOINTS[endpoint]
+            raise APIConnectionError(
+                f"Cleanlist API {method} {path} answered {response.status_code} with a body that is not JSON"
+            ) from None
+
+    def _log(self, endpoint: str, response: httpx.Response) -> None:
+        method, path = ENDPOINTS[endpoint]
+        logger.debug("%s %s → %s", method, path, response.status_code)
+
+    @staticmethod
+    def _bulk_body(
+        contacts: Sequence[Contact | Mapping[str, Any]],
+        enrichment_type: EnrichmentType | str,
+        webhook_url: str | None,
+    ) -> dict[str, Any]:
+        request = BulkEnrichRequest.model_validate(
+            {
+                "enrichment_type": enrichment_type,
+                "webhook_url": webhook_url,
+                "contacts": [c if isinstance(c, Contact) else Contact.model_validate(c) for c in contacts],
+            }
+        )
+        return request.to_json()
+
+    @staticmethod
+    def _status_params(workflow_id: str | None, task_id: str | None) -> dict[str, str]:
+        params: dict[str, str] = {}
+        if workflow_id is not None:
+            params["workflow_id"] = workflow_id
+        if task_id is not None:
+            params["task_id"] = task_id
+        return params
+
+    @staticmethod
+    def _status_model(payload: Any) -> WorkflowStatus | TaskResult:
+        if isinstance(payload, dict) and "task_id" in payload and "results" not in payload:
+            return TaskResult.model_validate(payload)
+        return WorkflowStatus.model_validate(payload)
+
+
+class CleanlistClient(_ClientCore):
+    """Blocking client; safe to share between threads."""
+
+    def __init__(self, api_key: str | SecretStr | None = None, **kwargs: Any) -> None:
+        transport: httpx.BaseTransport | None = kwargs.pop("transport", None)
+        super().__init__(api_key, **kwargs)
+        self._http = httpx.Client(
+            timeout=self.timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, endpoint: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
+        if endpoint not in _UNLIMITED:
+            self.limiter.endpoint(endpoint).acquire()
+        method = ENDPOINTS[endpoint][0]
+        try:
+            response = self._http.request(
+                method, self._url(endpoint), params=params, json=body, headers=self._headers
+            )
+        except httpx.TransportError as exc:
+            raise self._transport_error(endpoint, exc) from None
+        self._log(endpoint, response)
+        return self._parse(endpoint, response)
+
+    def validate_key(self) -> KeyValidation:
+        return KeyValidation.model_validate(self._request("validate-key"))
+
+    def credits_balance(self) -> CreditsBalance:
+        return CreditsBalance.model_validate(self._request("credits-balance"))
+
+    def enrich_bulk(
+        self,
+        contacts: Sequence[Contact | Mapping[str, Any]],
+        enrichment_type: EnrichmentType | str = "partial",
+        webhook_url: str | None = None,
+    ) -> BulkEnrichResponse:
+        body = self._bulk_body(contacts, enrichment_type, webhook_url)
+        return BulkEnrichResponse.model_validate(self._request("enrich-bulk", body=body))
+
+    def enrich_status(
+        self, *, workflow_id: str | None = None, task_id: str | None = None
+    ) -> WorkflowStatus | TaskResult:
+        payload = self._request("enrich-status", params=self._status_params(workflow_id, task_id))
+        return self._status_model(payload)
+
+    def webhook_deliveries(self, workflow_id: str) -> WebhookDeliveries:
+        return WebhookDeliveries.parse(
+            self._request("webhook-deliveries", params={"workflow_id": workflow_id})
+        )
+
+
+class AsyncCleanlistClient(_ClientCore):
+    """Asyncio client; shares the process-wide limiter with blocking clients of the same key."""
+
+    def __init__(self, api_key: str | SecretStr | None = None, **kwargs: Any) -> None:
+        transport: httpx.AsyncBaseTransport | None = kwargs.pop("transport", None)
+        super().__init__(api_key, **kwargs)
+        self._http = httpx.AsyncClient(
+            timeout=self.timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, endpoint: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
+        if endpoint not in _UNLIMITED:
+            await self.limiter.endpoint(endpoint).acquire_async()
+        method = ENDPOINTS[endpoint][0]
+        try:
+            response = await self._http.request(
+                method, self._url(endpoint), params=params, json=body, headers=self._headers
+            )
+        except httpx.TransportError as exc:
+            raise self._transport_error(endpoint, exc) from None
+        self._log(endpoint, response)
+        return self._parse(endpoint, response)
+
+    async def validate_key(self) -> KeyValidation:
+        return KeyValidation.model_validate(await self._request("validate-key"))
+
+    async def credits_balance(self) -> CreditsBalance:
+        return CreditsBalance.model_validate(await self._request("credits-balance"))
+
+    async def enrich_bulk(
+        self,
+        contacts: Sequence[Contact | Mapping[str, Any]],
+        enrichment_type: EnrichmentType | str = "partial",
+        webhook_url: str | None = None,
+    ) -> BulkEnrichResponse:
+        body = self._bulk_body(contacts, enrichment_type, webhook_url)
+        return BulkEnrichResponse.model_validate(await self._request("enrich-bulk", body=body))
+
+    async def enrich_status(
+        self, *, workflow_id: str | None = None, task_id: str | None = None
+    ) -> WorkflowStatus | TaskResult:
+        payload = await self._request("enrich-status", params=self._status_params(workflow_id, task_id))
+        return self._status_model(payload)
+
+    async def webhook_deliveries(self, workflow_id: str) -> WebhookDeliveries:
+        payload = await self._request("webhook-deliveries", params={"workflow_id": workflow_id})
+        return WebhookDeliveries.parse(payload)

@@ -1,0 +1,189 @@
+"""Pydantic models of every request and response of the Cleanlist Public API (v1), plus its pricing.
+
+Responses are parsed leniently: unknown fields are kept (`extra="allow"`), missing optional fields get
+defaults, and a `null` where a list is documented becomes an empty list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+EnrichmentType = Literal["none", "partial", "phone_only", "full", "prospecting_only"]
+ENRICHMENT_TYPES: tuple[str, ...] = ("none", "partial", "phone_only", "full", "prospecting_only")
+
+TERMINAL_WORKFLOW_STATUSES = frozenset({"completed", "failed", "cancelled"})
+CONTACT_FIELDS: tuple[str, ...] = (
+    "linkedin_url",
+    "first_name",
+    "last_name",
+    "company_domain",
+    "company_name",
+)
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Credits charged per found item for one enrichment type (failed lookups cost 0)."""
+
+    per_email: float = 0.0
+    per_phone: float = 0.0
+    per_prospect: float = 0.0
+
+    @property
+    def worst_case_per_contact(self) -> float:
+        return self.per_email + self.per_phone + self.per_prospect
+
+
+# Documented pricing. "Per phone found" is read as per contact whose phone lookup found something.
+PRICING: dict[str, Pricing] = {
+    "none": Pricing(),
+    "partial": Pricing(per_email=1.0),
+    "phone_only": Pricing(per_phone=10.0),
+    "full": Pricing(per_email=1.0, per_phone=10.0),
+    "prospecting_only": Pricing(per_prospect=1.0),
+}
+
+
+def worst_case_credits(enrichment_type: str, contacts: int) -> float:
+    """The most a request of `contacts` contacts can cost."""
+    return PRICING[enrichment_type].worst_case_per_contact * contacts
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Contact(BaseModel):
+    """One contact as the bulk endpoint takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    linkedin_url: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    company_domain: str | None = None
+    company_name: str | None = None
+
+
+class BulkEnrichRequest(BaseModel):
+    enrichment_type: EnrichmentType = "partial"
+    webhook_url: str | None = None
+    contacts: list[Contact]
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "enrichment_type": self.enrichment_type,
+            "contacts": [c.model_dump(exclude_none=True) for c in self.contacts],
+        }
+        if self.webhook_url:
+            body["webhook_url"] = self.webhook_url
+        return body
+
+
+class BulkEnrichResponse(_Lenient):
+    workflow_id: str
+    status: str = "processing"
+    message: str | None = None
+    task_ids: list[str] = Field(default_factory=list)
+    total_contacts: int | None = None
+
+
+def _none_to_list(value: Any) -> Any:
+    return [] if value is None else value
+
+
+class TaskResult(_Lenient):
+    """One contact's result inside a workflow (or alone, in task mode)."""
+
+    task_id: str
+    status: str = "processing"
+    primary_email: str | None = None
+    primary_email_status: str | None = None
+    other_emails: list[Any] = Field(default_factory=list)
+    personal_phone_numbers: list[Any] = Field(default_factory=list)
+    prospect: dict[str, Any] | None = None
+    company: dict[str, Any] | None = None
+    workflow_id: str | None = None
+
+    _lists = field_validator("other_emails", "personal_phone_numbers", mode="before")(_none_to_list)
+
+    @property
+    def phones(self) -> list[str]:
+        """Phone numbers as strings, whether the API sent strings or objects with a number field."""
+        found: list[str] = []
+        for item in self.personal_phone_numbers:
+            if isinstance(item, dict):
+                value = item.get("number") or item.get("phone") or item.get("value")
+                if value:
+                    found.append(str(value))
+            elif item:
+                found.append(str(item))
+        return found
+
+    @property
+    def emails(self) -> list[str]:
+        found: list[str] = []
+        for item in self.other_emails:
+            value = item.get("email") if isinstance(item, dict) else item
+            if value:
+                found.append(str(value))
+        return found
+
+
+class WorkflowSummary(_Lenient):
+    total: int | None = None
+    successful: int | None = None
+    failed: int | None = None
+    emails_found: int | None = None
+    phones_found: int | None = None
+
+
+class WorkflowStatus(_Lenient):
+    """A workflow's state and, once terminal, its per-task results."""
+
+    workflow_id: str
+    status: str
+    enrichment_type: str | None = None
+    total_contacts: int | None = None
+    summary: WorkflowSummary | None = None
+    results: list[TaskResult] = Field(default_factory=list)
+    completed_at: str | None = None
+
+    _lists = field_validator("results", mode="before")(_none_to_list)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.lower() in TERMINAL_WORKFLOW_STATUSES
+
+
+class CreditsBalance(_Lenient):
+    organization_id: str | None = None
+    credits: float
+
+
+class KeyValidation(_Lenient):
+    valid: bool
+    user_id: str | None = None
+    organization_id: str | None = None
+
+
+class WebhookDelivery(_Lenient):
+    attempt: int | None = None
+    status: str | None = None
+    response_code: int | None = None
+    error: str | None = None
+
+
+class WebhookDeliveries(_Lenient):
+    workflow_id: str | None = None
+    deliveries: list[WebhookDelivery] = Field(default_factory=list)
+
+    @classmethod
+    def parse(cls, payload: Any) -> WebhookDeliveries:
+        """The field names are not published: accept a bare list as well as an object."""
+        if isinstance(payload, list):
+            return cls(deliveries=[WebhookDelivery.model_validate(item) for item in payload])
+        return cls.model_validate(payload)

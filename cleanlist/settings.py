@@ -1,0 +1,75 @@
+"""The one settings object: environment first (CLEANLIST_*), overridable per call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cleanlist.constants import (
+    CONNECT_TIMEOUT,
+    DEFAULT_BASE_URL,
+    DEFAULT_RATE_LIMIT,
+    READ_TIMEOUT,
+)
+from cleanlist.errors import InputError
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `requests` per `seconds`, per endpoint (the API's documented unit)."""
+
+    requests: int
+    seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """Parse `N/SECONDS`, e.g. `60/60` or `20/2`."""
+        try:
+            count, _, window = str(text).strip().partition("/")
+            limit = cls(int(count), float(window))
+        except ValueError:
+            raise InputError(f"rate limit {text!r} is not N/SECONDS (e.g. 60/60)") from None
+        if limit.requests < 1 or not limit.seconds > 0:
+            raise InputError(f"rate limit {text!r} must have N >= 1 and SECONDS > 0")
+        return limit
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{self.seconds:g}"
+
+
+class CleanlistSettings(BaseSettings):
+    """Configuration of the Cleanlist client, read from `CLEANLIST_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CLEANLIST_", extra="ignore")
+
+    api_key: SecretStr | None = Field(
+        default=None, description="API key (`clapi_…`); sent only as `Authorization: Bearer`."
+    )
+    base_url: str = Field(
+        default=DEFAULT_BASE_URL, description="Host of the API; the client appends /api/v1/public."
+    )
+    rate_limit: str = Field(
+        default=DEFAULT_RATE_LIMIT, description="Client-side limit per endpoint, `N/SECONDS`."
+    )
+    store_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the enrichment store (default ~/.cleanlist/store.db)."
+    )
+    connect_timeout: float = Field(default=CONNECT_TIMEOUT, description="Seconds to open a connection.")
+    read_timeout: float = Field(default=READ_TIMEOUT, description="Seconds to wait for a response.")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        RateLimit.parse(value)
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_base_url(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def rate(self) -> RateLimit:
+        return RateLimit.parse(self.rate_limit)
