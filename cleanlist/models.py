@@ -7,6 +7,7 @@ defaults, and a `null` where a list is documented becomes an empty list.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -187,3 +188,17 @@ class WebhookDeliveries(_Lenient):
         if isinstance(payload, list):
             return cls(deliveries=[WebhookDelivery.model_validate(item) for item in payload])
         return cls.model_validate(payload)
+
+
+def credits_for(enrichment_type: str, results: Iterable[TaskResult]) -> float:
+    """What the documented pricing charges for these results (failed lookups cost nothing)."""
+    price = PRICING[enrichment_type]
+    total = 0.0
+    for result in results:
+        if result.primary_email:
+            total += price.per_email
+        if result.phones:
+            total += price.per_phone
+        if price.per_prospect and result.status.lower() == "completed" and result.prospect:
+            total += price.per_prospect
+    return total

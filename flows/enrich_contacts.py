@@ -1,0 +1,417 @@
+"""The `enrich-contacts` flow: source → stage → plan → submit chunks → poll → write. Orchestration only."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.events import emit_event
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.futures import PrefectFuture, wait
+from prefect.input import RunInput
+from prefect.runtime import flow_run as current_flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from cleanlist.client import CleanlistClient
+from cleanlist.errors import Action, APIError, CleanlistError, InputError, policy_for
+from cleanlist.models import EnrichmentType, worst_case_credits
+from cleanlist.settings import CleanlistSettings
+from cleanlist.store import EnrichmentStore
+from tasks.credits import CreditWatcher
+from tasks.engine import RunEngine, RunOptions, register, unregister
+from tasks.plan import plan_run
+from tasks.secrets import resolve_api_key
+from tasks.stage import stage_source_task
+from tasks.submit import DEFERRED, ChunkOutcome, submit_chunk_task
+from tasks.workspace import ERROR, NOT_SUBMITTED, PLANNED, SKIPPED_BUDGET, RunWorkspace
+from tasks.write import default_rejects_path, output_format, write_output_task
+
+
+class RunFailed(CleanlistError):
+    """The run could not finish; what arrived was written. `exit_code` 2 = auth/permission, 1 = other."""
+
+    def __init__(self, message: str, *, exit_code: int = 1, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.summary = summary or {}
+
+
+class CreditsToppedUp(RunInput):
+    """Shown in the Prefect UI while the run waits for credits; submit it after topping up."""
+
+    note: str = "Credits were topped up"
+
+
+def _flow_run_id() -> uuid.UUID | None:
+    value = current_flow_run.id
+    return uuid.UUID(str(value)) if value else None
+
+
+def _emit(event: str, payload: dict[str, Any]) -> None:
+    run = _flow_run_id()
+    resource = {"prefect.resource.id": f"prefect.flow-run.{run}" if run else "cleanlist.run"}
+    emit_event(event=event, resource=resource, payload=payload)
+
+
+def _submit_all(
+    engine: RunEngine,
+    chunks: list[int],
+    *,
+    max_concurrent: int,
+    retries: int,
+    retry_delay_seconds: float,
+    credit_recheck_seconds: float,
+    pause_timeout_seconds: int,
+    progress_id: uuid.UUID | None,
+) -> tuple[deque[int], str | None]:
+    """Submit chunks through task runs, keeping `max_concurrent` in flight; pause once on 402.
+
+    Returns the chunks never submitted and why ("failed", "budget_reached", "credits_timeout" or None).
+    """
+    logger = get_run_logger()
+    task = submit_chunk_task.with_options(
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(retry_delay_seconds)(retries) if retries else 0,
+    )
+    pending: deque[int] = deque(chunks)
+    running: dict[PrefectFuture[ChunkOutcome], int] = {}
+    total = max(len(chunks), 1)
+    pauses = 0
+    last_progress = 0.0
+    while True:
+        while pending and len(running) < max_concurrent and engine.gate.open:
+            chunk_no = pending[0]
+            if not engine.budget_allows(len(engine.workspace.chunk_keys(chunk_no))):
+                break
+            pending.popleft()
+            running[task.submit(engine.run_id, chunk_no)] = chunk_no
+        if not running:
+            if not pending:
+                return pending, None
+            if engine.gate.fatal is not None:
+                return pending, "failed"
+            if engine.gate.credits_exhausted:
+                pauses += 1
+                if not _pause_for_credits(
+                    engine, pending[0], pauses, credit_recheck_seconds, pause_timeout_seconds
+                ):
+                    return pending, "credits_timeout"
+                continue
+            if engine.committed_credits() > engine.counters.credits_spent + 1e-9:
+                time.sleep(0.2)  # in-flight workflows may cost less than their worst case
+                continue
+            return pending, "budget_reached"
+        done = wait(list(running), timeout=0.5).done
+        for future in done:
+            chunk_no = running.pop(future)
+            state = future.state
+            if state.is_completed():
+                outcome: ChunkOutcome = future.result()
+                if outcome.status == DEFERRED:
+                    pending.appendleft(chunk_no)
+                continue
+            try:
+                future.result()
+            except APIError as exc:
+                if engine.gate.fatal is not None and policy_for(exc) == policy_for(engine.gate.fatal):
+                    pending.appendleft(chunk_no)
+                    continue
+                _chunk_failed(engine, chunk_no, str(exc))
+                logger.error("chunk %05d failed: %s", chunk_no, exc)
+            except Exception as exc:
+                _chunk_failed(engine, chunk_no, f"{type(exc).__name__}: {exc}")
+                logger.error("chunk %05d failed: %s: %s", chunk_no, type(exc).__name__, exc)
+        if progress_id is not None and time.monotonic() - last_progress > 1.0:
+            last_progress = time.monotonic()
+            settled = total - len(pending) - len(running)
+            update_progress_artifact(progress_id, progress=100.0 * settled / total)
+
+
+def _chunk_failed(engine: RunEngine, chunk_no: int, reason: str) -> None:
+    keys = [
+        k
+        for k, (state, _) in engine.workspace.states(engine.workspace.chunk_keys(chunk_no)).items()
+        if state == PLANNED
+    ]
+    engine.workspace.set_state(keys, ERROR, reason)
+    engine.store.release(engine.run_id, keys, engine.options.enrichment_type)
+    engine.counters.chunks_failed += 1
+
+
+def _pause_for_credits(
+    engine: RunEngine, next_chunk: int, pause_no: int, recheck_seconds: float, timeout: int
+) -> bool:
+    """Pause the flow run (once, from the flow body) until credits return; False on timeout."""
+    logger = get_run_logger()
+    needed = worst_case_credits(engine.options.enrichment_type, len(engine.workspace.chunk_keys(next_chunk)))
+    run_id = _flow_run_id()
+    _emit(
+        "cleanlist.credits.exhausted",
+        {"needed_for_next_chunk": needed, "credits_spent": engine.counters.credits_spent},
+    )
+    logger.warning(
+        "Out of credits (402): submissions paused. Top up; the run resumes by itself when the balance "
+        "covers %.0f credits (re-checked every %gs), or click Resume in the Prefect UI.",
+        needed,
+        recheck_seconds,
+    )
+    if run_id is None:
+        return False
+    watcher = CreditWatcher(engine.client, run_id, needed, recheck_seconds)
+    watcher.start()
+    try:
+        pause_flow_run(
+            wait_for_input=CreditsToppedUp,
+            timeout=timeout,
+            poll_interval=max(1, min(10, int(recheck_seconds))),
+            key=f"credits-{pause_no}",
+        )
+    except FlowPauseTimeout:
+        logger.error("still out of credits after %ss; giving up on the remaining chunks", timeout)
+        return False
+    finally:
+        watcher.stop()
+    logger.info("resumed after the credit pause; submitting the remaining chunks")
+    engine.gate.credits_returned()
+    return True
+
+
+@flow(
+    name="enrich-contacts",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    log_prints=True,
+    persist_result=False,
+)
+def enrich_contacts(
+    source: str,
+    output: str,
+    enrichment_type: EnrichmentType = "partial",
+    mapping: dict[str, str] | None = None,
+    rejects: str | None = None,
+    table: str | None = None,
+    sql_query: str | None = None,
+    store: str | None = None,
+    refresh_days: float = 30.0,
+    max_credits: float | None = None,
+    dry_run: bool = False,
+    webhook_url: str | None = None,
+    credit_recheck_seconds: float = 60.0,
+    pause_timeout_seconds: int = 7 * 24 * 3600,
+    poll_timeout_seconds: float = 6 * 3600.0,
+    initial_poll_seconds: float = 5.0,
+    max_concurrent_chunks: int = 8,
+    retries: int = 5,
+    retry_delay_seconds: float = 2.0,
+    batch_rows: int = 50_000,
+    base_url: str | None = None,
+    rate_limit: str | None = None,
+) -> dict[str, Any]:
+    """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
+
+    Contacts already enriched within `refresh_days` come from the store; workflows an earlier run left
+    in flight are polled, never resubmitted. `max_credits` caps the worst-case spend; `dry_run` only plans.
+    """
+    logger = get_run_logger()
+    started = time.monotonic()
+    if table is None:
+        output_format(output)
+    rejects = rejects or (f"{table}_rejects" if table else default_rejects_path(output))
+    settings = CleanlistSettings()
+    if base_url:
+        settings.base_url = base_url.rstrip("/")
+    if rate_limit:
+        settings.rate_limit = rate_limit
+    api_key = resolve_api_key(settings)
+    flow_run_id = _flow_run_id()
+    run_id = str(flow_run_id or uuid.uuid4())
+    options = RunOptions(
+        enrichment_type=enrichment_type,
+        webhook_url=webhook_url,
+        refresh_days=refresh_days,
+        max_credits=max_credits,
+    )
+    enrichment_store = EnrichmentStore(store or settings.store_url)
+    client = CleanlistClient(api_key, settings=settings)
+    workspace = RunWorkspace()
+    engine = RunEngine(run_id, client, enrichment_store, workspace, options)
+    register(engine)
+    params = {
+        "source": source,
+        "output": output,
+        "enrichment_type": enrichment_type,
+        "refresh_days": refresh_days,
+        "max_credits": max_credits,
+        "dry_run": dry_run,
+    }
+    enrichment_store.start_run(run_id, params, flow_run_id=str(flow_run_id) if flow_run_id else None)
+    status = "failed"
+    summary: dict[str, Any] = {}
+    try:
+        stage = stage_source_task(run_id, source, mapping, sql_query, batch_rows)
+        counters = engine.counters
+        counters.rows_read, counters.duplicates = stage.rows_read, stage.duplicates
+        counters.unique_contacts = stage.unique_contacts
+        logger.info(
+            "read %d rows: %d invalid, %d duplicates, %d unique contacts (mapping: %s)",
+            stage.rows_read,
+            stage.rejected,
+            stage.duplicates,
+            stage.unique_contacts,
+            stage.mapping,
+        )
+        plan = plan_run(workspace, enrichment_store, enrichment_type, options.fresh_after, options.chunk_size)
+        counters.fresh_in_store, counters.resumed_in_flight = plan.fresh, plan.in_flight
+        counters.chunks_total = len(plan.chunks)
+        logger.info(
+            "plan: %d fresh in store, %d in flight from earlier runs, %d to submit in %d chunks",
+            plan.fresh,
+            plan.in_flight,
+            plan.to_submit,
+            len(plan.chunks),
+        )
+        if dry_run:
+            summary = _dry_run_report(
+                engine, stage.rows_read, stage.rejected, stage.duplicates, plan, output, rejects
+            )
+            status = "dry_run"
+            return summary
+
+        engine.start_poller(initial_estimate=initial_poll_seconds, timeout=poll_timeout_seconds)
+        for workflow_id in plan.resume_workflows:
+            engine.resume(workflow_id)
+        progress_id = create_progress_artifact(0.0, key="cleanlist-progress", description="Chunks settled")
+        leftover, stop_reason = _submit_all(
+            engine,
+            plan.chunks,
+            max_concurrent=max_concurrent_chunks,
+            retries=retries,
+            retry_delay_seconds=retry_delay_seconds,
+            credit_recheck_seconds=credit_recheck_seconds,
+            pause_timeout_seconds=pause_timeout_seconds,
+            progress_id=progress_id,
+        )
+        assert engine.poller is not None
+        if engine.gate.fatal is None:
+            engine.poller.wait_idle()
+        engine.poller.stop()
+        leftover_state = SKIPPED_BUDGET if stop_reason == "budget_reached" else NOT_SUBMITTED
+        for chunk_no in leftover:
+            engine.workspace.set_state(engine.workspace.chunk_keys(chunk_no), leftover_state)
+        update_progress_artifact(progress_id, progress=100.0)
+
+        report = write_output_task(run_id, output, rejects, table)
+        fatal = engine.gate.fatal or engine.poller.fatal
+        if fatal is not None:
+            status = "failed"
+        elif stop_reason == "credits_timeout":
+            status = "credits_exhausted"
+        elif stop_reason == "budget_reached":
+            status = "budget_reached"
+        elif counters.chunks_failed:
+            status = "completed_with_errors"
+        else:
+            status = "completed"
+        summary = {
+            "status": status,
+            "rows_read": counters.rows_read,
+            "rejected": report.rejected_rows,
+            "duplicates": counters.duplicates,
+            "unique_contacts": counters.unique_contacts,
+            "fresh_in_store": counters.fresh_in_store,
+            "resumed_in_flight": counters.resumed_in_flight,
+            "submitted": counters.submitted,
+            "quarantined": counters.quarantined,
+            "emails_found": counters.emails_found,
+            "phones_found": counters.phones_found,
+            "credits_spent": counters.credits_spent,
+            "chunks": counters.chunks_total,
+            "chunks_failed": counters.chunks_failed,
+            "workflows": counters.workflows_accepted,
+            "status_calls": engine.poller.stats.status_calls,
+            "row_statuses": report.statuses,
+            "output": output if table is None else f"{output}#{table}",
+            "rejects": rejects,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        create_table_artifact(
+            [{"metric": k, "value": str(v)} for k, v in summary.items()],
+            key="cleanlist-run-summary",
+            description=f"enrich-contacts: {status}",
+        )
+        if fatal is not None:
+            policy = policy_for(fatal)
+            exit_code = 2 if policy is not None and policy.action is Action.FAIL_FAST else 1
+            _emit("cleanlist.run.failed", summary)
+            raise RunFailed(
+                f"run stopped: {fatal}; results received so far were written",
+                exit_code=exit_code,
+                summary=summary,
+            )
+        if status == "credits_exhausted":
+            _emit("cleanlist.run.failed", summary)
+            raise RunFailed(
+                "run stopped: credits were not topped up before the pause timed out", summary=summary
+            )
+        _emit("cleanlist.run.completed", summary)
+        if status == "completed_with_errors":
+            raise RunFailed(
+                f"{counters.chunks_failed} chunk(s) failed for good; their rows are marked 'error' "
+                "and a rerun retries them",
+                summary=summary,
+            )
+        logger.info("done: %s", summary)
+        return summary
+    finally:
+        if engine.poller is not None:
+            engine.poller.stop()
+        enrichment_store.finish_run(run_id, status, summary or {})
+        unregister(run_id)
+        workspace.cleanup()
+        client.close()
+        enrichment_store.close()
+
+
+def _dry_run_report(
+    engine: RunEngine, rows: int, rejected: int, duplicates: int, plan: Any, output: str, rejects: str
+) -> dict[str, Any]:
+    key = engine.client.validate_key()
+    balance = engine.client.credits_balance().credits
+    etype = engine.options.enrichment_type
+    report = {
+        "status": "dry_run",
+        "rows_read": rows,
+        "rejected": rejected,
+        "duplicates": duplicates,
+        "fresh_in_store": plan.fresh,
+        "in_flight": plan.in_flight,
+        "to_submit": plan.to_submit,
+        "chunks": len(plan.chunks),
+        "worst_case_credits": plan.worst_case_credits,
+        "expected_credits": round(plan.worst_case_credits * _expected_find_share(etype), 2),
+        "balance": balance,
+        "key_valid": key.valid,
+        "output": output,
+        "rejects": rejects,
+    }
+    create_table_artifact(
+        [{"metric": k, "value": str(v)} for k, v in report.items()],
+        key="cleanlist-dry-run",
+        description="enrich-contacts dry run: nothing was submitted",
+    )
+    return report
+
+
+def _expected_find_share(enrichment_type: str) -> float:
+    """A planning guess of the share of worst case actually charged (failed lookups are free)."""
+    return {"none": 0.0, "partial": 0.8, "phone_only": 0.3, "full": 0.35, "prospecting_only": 0.8}.get(
+        enrichment_type, 1.0
+    )
+
+
+__all__ = ["CreditsToppedUp", "InputError", "RunFailed", "enrich_contacts"]

@@ -1,0 +1,180 @@
+"""A run's scratch space on local disk: staged input rows (Parquet parts) and its unique contacts (SQLite).
+
+Memory stays flat however large the source: rows live in Parquet parts of one read batch each, unique
+contacts and their per-run state in a SQLite table. The workspace is deleted when the run ends; what must
+survive a crash (accepted workflows, results) lives in the enrichment store, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROW = "__cleanlist_row"
+KEY = "__cleanlist_key"
+REJECT = "__cleanlist_reject"
+META_COLUMNS = (ROW, KEY, REJECT)
+
+# Per-run states of a unique contact.
+NEW = "new"  # staged, not yet planned
+FRESH = "fresh"  # the store holds a result young enough
+IN_FLIGHT = "in_flight"  # an earlier run's workflow holds it: poll, never resubmit
+HELD = "held"  # another live run claimed it and has not submitted it yet
+PLANNED = "planned"  # in a chunk waiting to be submitted
+ACCEPTED = "accepted"  # the API accepted it in this run
+QUARANTINED = "quarantined"  # the API refused it (422): its rows go to rejects
+SKIPPED_BUDGET = "skipped_budget"  # --max-credits reached before its chunk
+NOT_SUBMITTED = "not_submitted"  # the run stopped (401/403/402 timeout) before its chunk
+ERROR = "error"  # its chunk failed for good (400, retries exhausted)
+
+
+@dataclass(frozen=True)
+class StagedContact:
+    key: str
+    payload: dict[str, str]
+
+
+class RunWorkspace:
+    """Staged rows and unique contacts of one run."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="cleanlist-run-", dir=root))
+        self._db = sqlite3.connect(self.root / "contacts.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute(
+            "CREATE TABLE contacts (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, payload TEXT NOT NULL,"
+            " state TEXT NOT NULL DEFAULT 'new', chunk_no INTEGER, note TEXT)"
+        )
+        self._db.execute("CREATE INDEX contacts_chunk ON contacts(chunk_no)")
+        self._lock = threading.Lock()
+        self._parts: list[Path] = []
+        self._seq = 0
+        self.columns: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"RunWorkspace({self.root})"
+
+    def cleanup(self) -> None:
+        with self._lock:
+            self._db.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- staging -----------------------------------------------------------------------------------
+    def add_part(self, frame: pd.DataFrame, contacts: Sequence[StagedContact]) -> None:
+        """Store one batch of rows (input columns plus META_COLUMNS) and its contacts, first seen wins."""
+        if not self.columns:
+            self.columns = [c for c in frame.columns if c not in META_COLUMNS]
+        path = self.root / f"part-{len(self._parts):06d}.parquet"
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        pq.write_table(table, path, compression="zstd")
+        self._parts.append(path)
+        rows = []
+        for contact in contacts:
+            rows.append((contact.key, self._seq, json.dumps(contact.payload, ensure_ascii=False)))
+            self._seq += 1
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO contacts(key, seq, payload) VALUES (?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+
+    def parts(self) -> Iterator[pd.DataFrame]:
+        for path in self._parts:
+            yield pq.read_table(path).to_pandas()
+
+    # -- contacts ----------------------------------------------------------------------------------
+    def count(self, state: str | None = None) -> int:
+        with self._lock:
+            if state is None:
+                return int(self._db.execute("SELECT COUNT(*) FROM contacts").fetchone()[0])
+            sql = "SELECT COUNT(*) FROM contacts WHERE state = ?"
+            return int(self._db.execute(sql, (state,)).fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM contacts GROUP BY state").fetchall()
+        return {state: int(n) for state, n in rows}
+
+    def keys_in_state(self, state: str, block: int = 5000) -> Iterator[list[str]]:
+        """Keys in `state` in input order, `block` at a time (a snapshot taken up front)."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT seq, key FROM contacts WHERE state = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (state, last, block),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [key for _, key in rows]
+
+    def set_state(self, keys: Sequence[str], state: str, note: str | None = None) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE contacts SET state = ?, note = ? WHERE key = ?", [(state, note, k) for k in keys]
+            )
+            self._db.execute("COMMIT")
+
+    def set_notes(self, notes: dict[str, str], state: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE contacts SET state = ?, note = ? WHERE key = ?",
+                [(state, note, k) for k, note in notes.items()],
+            )
+            self._db.execute("COMMIT")
+
+    def plan_chunks(self, chunk_size: int) -> list[int]:
+        """Group every NEW contact, in input order, into chunks; returns the chunk numbers."""
+        assigned = 0
+        for keys in self.keys_in_state(NEW, block=chunk_size * 20):
+            batch = [((assigned + i) // chunk_size, key) for i, key in enumerate(keys)]
+            assigned += len(keys)
+            self._assign(batch)
+        return list(range((assigned + chunk_size - 1) // chunk_size))
+
+    def _assign(self, batch: list[tuple[int, str]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE contacts SET state = 'planned', chunk_no = ? WHERE key = ?", batch)
+            self._db.execute("COMMIT")
+
+    def chunk(self, chunk_no: int) -> list[StagedContact]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, payload FROM contacts WHERE chunk_no = ? AND state = 'planned' ORDER BY seq",
+                (chunk_no,),
+            ).fetchall()
+        return [StagedContact(key, json.loads(payload)) for key, payload in rows]
+
+    def chunk_keys(self, chunk_no: int) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM contacts WHERE chunk_no = ? ORDER BY seq", (chunk_no,)
+            ).fetchall()
+        return [key for (key,) in rows]
+
+    def states(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        found: dict[str, tuple[str, str | None]] = {}
+        unique = list(dict.fromkeys(keys))
+        with self._lock:
+            for start in range(0, len(unique), 500):
+                block = unique[start : start + 500]
+                marks = ",".join("?" * len(block))
+                for key, state, note in self._db.execute(
+                    f"SELECT key, state, note FROM contacts WHERE key IN ({marks})", block
+                ):
+                    found[key] = (state, note)
+        return found
