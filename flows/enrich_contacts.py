@@ -15,6 +15,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture, wait
 from prefect.input import RunInput
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
@@ -182,13 +183,7 @@ def _pause_for_credits(
     return True
 
 
-@flow(
-    name="enrich-contacts",
-    task_runner=ThreadPoolTaskRunner(max_workers=16),
-    log_prints=True,
-    persist_result=False,
-)
-def enrich_contacts(
+def _enrich(
     source: str,
     output: str,
     enrichment_type: EnrichmentType = "partial",
@@ -212,11 +207,6 @@ def enrich_contacts(
     base_url: str | None = None,
     rate_limit: str | None = None,
 ) -> dict[str, Any]:
-    """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
-
-    Contacts already enriched within `refresh_days` come from the store; workflows an earlier run left
-    in flight are polled, never resubmitted. `max_credits` caps the worst-case spend; `dry_run` only plans.
-    """
     logger = get_run_logger()
     started = time.monotonic()
     if table is None:
@@ -375,6 +365,74 @@ def enrich_contacts(
         workspace.cleanup()
         client.close()
         enrichment_store.close()
+
+
+@flow(
+    name="enrich-contacts",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    log_prints=True,
+    persist_result=False,
+)
+def enrich_contacts(
+    source: str,
+    output: str,
+    enrichment_type: EnrichmentType = "partial",
+    mapping: dict[str, str] | None = None,
+    rejects: str | None = None,
+    table: str | None = None,
+    sql_query: str | None = None,
+    store: str | None = None,
+    refresh_days: float = 30.0,
+    max_credits: float | None = None,
+    dry_run: bool = False,
+    webhook_url: str | None = None,
+    credit_recheck_seconds: float = 60.0,
+    pause_timeout_seconds: int = 7 * 24 * 3600,
+    poll_timeout_seconds: float = 6 * 3600.0,
+    initial_poll_seconds: float = 5.0,
+    max_concurrent_chunks: int = 8,
+    retries: int = 5,
+    retry_delay_seconds: float = 2.0,
+    batch_rows: int = 50_000,
+    base_url: str | None = None,
+    rate_limit: str | None = None,
+) -> dict[str, Any] | State:
+    """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
+
+    Contacts already enriched within `refresh_days` come from the store; workflows an earlier run left
+    in flight are polled, never resubmitted. `max_credits` caps the worst-case spend; `dry_run` only plans.
+    A run that cannot finish ends Failed with a one-line message (no traceback) and its summary as data.
+    """
+    params = dict(locals())
+    try:
+        return _enrich(**params)
+    except RunFailed as exc:
+        get_run_logger().error("%s", exc)
+        return Failed(
+            message=str(exc),
+            data={
+                **exc.summary,
+                "status": exc.summary.get("status", "failed"),
+                "exit_code": exc.exit_code,
+                "error": str(exc),
+            },
+        )
+    except CleanlistError as exc:
+        get_run_logger().error("%s", exc)
+        return Failed(message=str(exc), data={"status": "failed", "exit_code": 1, "error": str(exc)})
+
+
+def outcome_of(state: State) -> tuple[dict[str, Any], str | None, int]:
+    """(summary, error message, exit code) of a finished enrich-contacts run."""
+    data = state.result(raise_on_failure=False)
+    summary = dict(data) if isinstance(data, dict) else {}
+    if state.is_completed():
+        return summary, None, 0
+    exit_code = int(summary.pop("exit_code", 1))
+    message = summary.pop("error", None) or state.message or "the run failed"
+    if isinstance(data, BaseException):
+        message = f"{type(data).__name__}: {data}"
+    return summary, message, exit_code
 
 
 def _dry_run_report(

@@ -236,3 +236,9 @@ def unregister(run_id: str) -> None:
 def engine_for(run_id: str) -> RunEngine:
     with _ENGINES_LOCK:
         return _ENGINES[run_id]
+
+
+def current_engine() -> RunEngine | None:
+    """The most recently started run of this process (for a progress display)."""
+    with _ENGINES_LOCK:
+        return next(reversed(_ENGINES.values()), None)
