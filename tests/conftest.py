@@ -1,0 +1,104 @@
+"""Shared fixtures: one Prefect test harness per session, sandboxes on free ports, store URLs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
+
+from cleanlist.sandbox import SandboxConfig, SandboxServer  # noqa: E402
+
+POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One real (temporary) Prefect server for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def make_sandbox() -> Iterator[Callable[..., SandboxServer]]:
+    """Start sandboxes with any SandboxConfig fields; all are stopped after the test."""
+    started: list[SandboxServer] = []
+
+    def start(**config: Any) -> SandboxServer:
+        config.setdefault("latency", 0.05)
+        server = SandboxServer(SandboxConfig(**config)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def api_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[SandboxServer], None]:
+    """Point CLEANLIST_* at a sandbox for code that reads the environment (flows, the CLI)."""
+
+    def point(sandbox: SandboxServer, rate_limit: str | None = None) -> None:
+        monkeypatch.setenv("CLEANLIST_API_KEY", sandbox.api_key)
+        monkeypatch.setenv("CLEANLIST_BASE_URL", sandbox.base_url)
+        if rate_limit:
+            monkeypatch.setenv("CLEANLIST_RATE_LIMIT", rate_limit)
+
+    return point
+
+
+def postgres_available() -> bool:
+    import sqlalchemy as sa
+
+    try:
+        engine = sa.create_engine(POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://"))
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, uniquely named PostgreSQL database; dropped afterwards."""
+    import sqlalchemy as sa
+
+    if not postgres_available():
+        if os.environ.get("CLEANLIST_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required here but not reachable at {POSTGRES_URL}")
+        pytest.skip("PostgreSQL is not reachable")
+    name = f"cl_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(
+        POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty enrichment-store URL on SQLite and on a real PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
