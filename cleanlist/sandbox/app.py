@@ -1,0 +1,304 @@
+"""FastAPI app factory: the five public endpoints under /api/v1/public, and the /_sandbox admin API.
+
+Every public request takes one path (`serve`): auth → rate limit → injected fault → the endpoint's
+work, and every answer is counted and logged on the way out. The request body is parsed by hand
+rather than by FastAPI so that this order holds (FastAPI would answer a malformed body with 422 before
+checking the key); the 422 bodies keep FastAPI's exact format. The behaviour the contract leaves open
+is listed in `cleanlist.sandbox.state`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cleanlist.sandbox.config import Endpoint, EnrichmentType, FaultSpec, SandboxConfig
+from cleanlist.sandbox.contacts import ContactIn, ContactRecord
+from cleanlist.sandbox.state import ApiKey, ApiRefusal, SandboxState
+from cleanlist.sandbox.webhooks import WebhookDispatcher
+
+PUBLIC_PREFIX = "/api/v1/public"
+ADMIN_PREFIX = "/_sandbox"
+MAX_CONTACTS = 250
+NO_CONTACTS = "At least one contact is required."
+TOO_MANY_CONTACTS = "Bulk enrichment supports up to 250 contacts per request."
+FIELD_RULE = (
+    "Each contact must include linkedin_url OR first_name + last_name + (company_domain or company_name)."
+)
+EXACTLY_ONE_ID = "Provide exactly one of workflow_id or task_id."
+
+
+class BulkRequest(BaseModel):
+    """Body of POST /enrich/bulk."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    enrichment_type: EnrichmentType = "partial"
+    webhook_url: str | None = None
+    contacts: list[ContactIn]
+
+
+class CreditsChange(BaseModel):
+    """Body of POST /_sandbox/credits: exactly one of add or set."""
+
+    add: float | None = None
+    set_to: float | None = Field(default=None, alias="set")
+
+
+class KeyRef(BaseModel):
+    """Body of the key revoke/restore admin endpoints."""
+
+    api_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A public-API answer before it becomes a response."""
+
+    status: int
+    body: Any
+    retry_after: int | str | None = None
+
+    def response(self) -> JSONResponse:
+        """The JSON response, with Retry-After when there is one."""
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(self.body, status_code=self.status, headers=headers)
+
+
+def _unprocessable(errors: list[dict[str, Any]]) -> Reply:
+    """FastAPI's 422 format, exactly as its default handler renders it."""
+    return Reply(422, {"detail": jsonable_encoder(errors)})
+
+
+@dataclass(frozen=True, slots=True)
+class _ParsedBody:
+    """A bulk body after JSON decoding: the value, or the 4xx that decoding produced."""
+
+    value: Any
+    failure: Reply | None
+
+    @property
+    def contact_count(self) -> int | None:
+        """Contacts sent, for the request log, whatever the outcome of the request."""
+        if isinstance(self.value, dict) and isinstance(self.value.get("contacts"), list):
+            return len(self.value["contacts"])
+        return None
+
+
+def _decode(raw: bytes) -> _ParsedBody:
+    if not raw.strip():
+        return _ParsedBody(
+            None,
+            _unprocessable([{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}]),
+        )
+    try:
+        return _ParsedBody(json.loads(raw), None)
+    except json.JSONDecodeError as exc:
+        error = {"type": "json_invalid", "loc": ["body", exc.pos], "msg": "JSON decode error", "input": {}}
+        return _ParsedBody(None, _unprocessable([{**error, "ctx": {"error": exc.msg}}]))
+    except UnicodeDecodeError:
+        # What FastAPI answers for a body it cannot even decode.
+        return _ParsedBody(None, Reply(400, {"detail": "There was an error parsing the body"}))
+
+
+def create_app(config: SandboxConfig | None = None, *, state: SandboxState | None = None) -> FastAPI:
+    """Build the sandbox app around `state` (or a fresh world made from `config`)."""
+    world = state if state is not None else SandboxState(config or SandboxConfig())
+    webhooks = WebhookDispatcher(world)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await webhooks.close()
+
+    app = FastAPI(title="Cleanlist Public API sandbox", version="1", lifespan=lifespan)
+    app.state.sandbox = world
+
+    def serve(
+        request: Request, endpoint: Endpoint, work: Callable[[ApiKey], Reply], contacts: int | None = None
+    ) -> JSONResponse:
+        try:
+            key = world.authenticate(request.headers.get("authorization"))
+            world.admit(key, endpoint)
+            reply = work(key)
+        except ApiRefusal as refusal:
+            reply = Reply(refusal.status, {"detail": refusal.detail}, refusal.retry_after)
+        world.record_request(endpoint, reply.status, contacts, reply.retry_after)
+        return reply.response()
+
+    public = APIRouter(prefix=PUBLIC_PREFIX)
+
+    @public.get("/auth/validate-key")
+    async def validate_key(request: Request) -> JSONResponse:
+        def work(key: ApiKey) -> Reply:
+            body = {
+                "valid": True,
+                "user_id": key.user_id,
+                "organization_id": key.organization.organization_id,
+            }
+            return Reply(200, body)
+
+        return serve(request, "validate-key", work)
+
+    @public.get("/credits/balance")
+    async def credits_balance(request: Request) -> JSONResponse:
+        def work(key: ApiKey) -> Reply:
+            return Reply(
+                200, {"organization_id": key.organization.organization_id, "credits": world.balance(key)}
+            )
+
+        return serve(request, "credits-balance", work)
+
+    @public.post("/enrich/bulk")
+    async def enrich_bulk(request: Request) -> JSONResponse:
+        parsed = _decode(await request.body())
+
+        def work(key: ApiKey) -> Reply:
+            if parsed.failure is not None:
+                return parsed.failure
+            # Size before content: an empty or oversized list is a 400 whatever its items hold.
+            if parsed.contact_count == 0:
+                return Reply(400, {"detail": NO_CONTACTS})
+            if parsed.contact_count is not None and parsed.contact_count > MAX_CONTACTS:
+                return Reply(400, {"detail": TOO_MANY_CONTACTS})
+            try:
+                # from_attributes is how FastAPI validates bodies; it shapes the 422 wording.
+                bulk = BulkRequest.model_validate(parsed.value, from_attributes=True)
+            except ValidationError as exc:
+                errors = exc.errors(include_url=False)
+                return _unprocessable([{**error, "loc": ("body", *error["loc"])} for error in errors])
+            raw_contacts = parsed.value["contacts"]
+            bad = [
+                {
+                    "type": "value_error",
+                    "loc": ["body", "contacts", index],
+                    "msg": FIELD_RULE,
+                    "input": raw_contacts[index],
+                }
+                for index, contact in enumerate(bulk.contacts)
+                if not contact.is_identifiable()
+            ]
+            if bad:
+                return _unprocessable(bad)
+            records = [ContactRecord.from_input(contact) for contact in bulk.contacts]
+            workflow = world.accept_bulk(key, bulk.enrichment_type, bulk.webhook_url, records)
+            if workflow.webhook_url is not None:
+                webhooks.schedule(workflow)
+            return Reply(
+                200,
+                {
+                    "workflow_id": workflow.workflow_id,
+                    "status": "processing",
+                    "message": "Bulk enrichment started",
+                    "task_ids": [workflow.task_id(index) for index in range(workflow.total)],
+                    "total_contacts": workflow.total,
+                },
+            )
+
+        return serve(request, "enrich-bulk", work, parsed.contact_count)
+
+    @public.get("/enrich/status")
+    async def enrich_status(request: Request) -> JSONResponse:
+        workflow_id = request.query_params.get("workflow_id")
+        task_id = request.query_params.get("task_id")
+
+        def work(key: ApiKey) -> Reply:
+            if (workflow_id is None) == (task_id is None):
+                return Reply(400, {"detail": EXACTLY_ONE_ID})
+            if workflow_id is not None:
+                return Reply(200, world.workflow_view(world.find_workflow(key, workflow_id)))
+            assert task_id is not None
+            workflow, index = world.find_task(key, task_id)
+            return Reply(200, world.task_view(workflow, index))
+
+        return serve(request, "enrich-status", work)
+
+    @public.get("/webhooks/deliveries")
+    async def webhook_deliveries(request: Request) -> JSONResponse:
+        workflow_id = request.query_params.get("workflow_id")
+
+        def work(key: ApiKey) -> Reply:
+            if workflow_id is None:
+                missing = {
+                    "type": "missing",
+                    "loc": ["query", "workflow_id"],
+                    "msg": "Field required",
+                    "input": None,
+                }
+                return _unprocessable([missing])
+            return Reply(200, world.deliveries_view(world.find_workflow(key, workflow_id)))
+
+        return serve(request, "webhook-deliveries", work)
+
+    app.include_router(public)
+    app.include_router(_admin_router(world))
+    return app
+
+
+def _admin_router(world: SandboxState) -> APIRouter:
+    """Unauthenticated controls for tests and benchmarks; not part of the real API."""
+    admin = APIRouter(prefix=ADMIN_PREFIX)
+
+    @admin.post("/credits")
+    async def change_credits(change: CreditsChange) -> JSONResponse:
+        if (change.add is None) == (change.set_to is None):
+            return JSONResponse({"detail": "Provide exactly one of add or set."}, status_code=400)
+        if change.add is not None:
+            balance = world.add_credits(change.add)
+        else:
+            assert change.set_to is not None
+            balance = world.set_credits(change.set_to)
+        return JSONResponse({"credits": balance})
+
+    def set_revoked(ref: KeyRef, revoked: bool) -> JSONResponse:
+        if not world.set_revoked(ref.api_key, revoked):
+            return JSONResponse({"detail": "Unknown key"}, status_code=404)
+        return JSONResponse({"api_key": ref.api_key, "revoked": revoked})
+
+    @admin.post("/keys/revoke")
+    async def revoke_key(ref: KeyRef) -> JSONResponse:
+        return set_revoked(ref, True)
+
+    @admin.post("/keys/restore")
+    async def restore_key(ref: KeyRef) -> JSONResponse:
+        return set_revoked(ref, False)
+
+    def faults_body() -> dict[str, Any]:
+        return {"faults": {endpoint: spec.model_dump() for endpoint, spec in world.faults().items()}}
+
+    @admin.get("/faults")
+    async def get_faults() -> JSONResponse:
+        return JSONResponse(faults_body())
+
+    @admin.post("/faults")
+    async def replace_faults(faults: dict[Endpoint, FaultSpec]) -> JSONResponse:
+        world.set_faults(faults)
+        return JSONResponse(faults_body())
+
+    @admin.delete("/faults")
+    async def clear_faults() -> JSONResponse:
+        world.set_faults({})
+        return JSONResponse(faults_body())
+
+    @admin.get("/counters")
+    async def counters() -> JSONResponse:
+        return JSONResponse(world.counters())
+
+    @admin.get("/requests")
+    async def requests_log() -> JSONResponse:
+        return JSONResponse(world.request_log())
+
+    @admin.post("/reset")
+    async def reset() -> JSONResponse:
+        world.reset()
+        return JSONResponse(world.counters())
+
+    return admin

@@ -1,0 +1,251 @@
+"""The `sandbox` subcommand: serve a local Cleanlist API in the foreground until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from cleanlist.sandbox.config import (
+    API_KEY_PREFIX,
+    DEFAULT_SANDBOX_KEY,
+    ENDPOINTS,
+    Endpoint,
+    FaultSpec,
+    SandboxConfig,
+)
+from cleanlist.sandbox.server import bind_socket, serve_forever
+
+FAULT_HELP = (
+    "inject failures into ENDPOINT (one of: " + ", ".join(ENDPOINTS) + "). SPEC is one of: "
+    "'rate:FRACTION[:STATUS]' answers that share of requests (seeded) with STATUS (default 503); "
+    "'seq:STATUS,STATUS,...' answers the next requests with these statuses in order; "
+    "'retry-after:SECONDS' sets the Retry-After of injected 429s (default 1). "
+    "Statuses: 429, 500, 502, 503, 504. Repeat the option to combine, e.g. "
+    "--fault enrich-bulk=seq:503,503,500,429 --fault enrich-bulk=rate:0.1:503"
+)
+
+
+def _rate_limit(text: str) -> tuple[int, float] | None:
+    if text.lower() in ("off", "none"):
+        return None
+    requests, sep, seconds = text.partition("/")
+    try:
+        limit = (int(requests), float(seconds))
+    except ValueError:
+        limit = (0, 0.0)
+    if not sep or limit[0] < 1 or limit[1] <= 0:
+        raise argparse.ArgumentTypeError(f"expected N/SECONDS like 60/60 or 20/2 (or 'off'), got {text!r}")
+    return limit
+
+
+def _latency(text: str) -> float | tuple[float, float]:
+    low, sep, high = text.partition("-")
+    try:
+        value: float | tuple[float, float] = (float(low), float(high)) if sep else float(low)
+        return SandboxConfig(latency=value).latency
+    except (ValueError, ValidationError):
+        raise argparse.ArgumentTypeError(f"expected SECONDS or MIN-MAX like 0.5-1.5, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a factor >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return value
+
+
+def _credits(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a balance >= 0, got {text!r}")
+    return value
+
+
+def _api_key(text: str) -> str:
+    if not text.startswith(API_KEY_PREFIX) or len(text) == len(API_KEY_PREFIX):
+        raise argparse.ArgumentTypeError(f"an API key starts with {API_KEY_PREFIX!r}")
+    return text
+
+
+def _fault(text: str) -> tuple[Endpoint, dict[str, Any]]:
+    """Parse ENDPOINT=SPEC into the endpoint and the FaultSpec fields it sets."""
+    endpoint, sep, spec = text.partition("=")
+    if not sep or endpoint not in get_args(Endpoint):
+        raise argparse.ArgumentTypeError(
+            f"expected ENDPOINT=SPEC with ENDPOINT one of {', '.join(ENDPOINTS)}"
+        )
+    kind, _, rest = spec.partition(":")
+    fields: dict[str, Any]
+    try:
+        if kind == "rate":
+            share, _, status = rest.partition(":")
+            fields = {"rate": float(share), **({"status": int(status)} if status else {})}
+        elif kind == "seq":
+            fields = {"sequence": tuple(int(status) for status in rest.split(","))}
+        elif kind == "retry-after":
+            fields = {"retry_after": int(rest)}
+        else:
+            raise ValueError(kind)
+        FaultSpec(**fields)
+    except (ValueError, ValidationError):
+        raise argparse.ArgumentTypeError(
+            f"bad fault spec {spec!r}: use rate:FRACTION[:STATUS], seq:STATUS,... or retry-after:SECONDS"
+        ) from None
+    return endpoint, fields  # type: ignore[return-value]  # narrowed by the membership test above
+
+
+def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `sandbox` on the main CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "sandbox",
+        help="serve a local imitation of the Cleanlist Public API",
+        description="Serve a local, deterministic imitation of the Cleanlist Public API (v1) until Ctrl-C. "
+        "Admin controls live under /_sandbox (credits, keys, faults, counters, request log).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8787, help="port to listen on (default: 8787)")
+    parser.add_argument(
+        "--api-key", type=_api_key, metavar="KEY", default=DEFAULT_SANDBOX_KEY, help="the key to accept"
+    )
+    parser.add_argument(
+        "--credits", type=_credits, metavar="N", default=10_000.0, help="starting balance (default: 10000)"
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        default=(60, 60.0),
+        metavar="N/SECONDS",
+        help="requests per fixed window, per endpoint (default: 60/60; 'off' disables)",
+    )
+    parser.add_argument(
+        "--latency",
+        type=_latency,
+        default=1.0,
+        metavar="SECONDS|MIN-MAX",
+        help="time from acceptance to completion, fixed or drawn per workflow (default: 1)",
+    )
+    parser.add_argument(
+        "--find-rate", type=_fraction, metavar="F", default=0.8, help="share of emails found (default: 0.8)"
+    )
+    parser.add_argument(
+        "--phone-rate", type=_fraction, metavar="F", default=0.3, help="share of phones found (default: 0.3)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for latency draws and random faults")
+    parser.add_argument(
+        "--no-api-access-key",
+        type=_api_key,
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key whose plan lacks API access (answered with 403); repeatable",
+    )
+    parser.add_argument(
+        "--revoke-after-batches",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="revoke a key after it has had N bulk batches accepted",
+    )
+    parser.add_argument(
+        "--webhook-backoff-scale",
+        type=_scale,
+        default=1.0,
+        metavar="F",
+        help="multiply the 1, 2, 4, 8 s webhook retry waits by F (default: 1)",
+    )
+    parser.add_argument(
+        "--fault", type=_fault, action="append", default=[], metavar="ENDPOINT=SPEC", help=FAULT_HELP
+    )
+    parser.set_defaults(func=run_sandbox_command, sandbox_parser=parser)
+
+
+def config_from_args(args: argparse.Namespace) -> SandboxConfig:
+    """Build the sandbox config from parsed options; raises ValidationError on impossible combinations."""
+    faults: dict[Endpoint, dict[str, Any]] = {}
+    for endpoint, fields in args.fault:
+        faults.setdefault(endpoint, {}).update(fields)
+    return SandboxConfig(
+        api_key=args.api_key,
+        credits=args.credits,
+        rate_limit=args.rate_limit,
+        latency=args.latency,
+        find_rate=args.find_rate,
+        phone_rate=args.phone_rate,
+        seed=args.seed,
+        no_api_access_keys=tuple(args.no_api_access_key),
+        faults={endpoint: FaultSpec(**fields) for endpoint, fields in faults.items()},
+        revoke_after_batches=args.revoke_after_batches,
+        webhook_backoff_scale=args.webhook_backoff_scale,
+    )
+
+
+def _describe(error: Any) -> str:
+    field = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{field}: {message}" if field else message
+
+
+def run_sandbox_command(args: argparse.Namespace) -> int:
+    """Serve in the foreground until Ctrl-C; returns the process exit code."""
+    parser: argparse.ArgumentParser = args.sandbox_parser
+    try:
+        config = config_from_args(args)
+    except ValidationError as exc:
+        parser.error("; ".join(_describe(error) for error in exc.errors()))
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    print(
+        f"Cleanlist sandbox serving at http://{shown_host}:{port} (API under /api/v1/public); Ctrl-C to stop",
+        flush=True,
+    )
+    try:
+        serve_forever(config, sock)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return 0

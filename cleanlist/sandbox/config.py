@@ -1,0 +1,122 @@
+"""Settings of one sandbox world: its keys, credits, rate limit, latency, hit rates and injected faults."""
+
+from __future__ import annotations
+
+from typing import Literal, Self, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Endpoint = Literal["validate-key", "credits-balance", "enrich-bulk", "enrich-status", "webhook-deliveries"]
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+
+EnrichmentType = Literal["none", "partial", "phone_only", "full", "prospecting_only"]
+ENRICHMENT_TYPES: tuple[EnrichmentType, ...] = get_args(EnrichmentType)
+
+API_KEY_PREFIX = "clapi_"
+# 64 url-safe characters after the prefix, the documented shape of a real key.
+DEFAULT_SANDBOX_KEY = API_KEY_PREFIX + "sandbox0" * 8
+
+# Statuses a fault may answer with; each has a fixed body in app.py.
+FAULT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class FaultSpec(BaseModel):
+    """Injected failures for one endpoint: a scripted sequence first, then a random share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of requests (0..1, drawn from the seeded RNG) answered with `status`."""
+    status: int = 503
+    """Status answered by the random share."""
+    sequence: tuple[int, ...] = ()
+    """Statuses answered, in order, by the next requests to the endpoint; consumed before `rate` applies."""
+    retry_after: int | str | None = 1
+    """Retry-After sent with an injected 429: seconds, any raw string (an HTTP-date, garbage), or None
+    to omit the header — so clients can be tested against every shape the contract says to tolerate."""
+
+    @field_validator("status")
+    @classmethod
+    def _known_status(cls, status: int) -> int:
+        if status not in FAULT_STATUSES:
+            raise ValueError(f"fault status must be one of {sorted(FAULT_STATUSES)}, got {status}")
+        return status
+
+    @field_validator("sequence")
+    @classmethod
+    def _known_statuses(cls, sequence: tuple[int, ...]) -> tuple[int, ...]:
+        for status in sequence:
+            cls._known_status(status)
+        return sequence
+
+
+class SandboxConfig(BaseModel):
+    """Everything that shapes a sandbox; immutable once the sandbox is built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_key: str = DEFAULT_SANDBOX_KEY
+    """The main key; its organization owns the credits."""
+    credits: float = Field(default=10_000.0, ge=0.0)
+    """Starting balance of the main organization."""
+    rate_limit: tuple[int, float] | None = (60, 60.0)
+    """(requests, window seconds) per organization and endpoint; None disables limiting."""
+    latency: float | tuple[float, float] = 1.0
+    """Seconds from acceptance to completion: fixed, or (min, max) drawn per workflow."""
+    find_rate: float = Field(default=0.8, ge=0.0, le=1.0)
+    """Probability that a contact's email (or, for prospecting, the prospect) is found."""
+    phone_rate: float = Field(default=0.3, ge=0.0, le=1.0)
+    """Probability that a contact's personal phone is found."""
+    seed: int = 0
+    """Seeds latency draws and random faults; results never depend on it."""
+    extra_keys: tuple[str, ...] = ()
+    """More keys of the main organization (other users): same credits, same rate windows."""
+    no_api_access_keys: tuple[str, ...] = ()
+    """Keys of an organization whose plan lacks API access: they authenticate, then get 403."""
+    faults: dict[Endpoint, FaultSpec] = Field(default_factory=dict)
+    """Injected failures per endpoint."""
+    revoke_after_batches: int | None = Field(default=None, ge=1)
+    """Revoke a key right after it has had this many bulk batches accepted."""
+    webhook_backoff_scale: float = Field(default=1.0, ge=0.0)
+    """Multiplies the documented 1, 2, 4, 8 s webhook retry backoff (tests compress it)."""
+    webhook_timeout: float = Field(default=10.0, gt=0.0)
+    """Seconds a webhook receiver has to answer."""
+    request_log_limit: int = Field(default=200_000, ge=1)
+    """Most recent public-API requests kept for `/_sandbox/requests`."""
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_shape(cls, api_key: str) -> str:
+        # Extra keys may be anything (a clext_ key, to prove it is refused); the main one must work.
+        if not api_key.startswith(API_KEY_PREFIX):
+            raise ValueError(f"api_key must start with {API_KEY_PREFIX!r}")
+        return api_key
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _positive_limit(cls, rate_limit: tuple[int, float] | None) -> tuple[int, float] | None:
+        if rate_limit is not None and (rate_limit[0] < 1 or rate_limit[1] <= 0):
+            raise ValueError("rate_limit needs at least 1 request per window of more than 0 seconds")
+        return rate_limit
+
+    @field_validator("latency")
+    @classmethod
+    def _sane_latency(cls, latency: float | tuple[float, float]) -> float | tuple[float, float]:
+        low, high = (latency, latency) if isinstance(latency, float | int) else latency
+        if low < 0 or high < low:
+            raise ValueError("latency must be >= 0 seconds, and a range must read min-max with min <= max")
+        return latency
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> Self:
+        keys = [self.api_key, *self.extra_keys, *self.no_api_access_keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("api_key, extra_keys and no_api_access_keys must all differ")
+        return self
+
+    @property
+    def latency_range(self) -> tuple[float, float]:
+        """Latency as (min, max), equal for a fixed latency."""
+        if isinstance(self.latency, tuple):
+            return self.latency
+        return (float(self.latency), float(self.latency))

@@ -1,0 +1,509 @@
+"""The sandbox's in-memory world: organizations, keys, credits, workflows, rate windows, faults, counters.
+
+Behaviour the contract leaves open ([assumed]) and how this world settles it:
+
+- Keys. `api_key` and every `extra_keys` entry are users of one organization ("org_…" derived from
+  the main key): one balance, one set of rate windows. `no_api_access_keys` belong to a second
+  organization whose plan lacks API access: they authenticate, then every endpoint (validate-key
+  included) answers 403 `{"detail": "Your plan does not include API access"}`. Only keys starting
+  with `clapi_` are API keys; a configured `clext_` key is still refused with 401. The scheme word
+  "Bearer" is matched case-insensitively, as FastAPI's HTTPBearer does.
+- Order of checks: auth → rate limit → injected fault → 400 (empty or > 250 contacts, judged on the
+  raw list) → 422 → 402. The 422 is FastAPI's own format for bodies that are not JSON or have wrong
+  types (a `contacts` that is not a list cannot be sized, so it gets this 422 rather than a 400), and
+  the documented one-item-per-contact format for contacts that break the field rule.
+- Rate limit: fixed windows aligned to multiples of the window length on `time.monotonic()`;
+  Retry-After is the whole seconds left in the window, rounded up, at least 1. Requests refused with
+  429 are not counted; requests that pass and then fail (fault, 400, 422, 402) are.
+- Billing: charged at acceptance. Results are a pure function of each contact, so the actual cost is
+  known when the batch is accepted and debited at once; results become visible after the latency.
+  402 when balance < contacts × the type's per-contact maximum (none 0, partial 1, phone_only 10,
+  full 11, prospecting_only 1).
+- Results: `completed` when anything was found (or for `none`), `failed` when nothing was; a prospecting
+  contact is discovered with probability `find_rate`, from the same draw as its email. While a workflow
+  is processing, workflow mode shows `results: []` and a summary of zeros except `total`; task mode
+  shows `status: "processing"` with the input echoed in `prospect`/`company`.
+- Timestamps are ISO 8601 in UTC with an offset (`…+00:00`); `completed_at` is acceptance time plus the
+  workflow's latency. `lead_list_id` in the webhook is `ll_` + the workflow's uuid.
+- Workflows and tasks are visible only to keys of the organization that submitted them (others: 404).
+- `revoke_after_batches` revokes a key right after its Nth accepted batch (the Nth gets its 200);
+  restoring the key starts its count again.
+- Webhooks: 5 attempts; the waits between them are 1, 2, 4, 8 s × `webhook_backoff_scale` (the
+  documented 16 s step would only precede a sixth attempt). Any 2xx is delivered; a non-2xx, timeout
+  or connection error is a failed attempt.
+- Error bodies the docs do not give: injected 500 `Internal server error`, 502 `Bad gateway`,
+  503 `Service temporarily unavailable`, 504 `Gateway timeout` (all as `{"detail": …}`); only 429s
+  carry Retry-After. A deliveries call without workflow_id gets FastAPI's missing-query 422.
+- `webhook_url` is any string; one that cannot be reached (or parsed) just yields failed attempts.
+- IDs: `org_`/`user_` + 16 hex digits derived from the key, stable across runs.
+- `/_sandbox/reset` clears the request counters, the request log and the acceptance counters
+  (contacts, duplicates, batches, credits charged); balance, keys, workflows and rate windows remain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cleanlist.sandbox.config import (
+    API_KEY_PREFIX,
+    ENDPOINTS,
+    Endpoint,
+    EnrichmentType,
+    FaultSpec,
+    SandboxConfig,
+)
+from cleanlist.sandbox.contacts import ContactRecord, Lookup, lookup
+from cleanlist.sandbox.faults import FaultInjector
+from cleanlist.sandbox.ratelimit import FixedWindowLimiter
+from cleanlist.sandbox.results import MAX_COST_PER_CONTACT, outcome_of, pending_result, task_result
+
+NOT_AUTHENTICATED = "Not authenticated"
+NO_API_ACCESS = "Your plan does not include API access"
+RATE_LIMITED = "Rate limit exceeded"
+INSUFFICIENT_CREDITS = "Insufficient credits"
+WORKFLOW_NOT_FOUND = "Workflow not found"
+TASK_NOT_FOUND = "Task not found"
+FAULT_DETAILS: dict[int, str] = {
+    429: RATE_LIMITED,
+    500: "Internal server error",
+    502: "Bad gateway",
+    503: "Service temporarily unavailable",
+    504: "Gateway timeout",
+}
+WEBHOOK_RESULTS_LIMIT = 250
+RESULTS_ENDPOINT = "/api/v1/public/enrich/status?workflow_id="
+# A task id's index inside its workflow fits in 8 bits: batches hold at most 250 contacts.
+_INDEX_BITS = 8
+
+
+class ApiRefusal(Exception):
+    """The API answers with an error instead of doing the work."""
+
+    def __init__(self, status: int, detail: str, retry_after: int | str | None = None) -> None:
+        super().__init__(f"{status} {detail}")
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class Organization:
+    """Who pays, and whether their plan includes the API."""
+
+    organization_id: str
+    credits: float
+    api_access: bool
+
+
+@dataclass(slots=True)
+class ApiKey:
+    """One key of one user; revocable."""
+
+    key: str
+    user_id: str
+    organization: Organization
+    revoked: bool = False
+    batches_accepted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAttempt:
+    """One POST of a webhook, as `/webhooks/deliveries` reports it."""
+
+    attempt: int
+    status: str
+    response_code: int | None
+    error: str | None
+    delivered_at: str
+
+
+@dataclass(slots=True)
+class Workflow:
+    """An accepted batch, stored compactly: results are regenerated from `contacts` on demand."""
+
+    serial: int
+    workflow_id: str
+    organization_id: str
+    enrichment_type: EnrichmentType
+    accepted_at: float
+    """Monotonic clock at acceptance."""
+    ready_at: float
+    """Monotonic clock at completion: accepted_at + the workflow's latency."""
+    completed_at: str
+    webhook_url: str | None
+    task_ids: bytes
+    """16 bytes per contact, in order."""
+    contacts: list[str]
+    """`ContactRecord.pack()` per contact, in order."""
+    successful: int
+    emails_found: int
+    phones_found: int
+    cost: float
+    deliveries: list[DeliveryAttempt] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Contacts in the batch."""
+        return len(self.contacts)
+
+    def task_id(self, index: int) -> str:
+        """The uuid string of the index-th task."""
+        return str(uuid.UUID(bytes=self.task_ids[index * 16 : index * 16 + 16]))
+
+
+def _digest_id(prefix: str, secret: str) -> str:
+    return prefix + hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+def _uuid4_block(count: int) -> bytes:
+    """`count` random version-4 uuids as one bytes object (one urandom call instead of `count`)."""
+    block = bytearray(os.urandom(16 * count))
+    for offset in range(0, len(block), 16):
+        block[offset + 6] = (block[offset + 6] & 0x0F) | 0x40
+        block[offset + 8] = (block[offset + 8] & 0x3F) | 0x80
+    return bytes(block)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
+class SandboxState:
+    """Everything the sandbox remembers; every public method is thread-safe."""
+
+    def __init__(self, config: SandboxConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.started_at = clock()
+        self._lock = threading.RLock()
+        self._latency_rng = random.Random(config.seed)
+        self._limiter = FixedWindowLimiter(*config.rate_limit) if config.rate_limit else None
+        self._faults = FaultInjector(config.faults, config.seed)
+
+        self.organization = Organization(_digest_id("org_", config.api_key), config.credits, True)
+        no_access = Organization(_digest_id("org_", "no-api:" + config.api_key), 0.0, False)
+        self._keys: dict[str, ApiKey] = {}
+        for key in (config.api_key, *config.extra_keys):
+            self._keys[key] = ApiKey(key, _digest_id("user_", key), self.organization)
+        for key in config.no_api_access_keys:
+            self._keys[key] = ApiKey(key, _digest_id("user_", key), no_access)
+
+        self._workflows: list[Workflow] = []
+        self._workflows_by_id: dict[str, Workflow] = {}
+        # uuid int -> serial << 8 | index: a task lookup without a dict per task.
+        self._tasks: dict[int, int] = {}
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self._requests: dict[str, dict[str, int]] = {endpoint: {} for endpoint in ENDPOINTS}
+        self._log: deque[tuple[float, str, int, int | None, int | None]] = deque(
+            maxlen=self.config.request_log_limit
+        )
+        self._contacts_accepted = 0
+        self._bulk_accepted = 0
+        self._credits_charged = 0.0
+        # identity digest -> serial of the last batch that carried it; -1 once counted as a repeat.
+        self._seen: dict[int, int] = {}
+        self._repeated = 0
+
+    # --- the request path -------------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        """Resolve `Authorization: Bearer clapi_…` to a live key, or refuse with 401/403."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token.startswith(API_KEY_PREFIX):
+            raise ApiRefusal(401, NOT_AUTHENTICATED)
+        with self._lock:
+            key = self._keys.get(token)
+            if key is None or key.revoked:
+                raise ApiRefusal(401, NOT_AUTHENTICATED)
+            if not key.organization.api_access:
+                raise ApiRefusal(403, NO_API_ACCESS)
+            return key
+
+    def admit(self, key: ApiKey, endpoint: Endpoint) -> None:
+        """Apply the rate limit (validate-key is exempt), then any injected fault."""
+        with self._lock:
+            if self._limiter is not None and endpoint != "validate-key":
+                retry_after = self._limiter.admit(key.organization.organization_id, endpoint, self.clock())
+                if retry_after is not None:
+                    raise ApiRefusal(429, RATE_LIMITED, retry_after)
+            fault = self._faults.draw(endpoint)
+        if fault is not None:
+            hint = fault.retry_after if fault.status == 429 else None
+            raise ApiRefusal(fault.status, FAULT_DETAILS[fault.status], hint)
+
+    def accept_bulk(
+        self,
+        key: ApiKey,
+        enrichment_type: EnrichmentType,
+        webhook_url: str | None,
+        records: Sequence[ContactRecord],
+    ) -> Workflow:
+        """Accept a validated batch: check the worst case against the balance, then charge what is found."""
+        findings = [lookup(record, self.config.find_rate, self.config.phone_rate) for record in records]
+        outcomes = [outcome_of(found, enrichment_type) for found in findings]
+        cost = sum(outcome.cost for outcome in outcomes)
+        worst_case = len(records) * MAX_COST_PER_CONTACT[enrichment_type]
+        with self._lock:
+            organization = key.organization
+            if organization.credits < worst_case:
+                raise ApiRefusal(402, INSUFFICIENT_CREDITS)
+            organization.credits -= cost
+            serial = len(self._workflows)
+            workflow_uuid = uuid.uuid4()
+            low, high = self.config.latency_range
+            latency = self._latency_rng.uniform(low, high) if high > low else low
+            accepted_at = self.clock()
+            workflow = Workflow(
+                serial=serial,
+                workflow_id=f"public_bulk_{workflow_uuid}",
+                organization_id=organization.organization_id,
+                enrichment_type=enrichment_type,
+                accepted_at=accepted_at,
+                ready_at=accepted_at + latency,
+                completed_at=_iso(datetime.now(UTC) + timedelta(seconds=latency)),
+                webhook_url=webhook_url,
+                task_ids=_uuid4_block(len(records)),
+                contacts=[record.pack() for record in records],
+                successful=sum(outcome.status(enrichment_type) == "completed" for outcome in outcomes),
+                emails_found=sum(outcome.email for outcome in outcomes),
+                phones_found=sum(outcome.phone for outcome in outcomes),
+                cost=cost,
+            )
+            self._workflows.append(workflow)
+            self._workflows_by_id[workflow.workflow_id] = workflow
+            base = serial << _INDEX_BITS
+            for index in range(len(records)):
+                task_bytes = workflow.task_ids[index * 16 : index * 16 + 16]
+                self._tasks[int.from_bytes(task_bytes)] = base | index
+            self._count_acceptance(serial, findings, cost)
+            key.batches_accepted += 1
+            limit = self.config.revoke_after_batches
+            if limit is not None and key.batches_accepted >= limit:
+                key.revoked = True
+            return workflow
+
+    def _count_acceptance(self, serial: int, findings: Sequence[Lookup], cost: float) -> None:
+        self._bulk_accepted += 1
+        self._contacts_accepted += len(findings)
+        self._credits_charged += cost
+        seen = self._seen
+        for found in findings:
+            last = seen.get(found.identity_key)
+            if last is None:
+                seen[found.identity_key] = serial
+            elif last not in (serial, -1):
+                seen[found.identity_key] = -1
+                self._repeated += 1
+
+    def find_workflow(self, key: ApiKey, workflow_id: str) -> Workflow:
+        """The caller's organization's workflow, or 404."""
+        with self._lock:
+            workflow = self._workflows_by_id.get(workflow_id)
+        if workflow is None or workflow.organization_id != key.organization.organization_id:
+            raise ApiRefusal(404, WORKFLOW_NOT_FOUND)
+        return workflow
+
+    def find_task(self, key: ApiKey, task_id: str) -> tuple[Workflow, int]:
+        """The workflow holding a task of the caller's organization, and the task's index; or 404."""
+        try:
+            task_int = uuid.UUID(task_id).int
+        except ValueError:
+            raise ApiRefusal(404, TASK_NOT_FOUND) from None
+        with self._lock:
+            packed = self._tasks.get(task_int)
+            if packed is None:
+                raise ApiRefusal(404, TASK_NOT_FOUND)
+            workflow = self._workflows[packed >> _INDEX_BITS]
+        if workflow.organization_id != key.organization.organization_id:
+            raise ApiRefusal(404, TASK_NOT_FOUND)
+        return workflow, packed & ((1 << _INDEX_BITS) - 1)
+
+    def balance(self, key: ApiKey | None = None) -> float:
+        """Credits of the key's organization (the main one by default)."""
+        with self._lock:
+            return (key.organization if key else self.organization).credits
+
+    # --- views ------------------------------------------------------------------------------------
+
+    def is_complete(self, workflow: Workflow) -> bool:
+        """Completion is computed lazily: nothing runs in the background to finish a workflow."""
+        return self.clock() >= workflow.ready_at
+
+    def _result(self, workflow: Workflow, index: int, complete: bool) -> dict[str, Any]:
+        record = ContactRecord.unpack(workflow.contacts[index])
+        task_id = workflow.task_id(index)
+        if not complete:
+            return pending_result(task_id, record)
+        found = lookup(record, self.config.find_rate, self.config.phone_rate)
+        return task_result(task_id, record, found, workflow.enrichment_type)
+
+    def _summary(self, workflow: Workflow, complete: bool) -> dict[str, int]:
+        if not complete:
+            return {
+                "total": workflow.total,
+                "successful": 0,
+                "failed": 0,
+                "emails_found": 0,
+                "phones_found": 0,
+            }
+        return {
+            "total": workflow.total,
+            "successful": workflow.successful,
+            "failed": workflow.total - workflow.successful,
+            "emails_found": workflow.emails_found,
+            "phones_found": workflow.phones_found,
+        }
+
+    def workflow_view(self, workflow: Workflow, results_limit: int | None = None) -> dict[str, Any]:
+        """The status endpoint's workflow-mode body (and the webhook's core)."""
+        complete = self.is_complete(workflow)
+        shown = min(workflow.total, results_limit) if results_limit is not None else workflow.total
+        return {
+            "workflow_id": workflow.workflow_id,
+            "status": "completed" if complete else "processing",
+            "enrichment_type": workflow.enrichment_type,
+            "total_contacts": workflow.total,
+            "summary": self._summary(workflow, complete),
+            "results": [self._result(workflow, index, True) for index in range(shown)] if complete else [],
+            "completed_at": workflow.completed_at if complete else None,
+        }
+
+    def task_view(self, workflow: Workflow, index: int) -> dict[str, Any]:
+        """The status endpoint's task-mode body."""
+        return {
+            **self._result(workflow, index, self.is_complete(workflow)),
+            "workflow_id": workflow.workflow_id,
+        }
+
+    def webhook_payload(self, workflow: Workflow) -> dict[str, Any]:
+        """The `enrichment.completed` body: at most 250 results, the rest left to the status endpoint."""
+        view = self.workflow_view(workflow, WEBHOOK_RESULTS_LIMIT)
+        return {
+            "event": "enrichment.completed",
+            "workflow_id": workflow.workflow_id,
+            "lead_list_id": "ll_" + workflow.workflow_id.removeprefix("public_bulk_"),
+            "enrichment_type": workflow.enrichment_type,
+            "status": view["status"],
+            "summary": view["summary"],
+            "results": view["results"],
+            "results_limit": WEBHOOK_RESULTS_LIMIT,
+            "results_truncated": max(0, workflow.total - WEBHOOK_RESULTS_LIMIT),
+            "results_endpoint": RESULTS_ENDPOINT + workflow.workflow_id,
+            "completed_at": view["completed_at"],
+        }
+
+    def record_delivery(self, workflow: Workflow, attempt: DeliveryAttempt) -> None:
+        """Remember one webhook attempt."""
+        with self._lock:
+            workflow.deliveries.append(attempt)
+
+    def deliveries_view(self, workflow: Workflow) -> dict[str, Any]:
+        """The webhook-deliveries body."""
+        with self._lock:
+            attempts = list(workflow.deliveries)
+        return {
+            "workflow_id": workflow.workflow_id,
+            "deliveries": [
+                {
+                    "attempt": attempt.attempt,
+                    "status": attempt.status,
+                    "response_code": attempt.response_code,
+                    "error": attempt.error,
+                    "delivered_at": attempt.delivered_at,
+                }
+                for attempt in attempts
+            ],
+        }
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    def record_request(
+        self, endpoint: Endpoint, status: int, contacts: int | None, retry_after: int | str | None
+    ) -> None:
+        """Count one public-API answer and append it to the request log."""
+        logged_retry_after = retry_after if isinstance(retry_after, int) else None
+        with self._lock:
+            by_status = self._requests[endpoint]
+            code = str(status)
+            by_status[code] = by_status.get(code, 0) + 1
+            self._log.append((self.clock() - self.started_at, endpoint, status, contacts, logged_retry_after))
+
+    def counters(self) -> dict[str, Any]:
+        """What `/_sandbox/counters` reports."""
+        with self._lock:
+            return {
+                "requests": {endpoint: dict(by_status) for endpoint, by_status in self._requests.items()},
+                "contacts_accepted": self._contacts_accepted,
+                "contacts_accepted_more_than_once": self._repeated,
+                "bulk_accepted": self._bulk_accepted,
+                "credits_charged": self._credits_charged,
+                "balance": self.organization.credits,
+            }
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """What `/_sandbox/requests` reports, oldest first."""
+        with self._lock:
+            entries = list(self._log)
+        return [
+            {"t": t, "endpoint": endpoint, "status": status, "contacts": contacts, "retry_after": retry_after}
+            for t, endpoint, status, contacts, retry_after in entries
+        ]
+
+    def reset(self) -> None:
+        """Forget counters and the request log; the world itself stays."""
+        with self._lock:
+            self._reset_counters()
+
+    # --- admin ------------------------------------------------------------------------------------
+
+    def add_credits(self, amount: float) -> float:
+        """Top up the main organization; returns the new balance."""
+        with self._lock:
+            self.organization.credits += amount
+            return self.organization.credits
+
+    def set_credits(self, amount: float) -> float:
+        """Set the main organization's balance; returns it."""
+        with self._lock:
+            self.organization.credits = amount
+            return self.organization.credits
+
+    def set_revoked(self, api_key: str, revoked: bool) -> bool:
+        """Revoke or restore a configured key; False when the key is unknown."""
+        with self._lock:
+            key = self._keys.get(api_key)
+            if key is None:
+                return False
+            key.revoked = revoked
+            if not revoked:
+                key.batches_accepted = 0
+            return True
+
+    def is_revoked(self, api_key: str) -> bool:
+        """Whether a configured key is revoked (unknown keys count as revoked)."""
+        with self._lock:
+            key = self._keys.get(api_key)
+            return key is None or key.revoked
+
+    def set_faults(self, faults: Mapping[Endpoint, FaultSpec]) -> None:
+        """Replace the injected faults."""
+        with self._lock:
+            self._faults.replace(faults)
+
+    def faults(self) -> dict[Endpoint, FaultSpec]:
+        """The injected faults in force."""
+        with self._lock:
+            return self._faults.specs()
