@@ -88,7 +88,7 @@ def _submit_all(
     while True:
         while pending and len(running) < max_concurrent and engine.gate.open:
             chunk_no = pending[0]
-            if not engine.budget_allows(len(engine.workspace.chunk_keys(chunk_no))):
+            if not engine.reserve(chunk_no, len(engine.workspace.chunk_keys(chunk_no))):
                 break
             pending.popleft()
             running[task.submit(engine.run_id, chunk_no)] = chunk_no
@@ -104,21 +104,16 @@ def _submit_all(
                 ):
                     return pending, "credits_timeout"
                 continue
-            if engine.committed_credits() > engine.counters.credits_spent + 1e-9:
+            if engine.committed_credits() > engine.counters.credits_spent + 1e-6:
                 time.sleep(0.2)  # in-flight workflows may cost less than their worst case
                 continue
             return pending, "budget_reached"
         done = wait(list(running), timeout=0.5).done
         for future in done:
             chunk_no = running.pop(future)
-            state = future.state
-            if state.is_completed():
-                outcome: ChunkOutcome = future.result()
-                if outcome.status == DEFERRED:
-                    pending.appendleft(chunk_no)
-                continue
+            engine.unreserve(chunk_no)
             try:
-                future.result()
+                outcome: ChunkOutcome = future.result()
             except APIError as exc:
                 if engine.gate.fatal is not None and policy_for(exc) == policy_for(engine.gate.fatal):
                     pending.appendleft(chunk_no)
@@ -128,6 +123,9 @@ def _submit_all(
             except Exception as exc:
                 _chunk_failed(engine, chunk_no, f"{type(exc).__name__}: {exc}")
                 logger.error("chunk %05d failed: %s: %s", chunk_no, type(exc).__name__, exc)
+            else:
+                if outcome.status == DEFERRED:
+                    pending.appendleft(chunk_no)
         if progress_id is not None and time.monotonic() - last_progress > 1.0:
             last_progress = time.monotonic()
             settled = total - len(pending) - len(running)

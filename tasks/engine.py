@@ -107,6 +107,7 @@ class RunEngine:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _open: dict[str, _Accepted] = field(default_factory=dict)
     _committed_worst_case: float = 0.0
+    _reserved: dict[int, float] = field(default_factory=dict)
 
     def start_poller(self, *, initial_estimate: float, timeout: float) -> WorkflowPoller:
         self.poller = WorkflowPoller(
@@ -122,15 +123,26 @@ class RunEngine:
 
     # -- budget ------------------------------------------------------------------------------------
     def committed_credits(self) -> float:
-        """Worst case of workflows still in flight plus what completed ones actually cost."""
+        """Worst case of chunks being submitted and workflows in flight, plus what completed ones cost."""
         with self._lock:
-            return self._committed_worst_case + self.counters.credits_spent
+            return sum(self._reserved.values()) + self._committed_worst_case + self.counters.credits_spent
 
-    def budget_allows(self, contacts: int) -> bool:
-        if self.options.max_credits is None:
-            return True
+    def reserve(self, chunk_no: int, contacts: int) -> bool:
+        """Reserve a chunk's worst case before submitting it; False if that would break --max-credits."""
         need = worst_case_credits(self.options.enrichment_type, contacts)
-        return self.committed_credits() + need <= self.options.max_credits + 1e-9
+        if (
+            self.options.max_credits is not None
+            and self.committed_credits() + need > self.options.max_credits + 1e-9
+        ):
+            return False
+        with self._lock:
+            self._reserved[chunk_no] = need
+        return True
+
+    def unreserve(self, chunk_no: int) -> None:
+        """The chunk's task ended: its workflow (if any) now carries the worst case."""
+        with self._lock:
+            self._reserved.pop(chunk_no, None)
 
     # -- accepted workflows --------------------------------------------------------------------------
     def accepted(self, workflow_id: str, keys: list[str], task_ids: list[str], *, tag: object) -> None:
