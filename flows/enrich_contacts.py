@@ -26,6 +26,7 @@ from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
 from tasks.credits import CreditWatcher
 from tasks.engine import RunEngine, RunOptions, register, unregister
+from tasks.outcomes import result_or_input_error
 from tasks.plan import plan_run
 from tasks.secrets import resolve_api_key
 from tasks.stage import stage_source_task
@@ -241,7 +242,9 @@ def _enrich(
     status = "failed"
     summary: dict[str, Any] = {}
     try:
-        stage = stage_source_task(run_id, source, mapping, sql_query, batch_rows)
+        stage = result_or_input_error(
+            stage_source_task(run_id, source, mapping, sql_query, batch_rows, return_state=True)
+        )
         counters = engine.counters
         counters.rows_read, counters.duplicates = stage.rows_read, stage.duplicates
         counters.unique_contacts = stage.unique_contacts
@@ -293,7 +296,7 @@ def _enrich(
             engine.workspace.set_state(engine.workspace.chunk_keys(chunk_no), leftover_state)
         update_progress_artifact(progress_id, progress=100.0)
 
-        report = write_output_task(run_id, output, rejects, table)
+        report = result_or_input_error(write_output_task(run_id, output, rejects, table, return_state=True))
         fatal = engine.gate.fatal or engine.poller.fatal
         if fatal is not None:
             status = "failed"

@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from cleanlist.prepare import FIELDS, HeaderMapping, api_payload, prepare_row, resolve_mapping
+from tasks.outcomes import input_errors_as_failed_state
 from tasks.sources import iter_source
 from tasks.workspace import KEY, REJECT, ROW, RunWorkspace, StagedContact
 
@@ -100,6 +101,7 @@ def _header_only_columns(source: str, sql_query: str | None) -> list[str]:
 
 
 @task(name="stage-source", cache_policy=NO_CACHE, persist_result=False)
+@input_errors_as_failed_state
 def stage_source_task(
     run_id: str,
     source: str,

@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cleanlist.errors import InputError
 from cleanlist.store import EnrichmentStore, StoredResult
+from tasks.outcomes import input_errors_as_failed_state
 from tasks.workspace import (
     ACCEPTED,
     ERROR,
@@ -265,6 +266,7 @@ def open_sink(destination: str, *, table: str | None = None, kind: str = "output
 
 
 @task(name="write-output", cache_policy=NO_CACHE, persist_result=False)
+@input_errors_as_failed_state
 def write_output_task(run_id: str, output: str, rejects: str, table: str | None = None) -> WriteReport:
     from tasks.engine import engine_for
 

@@ -1,0 +1,109 @@
+"""The `cleanlist-enrich` command as a user runs it: a subprocess, its exit code, stdout and stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.flow_helpers import messy_export, read_csv
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    from prefect.settings import PREFECT_API_URL
+
+    full_env = {**os.environ, **env, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=Path(__file__).parent.parent,
+    )
+
+
+def _no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+def test_json_summary_is_the_last_stdout_line(tmp_path: Path, make_sandbox) -> None:
+    sandbox = make_sandbox(rate_limit=None)
+    source = messy_export(tmp_path / "crm.csv", unique=300, duplicates=10, invalid=4)
+    result = _cli(
+        [
+            "run",
+            str(source),
+            "--output",
+            str(tmp_path / "out.csv"),
+            "--store",
+            f"sqlite:///{tmp_path / 's.db'}",
+            "--json",
+        ],
+        {"CLEANLIST_API_KEY": sandbox.api_key, "CLEANLIST_BASE_URL": sandbox.base_url},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for field in (
+        "status",
+        "rows_read",
+        "rejected",
+        "duplicates",
+        "submitted",
+        "emails_found",
+        "credits_spent",
+        "output",
+        "rejects",
+    ):
+        assert field in summary
+    assert summary["rows_read"] == 314 and summary["rejected"] == 4 and summary["submitted"] == 300
+    assert summary["credits_spent"] == pytest.approx(sandbox.counters()["credits_charged"])
+    assert len(read_csv(tmp_path / "out.csv")) == 310
+    _no_traceback(result)
+
+
+def test_rejected_plan_exits_2_with_one_line(tmp_path: Path, make_sandbox) -> None:
+    key = "clapi_" + "q" * 64
+    sandbox = make_sandbox(rate_limit=None, no_api_access_keys=(key,))
+    source = messy_export(tmp_path / "crm.csv", unique=50)
+    result = _cli(
+        ["run", str(source), "-o", str(tmp_path / "out.csv"), "--store", f"sqlite:///{tmp_path / 's.db'}"],
+        {"CLEANLIST_API_KEY": key, "CLEANLIST_BASE_URL": sandbox.base_url},
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cleanlist-enrich: error:")]
+    assert len(errors) == 1 and "403" in errors[0]
+    assert key not in result.stderr + result.stdout
+    _no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["run", "{src}", "-o", "{tmp}/out.csv"], {"CLEANLIST_API_KEY": ""}, "no cleanlist api key"),
+        (["run", "{tmp}/missing.csv", "-o", "{tmp}/out.csv"], {}, "not found"),
+        (["run", "{src}", "-o", "{tmp}/out.xml"], {}, "must end in"),
+        (["run", "{tmp}/data.docx", "-o", "{tmp}/out.csv"], {}, "docx"),
+    ],
+)
+def test_bad_invocations_give_one_clear_line(tmp_path: Path, make_sandbox, args, env, expected) -> None:
+    sandbox = make_sandbox(rate_limit=None)
+    source = messy_export(tmp_path / "crm.csv", unique=5)
+    (tmp_path / "data.docx").write_bytes(b"PK\x03\x04")
+    args = [a.format(src=source, tmp=tmp_path) for a in args]
+    base_env = {
+        "CLEANLIST_API_KEY": sandbox.api_key,
+        "CLEANLIST_BASE_URL": sandbox.base_url,
+        "CLEANLIST_STORE_URL": f"sqlite:///{tmp_path / 's.db'}",
+    }
+    result = _cli(args, {**base_env, **env})
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cleanlist-enrich: error:")]
+    assert len(errors) == 1 and expected in errors[0].lower(), result.stderr[-1500:]
+    _no_traceback(result)
