@@ -138,7 +138,7 @@ def sql_windows(
     whole_days = window_days is None or float(window_days).is_integer()
     if isinstance(start, dt.datetime) != isinstance(end, dt.datetime) or not whole_days:
         start, end = _as_datetime(start), _as_datetime(end)
-    if not end > start:  # type: ignore[operator]
+    if not end > start:
         raise InputError(f"window_end {window_end} must be after window_start {window_start}")
     if window_days is None:
         return [(start, end)]
@@ -147,8 +147,8 @@ def sql_windows(
     step = dt.timedelta(days=float(window_days))
     windows = []
     low = start
-    while low < end:  # type: ignore[operator]
-        high = min(low + step, end)  # type: ignore[operator, type-var]
+    while low < end:
+        high = min(low + step, end)
         windows.append((low, high))
         low = high
     return windows

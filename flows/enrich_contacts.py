@@ -25,6 +25,7 @@ from cleanlist.models import EnrichmentType, worst_case_credits
 from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
 from tasks.credits import CreditWatcher
+from tasks.dbsink import is_database_url
 from tasks.engine import RunEngine, RunOptions, register, unregister
 from tasks.outcomes import result_or_input_error
 from tasks.plan import plan_run
@@ -210,6 +211,11 @@ def _enrich(
     started = time.monotonic()
     if table is None:
         output_format(output)
+    elif not is_database_url(output):
+        raise InputError(
+            f"--table needs a database URL as --output (sqlite:///… or postgresql://…), not {output!r}"
+        )
+    # A database sink puts rejects in the table NAME_rejects beside it; files go beside the output.
     rejects = rejects or (f"{table}_rejects" if table else default_rejects_path(output))
     settings = CleanlistSettings()
     if base_url:

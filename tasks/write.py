@@ -239,6 +239,8 @@ def write_rows(
             bad = part.loc[is_reject, columns].copy()
             bad[REJECT_REASON] = [r for r in reasons if r is not None]
             good = part.loc[~is_reject, columns].copy()
+            if getattr(output, "wants_keys", False):
+                good["cleanlist_contact_key"] = part.loc[~is_reject, KEY]
             kept = [v for v, r in zip(values, reasons, strict=True) if r is None]
             for i, name in enumerate(RESULT_COLUMNS):
                 good[name] = pd.Series([v[i] for v in kept], index=good.index, dtype="object")
@@ -255,14 +257,14 @@ def write_rows(
     return WriteReport(written, rejected, statuses)
 
 
-def open_sink(destination: str, *, table: str | None = None, kind: str = "output") -> RowSink:
-    """A sink for a file path/URL (by extension) or, with `table`, a database URL."""
+def open_sinks(output: str, rejects: str, table: str | None) -> tuple[RowSink, RowSink]:
+    """Sinks for the output and the rejects: files by extension, or with `table` two database tables."""
     if table is not None:
-        from tasks.dbsink import DatabaseSink
+        from tasks.dbsink import DatabaseSink, SharedTransaction
 
-        return DatabaseSink(destination, table)
-    fmt = "csv" if kind == "rejects" else output_format(destination)
-    return FileSink(destination, fmt)
+        transaction = SharedTransaction(output, members=2)
+        return DatabaseSink(transaction, table), DatabaseSink(transaction, rejects, kind="rejects")
+    return FileSink(output, output_format(output)), FileSink(rejects, "csv")
 
 
 @task(name="write-output", cache_policy=NO_CACHE, persist_result=False)
@@ -271,8 +273,7 @@ def write_output_task(run_id: str, output: str, rejects: str, table: str | None 
     from tasks.engine import engine_for
 
     engine = engine_for(run_id)
-    out_sink = open_sink(output, table=table)
-    rej_sink = open_sink(rejects, table=f"{table}_rejects" if table else None, kind="rejects")
+    out_sink, rej_sink = open_sinks(output, rejects, table)
     return write_rows(engine.workspace, engine.store, engine.options.enrichment_type, out_sink, rej_sink)
 
 

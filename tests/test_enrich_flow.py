@@ -342,3 +342,31 @@ def test_header_only_source_writes_an_empty_output(tmp_path: Path, make_sandbox,
         "Company",
     ]
     assert not bulk_requests(sandbox.requests_log())
+
+
+def test_database_sink_upserts_so_reruns_are_idempotent(
+    tmp_path: Path, make_sandbox, api_env, store_url
+) -> None:
+    import sqlalchemy as sa
+
+    sandbox = make_sandbox(rate_limit=None)
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=400, duplicates=25, invalid=6)
+    sink = store_url  # the same kind of database as the store, a different table
+    for refresh_days in (30, 0):  # second run: forced re-enrichment, same table
+        state, summary = run_flow(
+            source=str(source), output=sink, table="enriched", store=store_url, refresh_days=refresh_days
+        )
+        assert state.is_completed(), state.message
+
+    engine = sa.create_engine(sink.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text('SELECT "Record ID", cleanlist_contact_key, cleanlist_status FROM enriched')
+        ).all()
+        rejects = conn.execute(sa.text('SELECT "Record ID", reject_reason FROM enriched_rejects')).all()
+    engine.dispose()
+    assert len(rows) == 400  # one row per contact, however many runs and duplicate rows
+    assert len({key for _, key, _ in rows}) == 400
+    assert {status for _, _, status in rows} <= {"enriched", "not_found"}
+    assert len(rejects) == 6 and all(reason for _, reason in rejects)
