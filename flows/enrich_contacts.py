@@ -8,7 +8,12 @@ from collections import deque
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -164,6 +169,7 @@ def _pause_for_credits(
     )
     if run_id is None:
         return False
+    engine.count(pauses=1)
     watcher = CreditWatcher(engine.client, run_id, needed, recheck_seconds)
     watcher.start()
     try:
@@ -331,7 +337,11 @@ def _enrich(
             "chunks_failed": counters.chunks_failed,
             "workflows": counters.workflows_accepted,
             "status_calls": engine.poller.stats.status_calls,
+            "retries": counters.retries,
+            "rate_limited": counters.rate_limited,
+            "pauses": counters.pauses,
             "row_statuses": report.statuses,
+            "rejects_by_reason": report.reject_reasons,
             "output": output if table is None else f"{output}#{table}",
             "rejects": rejects,
             "seconds": round(time.monotonic() - started, 3),
@@ -340,6 +350,9 @@ def _enrich(
             [{"metric": k, "value": str(v)} for k, v in summary.items()],
             key="cleanlist-run-summary",
             description=f"enrich-contacts: {status}",
+        )
+        create_markdown_artifact(
+            _markdown_report(summary), key="cleanlist-run-report", description="Run report"
         )
         if fatal is not None:
             policy = policy_for(fatal)
@@ -440,6 +453,37 @@ def outcome_of(state: State) -> tuple[dict[str, Any], str | None, int]:
     if isinstance(data, BaseException):
         message = f"{type(data).__name__}: {data}"
     return summary, message, exit_code
+
+
+def _markdown_report(summary: dict[str, Any]) -> str:
+    """The human-readable end-of-run report shown in the Prefect UI."""
+    lines = [
+        f"# enrich-contacts: {summary['status']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| rows read | {summary['rows_read']:,} |",
+        f"| rejected | {summary['rejected']:,} |",
+        f"| duplicates | {summary['duplicates']:,} |",
+        f"| fresh in store (not sent) | {summary['fresh_in_store']:,} |",
+        f"| resumed from earlier runs | {summary['resumed_in_flight']:,} |",
+        f"| submitted | {summary['submitted']:,} in {summary['workflows']:,} workflows |",
+        f"| emails found | {summary['emails_found']:,} |",
+        f"| phones found | {summary['phones_found']:,} |",
+        f"| credits spent | {summary['credits_spent']:,.2f} |",
+        f"| pauses for credits | {summary['pauses']} |",
+        f"| retries (429: {summary['rate_limited']}) | {summary['retries']} |",
+        f"| duration | {summary['seconds']:,.1f} s |",
+        "",
+        "## Rejects by reason",
+        "",
+    ]
+    reasons = summary.get("rejects_by_reason") or {}
+    lines += [f"- {count:,} × {reason}" for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    if not reasons:
+        lines.append("none")
+    lines += ["", f"Output: `{summary['output']}` — rejects: `{summary['rejects']}`"]
+    return "\n".join(lines)
 
 
 def _dry_run_report(

@@ -58,6 +58,14 @@ class RunCounters:
     workflows_completed: int = 0
     chunks_total: int = 0
     chunks_failed: int = 0
+    chunk_attempts: int = 0
+    rate_limited: int = 0
+    pauses: int = 0
+
+    @property
+    def retries(self) -> int:
+        """Bulk attempts beyond the first of each chunk (Prefect retries and inline Retry-After waits)."""
+        return max(self.chunk_attempts - self.workflows_accepted - self.chunks_failed, 0)
 
 
 class SubmissionGate:
@@ -216,12 +224,27 @@ class RunEngine:
         self.store.record_results(
             workflow.workflow_id, results, state=status.status.lower(), credits_charged=charged
         )
+        logger.info(
+            "workflow %s (%s) %s: %d emails, %d phones, %.0f credits",
+            workflow.workflow_id,
+            f"chunk {workflow.tag:05d}" if isinstance(workflow.tag, int) else "resumed",
+            status.status.lower(),
+            sum(1 for r in status.results if r.primary_email),
+            sum(1 for r in status.results if r.phones),
+            charged,
+        )
         self._close(workflow.workflow_id)
         with self._lock:
             self.counters.credits_spent += charged
             self.counters.emails_found += sum(1 for r in status.results if r.primary_email)
             self.counters.phones_found += sum(1 for r in status.results if r.phones)
             self.counters.workflows_completed += 1
+
+    def count(self, **increments: int) -> None:
+        """Add to counters from any thread."""
+        with self._lock:
+            for name, value in increments.items():
+                setattr(self.counters, name, getattr(self.counters, name) + value)
 
     def _on_gone(self, workflow: TrackedWorkflow, reason: str) -> None:
         logger.warning(

@@ -47,11 +47,13 @@ def _send(engine: RunEngine, payloads: list[dict[str, str]]) -> BulkEnrichRespon
     """One bulk call, waiting out Retry-After inline up to `inline_rate_limit_retries` times."""
     attempts = engine.options.inline_rate_limit_retries
     while True:
+        engine.count(chunk_attempts=1)
         try:
             return engine.client.enrich_bulk(
                 payloads, engine.options.enrichment_type, engine.options.webhook_url
             )
         except RateLimitError as exc:
+            engine.count(rate_limited=1)
             # The client already made the limiter hold this endpoint for Retry-After, so the
             # next attempt waits exactly as long; without a hint, Prefect's backoff decides.
             if exc.retry_after is None or attempts <= 0 or not engine.gate.open:
@@ -96,8 +98,7 @@ def submit_chunk(run_id: str, chunk_no: int) -> ChunkOutcome:
             engine.workspace.set_notes(notes, QUARANTINED)
             engine.store.release(run_id, list(notes), options.enrichment_type)
             quarantined += len(notes)
-            with engine._lock:
-                engine.counters.quarantined += len(notes)
+            engine.count(quarantined=len(notes))
             logger.warning(
                 "chunk %d: the API refused %d contact(s); resubmitting the rest", chunk_no, len(notes)
             )
@@ -122,6 +123,9 @@ def submit_chunk(run_id: str, chunk_no: int) -> ChunkOutcome:
                 f"chunk {chunk_no}: the API returned {len(task_ids)} task ids for {len(to_send)} contacts"
             )
         engine.accepted(response.workflow_id, [c.key for c in to_send], task_ids, tag=chunk_no)
+        logger.info(
+            "chunk %05d: %d contacts accepted as workflow %s", chunk_no, len(to_send), response.workflow_id
+        )
         return ChunkOutcome(chunk_no, ACCEPTED, len(to_send), quarantined, response.workflow_id)
     return ChunkOutcome(chunk_no, NOTHING_TO_SEND, quarantined=quarantined)
 

@@ -9,6 +9,7 @@ the final files appear atomically.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -173,6 +174,15 @@ class WriteReport:
     output_rows: int
     rejected_rows: int
     statuses: dict[str, int]
+    reject_reasons: dict[str, int]
+
+
+def reason_kind(reason: str) -> str:
+    """A reject reason without its row-specific details, for counting rejects by reason."""
+    text = reason.split(" (has:")[0].split("; ignored")[0]
+    text = re.sub(r"\brow \d+", "row N", text)
+    text = re.sub(r"\b\d+ fields", "N fields", text)
+    return text[:120]
 
 
 def _join(value: Sequence[str]) -> str | None:
@@ -212,6 +222,7 @@ def write_rows(
 ) -> WriteReport:
     """Join every staged row with its contact's outcome and write it to output or rejects."""
     statuses: dict[str, int] = {}
+    reasons_seen: dict[str, int] = {}
     written = rejected = 0
     columns = list(workspace.columns)
     try:
@@ -246,6 +257,9 @@ def write_rows(
                 good[name] = pd.Series([v[i] for v in kept], index=good.index, dtype="object")
             output.write(good)
             rejects.write(bad)
+            for reason in bad[REJECT_REASON]:
+                kind = reason_kind(reason)
+                reasons_seen[kind] = reasons_seen.get(kind, 0) + 1
             written += len(good)
             rejected += len(bad)
         output.commit([*columns, *RESULT_COLUMNS])
@@ -254,7 +268,7 @@ def write_rows(
         output.abort()
         rejects.abort()
         raise
-    return WriteReport(written, rejected, statuses)
+    return WriteReport(written, rejected, statuses, reasons_seen)
 
 
 def open_sinks(output: str, rejects: str, table: str | None) -> tuple[RowSink, RowSink]:
