@@ -254,6 +254,7 @@ def _enrich(
     status = "failed"
     summary: dict[str, Any] = {}
     try:
+        _check_key(engine)
         stage = result_or_input_error(
             stage_source_task(run_id, source, mapping, sql_query, batch_rows, return_state=True)
         )
@@ -453,6 +454,17 @@ def outcome_of(state: State) -> tuple[dict[str, Any], str | None, int]:
     if isinstance(data, BaseException):
         message = f"{type(data).__name__}: {data}"
     return summary, message, exit_code
+
+
+def _check_key(engine: RunEngine) -> None:
+    """Fail fast on a rejected key or plan before reading a million rows (validate-key is free)."""
+    try:
+        engine.client.validate_key()
+    except APIError as exc:
+        policy = policy_for(exc)
+        if policy is not None and policy.action is Action.FAIL_FAST:
+            raise RunFailed(f"run stopped before submitting anything: {exc}", exit_code=2) from None
+        get_run_logger().warning("could not validate the API key (%s); going on", exc)
 
 
 def _markdown_report(summary: dict[str, Any]) -> str:
