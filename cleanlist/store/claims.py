@@ -1,0 +1,182 @@
+"""Deciding, inside one transaction, which contacts a run may submit and which it must reuse or poll."""
+
+# Race safety: new keys are claimed by INSERT … ON CONFLICT DO NOTHING, existing rows are locked with
+# SELECT … FOR UPDATE before they are judged (SQLite: the caller's BEGIN IMMEDIATE serializes writers).
+# Keys are handled in sorted order, so two claimers lock rows in the same order and cannot deadlock.
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import Connection, Row, Table, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from cleanlist.store.codec import batches, stored_result
+from cleanlist.store.liveness import run_is_alive
+from cleanlist.store.records import ACCEPTED, CLAIMED, DONE, ClaimOutcome, StoredResult
+from cleanlist.store.schema import contacts, runs
+
+# A row can vanish between our INSERT and our SELECT (another run released it); then we try again.
+MAX_CLAIM_PASSES: Final = 5
+
+
+def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT that knows ON CONFLICT on this connection's backend."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+@dataclass
+class ClaimSplit:
+    """A claim being decided: the four answers, gathered key by key."""
+
+    claimed: set[str] = field(default_factory=set)
+    fresh: dict[str, StoredResult] = field(default_factory=dict)
+    in_flight: dict[str, tuple[str, str]] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)
+
+    def outcome(self, keys: Sequence[str]) -> ClaimOutcome:
+        """The decision, with lists in the caller's key order."""
+        return ClaimOutcome(
+            claimed=[key for key in keys if key in self.claimed],
+            fresh={key: self.fresh[key] for key in keys if key in self.fresh},
+            in_flight={key: self.in_flight[key] for key in keys if key in self.in_flight},
+            held=[key for key in keys if key in self.held],
+        )
+
+
+@dataclass(frozen=True)
+class Judge:
+    """What a contact row is judged against: who asks, how fresh is fresh enough, who is alive."""
+
+    run_id: str | None
+    fresh_after: datetime | None
+    now: datetime
+    lease: timedelta
+    this_host: str
+
+
+def insert_claims(
+    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: str, now: datetime
+) -> set[str]:
+    """Claim the keys nobody has a row for; returns the ones this call inserted."""
+    if not keys:
+        return set()
+    stmt = (
+        insert_for(conn, contacts)
+        .on_conflict_do_nothing(index_elements=[contacts.c.contact_key, contacts.c.enrichment_type])
+        .returning(contacts.c.contact_key)
+    )
+    rows = [
+        {
+            "contact_key": key,
+            "enrichment_type": enrichment_type,
+            "state": CLAIMED,
+            "run_id": run_id,
+            "claimed_at": now,
+        }
+        for key in keys
+    ]
+    return set(conn.execute(stmt, rows).scalars())
+
+
+def contact_rows(
+    conn: Connection, keys: Sequence[str], enrichment_type: str, *, lock: bool
+) -> dict[str, Row[Any]]:
+    """The existing rows of `keys`, locked in key order when `lock` is set."""
+    found: dict[str, Row[Any]] = {}
+    for part in batches(sorted(keys)):
+        stmt = (
+            select(contacts)
+            .where(contacts.c.enrichment_type == enrichment_type, contacts.c.contact_key.in_(part))
+            .order_by(contacts.c.contact_key)
+        )
+        if lock:
+            stmt = stmt.with_for_update()
+        for row in conn.execute(stmt):
+            found[row.contact_key] = row
+    return found
+
+
+def judge_rows(conn: Connection, rows: dict[str, Row[Any]], judge: Judge, split: ClaimSplit) -> list[str]:
+    """File each row under fresh / in_flight / held; returns the keys the asking run may take."""
+    holders = {row.run_id for row in rows.values() if row.state == CLAIMED and row.run_id != judge.run_id}
+    alive = alive_runs(conn, holders, judge)
+    takeable: list[str] = []
+    for key, row in rows.items():
+        fresh = (
+            judge.fresh_after is not None
+            and row.enriched_at is not None
+            and row.enriched_at >= judge.fresh_after
+        )
+        if row.state == CLAIMED and judge.run_id is not None and row.run_id == judge.run_id:
+            takeable.append(key)
+        elif fresh:
+            # A refresh claimed or in flight elsewhere does not make a result that is fresh enough
+            # for this caller any less usable.
+            split.fresh[key] = stored_result(row)
+        elif row.state == ACCEPTED:
+            split.in_flight[key] = (row.workflow_id, row.task_id)
+        elif row.state == CLAIMED and row.run_id in alive:
+            split.held.add(key)
+        else:
+            takeable.append(key)
+    return takeable
+
+
+def alive_runs(conn: Connection, run_ids: Collection[str | None], judge: Judge) -> set[str]:
+    """The runs among `run_ids` that still own their claims (a run the store never saw is not alive)."""
+    known = sorted(run_id for run_id in run_ids if run_id is not None)
+    alive: set[str] = set()
+    for part in batches(known):
+        stmt = select(runs.c.run_id, runs.c.status, runs.c.heartbeat_at, runs.c.host, runs.c.pid).where(
+            runs.c.run_id.in_(part)
+        )
+        for row in conn.execute(stmt):
+            if run_is_alive(
+                status=row.status,
+                heartbeat_at=row.heartbeat_at,
+                host=row.host,
+                pid=row.pid,
+                now=judge.now,
+                lease=judge.lease,
+                this_host=judge.this_host,
+            ):
+                alive.add(row.run_id)
+    return alive
+
+
+def take_over(
+    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: str, now: datetime
+) -> None:
+    """Make `run_id` the holder of existing rows (already locked); a stored result stays in place."""
+    for part in batches(sorted(keys)):
+        conn.execute(
+            update(contacts)
+            .where(contacts.c.enrichment_type == enrichment_type, contacts.c.contact_key.in_(part))
+            .values(state=CLAIMED, run_id=run_id, claimed_at=now, workflow_id=None, task_id=None)
+        )
+
+
+def release_claims(conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: str) -> None:
+    """Give up this run's unsubmitted claims: back to the old result, or to no row at all."""
+    for part in batches(sorted(keys)):
+        mine = (
+            contacts.c.enrichment_type == enrichment_type,
+            contacts.c.contact_key.in_(part),
+            contacts.c.state == CLAIMED,
+            contacts.c.run_id == run_id,
+        )
+        conn.execute(delete(contacts).where(*mine, contacts.c.enriched_at.is_(None)))
+        conn.execute(update(contacts).where(*mine).values(state=DONE))
+
+
+def release_workflow(conn: Connection, workflow_id: str) -> None:
+    """Free the contacts a closed workflow never resulted, so a later run may submit them again."""
+    waiting = (contacts.c.workflow_id == workflow_id, contacts.c.state == ACCEPTED)
+    conn.execute(delete(contacts).where(*waiting, contacts.c.enriched_at.is_(None)))
+    conn.execute(update(contacts).where(*waiting).values(state=DONE, workflow_id=None, task_id=None))

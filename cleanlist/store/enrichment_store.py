@@ -1,0 +1,344 @@
+"""The enrichment store: durable claims, ledger and results, so reruns resume and never pay twice."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime, timedelta
+from typing import Final, Literal, Self, TypeVar, get_args
+
+from sqlalchemy import Connection, select, update
+from sqlalchemy.exc import DBAPIError
+
+from cleanlist.store.claims import (
+    MAX_CLAIM_PASSES,
+    ClaimSplit,
+    Judge,
+    contact_rows,
+    insert_claims,
+    insert_for,
+    judge_rows,
+    release_claims,
+    take_over,
+)
+from cleanlist.store.codec import (
+    batches,
+    dump_json,
+    require_aware,
+    run_record,
+    stored_result,
+    unique,
+    utc_now,
+    workflow_record,
+)
+from cleanlist.store.database import TRANSACTION_OPTION, ensure_schema, open_engine, resolve_url
+from cleanlist.store.ledger import (
+    check_state,
+    close_if_closed,
+    credits_of_run,
+    open_workflow_rows,
+    set_state,
+    write_accepted,
+    write_results,
+)
+from cleanlist.store.records import (
+    RUN_RUNNING,
+    ClaimOutcome,
+    ContactResult,
+    RunRecord,
+    StoredResult,
+    WorkflowRecord,
+)
+from cleanlist.store.schema import contacts, runs, workflows
+
+T = TypeVar("T")
+TransactionKind = Literal["read", "write", "durable"]
+_TRANSACTION_KINDS: Final[tuple[TransactionKind, ...]] = get_args(TransactionKind)
+
+# PostgreSQL may abort one of two transactions that lock the same rows in different orders (40P01)
+# or fail a serializable one (40001); the whole transaction is safe to run again.
+_RETRYABLE_SQLSTATES: Final = frozenset({"40P01", "40001"})
+_MAX_ATTEMPTS: Final = 5
+
+
+class EnrichmentStore:
+    """Durable enrichment state on SQLite or PostgreSQL, safe to share between threads and processes."""
+
+    url_display: str
+    """The store's URL with any password hidden."""
+
+    def __init__(self, url: str | None = None, *, lease_seconds: float = 120.0) -> None:
+        if lease_seconds < 0:
+            raise ValueError(f"lease_seconds must be >= 0, got {lease_seconds}")
+        resolved = resolve_url(url)
+        self.url_display = resolved.render_as_string(hide_password=True)
+        self._lease = timedelta(seconds=lease_seconds)
+        self._host = socket.gethostname()
+        self._engine = open_engine(resolved)
+        # SQLite lets one writer in at a time and makes the others poll with growing sleeps, so one busy
+        # thread can starve the rest; queueing this process's writers on a lock hands the turn over.
+        self._write_turn: AbstractContextManager[object] = (
+            threading.Lock() if resolved.get_backend_name() == "sqlite" else nullcontext()
+        )
+        self._engines = {
+            kind: self._engine.execution_options(**{TRANSACTION_OPTION: kind}) for kind in _TRANSACTION_KINDS
+        }
+        try:
+            ensure_schema(self._engines["write"])
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def __repr__(self) -> str:
+        return f"EnrichmentStore({self.url_display!r})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+    # Runs
+
+    def start_run(self, run_id: str, params: Mapping[str, object], flow_run_id: str | None = None) -> None:
+        """Register (or restart) a run as running in this process on this host."""
+        now = utc_now()
+        values = {
+            "run_id": run_id,
+            "flow_run_id": flow_run_id,
+            "host": self._host,
+            "pid": os.getpid(),
+            "status": RUN_RUNNING,
+            "params": dump_json(dict(params)),
+            "counts": None,
+            "started_at": now,
+            "heartbeat_at": now,
+            "finished_at": None,
+        }
+
+        def work(conn: Connection) -> None:
+            stmt = insert_for(conn, runs).values(values)
+            refreshed = {name: stmt.excluded[name] for name in values if name != "run_id"}
+            conn.execute(stmt.on_conflict_do_update(index_elements=[runs.c.run_id], set_=refreshed))
+
+        self._transact(work)
+
+    def heartbeat(self, run_id: str) -> None:
+        """Renew the run's lease on its claims."""
+        self._transact(lambda conn: self._touch_run(conn, run_id, utc_now()))
+
+    def finish_run(self, run_id: str, status: str, counts: Mapping[str, object]) -> None:
+        """Record how the run ended; any status but 'running' frees its claims for other runs."""
+        now = utc_now()
+
+        def work(conn: Connection) -> None:
+            done = conn.execute(
+                update(runs)
+                .where(runs.c.run_id == run_id)
+                .values(status=status, counts=dump_json(dict(counts)), finished_at=now, heartbeat_at=now)
+            )
+            if done.rowcount == 0:
+                raise ValueError(f"run {run_id!r} was never started in this store")
+
+        self._transact(work)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run's record, if the store has it."""
+
+        def work(conn: Connection) -> RunRecord | None:
+            row = conn.execute(select(runs).where(runs.c.run_id == run_id)).one_or_none()
+            return None if row is None else run_record(row)
+
+        return self._transact(work, "read")
+
+    # Claims
+
+    def peek(self, keys: Sequence[str], enrichment_type: str, fresh_after: datetime | None) -> ClaimOutcome:
+        """How `claim` would split the keys for a new run, without claiming anything."""
+        require_aware(fresh_after, "fresh_after")
+        wanted = unique(keys)
+        judge = Judge(None, fresh_after, utc_now(), self._lease, self._host)
+
+        def work(conn: Connection) -> ClaimOutcome:
+            split = ClaimSplit()
+            rows = contact_rows(conn, wanted, enrichment_type, lock=False)
+            split.claimed.update(judge_rows(conn, rows, judge, split))
+            split.claimed.update(key for key in wanted if key not in rows)
+            return split.outcome(wanted)
+
+        return self._transact(work, "read")
+
+    def claim(
+        self, run_id: str, keys: Sequence[str], enrichment_type: str, fresh_after: datetime | None
+    ) -> ClaimOutcome:
+        """Take the keys this run may submit, in one transaction; fresh_after None refreshes everything."""
+        require_aware(fresh_after, "fresh_after")
+        wanted = unique(keys)
+        now = utc_now()
+        judge = Judge(run_id, fresh_after, now, self._lease, self._host)
+
+        def work(conn: Connection) -> ClaimOutcome:
+            self._touch_run(conn, run_id, now)
+            split = ClaimSplit()
+            pending = sorted(wanted)
+            for _ in range(MAX_CLAIM_PASSES):
+                inserted = insert_claims(conn, run_id, pending, enrichment_type, now)
+                existing = [key for key in pending if key not in inserted]
+                rows = contact_rows(conn, existing, enrichment_type, lock=True)
+                takeable = judge_rows(conn, rows, judge, split)
+                take_over(conn, run_id, takeable, enrichment_type, now)
+                split.claimed.update(inserted)
+                split.claimed.update(takeable)
+                pending = [key for key in existing if key not in rows]
+                if not pending:
+                    return split.outcome(wanted)
+            raise RuntimeError(f"{len(pending)} contact rows kept vanishing while being claimed; try again")
+
+        return self._transact(work)
+
+    def release(self, run_id: str, keys: Sequence[str], enrichment_type: str) -> None:
+        """Give back claims this run will not submit; accepted contacts are never released."""
+        wanted = unique(keys)
+        self._transact(lambda conn: release_claims(conn, run_id, wanted, enrichment_type))
+
+    # Ledger
+
+    def record_accepted(
+        self,
+        run_id: str,
+        *,
+        workflow_id: str,
+        chunk_key: str,
+        enrichment_type: str,
+        keys: Sequence[str],
+        task_ids: Sequence[str],
+        worst_case_credits: float,
+        submitted_at: datetime | None = None,
+    ) -> None:
+        """Write an accepted submission to the ledger and put its contacts in flight (idempotent)."""
+        if len(keys) != len(task_ids):
+            raise ValueError(f"workflow {workflow_id}: {len(keys)} contact keys but {len(task_ids)} task ids")
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"workflow {workflow_id}: the same contact key appears twice")
+        require_aware(submitted_at, "submitted_at")
+        at = submitted_at or utc_now()
+
+        def work(conn: Connection) -> None:
+            # The run row first, as claim() does: one lock order keeps the two from deadlocking. No error
+            # for a run the store never saw: that is no reason to lose the record of spent money.
+            conn.execute(update(runs).where(runs.c.run_id == run_id).values(heartbeat_at=utc_now()))
+            write_accepted(
+                conn,
+                run_id=run_id,
+                workflow_id=workflow_id,
+                chunk_key=chunk_key,
+                enrichment_type=enrichment_type,
+                keys=keys,
+                task_ids=task_ids,
+                worst_case_credits=worst_case_credits,
+                at=at,
+            )
+
+        self._transact(work, "durable")
+
+    def record_results(
+        self,
+        workflow_id: str,
+        results: Sequence[ContactResult],
+        *,
+        state: str,
+        credits_charged: float | None,
+        completed_at: datetime | None = None,
+    ) -> None:
+        """Store a workflow's results (all or some so far) and its state; closing frees what it left."""
+        check_state(state)
+        require_aware(completed_at, "completed_at")
+        at = completed_at or utc_now()
+
+        def work(conn: Connection) -> None:
+            enrichment_type = set_state(conn, workflow_id, state, at, credits_charged)
+            write_results(conn, workflow_id, enrichment_type, results, at)
+            close_if_closed(conn, workflow_id, state)
+
+        self._transact(work)
+
+    def mark_workflow(self, workflow_id: str, state: str) -> None:
+        """Set a workflow's state: closing (not_found, failed…) frees unresulted contacts, timed_out not."""
+        check_state(state)
+        now = utc_now()
+
+        def work(conn: Connection) -> None:
+            set_state(conn, workflow_id, state, now)
+            close_if_closed(conn, workflow_id, state)
+
+        self._transact(work)
+
+    def open_workflows(self, enrichment_type: str | None = None) -> list[WorkflowRecord]:
+        """Workflows of any run still owing results (accepted or timed_out), oldest first: poll these."""
+        rows = self._transact(lambda conn: open_workflow_rows(conn, enrichment_type), "read")
+        return [workflow_record(row) for row in rows]
+
+    def workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        """One ledger entry, if present."""
+
+        def work(conn: Connection) -> WorkflowRecord | None:
+            row = conn.execute(select(workflows).where(workflows.c.workflow_id == workflow_id)).one_or_none()
+            return None if row is None else workflow_record(row)
+
+        return self._transact(work, "read")
+
+    def run_credits(self, run_id: str) -> tuple[float, float]:
+        """(worst case reserved by the run's workflows with no known charge yet, credits charged so far)."""
+        return self._transact(lambda conn: credits_of_run(conn, run_id), "read")
+
+    # Results
+
+    def results(self, keys: Sequence[str], enrichment_type: str) -> dict[str, StoredResult]:
+        """Stored results of these keys, including old ones of contacts being refreshed."""
+        wanted = unique(keys)
+
+        def work(conn: Connection) -> dict[str, StoredResult]:
+            found: dict[str, StoredResult] = {}
+            for part in batches(wanted):
+                stmt = select(contacts).where(
+                    contacts.c.enrichment_type == enrichment_type,
+                    contacts.c.contact_key.in_(part),
+                    contacts.c.enriched_at.is_not(None),
+                )
+                for row in conn.execute(stmt):
+                    found[row.contact_key] = stored_result(row)
+            return {key: found[key] for key in wanted if key in found}
+
+        return self._transact(work, "read")
+
+    # Plumbing
+
+    def _touch_run(self, conn: Connection, run_id: str, now: datetime) -> None:
+        touched = conn.execute(update(runs).where(runs.c.run_id == run_id).values(heartbeat_at=now))
+        if touched.rowcount == 0:
+            raise ValueError(f"run {run_id!r} was never started in this store; call start_run first")
+
+    def _transact(self, work: Callable[[Connection], T], kind: TransactionKind = "write") -> T:
+        engine = self._engines[kind]
+        turn = nullcontext() if kind == "read" else self._write_turn
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                with turn, engine.begin() as conn:
+                    return work(conn)
+            except DBAPIError as exc:
+                if (
+                    attempt == _MAX_ATTEMPTS
+                    or getattr(exc.orig, "sqlstate", None) not in _RETRYABLE_SQLSTATES
+                ):
+                    raise
+            time.sleep(random.uniform(0.0, 0.05 * 2**attempt))
+        raise AssertionError("unreachable")

@@ -1,0 +1,124 @@
+"""The store's tables (SQLAlchemy Core) and the schema version this code reads and writes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+SCHEMA_VERSION: Final = 1
+SCHEMA_COMPONENT: Final = "enrichment_store"
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out, on backends with and without time zones."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        # SQLite has no time type: keep UTC as fixed-width ISO text, which sorts in time order and
+        # skips a second conversion layer on the million-row paths.
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(26))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given to the store; pass an aware one")
+        utc = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return utc.replace(tzinfo=None).isoformat(" ", "microseconds")
+        return utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+        parsed: datetime = value
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+metadata = MetaData()
+
+schema_info = Table(
+    "cleanlist_schema_info",
+    metadata,
+    Column("component", String, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+runs = Table(
+    "cleanlist_runs",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("flow_run_id", String),
+    Column("host", String, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("status", String, nullable=False),
+    Column("params", Text, nullable=False),
+    Column("counts", Text),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("heartbeat_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime),
+)
+
+contacts = Table(
+    "cleanlist_contacts",
+    metadata,
+    Column("contact_key", String, primary_key=True),
+    Column("enrichment_type", String, primary_key=True),
+    Column("state", String, nullable=False),
+    Column("run_id", String),
+    # The submission in flight: set only while state is 'accepted'.
+    Column("workflow_id", String),
+    Column("task_id", String),
+    Column("claimed_at", UtcDateTime),
+    Column("accepted_at", UtcDateTime),
+    # The stored result, kept while a refresh is claimed or in flight.
+    Column("result_workflow_id", String),
+    Column("result_task_id", String),
+    Column("result_status", String),
+    Column("primary_email", String),
+    Column("primary_email_status", String),
+    Column("other_emails", Text),
+    Column("phones", Text),
+    Column("raw", Text),
+    Column("enriched_at", UtcDateTime),
+    Index("cleanlist_contacts_workflow_idx", "workflow_id"),
+)
+
+workflows = Table(
+    "cleanlist_workflows",
+    metadata,
+    Column("workflow_id", String, primary_key=True),
+    Column("run_id", String, nullable=False),
+    Column("chunk_key", String, nullable=False),
+    Column("enrichment_type", String, nullable=False),
+    Column("state", String, nullable=False),
+    Column("contact_count", Integer, nullable=False),
+    Column("contact_keys", Text, nullable=False),
+    Column("task_ids", Text, nullable=False),
+    Column("worst_case_credits", Float, nullable=False),
+    Column("credits_charged", Float),
+    Column("submitted_at", UtcDateTime, nullable=False),
+    Column("completed_at", UtcDateTime),
+    Index("cleanlist_workflows_state_idx", "state"),
+    Index("cleanlist_workflows_run_idx", "run_id"),
+)
