@@ -66,6 +66,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pause-timeout-seconds", type=int, default=7 * 24 * 3600)
     parser.add_argument("--max-concurrent-chunks", type=int, default=8)
+    parser.add_argument(
+        "--initial-poll-seconds",
+        type=float,
+        default=5.0,
+        help="a first guess at how long a workflow takes; the poller learns the real figure",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
 
 
@@ -86,6 +92,7 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "credit_recheck_seconds": args.credit_recheck_seconds,
         "pause_timeout_seconds": args.pause_timeout_seconds,
         "max_concurrent_chunks": args.max_concurrent_chunks,
+        "initial_poll_seconds": args.initial_poll_seconds,
     }
 
 
@@ -230,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

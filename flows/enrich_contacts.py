@@ -91,8 +91,12 @@ def _submit_all(
     running: dict[PrefectFuture[ChunkOutcome], int] = {}
     total = max(len(chunks), 1)
     pauses = 0
-    last_progress = 0.0
+    last_progress = last_heartbeat = time.monotonic()
     while True:
+        if time.monotonic() - last_heartbeat > 30:
+            # Claims of a run whose heartbeat is older than the store's lease may be taken over.
+            engine.store.heartbeat(engine.run_id)
+            last_heartbeat = time.monotonic()
         while pending and len(running) < max_concurrent and engine.gate.open:
             chunk_no = pending[0]
             if not engine.reserve(chunk_no, len(engine.workspace.chunk_keys(chunk_no))):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from uuid import UUID
@@ -21,7 +22,10 @@ class CreditWatcher:
         self.needed = needed
         self.every = every
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cleanlist-credit-watcher", daemon=True)
+        context = contextvars.copy_context()  # keeps the flow run's logger context in the thread
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name="cleanlist-credit-watcher", daemon=True
+        )
         self.resumed_by_watcher = False
         self.last_balance: float | None = None
 

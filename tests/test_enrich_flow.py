@@ -69,7 +69,7 @@ def test_repeat_run_sends_no_bulk_request_and_writes_everything_from_the_store(
     sandbox = make_sandbox(rate_limit=None)
     api_env(sandbox)
     source = messy_export(tmp_path / "crm.csv", unique=300, duplicates=20, invalid=3)
-    first_state, first = run_flow(source=str(source), output=str(tmp_path / "a.csv"), store=store_url)
+    first_state, _ = run_flow(source=str(source), output=str(tmp_path / "a.csv"), store=store_url)
     assert first_state.is_completed()
     bulk_before = len(bulk_requests(sandbox.requests_log()))
 
@@ -148,7 +148,7 @@ def test_revoked_key_stops_all_submissions_and_a_rerun_resumes_without_paying_tw
     api_env(sandbox)
     source = messy_export(tmp_path / "crm.csv", unique=3000)  # 12 chunks
     started = time.monotonic()
-    state, summary = run_flow(
+    state, _summary = run_flow(
         source=str(source), output=str(tmp_path / "out.csv"), store=store_url, max_concurrent_chunks=4
     )
 
@@ -181,7 +181,7 @@ def test_plan_without_api_access_fails_fast(tmp_path: Path, make_sandbox, monkey
     monkeypatch.setenv("CLEANLIST_API_KEY", key)
     monkeypatch.setenv("CLEANLIST_BASE_URL", sandbox.base_url)
     source = messy_export(tmp_path / "crm.csv", unique=2000)
-    state, summary = run_flow(
+    state, _summary = run_flow(
         source=str(source), output=str(tmp_path / "out.csv"), store=f"sqlite:///{tmp_path / 's.db'}"
     )
 
@@ -225,7 +225,7 @@ def test_server_side_422_quarantines_exactly_the_named_rows(tmp_path: Path, make
     )
     api_env(sandbox)
     source = messy_export(tmp_path / "crm.csv", unique=600)
-    state, summary = run_flow(
+    state, _summary = run_flow(
         source=str(source), output=str(tmp_path / "out.csv"), store=f"sqlite:///{tmp_path / 's.db'}"
     )
 
@@ -354,7 +354,7 @@ def test_database_sink_upserts_so_reruns_are_idempotent(
     source = messy_export(tmp_path / "crm.csv", unique=400, duplicates=25, invalid=6)
     sink = store_url  # the same kind of database as the store, a different table
     for refresh_days in (30, 0):  # second run: forced re-enrichment, same table
-        state, summary = run_flow(
+        state, _summary = run_flow(
             source=str(source), output=sink, table="enriched", store=store_url, refresh_days=refresh_days
         )
         assert state.is_completed(), state.message

@@ -89,5 +89,9 @@ def test_kill_9_after_4_of_12_chunks_then_rerun_is_whole_and_pays_once(
     assert sorted(out["Record ID"].tolist() + rejects["Record ID"].tolist()) == sorted(
         read_csv(source)["Record ID"].tolist()
     )
-    assert set(out["cleanlist_status"]) <= {"enriched", "not_found", "cached"}  # cached: fetched before the kill
+    assert set(out["cleanlist_status"]) <= {
+        "enriched",
+        "not_found",
+        "cached",
+    }  # cached: fetched before the kill
     assert summary["resumed_in_flight"] + summary["fresh_in_store"] >= accepted_at_kill - 250
