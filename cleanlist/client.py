@@ -61,6 +61,17 @@ def redact(text: str, secret: SecretStr | None) -> str:
     return text.replace(value, "[redacted]") if value else text
 
 
+def redact_json(value: Any, secret: SecretStr | None) -> Any:
+    """`redact` every string (keys included) inside a decoded JSON value, however deep."""
+    if isinstance(value, str):
+        return redact(value, secret)
+    if isinstance(value, list):
+        return [redact_json(item, secret) for item in value]
+    if isinstance(value, dict):
+        return {redact(str(k), secret): redact_json(v, secret) for k, v in value.items()}
+    return value
+
+
 class _ClientCore:
     """What the sync and async clients share: settings, headers, limiter, parsing, error mapping."""
 
@@ -113,11 +124,10 @@ class _ClientCore:
     def _error_from(self, endpoint: str, response: httpx.Response) -> APIError:
         method, path = ENDPOINTS[endpoint]
         try:
-            body: Any = response.json()
+            body: Any = redact_json(response.json(), self._api_key)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            body = {"detail": redact(response.text[:300], self._api_key)}
-        if isinstance(body, dict) and isinstance(body.get("detail"), str):
-            body = {**body, "detail": redact(body["detail"], self._api_key)}
+            # Redact before cutting: a cut through the key would leave its head unrecognized.
+            body = {"detail": redact(response.text, self._api_key)[:300]}
         error = make_status_error(
             status_code=response.status_code,
             method=method,
@@ -136,7 +146,8 @@ class _ClientCore:
         return kind(f"Cleanlist API {method} {path} failed: {type(exc).__name__}: {reason}")
 
     def _parse(self, endpoint: str, response: httpx.Response) -> Any:
-        if response.status_code >= 400:
+        # Any non-2xx, 3xx included: httpx follows no redirects, and a redirect's body is no answer.
+        if not response.is_success:
             raise self._error_from(endpoint, response)
         try:
             return response.json()
@@ -205,15 +216,21 @@ class CleanlistClient(_ClientCore):
         self._http.close()
 
     def _request(self, endpoint: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
-        if endpoint not in _UNLIMITED:
-            self.limiter.endpoint(endpoint).acquire()
+        limiter = None if endpoint in _UNLIMITED else self.limiter.endpoint(endpoint)
+        if limiter is not None:
+            limiter.acquire()
         method = ENDPOINTS[endpoint][0]
+        status: int | None = None
         try:
             response = self._http.request(
                 method, self._url(endpoint), params=params, json=body, headers=self._headers
             )
+            status = response.status_code
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
+        finally:
+            if limiter is not None:
+                limiter.release(rate_limited=status == 429, answered=status is not None)
         self._log(endpoint, response)
         return self._parse(endpoint, response)
 
@@ -268,15 +285,21 @@ class AsyncCleanlistClient(_ClientCore):
         await self._http.aclose()
 
     async def _request(self, endpoint: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
-        if endpoint not in _UNLIMITED:
-            await self.limiter.endpoint(endpoint).acquire_async()
+        limiter = None if endpoint in _UNLIMITED else self.limiter.endpoint(endpoint)
+        if limiter is not None:
+            await limiter.acquire_async()
         method = ENDPOINTS[endpoint][0]
+        status: int | None = None
         try:
             response = await self._http.request(
                 method, self._url(endpoint), params=params, json=body, headers=self._headers
             )
+            status = response.status_code
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
+        finally:
+            if limiter is not None:
+                limiter.release(rate_limited=status == 429, answered=status is not None)
         self._log(endpoint, response)
         return self._parse(endpoint, response)
 
