@@ -404,3 +404,22 @@ def test_the_api_key_never_appears_in_logs_artifacts_or_output(
     for text in texts:
         assert key not in text and key[6:30] not in text
     assert (tmp_path / "out.csv").read_text().count(key) == 0
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_output_to_an_fsspec_url_in_each_format(tmp_path: Path, make_sandbox, api_env, fmt: str) -> None:
+    import fsspec
+
+    api_env(make_sandbox(rate_limit=None))
+    source = messy_export(tmp_path / "crm.csv", unique=120, invalid=3)
+    target = f"memory://cleanlist-{fmt}/enriched.{fmt}"
+    state, summary = run_flow(source=str(source), output=target, store=f"sqlite:///{tmp_path / 's.db'}")
+
+    assert state.is_completed(), state.message
+    with fsspec.open(target, "rb") as fh:
+        out = pd.read_parquet(fh) if fmt == "parquet" else pd.read_json(fh, lines=True, dtype=False)
+    with fsspec.open(f"memory://cleanlist-{fmt}/enriched.rejects.csv", "rb") as fh:
+        rejects = pd.read_csv(fh, dtype=str)
+    assert len(out) == 120 and len(rejects) == 3
+    assert summary["output"] == target
+    assert {"cleanlist_status", "cleanlist_email", "cleanlist_task_id"} <= set(out.columns)
