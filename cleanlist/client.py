@@ -10,17 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from cleanlist.constants import API_PREFIX, POOL_TIMEOUT, WRITE_TIMEOUT
 from cleanlist.errors import (
     APIConnectionError,
     APIError,
+    APIResponseValidationError,
     APITimeoutError,
     MissingAPIKeyError,
     RateLimitError,
@@ -41,6 +42,7 @@ from cleanlist.ratelimit import RateLimiter, shared_limiter
 from cleanlist.settings import CleanlistSettings, RateLimit
 
 logger = logging.getLogger("cleanlist.client")
+_Model = TypeVar("_Model")
 
 ENDPOINTS: dict[str, tuple[str, str]] = {
     "validate-key": ("GET", "/auth/validate-key"),
@@ -186,6 +188,19 @@ class _ClientCore:
         return params
 
     @staticmethod
+    def _model(endpoint: str, parse: Callable[[Any], _Model], payload: Any) -> _Model:
+        """Parse a 2xx body; one that does not fit is an APIError whose text never quotes the body."""
+        try:
+            return parse(payload)
+        except ValidationError as exc:
+            method, path = ENDPOINTS[endpoint]
+            fields = sorted({".".join(str(part) for part in error["loc"]) for error in exc.errors()})
+            raise APIResponseValidationError(
+                f"Cleanlist API {method} {path} answered with a body that does not fit: "
+                f"{', '.join(fields)[:200] or 'the body'}"
+            ) from None
+
+    @staticmethod
     def _status_model(payload: Any) -> WorkflowStatus | TaskResult:
         if isinstance(payload, dict) and "task_id" in payload and "results" not in payload:
             return TaskResult.model_validate(payload)
@@ -235,10 +250,10 @@ class CleanlistClient(_ClientCore):
         return self._parse(endpoint, response)
 
     def validate_key(self) -> KeyValidation:
-        return KeyValidation.model_validate(self._request("validate-key"))
+        return self._model("validate-key", KeyValidation.model_validate, self._request("validate-key"))
 
     def credits_balance(self) -> CreditsBalance:
-        return CreditsBalance.model_validate(self._request("credits-balance"))
+        return self._model("credits-balance", CreditsBalance.model_validate, self._request("credits-balance"))
 
     def enrich_bulk(
         self,
@@ -247,18 +262,18 @@ class CleanlistClient(_ClientCore):
         webhook_url: str | None = None,
     ) -> BulkEnrichResponse:
         body = self._bulk_body(contacts, enrichment_type, webhook_url)
-        return BulkEnrichResponse.model_validate(self._request("enrich-bulk", body=body))
+        payload = self._request("enrich-bulk", body=body)
+        return self._model("enrich-bulk", BulkEnrichResponse.model_validate, payload)
 
     def enrich_status(
         self, *, workflow_id: str | None = None, task_id: str | None = None
     ) -> WorkflowStatus | TaskResult:
         payload = self._request("enrich-status", params=self._status_params(workflow_id, task_id))
-        return self._status_model(payload)
+        return self._model("enrich-status", self._status_model, payload)
 
     def webhook_deliveries(self, workflow_id: str) -> WebhookDeliveries:
-        return WebhookDeliveries.parse(
-            self._request("webhook-deliveries", params={"workflow_id": workflow_id})
-        )
+        payload = self._request("webhook-deliveries", params={"workflow_id": workflow_id})
+        return self._model("webhook-deliveries", WebhookDeliveries.parse, payload)
 
 
 class AsyncCleanlistClient(_ClientCore):
@@ -304,10 +319,12 @@ class AsyncCleanlistClient(_ClientCore):
         return self._parse(endpoint, response)
 
     async def validate_key(self) -> KeyValidation:
-        return KeyValidation.model_validate(await self._request("validate-key"))
+        payload = await self._request("validate-key")
+        return self._model("validate-key", KeyValidation.model_validate, payload)
 
     async def credits_balance(self) -> CreditsBalance:
-        return CreditsBalance.model_validate(await self._request("credits-balance"))
+        payload = await self._request("credits-balance")
+        return self._model("credits-balance", CreditsBalance.model_validate, payload)
 
     async def enrich_bulk(
         self,
@@ -316,14 +333,15 @@ class AsyncCleanlistClient(_ClientCore):
         webhook_url: str | None = None,
     ) -> BulkEnrichResponse:
         body = self._bulk_body(contacts, enrichment_type, webhook_url)
-        return BulkEnrichResponse.model_validate(await self._request("enrich-bulk", body=body))
+        payload = await self._request("enrich-bulk", body=body)
+        return self._model("enrich-bulk", BulkEnrichResponse.model_validate, payload)
 
     async def enrich_status(
         self, *, workflow_id: str | None = None, task_id: str | None = None
     ) -> WorkflowStatus | TaskResult:
         payload = await self._request("enrich-status", params=self._status_params(workflow_id, task_id))
-        return self._status_model(payload)
+        return self._model("enrich-status", self._status_model, payload)
 
     async def webhook_deliveries(self, workflow_id: str) -> WebhookDeliveries:
         payload = await self._request("webhook-deliveries", params={"workflow_id": workflow_id})
-        return WebhookDeliveries.parse(payload)
+        return self._model("webhook-deliveries", WebhookDeliveries.parse, payload)

@@ -24,3 +24,21 @@ MAX_RETRY_DELAY = 60.0
 # arrivals. 2 % of the window (capped at 1 s) absorbs that at a 2 % throughput cost.
 RATE_WINDOW_MARGIN_FRACTION = 0.02
 RATE_WINDOW_MARGIN_CAP = 1.0
+
+# The status poller (cleanlist/poller.py). Its estimate of when a workflow is done settles where
+# POLL_SHRINK / (POLL_SHRINK + POLL_GROW) ≈ 5 % of first polls come too early (about 1.05 status calls
+# per workflow). The first probe goes out at POLL_FIRST_PROBE_FRACTION of the initial guess; until both
+# a "done" and a "not yet" have been seen, each answer halves or doubles the estimate (POLL_SEARCH_FACTOR).
+POLL_SHRINK = 0.03
+POLL_GROW = 0.57
+POLL_FIRST_PROBE_FRACTION = 0.25
+POLL_SEARCH_FACTOR = 2.0
+# A "done" from a first poll made this much later than the estimate (the status budget was busy) says
+# nothing about the estimate and is not learned from.
+POLL_LATE_TOLERANCE = 0.25
+# A workflow still running at its poll is polled again at this much more elapsed time (capped by the
+# poller's max_interval between polls).
+POLL_RETRY_GROWTH = 0.25
+# The status budget counts as busy when this share of it was spent within the last window; the
+# estimate is then never lowered (an early poll would take a call that a finished workflow needs).
+POLL_BUSY_USAGE = 0.75

@@ -6,6 +6,7 @@
     └── APIError                      anything that went wrong talking to the API
         ├── APIConnectionError        connection refused/reset, DNS          → retry
         │   └── APITimeoutError       connect/read/write timeout             → retry
+        ├── APIResponseValidationError  a 2xx whose body does not fit the model → fail
         └── APIStatusError            a non-2xx answer (status_code, detail)
             ├── BadRequestError         400  a bug on our side               → fail
             ├── AuthenticationError     401  key missing/expired/revoked     → fail fast
@@ -66,6 +67,10 @@ class InvalidContact:
 
     index: int
     message: str
+
+
+class APIResponseValidationError(APIError):
+    """The API answered 2xx with a body this client cannot read (a contract change or a bug)."""
 
 
 class APIStatusError(APIError):
@@ -177,6 +182,10 @@ POLICY: dict[type[APIError], ErrorPolicy] = {
     RateLimitError: ErrorPolicy(Action.RETRY_AFTER, "rate limited: waiting for Retry-After"),
     ServerError: ErrorPolicy(Action.RETRY, "transient server error: retrying with backoff"),
     APIConnectionError: ErrorPolicy(Action.RETRY, "network problem: retrying with backoff"),
+    # Not retried: for a bulk POST the batch may have been accepted (and charged) already.
+    APIResponseValidationError: ErrorPolicy(
+        Action.FAIL, "the API answered in a shape this client does not know: please report it"
+    ),
     APIStatusError: ErrorPolicy(Action.FAIL, "unexpected answer from the API"),
 }
 

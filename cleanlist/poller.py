@@ -1,19 +1,21 @@
 """One poller for every workflow in flight, spending about one status call per workflow.
 
-Each workflow is polled when it is likely done: at its submit time plus an estimate of the 95th
-percentile of workflow durations. Polls only tell "done by now" or "not yet", so the estimate is tracked
-by stochastic approximation on those answers: it shrinks by a small factor on every "done" and grows by a
-19-times larger one on every "not yet", which settles where about 5 % of first polls come too early.
-A workflow that is not done is polled again after a quarter of the estimate.
-Polls go through the client, so they spend the status endpoint's own rate budget, and a
-429 holds the endpoint for everybody. Results are handed to a callback; the poller keeps no results.
+A workflow is polled when it is likely done: at its submit time plus an estimate of the 95th percentile
+of workflow durations. Polls only say "done by now" or "not yet", so the estimate is learned from the
+first poll of each workflow (`CompletionEstimate`): a search while only one kind of answer has been seen,
+then stochastic approximation around the 95th percentile. Due times are computed from the *current*
+estimate whenever the poller picks the next workflow, so a corrected estimate applies at once to every
+workflow in flight, not only to those submitted afterwards.
+
+Polls go through the client, so they spend the status endpoint's own rate budget, and a 429 holds the
+endpoint for everybody. Results are handed to callbacks on a separate thread, so slow result handling
+(store writes) never delays the next poll; the poller keeps no results.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -21,17 +23,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cleanlist.client import CleanlistClient
+from cleanlist.constants import (
+    POLL_BUSY_USAGE,
+    POLL_FIRST_PROBE_FRACTION,
+    POLL_GROW,
+    POLL_LATE_TOLERANCE,
+    POLL_RETRY_GROWTH,
+    POLL_SEARCH_FACTOR,
+    POLL_SHRINK,
+)
 from cleanlist.errors import Action, APIError, NotFoundError, policy_for
 from cleanlist.models import WorkflowStatus
 
 logger = logging.getLogger("cleanlist.poller")
 
-# Equilibrium share of early first polls is SHRINK / (SHRINK + GROW) ≈ 5 %.
-SHRINK = 0.03
-GROW = 0.57
 
-
-@dataclass
+@dataclass(eq=False)
 class TrackedWorkflow:
     """A workflow the API accepted and whose results are still to be fetched."""
 
@@ -40,6 +47,11 @@ class TrackedWorkflow:
     contacts: int
     polls: int = 0
     tag: object = None  # whatever the caller wants back with the result (e.g. a chunk number)
+    # Poller bookkeeping.
+    answered: bool = field(default=False, repr=False)  # a status answer (done or not) has come back
+    urgent: bool = field(default=False, repr=False)  # poll as soon as the budget allows (resumed)
+    running_at: float = field(default=0.0, repr=False)  # elapsed seconds of the last "not yet"
+    not_before: float = field(default=0.0, repr=False)  # monotonic time before which not to poll
 
 
 @dataclass
@@ -49,12 +61,75 @@ class PollerStats:
     not_found: int = 0
     timed_out: int = 0
     errors: int = 0
+    early_first_polls: int = 0  # first polls answered "not yet"
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=50))
 
     @property
     def calls_per_workflow(self) -> float:
         done = self.completed + self.not_found + self.timed_out
         return self.status_calls / done if done else 0.0
+
+
+class CompletionEstimate:
+    """When a workflow is likely done (seconds after submit), learned from status answers.
+
+    A poll is a probe at its elapsed time `e`: "done" says that workflow took at most `e`, "not yet"
+    that it takes longer. Until both answers have been seen the estimate is *searched*: every answer
+    counts, a "not yet" doubles the probe level and a "done" halves it, so a bad first guess costs a few
+    polls early in the run, not the whole run; the search ends at the lowest level seen "done" (or twice
+    the highest seen "not yet", if higher). Then the estimate is *tracked* from first polls only, by
+    stochastic approximation: a "done" shrinks it by SHRINK, a "not yet" lifts it to `e × (1 + GROW)`,
+    which settles where about SHRINK / (SHRINK + GROW) of first polls come too early. Lifts are taken
+    relative to the probe, not compounded, so a burst of workflows submitted and polled together moves
+    the estimate once, not once per workflow. It is never lowered by a poll that came late (the status
+    budget was busy, so the answer says nothing about the estimate) nor while the status budget is
+    nearly spent (then every early poll takes a call that a finished workflow needs).
+    """
+
+    def __init__(self, initial: float, *, floor: float, ceiling: float) -> None:
+        self.floor = floor
+        self.ceiling = ceiling
+        # Too high an estimate leaves the status budget idle (throughput lost for good); too low costs
+        # a few "not yet" calls while the search climbs. So the first probe goes out early.
+        self.value = self._clamp(initial * POLL_FIRST_PROBE_FRACTION)
+        self.lowest_done = float("inf")
+        self.highest_running = 0.0
+
+    def __repr__(self) -> str:
+        return f"CompletionEstimate({self.value:.3f}s, calibrated={self.calibrated})"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.lowest_done < float("inf") and self.highest_running > 0.0
+
+    def _clamp(self, value: float) -> float:
+        return min(max(value, self.floor), self.ceiling)
+
+    def observe(self, elapsed: float, done: bool, *, first: bool = True, budget_busy: bool = False) -> None:
+        """Learn from a status answer received `elapsed` seconds after the workflow's submit.
+
+        `first` says it answered the workflow's first poll; `budget_busy` that the status endpoint's
+        budget is nearly spent.
+        """
+        if not self.calibrated:
+            if done:
+                self.lowest_done = min(self.lowest_done, elapsed)
+            else:
+                self.highest_running = max(self.highest_running, elapsed)
+            if self.calibrated:
+                self.value = max(self.lowest_done, self.highest_running * POLL_SEARCH_FACTOR)
+            elif not done:
+                self.value = max(self.value, self.highest_running * POLL_SEARCH_FACTOR)
+            elif not budget_busy:
+                self.value = min(self.value, self.lowest_done / POLL_SEARCH_FACTOR)
+        elif not first:
+            return
+        elif done:
+            if elapsed <= self.value * (1 + POLL_LATE_TOLERANCE) and not budget_busy:
+                self.value *= 1 - POLL_SHRINK
+        else:
+            self.value = max(self.value, elapsed * (1 + POLL_GROW))
+        self.value = self._clamp(self.value)
 
 
 OnResult = Callable[[TrackedWorkflow, WorkflowStatus], None]
@@ -81,41 +156,56 @@ class WorkflowPoller:
         self._on_result = on_result
         self._on_gone = on_gone
         self._on_fatal = on_fatal
-        self.estimate = initial_estimate
+        self._estimate = CompletionEstimate(initial_estimate, floor=min_interval, ceiling=max_interval)
         self.timeout = timeout
         self.min_interval = min_interval
         self.max_interval = max_interval
         self.stats = PollerStats()
-        self._heap: list[tuple[float, int, TrackedWorkflow]] = []
-        self._seq = itertools.count()
+        self._waiting: list[TrackedWorkflow] = []
         self._cv = threading.Condition()
         self._stopping = False
         self._fatal: APIError | None = None
-        self._busy = 0
+        self._busy = 0  # workflows being polled or whose callback has not finished yet
         self._thread: threading.Thread | None = None
+        self._deliveries: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._delivery_thread: threading.Thread | None = None
 
     # -- public ----------------------------------------------------------------------------------
+    @property
+    def estimate(self) -> float:
+        """Seconds after submit at which a workflow is first polled, as currently learned."""
+        return self._estimate.value
+
     def start(self) -> None:
+        self._delivery_thread = threading.Thread(
+            target=self._deliver_forever, name="cleanlist-poller-results", daemon=True
+        )
+        self._delivery_thread.start()
         self._thread = threading.Thread(target=self._run, name="cleanlist-poller", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling; results already fetched are still handed over before this returns."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._delivery_thread is not None and self._delivery_thread.is_alive():
+            self._deliveries.put(None)
+            self._delivery_thread.join(timeout=30)
 
     def track(self, workflow: TrackedWorkflow, *, poll_now: bool = False) -> None:
-        due = time.monotonic() if poll_now else workflow.submitted_at + self.estimate
+        workflow.urgent = poll_now
+        workflow.not_before = time.monotonic() if poll_now else 0.0
         with self._cv:
-            heapq.heappush(self._heap, (due, next(self._seq), workflow))
+            self._waiting.append(workflow)
             self._cv.notify_all()
 
     @property
     def outstanding(self) -> int:
         with self._cv:
-            return len(self._heap) + self._busy
+            return len(self._waiting) + self._busy
 
     @property
     def fatal(self) -> APIError | None:
@@ -125,24 +215,37 @@ class WorkflowPoller:
         """Block until no workflow is outstanding (or the poller stopped); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while (self._heap or self._busy) and not self._stopping and self._fatal is None:
+            while (self._waiting or self._busy) and not self._stopping and self._fatal is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cv.wait(timeout=remaining if remaining is not None else 1.0)
         return True
 
-    # -- the loop --------------------------------------------------------------------------------
+    # -- scheduling ------------------------------------------------------------------------------
+    def _due(self, workflow: TrackedWorkflow) -> float:
+        if workflow.urgent:
+            return workflow.not_before
+        after = max(self._estimate.value, workflow.running_at * (1 + POLL_RETRY_GROWTH))
+        if workflow.answered:
+            # A workflow still running past the estimate is polled at growing intervals, capped.
+            after = min(after, workflow.running_at + self.max_interval)
+        return max(workflow.submitted_at + after, workflow.not_before)
+
     def _next_due(self) -> TrackedWorkflow | None:
         with self._cv:
             while not self._stopping:
                 if self._fatal is not None:
                     return None
-                if self._heap:
-                    due = self._heap[0][0]
+                if self._waiting:
+                    # In-flight workflows number about (submit rate × duration); a scan is cheap and
+                    # lets every due time follow the current estimate.
+                    index, due = min(
+                        ((i, self._due(w)) for i, w in enumerate(self._waiting)), key=lambda item: item[1]
+                    )
                     now = time.monotonic()
                     if due <= now:
-                        _, _, workflow = heapq.heappop(self._heap)
+                        workflow = self._waiting.pop(index)
                         self._busy += 1
                         return workflow
                     self._cv.wait(timeout=due - now)
@@ -150,27 +253,33 @@ class WorkflowPoller:
                     self._cv.wait(timeout=1.0)
             return None
 
-    def _done(self) -> None:
+    def _requeue(self, workflow: TrackedWorkflow, delay: float) -> None:
+        workflow.not_before = time.monotonic() + delay
+        with self._cv:
+            self._waiting.append(workflow)
+            self._busy -= 1
+            self._cv.notify_all()
+
+    def _finished(self) -> None:
         with self._cv:
             self._busy -= 1
             self._cv.notify_all()
 
+    # -- the loop --------------------------------------------------------------------------------
     def _run(self) -> None:
         while (workflow := self._next_due()) is not None:
             try:
                 self._poll(workflow)
-            except Exception:  # a callback bug must not kill the poller and strand every workflow
+            except Exception:  # a bug must not kill the poller and strand every workflow
                 logger.exception("polling workflow %s failed", workflow.workflow_id)
                 self.stats.errors += 1
-                self._reschedule(workflow, self.estimate)
-            finally:
-                self._done()
+                self._requeue(workflow, self.estimate)
 
     def _poll(self, workflow: TrackedWorkflow) -> None:
         now = time.monotonic()
         if now - workflow.submitted_at > self.timeout:
             self.stats.timed_out += 1
-            self._on_gone(workflow, "timed_out")
+            self._deliver(workflow, lambda: self._on_gone(workflow, "timed_out"))
             return
         workflow.polls += 1
         self.stats.status_calls += 1
@@ -178,7 +287,7 @@ class WorkflowPoller:
             status = self._client.enrich_status(workflow_id=workflow.workflow_id)
         except NotFoundError:
             self.stats.not_found += 1
-            self._on_gone(workflow, "not_found")
+            self._deliver(workflow, lambda: self._on_gone(workflow, "not_found"))
             return
         except APIError as exc:
             policy = policy_for(exc)
@@ -186,27 +295,59 @@ class WorkflowPoller:
                 self._fatal = exc
                 if self._on_fatal is not None:
                     self._on_fatal(exc)
-                with self._cv:
-                    self._cv.notify_all()
-                self._reschedule(workflow, 0.0)
+                self._requeue(workflow, 0.0)
                 return
             self.stats.errors += 1
             retry_after = getattr(exc, "retry_after", None)
-            self._reschedule(workflow, retry_after or min(self.estimate, self.max_interval))
+            self._requeue(workflow, retry_after or min(self.estimate, self.max_interval))
             return
         elapsed = time.monotonic() - workflow.submitted_at
-        if not isinstance(status, WorkflowStatus) or not status.is_terminal:
-            if workflow.polls == 1:
-                self.estimate = min(max(self.estimate * (1 + GROW), elapsed * 1.05), self.max_interval)
-            self._reschedule(workflow, max(self.estimate * 0.25, self.min_interval))
+        done = isinstance(status, WorkflowStatus) and status.is_terminal
+        if not workflow.urgent:
+            first = not workflow.answered
+            self._estimate.observe(elapsed, done, first=first, budget_busy=self._status_budget_busy())
+            if first and not done:
+                self.stats.early_first_polls += 1
+        workflow.answered = True
+        if not done:
+            workflow.urgent = False
+            workflow.running_at = elapsed
+            self._requeue(workflow, self.min_interval)
             return
-        if workflow.polls == 1:
-            self.estimate = max(self.estimate * (1 - SHRINK), self.min_interval)
+        assert isinstance(status, WorkflowStatus)
         self.stats.durations.append(elapsed)
         self.stats.completed += 1
-        self._on_result(workflow, status)
+        self._deliver(workflow, lambda: self._on_result(workflow, status))
 
-    def _reschedule(self, workflow: TrackedWorkflow, delay: float) -> None:
-        with self._cv:
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), workflow))
-            self._cv.notify_all()
+    def _status_budget_busy(self) -> bool:
+        """Whether the status budget is, or is about to be, all spent.
+
+        It is about to be when submissions run at the bulk endpoint's limit: every accepted workflow
+        needs at least one status call, and the status endpoint has the same limit as the bulk one.
+        """
+        limiter = getattr(self._client, "limiter", None)
+        if limiter is None:
+            return False
+        return any(
+            limiter.endpoint(name).usage() >= POLL_BUSY_USAGE for name in ("enrich-status", "enrich-bulk")
+        )
+
+    # -- callbacks -------------------------------------------------------------------------------
+    def _deliver(self, workflow: TrackedWorkflow, callback: Callable[[], None]) -> None:
+        """Run `callback` on the results thread; the workflow stays outstanding until it has run."""
+
+        def run() -> None:
+            try:
+                callback()
+            except Exception:  # a callback bug must not lose the workflow: poll it again later
+                logger.exception("handling the result of workflow %s failed", workflow.workflow_id)
+                self.stats.errors += 1
+                self._requeue(workflow, self.estimate)
+                return
+            self._finished()
+
+        self._deliveries.put(run)
+
+    def _deliver_forever(self) -> None:
+        while (job := self._deliveries.get()) is not None:
+            job()

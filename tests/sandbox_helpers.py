@@ -1,13 +1,15 @@
-"""Helpers for the sandbox tests: contact lists, an authenticated client, a scriptable webhook receiver."""
+"""Helpers for the sandbox and client tests: contact lists, an authenticated client, a scriptable webhook
+receiver, raw sockets that misbehave on the wire."""
 
 from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -96,3 +98,58 @@ class WebhookReceiver:
             self._server.shutdown()
             self._server.server_close()
             thread.join(timeout=5)
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that reads a request, then sends `reply` bytes (None: never answers).
+
+    For what neither the sandbox nor MockTransport can fake: a peer that accepts and goes silent (a read
+    timeout), or an HTTP answer cut short on the wire.
+    """
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.1)
+        self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._open: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._open.append(conn)
+            conn.settimeout(2.0)
+            with suppress(OSError):
+                conn.recv(65536)
+                if self.reply is not None:
+                    conn.sendall(self.reply)
+                    conn.shutdown(socket.SHUT_RDWR)
+                    conn.close()
+
+    def __enter__(self) -> RawServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in self._open:
+            conn.close()
+        self._sock.close()
+
+
+def refused_url() -> str:
+    """A loopback URL whose port nobody listens on (so connecting is refused at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -634,6 +634,60 @@ def test_key_is_revoked_after_n_accepted_batches(start_sandbox: StartSandbox) ->
     assert sandbox.state.is_revoked(sandbox.api_key)
 
 
+def test_restoring_a_key_disarms_its_revocation(start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(revoke_after_batches=1)
+    with api(sandbox) as client:
+        assert bulk(client, people(1, tag="a")).status_code == 200
+        assert bulk(client, people(1, tag="b")).status_code == 401
+        sandbox.restore_key()
+        assert [bulk(client, people(1, tag=f"c{i}")).status_code for i in range(3)] == [200, 200, 200]
+        sandbox.revoke_key()
+        assert client.get("/credits/balance").status_code == 401  # an explicit revoke still works
+        sandbox.restore_key(rearm=True)  # today's behaviour on request: count again from zero
+        assert [bulk(client, people(1, tag=f"d{i}")).status_code for i in range(2)] == [200, 401]
+    restore = httpx.post(
+        sandbox.base_url + "/_sandbox/keys/restore", json={"api_key": sandbox.api_key, "rearm": False}
+    )
+    assert restore.json() == {"api_key": sandbox.api_key, "revoked": False}
+    with api(sandbox) as client:
+        assert [bulk(client, people(1, tag=f"e{i}")).status_code for i in range(2)] == [200, 200]
+
+
+def test_contacts_with_a_refused_substring_get_the_field_rule_422(start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(refuse_contacts_containing=("co7.example", "Mallory"))
+    contacts: list[dict[str, Any]] = [
+        *people(2),
+        {"first_name": "Ann", "last_name": "Lee", "company_domain": "co7.example"},
+        {"first_name": "John"},  # breaks the field rule as well: still one item
+        {"linkedin_url": "https://www.linkedin.com/in/x", "note": "Mallory was here"},
+        {"first_name": "Ann", "last_name": "Lee", "company_domain": "co77.example"},
+        {"first_name": "Ann", "last_name": "Lee", "company_domain": "co7.examples", "x": 7},
+    ]
+    with api(sandbox) as client:
+        response = bulk(client, contacts)
+        assert response.status_code == 422
+        assert response.json() == {
+            "detail": [
+                {
+                    "type": "value_error",
+                    "loc": ["body", "contacts", index],
+                    "msg": FIELD_RULE,
+                    "input": contacts[index],
+                }
+                for index in (2, 3, 4, 6)
+            ]
+        }
+        assert bulk(client, [contacts[i] for i in (0, 1, 5)]).status_code == 200
+        sandbox.refuse_contacts_containing("Lee")
+        assert httpx.get(sandbox.base_url + "/_sandbox/refuse-contacts").json() == {"containing": ["Lee"]}
+        assert len(bulk(client, people(3, tag="z")).json()["detail"]) == 3
+        sandbox.refuse_contacts_containing()
+        assert bulk(client, people(3, tag="z")).status_code == 200
+    empty = httpx.post(sandbox.base_url + "/_sandbox/refuse-contacts", json={"containing": [""]})
+    assert empty.status_code == 422
+    assert sandbox.counters()["contacts_accepted"] == 6
+
+
 # --- counters, log, admin -----------------------------------------------------------------------------
 
 
@@ -718,6 +772,8 @@ def test_cli_options_build_the_config() -> None:
             "--find-rate", "0.5",
             "--no-api-access-key", NO_API_KEY,
             "--revoke-after-batches", "3",
+            "--refuse-contacts-containing", "co1.example",
+            "--refuse-contacts-containing", "Mallory",
             "--fault", "enrich-bulk=seq:503,503,500,429",
             "--fault", "enrich-bulk=rate:0.1:502",
             "--fault", "enrich-bulk=retry-after:4",
@@ -730,6 +786,7 @@ def test_cli_options_build_the_config() -> None:
     assert config.credits == 99.5
     assert config.no_api_access_keys == (NO_API_KEY,)
     assert config.revoke_after_batches == 3
+    assert config.refuse_contacts_containing == ("co1.example", "Mallory")
     assert config.faults["enrich-bulk"] == FaultSpec(
         rate=0.1, status=502, sequence=(503, 503, 500, 429), retry_after=4
     )
@@ -748,6 +805,7 @@ def test_cli_options_build_the_config() -> None:
         ["--fault", "bogus=seq:503"],
         ["--fault", "enrich-bulk=seq:418"],
         ["--revoke-after-batches", "0"],
+        ["--refuse-contacts-containing", ""],
     ],
 )
 def test_cli_rejects_bad_values_in_one_line(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -57,6 +57,16 @@ class KeyRef(BaseModel):
     """Body of the key revoke/restore admin endpoints."""
 
     api_key: str
+    rearm: bool = False
+    """Restore only: arm `revoke_after_batches` again (counting from zero) instead of disarming it."""
+
+
+class RefusedSubstrings(BaseModel):
+    """Body of POST /_sandbox/refuse-contacts: the `refuse_contacts_containing` test facility."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    containing: list[Annotated[str, Field(min_length=1)]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +194,7 @@ def create_app(config: SandboxConfig | None = None, *, state: SandboxState | Non
                     "input": raw_contacts[index],
                 }
                 for index, contact in enumerate(bulk.contacts)
-                if not contact.is_identifiable()
+                if not contact.is_identifiable() or world.refuses(raw_contacts[index])
             ]
             if bad:
                 return _unprocessable(bad)
@@ -259,7 +269,7 @@ def _admin_router(world: SandboxState) -> APIRouter:
         return JSONResponse({"credits": balance})
 
     def set_revoked(ref: KeyRef, revoked: bool) -> JSONResponse:
-        if not world.set_revoked(ref.api_key, revoked):
+        if not world.set_revoked(ref.api_key, revoked, rearm=ref.rearm):
             return JSONResponse({"detail": "Unknown key"}, status_code=404)
         return JSONResponse({"api_key": ref.api_key, "revoked": revoked})
 
@@ -287,6 +297,15 @@ def _admin_router(world: SandboxState) -> APIRouter:
     async def clear_faults() -> JSONResponse:
         world.set_faults({})
         return JSONResponse(faults_body())
+
+    @admin.get("/refuse-contacts")
+    async def get_refused() -> JSONResponse:
+        return JSONResponse({"containing": list(world.refused_substrings())})
+
+    @admin.post("/refuse-contacts")
+    async def set_refused(body: RefusedSubstrings) -> JSONResponse:
+        world.set_refused_substrings(body.containing)
+        return JSONResponse({"containing": list(world.refused_substrings())})
 
     @admin.get("/counters")
     async def counters() -> JSONResponse:

@@ -100,6 +100,12 @@ def _credits(text: str) -> float:
     return value
 
 
+def _substring(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a non-empty substring")
+    return text
+
+
 def _api_key(text: str) -> str:
     if not text.startswith(API_KEY_PREFIX) or len(text) == len(API_KEY_PREFIX):
         raise argparse.ArgumentTypeError(f"an API key starts with {API_KEY_PREFIX!r}")
@@ -139,7 +145,8 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "sandbox",
         help="serve a local imitation of the Cleanlist Public API",
         description="Serve a local, deterministic imitation of the Cleanlist Public API (v1) until Ctrl-C. "
-        "Admin controls live under /_sandbox (credits, keys, faults, counters, request log).",
+        "Admin controls live under /_sandbox "
+        "(credits, keys, faults, refused contacts, counters, request log).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8787, help="port to listen on (default: 8787)")
@@ -186,6 +193,15 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="revoke a key after it has had N bulk batches accepted",
     )
     parser.add_argument(
+        "--refuse-contacts-containing",
+        type=_substring,
+        action="append",
+        default=[],
+        metavar="S",
+        help="test facility: answer 422 (the documented field-rule item) for every contact with a value "
+        "containing S, like stricter server-side validation; repeatable",
+    )
+    parser.add_argument(
         "--webhook-backoff-scale",
         type=_scale,
         default=1.0,
@@ -214,6 +230,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         no_api_access_keys=tuple(args.no_api_access_key),
         faults={endpoint: FaultSpec(**fields) for endpoint, fields in faults.items()},
         revoke_after_batches=args.revoke_after_batches,
+        refuse_contacts_containing=tuple(args.refuse_contacts_containing),
         webhook_backoff_scale=args.webhook_backoff_scale,
     )
 

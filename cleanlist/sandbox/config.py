@@ -76,7 +76,12 @@ class SandboxConfig(BaseModel):
     faults: dict[Endpoint, FaultSpec] = Field(default_factory=dict)
     """Injected failures per endpoint."""
     revoke_after_batches: int | None = Field(default=None, ge=1)
-    """Revoke a key right after it has had this many bulk batches accepted."""
+    """Revoke a key right after it has had this many bulk batches accepted (restoring it disarms this,
+    unless the restore asks to rearm)."""
+    refuse_contacts_containing: tuple[str, ...] = ()
+    """Test facility, not API behaviour: a contact any of whose string values (as sent) contains one of
+    these substrings is refused by the bulk endpoint with the documented field-rule 422, as if the server
+    validated more strictly than the client. Replaceable at runtime via `/_sandbox/refuse-contacts`."""
     webhook_backoff_scale: float = Field(default=1.0, ge=0.0)
     """Multiplies the documented 1, 2, 4, 8 s webhook retry backoff (tests compress it)."""
     webhook_timeout: float = Field(default=10.0, gt=0.0)
@@ -91,6 +96,14 @@ class SandboxConfig(BaseModel):
         if not api_key.startswith(API_KEY_PREFIX):
             raise ValueError(f"api_key must start with {API_KEY_PREFIX!r}")
         return api_key
+
+    @field_validator("refuse_contacts_containing")
+    @classmethod
+    def _non_empty_substrings(cls, substrings: tuple[str, ...]) -> tuple[str, ...]:
+        # An empty substring is contained in everything: it would refuse every contact.
+        if any(not substring for substring in substrings):
+            raise ValueError("refuse_contacts_containing needs non-empty substrings")
+        return substrings
 
     @field_validator("rate_limit")
     @classmethod

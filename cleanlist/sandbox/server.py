@@ -166,9 +166,17 @@ class SandboxServer:
         """Revoke a key (the main one by default)."""
         self._call("POST", "/keys/revoke", {"api_key": api_key or self.api_key})
 
-    def restore_key(self, api_key: str | None = None) -> None:
-        """Restore a revoked key (the main one by default)."""
-        self._call("POST", "/keys/restore", {"api_key": api_key or self.api_key})
+    def restore_key(self, api_key: str | None = None, rearm: bool = False) -> None:
+        """Restore a revoked key (the main one by default).
+
+        This disarms `revoke_after_batches` for the key, so a revoke → restore → rerun can finish;
+        `rearm=True` arms it again instead, counting accepted batches from zero.
+        """
+        self._call("POST", "/keys/restore", {"api_key": api_key or self.api_key, "rearm": rearm})
+
+    def refuse_contacts_containing(self, *substrings: str) -> None:
+        """Replace the `refuse_contacts_containing` test facility's substrings (none: refuse nothing)."""
+        self._call("POST", "/refuse-contacts", {"containing": list(substrings)})
 
     def set_faults(self, faults: Mapping[Endpoint, FaultSpec | Mapping[str, Any]]) -> None:
         """Replace the injected faults (FaultSpec objects or their JSON shape)."""

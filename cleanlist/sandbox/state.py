@@ -26,8 +26,14 @@ Behaviour the contract leaves open ([assumed]) and how this world settles it:
 - Timestamps are ISO 8601 in UTC with an offset (`…+00:00`); `completed_at` is acceptance time plus the
   workflow's latency. `lead_list_id` in the webhook is `ll_` + the workflow's uuid.
 - Workflows and tasks are visible only to keys of the organization that submitted them (others: 404).
-- `revoke_after_batches` revokes a key right after its Nth accepted batch (the Nth gets its 200);
-  restoring the key starts its count again.
+- `revoke_after_batches` revokes a key right after its Nth accepted batch (the Nth gets its 200).
+  Restoring the key disarms this for that key (so a revoke → restore → rerun scenario can finish);
+  a restore with `rearm=True` instead starts its count again.
+- Test facility, not API behaviour: `refuse_contacts_containing` makes the bulk endpoint refuse, with
+  the documented field-rule 422 item (`loc: ["body", "contacts", i]`, the documented msg, `input`), every
+  contact any of whose string values as sent contains one of the substrings (case-sensitive). It stands
+  in for server-side validation stricter than the client's; such items sit in index order among the
+  field-rule items, one per contact.
 - Webhooks: 5 attempts; the waits between them are 1, 2, 4, 8 s × `webhook_backoff_scale` (the
   documented 16 s step would only precede a sixth attempt). Any 2xx is delivered; a non-2xx, timeout
   or connection error is a failed attempt.
@@ -114,6 +120,8 @@ class ApiKey:
     organization: Organization
     revoked: bool = False
     batches_accepted: int = 0
+    revoke_armed: bool = True
+    """Whether `revoke_after_batches` still applies to this key (a plain restore disarms it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +197,7 @@ class SandboxState:
         self._latency_rng = random.Random(config.seed)
         self._limiter = FixedWindowLimiter(*config.rate_limit) if config.rate_limit else None
         self._faults = FaultInjector(config.faults, config.seed)
+        self._refused_substrings: tuple[str, ...] = config.refuse_contacts_containing
 
         self.organization = Organization(_digest_id("org_", config.api_key), config.credits, True)
         no_access = Organization(_digest_id("org_", "no-api:" + config.api_key), 0.0, False)
@@ -291,7 +300,7 @@ class SandboxState:
             self._count_acceptance(serial, findings, cost)
             key.batches_accepted += 1
             limit = self.config.revoke_after_batches
-            if limit is not None and key.batches_accepted >= limit:
+            if limit is not None and key.revoke_armed and key.batches_accepted >= limit:
                 key.revoked = True
             return workflow
 
@@ -481,8 +490,12 @@ class SandboxState:
             self.organization.credits = amount
             return self.organization.credits
 
-    def set_revoked(self, api_key: str, revoked: bool) -> bool:
-        """Revoke or restore a configured key; False when the key is unknown."""
+    def set_revoked(self, api_key: str, revoked: bool, *, rearm: bool = False) -> bool:
+        """Revoke or restore a configured key; False when the key is unknown.
+
+        Restoring disarms `revoke_after_batches` for the key; with `rearm` it is armed again instead,
+        counting from zero.
+        """
         with self._lock:
             key = self._keys.get(api_key)
             if key is None:
@@ -490,6 +503,7 @@ class SandboxState:
             key.revoked = revoked
             if not revoked:
                 key.batches_accepted = 0
+                key.revoke_armed = rearm
             return True
 
     def is_revoked(self, api_key: str) -> bool:
@@ -497,6 +511,26 @@ class SandboxState:
         with self._lock:
             key = self._keys.get(api_key)
             return key is None or key.revoked
+
+    def refuses(self, contact: Any) -> bool:
+        """Whether the `refuse_contacts_containing` test facility refuses this contact (as sent)."""
+        substrings = self._refused_substrings  # replaced whole, never mutated: no lock needed to read
+        if not substrings or not isinstance(contact, Mapping):
+            return False
+        values = [value for value in contact.values() if isinstance(value, str)]
+        return any(substring in value for value in values for substring in substrings)
+
+    def set_refused_substrings(self, substrings: Sequence[str]) -> None:
+        """Replace the substrings of `refuse_contacts_containing` (empty: refuse nothing)."""
+        if any(not substring for substring in substrings):
+            raise ValueError("refuse_contacts_containing needs non-empty substrings")
+        with self._lock:
+            self._refused_substrings = tuple(substrings)
+
+    def refused_substrings(self) -> tuple[str, ...]:
+        """The substrings of `refuse_contacts_containing` in force."""
+        with self._lock:
+            return self._refused_substrings
 
     def set_faults(self, faults: Mapping[Endpoint, FaultSpec]) -> None:
         """Replace the injected faults."""

@@ -1,0 +1,245 @@
+"""The client-side limiter: never more than N sends in any window, about N per window, holds for everyone,
+and no 429 from a sandbox with the same limit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from cleanlist.client import CleanlistClient
+from cleanlist.ratelimit import EndpointLimiter, RateLimiter
+from cleanlist.sandbox import SandboxServer
+from cleanlist.settings import RateLimit
+from tests.sandbox_helpers import people
+
+
+class SendClock:
+    """A monotonic clock that remembers, per thread, the last time the limiter read it.
+
+    The limiter reads its clock once per reservation, so right after `acquire` returns this is the exact
+    moment the slot was taken: the send times are checked as the limiter booked them, free of the
+    scheduling jitter between booking and recording.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __call__(self) -> float:
+        self._local.now = time.monotonic()
+        return float(self._local.now)
+
+    @property
+    def last(self) -> float:
+        return float(self._local.now)
+
+
+def busiest_span(sends: Sequence[float], requests: int) -> float:
+    """The shortest time covering requests + 1 consecutive sends (inf when there are too few)."""
+    ordered = sorted(sends)
+    spans = [ordered[i + requests] - ordered[i] for i in range(len(ordered) - requests)]
+    return min(spans, default=float("inf"))
+
+
+def send(limiter: EndpointLimiter, clock: SendClock, sends: list[float], lock: threading.Lock) -> None:
+    """One request's worth of the limiter protocol: take a slot, note when, release it as answered."""
+    limiter.acquire()
+    with lock:
+        sends.append(clock.last)
+    limiter.release(rate_limited=False)
+
+
+async def send_async(limiter: EndpointLimiter, clock: SendClock, sends: list[float]) -> None:
+    await limiter.acquire_async()
+    sends.append(clock.last)
+    limiter.release(rate_limited=False)
+
+
+def run_threads(target: Callable[[], None], count: int, timeout: float = 10.0) -> None:
+    """Run `count` daemon threads of `target` and fail (rather than hang the session) if any is stuck."""
+    threads = [threading.Thread(target=target, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+    assert not any(thread.is_alive() for thread in threads), "a caller is still blocked in the limiter"
+
+
+def test_sixteen_threads_never_exceed_n_per_window() -> None:
+    limit = RateLimit(10, 0.5)
+    clock = SendClock()
+    limiter = EndpointLimiter(limit, clock=clock)
+    sends: list[float] = []
+    lock = threading.Lock()
+    tickets = threading.Semaphore(4 * limit.requests)
+
+    def caller() -> None:
+        while tickets.acquire(blocking=False):
+            send(limiter, clock, sends, lock)
+
+    started = time.monotonic()
+    run_threads(caller, 16)
+    elapsed = time.monotonic() - started
+
+    assert len(sends) == 4 * limit.requests
+    # No span as long as the window holds more than N sends (the limiter even keeps a 2 % margin).
+    assert busiest_span(sends, limit.requests) >= limit.seconds
+    # Throughput: the 4 windows' worth of sends go out in 3 waits of one window, not much slower.
+    assert 3 * limit.seconds <= elapsed < 3 * limiter.window + 0.5
+
+
+def test_fifty_coroutines_never_exceed_n_per_window() -> None:
+    limit = RateLimit(10, 0.4)
+    clock = SendClock()
+    limiter = EndpointLimiter(limit, clock=clock)
+    sends: list[float] = []
+
+    async def crowd() -> float:
+        started = time.monotonic()
+        # 50 coroutines at once, one send each: 5 windows' worth.
+        await asyncio.wait_for(asyncio.gather(*(send_async(limiter, clock, sends) for _ in range(50))), 10)
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(crowd())
+    assert len(sends) == 50
+    assert busiest_span(sends, limit.requests) >= limit.seconds
+    assert 4 * limit.seconds <= elapsed < 4 * limiter.window + 0.5
+
+
+def test_threads_and_coroutines_draw_on_one_budget() -> None:
+    limit = RateLimit(6, 0.4)
+    clock = SendClock()
+    limiter = EndpointLimiter(limit, clock=clock)
+    sends: list[float] = []
+    lock = threading.Lock()
+
+    def thread_caller() -> None:
+        for _ in range(3):
+            send(limiter, clock, sends, lock)
+
+    async def coroutines() -> None:
+        async def one() -> None:
+            await limiter.acquire_async()
+            with lock:
+                sends.append(clock.last)
+            limiter.release(rate_limited=False)
+
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(9))), timeout=10)
+
+    threads = threading.Thread(target=lambda: run_threads(thread_caller, 3), daemon=True)
+    threads.start()
+    asyncio.run(coroutines())
+    threads.join(timeout=10)
+    assert len(sends) == 18
+    assert busiest_span(sends, limit.requests) >= limit.seconds
+
+
+def test_a_hold_blocks_threads_and_coroutines_until_it_elapsed() -> None:
+    limiter = EndpointLimiter(RateLimit(100, 1.0))
+    limiter.hold(0.5)
+    held_from = time.monotonic()
+    limiter.hold(0.1)  # a shorter hold never shortens the one in force
+    assert 0.3 < limiter.held_for <= 0.5
+    released: list[float] = []
+    lock = threading.Lock()
+
+    def thread_caller() -> None:
+        limiter.acquire()
+        with lock:
+            released.append(time.monotonic())
+        limiter.release(rate_limited=False)
+
+    async def coroutines() -> None:
+        async def one() -> None:
+            await limiter.acquire_async()
+            released.append(time.monotonic())
+            limiter.release(rate_limited=False)
+
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(8))), timeout=10)
+
+    threads = threading.Thread(target=lambda: run_threads(thread_caller, 8), daemon=True)
+    threads.start()
+    asyncio.run(coroutines())
+    threads.join(timeout=10)
+    assert len(released) == 16
+    assert min(released) - held_from >= 0.49
+    assert max(released) - held_from < 1.5
+    assert limiter.held_for == 0.0
+
+
+def test_after_a_429_one_request_probes_at_a_time_until_another_answer() -> None:
+    limiter = EndpointLimiter(RateLimit(100, 1.0))
+    limiter.acquire()
+    limiter.release(rate_limited=True)  # a 429 without Retry-After: no hold, but caution
+    limiter.acquire()  # the probe
+    second_sent = threading.Event()
+
+    def second() -> None:
+        limiter.acquire()
+        second_sent.set()
+        limiter.release(rate_limited=False)
+
+    waiter = threading.Thread(target=second, daemon=True)
+    waiter.start()
+    assert not second_sent.wait(0.2), "a second request went out while the probe was in flight"
+    limiter.release(rate_limited=False)  # the probe got through: the endpoint is open again
+    assert second_sent.wait(2)
+    waiter.join(timeout=2)
+    started = time.monotonic()
+    for _ in range(5):
+        limiter.acquire()  # no release: several in flight at once is fine again
+    assert time.monotonic() - started < 0.1
+
+
+def test_each_endpoint_has_its_own_budget() -> None:
+    limiter = RateLimiter(RateLimit(2, 30.0))
+    assert limiter.endpoint("enrich-bulk") is limiter.endpoint("enrich-bulk")
+    for _ in range(2):
+        limiter.endpoint("enrich-bulk").acquire()
+    started = time.monotonic()
+    limiter.endpoint("enrich-status").acquire()
+    limiter.endpoint("enrich-status").acquire()
+    assert time.monotonic() - started < 0.1
+    limiter.endpoint("enrich-bulk").hold(10)
+    assert limiter.endpoint("enrich-status").held_for == 0.0
+
+
+def test_window_margin_is_small_and_capped() -> None:
+    assert EndpointLimiter(RateLimit(60, 60.0)).window == pytest.approx(61.0)
+    assert EndpointLimiter(RateLimit(10, 1.0)).window == pytest.approx(1.02)
+    assert EndpointLimiter(RateLimit(1, 3600.0)).window == pytest.approx(3601.0)
+
+
+def test_a_steady_run_at_the_servers_own_limit_gets_no_429(
+    make_sandbox: Callable[..., SandboxServer],
+) -> None:
+    sandbox = make_sandbox(rate_limit=(10, 1.0), latency=0.0)
+    stop_at = time.monotonic() + 4.0
+    with CleanlistClient(sandbox.api_key, base_url=sandbox.base_url, rate_limit="10/1") as client:
+        workflow_id = client.enrich_bulk(people(1)).workflow_id
+        errors: list[BaseException] = []
+
+        def caller(index: int) -> None:
+            # Two endpoints at once: each has its own window on both sides.
+            while time.monotonic() < stop_at:
+                try:
+                    if index % 2:
+                        client.credits_balance()
+                    else:
+                        client.enrich_status(workflow_id=workflow_id)
+                except Exception as exc:
+                    errors.append(exc)
+                    return
+
+        callers = iter(range(8))
+        run_threads(lambda: caller(next(callers)), 8)
+    assert errors == []
+    requests = sandbox.counters()["requests"]
+    for endpoint in ("credits-balance", "enrich-status"):
+        assert set(requests[endpoint]) == {"200"}, requests
+        # About 10 per second over ~4 s (the last callers may each add one after the deadline).
+        assert 38 <= requests[endpoint]["200"] <= 55, requests
