@@ -188,7 +188,7 @@ def cmd_set_key(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
 
-    serve_all()
+    serve_all(limit=args.limit)
     return EXIT_OK
 
 
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     key.set_defaults(func=cmd_set_key)
 
     serve = sub.add_parser("serve", help="serve the enrich-contacts and backfill-contacts deployments")
+    serve.add_argument("--limit", type=int, help="most runs at once (a backfill needs max_parallel_shards + 1)")
     serve.set_defaults(func=cmd_serve)
 
     automation = sub.add_parser("create-automation", help="notify when a run runs out of credits")

@@ -119,7 +119,9 @@ def _submit_all(
                 time.sleep(0.2)  # in-flight workflows may cost less than their worst case
                 continue
             return pending, "budget_reached"
-        done = wait(list(running), timeout=0.5).done
+        # prefect.futures.wait returns early only when *every* future is done, so a short timeout is
+        # what refills a finished chunk's place quickly (a long one left the rate budget idle).
+        done = wait(list(running), timeout=0.05).done
         for future in done:
             chunk_no = running.pop(future)
             engine.unreserve(chunk_no)
@@ -394,7 +396,7 @@ def _enrich(
 
 @flow(
     name="enrich-contacts",
-    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    task_runner=ThreadPoolTaskRunner(max_workers=32),
     log_prints=True,
     persist_result=False,
 )

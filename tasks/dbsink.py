@@ -89,6 +89,9 @@ class DatabaseSink:
         return self._txn.conn
 
     def _prepare(self, columns: Sequence[str]) -> sa.Table:
+        if self._conn.dialect.name == "postgresql":
+            # Backfill shards write one table at once: serialize CREATE/ALTER (held until commit).
+            self._conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": self.table_name})
         metadata = sa.MetaData()
         inspector = sa.inspect(self._conn)
         if not inspector.has_table(self.table_name):

@@ -29,12 +29,13 @@ from typing import Any
 
 import httpx
 import pandas as pd
+import psutil
 import pytest
 import sqlalchemy as sa
 
 from cleanlist.errors import InputError
 from cleanlist.sandbox import SandboxConfig, SandboxServer
-from flows.backfill_contacts import shard_rate_limit, split_source, sql_windows
+from tasks.shards import shard_rate_limit, split_source, sql_windows
 from tests.conftest import postgres_database
 from tests.sandbox_helpers import WebhookReceiver
 
@@ -212,6 +213,12 @@ class ProcessGroup:
         proc = self.started.pop(name, None)
         if proc is None:
             return
+        # Flow runs of a worker or of `serve` run in sessions of their own: find them while their
+        # parent still lives, then end the group and them.
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
         for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)
@@ -222,9 +229,11 @@ class ProcessGroup:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        # Children the leader left behind (flow runs of a worker) share its group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
     def stop_all(self) -> None:
         for name in reversed(list(self.started)):
