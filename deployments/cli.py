@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     key.set_defaults(func=cmd_set_key)
 
     serve = sub.add_parser("serve", help="serve the enrich-contacts and backfill-contacts deployments")
-    serve.add_argument("--limit", type=int, help="most runs at once (a backfill needs max_parallel_shards + 1)")
+    serve.add_argument("--limit", type=int, help="most runs at once (backfills need max_parallel_shards + 1)")
     serve.set_defaults(func=cmd_serve)
 
     automation = sub.add_parser("create-automation", help="notify when a run runs out of credits")
