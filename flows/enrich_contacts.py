@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -39,6 +41,8 @@ from tasks.stage import stage_source_task
 from tasks.submit import DEFERRED, ChunkOutcome, submit_chunk_task
 from tasks.workspace import ERROR, NOT_SUBMITTED, PLANNED, SKIPPED_BUDGET, RunWorkspace
 from tasks.write import default_rejects_path, output_format, write_output_task
+
+P = ParamSpec("P")
 
 
 class RunFailed(CleanlistError):
@@ -119,9 +123,7 @@ def _submit_all(
                 time.sleep(0.2)  # in-flight workflows may cost less than their worst case
                 continue
             return pending, "budget_reached"
-        # prefect.futures.wait returns early only when *every* future is done, so a short timeout is
-        # what refills a finished chunk's place quickly (a long one left the rate budget idle).
-        done = wait(list(running), timeout=0.05).done
+        done = wait(list(running), timeout=0.5).done
         for future in done:
             chunk_no = running.pop(future)
             engine.unreserve(chunk_no)
@@ -195,7 +197,38 @@ def _pause_for_credits(
     return True
 
 
-def _enrich(
+def _failures_as_states(body: Callable[P, dict[str, Any]]) -> Callable[P, dict[str, Any] | State]:
+    """A run that cannot finish returns a Failed state with one line and its summary as data.
+
+    Returning the state, rather than raising, is what keeps Prefect from logging a traceback for a
+    revoked key or an unreadable source.
+    """
+
+    @functools.wraps(body)
+    def run(*args: P.args, **kwargs: P.kwargs) -> dict[str, Any] | State:
+        try:
+            return body(*args, **kwargs)
+        except RunFailed as exc:
+            get_run_logger().error("%s", exc)
+            data = {**exc.summary, "status": exc.summary.get("status", "failed")}
+            return Failed(message=str(exc), data={**data, "exit_code": exc.exit_code, "error": str(exc)})
+        except CleanlistError as exc:
+            get_run_logger().error("%s", exc)
+            return Failed(message=str(exc), data={"status": "failed", "exit_code": 1, "error": str(exc)})
+
+    return run
+
+
+@flow(
+    name="enrich-contacts",
+    # At least max_concurrent_chunks: submit tasks wait in the rate limiter, and a window's worth of
+    # them waiting there is what lets a window's requests go out together.
+    task_runner=ThreadPoolTaskRunner(max_workers=32),
+    log_prints=True,
+    persist_result=False,
+)
+@_failures_as_states
+def enrich_contacts(
     source: str,
     output: str,
     enrichment_type: EnrichmentType = "partial",
@@ -219,6 +252,12 @@ def _enrich(
     base_url: str | None = None,
     rate_limit: str | None = None,
 ) -> dict[str, Any]:
+    """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
+
+    Contacts already enriched within `refresh_days` come from the store; workflows an earlier run left
+    in flight are polled, never resubmitted. `max_credits` caps the worst-case spend; `dry_run` only plans.
+    A run that cannot finish ends Failed with a one-line message (no traceback) and its summary as data.
+    """
     logger = get_run_logger()
     started = time.monotonic()
     if table is None:
@@ -392,61 +431,6 @@ def _enrich(
         workspace.cleanup()
         client.close()
         enrichment_store.close()
-
-
-@flow(
-    name="enrich-contacts",
-    task_runner=ThreadPoolTaskRunner(max_workers=32),
-    log_prints=True,
-    persist_result=False,
-)
-def enrich_contacts(
-    source: str,
-    output: str,
-    enrichment_type: EnrichmentType = "partial",
-    mapping: dict[str, str] | None = None,
-    rejects: str | None = None,
-    table: str | None = None,
-    sql_query: str | None = None,
-    store: str | None = None,
-    refresh_days: float = 30.0,
-    max_credits: float | None = None,
-    dry_run: bool = False,
-    webhook_url: str | None = None,
-    credit_recheck_seconds: float = 60.0,
-    pause_timeout_seconds: int = 7 * 24 * 3600,
-    poll_timeout_seconds: float = 6 * 3600.0,
-    initial_poll_seconds: float = 5.0,
-    max_concurrent_chunks: int = 8,
-    retries: int = 5,
-    retry_delay_seconds: float = 2.0,
-    batch_rows: int = 50_000,
-    base_url: str | None = None,
-    rate_limit: str | None = None,
-) -> dict[str, Any] | State:
-    """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
-
-    Contacts already enriched within `refresh_days` come from the store; workflows an earlier run left
-    in flight are polled, never resubmitted. `max_credits` caps the worst-case spend; `dry_run` only plans.
-    A run that cannot finish ends Failed with a one-line message (no traceback) and its summary as data.
-    """
-    params = dict(locals())
-    try:
-        return _enrich(**params)
-    except RunFailed as exc:
-        get_run_logger().error("%s", exc)
-        return Failed(
-            message=str(exc),
-            data={
-                **exc.summary,
-                "status": exc.summary.get("status", "failed"),
-                "exit_code": exc.exit_code,
-                "error": str(exc),
-            },
-        )
-    except CleanlistError as exc:
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data={"status": "failed", "exit_code": 1, "error": str(exc)})
 
 
 def outcome_of(state: State) -> tuple[dict[str, Any], str | None, int]:
