@@ -42,3 +42,6 @@ POLL_RETRY_GROWTH = 0.25
 # The status budget counts as busy when this share of it was spent within the last window; the
 # estimate is then never lowered (an early poll would take a call that a finished workflow needs).
 POLL_BUSY_USAGE = 0.75
+# Threads making status calls: a burst of workflows due together is fetched in parallel (each call
+# still takes a slot of the status limiter); a 250-result answer takes tens of milliseconds to fetch.
+POLL_WORKERS = 4

@@ -8,8 +8,9 @@ estimate whenever the poller picks the next workflow, so a corrected estimate ap
 workflow in flight, not only to those submitted afterwards.
 
 Polls go through the client, so they spend the status endpoint's own rate budget, and a 429 holds the
-endpoint for everybody. Results are handed to callbacks on a separate thread, so slow result handling
-(store writes) never delays the next poll; the poller keeps no results.
+endpoint for everybody. A few worker threads make the calls, so a burst of workflows that are due
+together is fetched together; results are handed to callbacks on one separate thread, so slow result
+handling (store writes) never delays the next poll. The poller keeps no results.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from cleanlist.constants import (
     POLL_RETRY_GROWTH,
     POLL_SEARCH_FACTOR,
     POLL_SHRINK,
+    POLL_WORKERS,
 )
 from cleanlist.errors import Action, APIError, NotFoundError, policy_for
 from cleanlist.models import WorkflowStatus
@@ -138,7 +140,13 @@ OnFatal = Callable[[APIError], None]
 
 
 class WorkflowPoller:
-    """Polls `GET /enrich/status` for tracked workflows from one background thread."""
+    """Polls `GET /enrich/status` for tracked workflows: one scheduler thread, a few poll workers.
+
+    The scheduler picks the workflow that is due first and hands it to a free worker; the workers make
+    the calls (waiting on the rate limiter) so that a burst of workflows due together is fetched in a
+    burst, not one full response after another. While the estimate is still being searched, only one
+    poll is out at a time: one answer moves the estimate for all the others.
+    """
 
     def __init__(
         self,
@@ -151,6 +159,7 @@ class WorkflowPoller:
         timeout: float = 3600.0,
         min_interval: float = 0.05,
         max_interval: float = 60.0,
+        workers: int = POLL_WORKERS,
     ) -> None:
         self._client = client
         self._on_result = on_result
@@ -160,13 +169,17 @@ class WorkflowPoller:
         self.timeout = timeout
         self.min_interval = min_interval
         self.max_interval = max_interval
+        self.workers = max(1, workers)
         self.stats = PollerStats()
         self._waiting: list[TrackedWorkflow] = []
         self._cv = threading.Condition()
         self._stopping = False
         self._fatal: APIError | None = None
         self._busy = 0  # workflows being polled or whose callback has not finished yet
+        self._polling = 0  # polls handed to a worker and not answered yet
         self._thread: threading.Thread | None = None
+        self._work: queue.SimpleQueue[TrackedWorkflow | None] = queue.SimpleQueue()
+        self._worker_threads: list[threading.Thread] = []
         self._deliveries: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._delivery_thread: threading.Thread | None = None
 
@@ -181,16 +194,25 @@ class WorkflowPoller:
             target=self._deliver_forever, name="cleanlist-poller-results", daemon=True
         )
         self._delivery_thread.start()
+        for n in range(self.workers):
+            worker = threading.Thread(target=self._work_forever, name=f"cleanlist-poller-{n}", daemon=True)
+            worker.start()
+            self._worker_threads.append(worker)
         self._thread = threading.Thread(target=self._run, name="cleanlist-poller", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop polling; results already fetched are still handed over before this returns."""
+        """Stop polling; answers already received are still handed over before this returns."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        for worker in self._worker_threads:
+            if worker.is_alive():
+                self._work.put(None)
+        for worker in self._worker_threads:
+            worker.join(timeout=30)
         if self._delivery_thread is not None and self._delivery_thread.is_alive():
             self._deliveries.put(None)
             self._delivery_thread.join(timeout=30)
@@ -232,12 +254,16 @@ class WorkflowPoller:
             after = min(after, workflow.running_at + self.max_interval)
         return max(workflow.submitted_at + after, workflow.not_before)
 
+    def _worker_free(self) -> bool:
+        limit = self.workers if self._estimate.calibrated else 1
+        return self._polling < limit
+
     def _next_due(self) -> TrackedWorkflow | None:
         with self._cv:
             while not self._stopping:
                 if self._fatal is not None:
                     return None
-                if self._waiting:
+                if self._waiting and self._worker_free():
                     # In-flight workflows number about (submit rate × duration); a scan is cheap and
                     # lets every due time follow the current estimate.
                     index, due = min(
@@ -247,6 +273,7 @@ class WorkflowPoller:
                     if due <= now:
                         workflow = self._waiting.pop(index)
                         self._busy += 1
+                        self._polling += 1
                         return workflow
                     self._cv.wait(timeout=due - now)
                 else:
@@ -268,25 +295,37 @@ class WorkflowPoller:
     # -- the loop --------------------------------------------------------------------------------
     def _run(self) -> None:
         while (workflow := self._next_due()) is not None:
+            self._work.put(workflow)
+
+    def _work_forever(self) -> None:
+        while (workflow := self._work.get()) is not None:
             try:
                 self._poll(workflow)
             except Exception:  # a bug must not kill the poller and strand every workflow
                 logger.exception("polling workflow %s failed", workflow.workflow_id)
-                self.stats.errors += 1
+                self._count("errors")
                 self._requeue(workflow, self.estimate)
+            finally:
+                with self._cv:
+                    self._polling -= 1
+                    self._cv.notify_all()
+
+    def _count(self, name: str) -> None:
+        with self._cv:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
 
     def _poll(self, workflow: TrackedWorkflow) -> None:
         now = time.monotonic()
         if now - workflow.submitted_at > self.timeout:
-            self.stats.timed_out += 1
+            self._count("timed_out")
             self._deliver(workflow, lambda: self._on_gone(workflow, "timed_out"))
             return
         workflow.polls += 1
-        self.stats.status_calls += 1
+        self._count("status_calls")
         try:
             status = self._client.enrich_status(workflow_id=workflow.workflow_id)
         except NotFoundError:
-            self.stats.not_found += 1
+            self._count("not_found")
             self._deliver(workflow, lambda: self._on_gone(workflow, "not_found"))
             return
         except APIError as exc:
@@ -297,17 +336,22 @@ class WorkflowPoller:
                     self._on_fatal(exc)
                 self._requeue(workflow, 0.0)
                 return
-            self.stats.errors += 1
+            self._count("errors")
             retry_after = getattr(exc, "retry_after", None)
             self._requeue(workflow, retry_after or min(self.estimate, self.max_interval))
             return
         elapsed = time.monotonic() - workflow.submitted_at
         done = isinstance(status, WorkflowStatus) and status.is_terminal
-        if not workflow.urgent:
-            first = not workflow.answered
-            self._estimate.observe(elapsed, done, first=first, budget_busy=self._status_budget_busy())
-            if first and not done:
-                self.stats.early_first_polls += 1
+        busy = self._status_budget_busy()
+        with self._cv:
+            if not workflow.urgent:
+                first = not workflow.answered
+                self._estimate.observe(elapsed, done, first=first, budget_busy=busy)
+                if first and not done:
+                    self.stats.early_first_polls += 1
+            if done:
+                self.stats.durations.append(elapsed)
+                self.stats.completed += 1
         workflow.answered = True
         if not done:
             workflow.urgent = False
@@ -315,8 +359,6 @@ class WorkflowPoller:
             self._requeue(workflow, self.min_interval)
             return
         assert isinstance(status, WorkflowStatus)
-        self.stats.durations.append(elapsed)
-        self.stats.completed += 1
         self._deliver(workflow, lambda: self._on_result(workflow, status))
 
     def _status_budget_busy(self) -> bool:
@@ -341,7 +383,7 @@ class WorkflowPoller:
                 callback()
             except Exception:  # a callback bug must not lose the workflow: poll it again later
                 logger.exception("handling the result of workflow %s failed", workflow.workflow_id)
-                self.stats.errors += 1
+                self._count("errors")
                 self._requeue(workflow, self.estimate)
                 return
             self._finished()
