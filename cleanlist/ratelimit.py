@@ -7,8 +7,9 @@ answered, so a slot timed by the answer stays ahead of the server's count howeve
 between `acquire` and the wire (a busy process — many threads, one GIL — can delay a send by a good
 share of a short window). The window is also widened by a small margin for arrival jitter.
 A 429 with Retry-After `hold`s the endpoint for every thread and coroutine until it has elapsed.
-After a 429, the endpoint is "cautious" until a request gets any other answer: only one request may be in flight, so a storm of 429s is probed one request at a time instead of
-by every waiting thread at once. Callers `release` each slot with the outcome of its request.
+After a 429 the endpoint is "cautious" until a request gets any other answer: only one request may be
+in flight, so a storm of 429s is probed one request at a time instead of by every waiting thread at once.
+Callers `release` each slot with the outcome of its request.
 Threads block in `acquire`; coroutines await `acquire_async`; both draw on the same log under one lock,
 which is only held for bookkeeping, never while sleeping.
 """
