@@ -15,6 +15,7 @@ handling (store writes) never delays the next poll. The poller keeps no results.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -190,15 +191,26 @@ class WorkflowPoller:
         return self._estimate.value
 
     def start(self) -> None:
+        # Threads run in copies of the caller's context, so their log records keep its run context.
         self._delivery_thread = threading.Thread(
-            target=self._deliver_forever, name="cleanlist-poller-results", daemon=True
+            target=contextvars.copy_context().run,
+            args=(self._deliver_forever,),
+            name="cleanlist-poller-results",
+            daemon=True,
         )
         self._delivery_thread.start()
         for n in range(self.workers):
-            worker = threading.Thread(target=self._work_forever, name=f"cleanlist-poller-{n}", daemon=True)
+            worker = threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(self._work_forever,),
+                name=f"cleanlist-poller-{n}",
+                daemon=True,
+            )
             worker.start()
             self._worker_threads.append(worker)
-        self._thread = threading.Thread(target=self._run, name="cleanlist-poller", daemon=True)
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._run,), name="cleanlist-poller", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
