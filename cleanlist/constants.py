@@ -45,3 +45,6 @@ POLL_BUSY_USAGE = 0.75
 # Threads making status calls: a burst of workflows due together is fetched in parallel (each call
 # still takes a slot of the status limiter); a 250-result answer takes tens of milliseconds to fetch.
 POLL_WORKERS = 4
+# Workflows whose results were fetched but not yet handed to the callback (stored); a poll worker that
+# would exceed this waits. Each holds a full status answer (up to 250 results) in memory.
+POLL_PENDING_RESULTS = 8

@@ -9,8 +9,9 @@ workflow in flight, not only to those submitted afterwards.
 
 Polls go through the client, so they spend the status endpoint's own rate budget, and a 429 holds the
 endpoint for everybody. A few worker threads make the calls, so a burst of workflows that are due
-together is fetched together; results are handed to callbacks on one separate thread, so slow result
-handling (store writes) never delays the next poll. The poller keeps no results.
+together is fetched together; results are handed to callbacks on one separate thread, so result
+handling (store writes) does not delay the next poll, up to a few results waiting: beyond that the
+workers wait for the callbacks, so memory stays bounded when the store is slower than the API.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cleanlist.constants import (
     POLL_FIRST_PROBE_FRACTION,
     POLL_GROW,
     POLL_LATE_TOLERANCE,
+    POLL_PENDING_RESULTS,
     POLL_RETRY_GROWTH,
     POLL_SEARCH_FACTOR,
     POLL_SHRINK,
@@ -181,7 +183,9 @@ class WorkflowPoller:
         self._thread: threading.Thread | None = None
         self._work: queue.SimpleQueue[TrackedWorkflow | None] = queue.SimpleQueue()
         self._worker_threads: list[threading.Thread] = []
-        self._deliveries: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        # Bounded: when results come faster than the callbacks can store them, the poll workers wait
+        # here instead of piling fetched results up in memory (250 parsed results per workflow).
+        self._deliveries: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=POLL_PENDING_RESULTS)
         self._delivery_thread: threading.Thread | None = None
 
     # -- public ----------------------------------------------------------------------------------

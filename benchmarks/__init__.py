@@ -1,0 +1,1 @@
+"""Reproducible throughput and scale benchmarks of the enrich-contacts pipeline against the sandbox."""

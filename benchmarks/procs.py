@@ -1,0 +1,301 @@
+"""Processes the benchmarks start and measure: the sandbox, a Prefect server, the measured runs.
+
+Every measured program runs as a child process, so its CPU and memory are its own: `run_measured`
+reaps the child with `os.wait4` (exact user/system CPU of that process) and samples the whole process
+tree meanwhile: the high-water RSS (VmHWM) of each process, so the peak of the largest one is exact up
+to the last 0.1 s, and the CPU over time, so a phase of the run can be costed on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SANDBOX_KEY = "clapi_" + "bench000" * 8
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before answering")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class SandboxProcess:
+    """`cleanlist-enrich sandbox` in its own process (its own GIL), with its admin API at hand."""
+
+    def __init__(
+        self,
+        *,
+        rate_limit: str,
+        latency: str,
+        credits: float = 1e12,
+        seed: int = 7,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.api_key = SANDBOX_KEY
+        self.rate_limit = rate_limit
+        self.latency = latency
+        log_dir = log_dir or Path(tempfile.gettempdir())
+        self._log = open(log_dir / f"sandbox-{self.port}.log", "wb")
+        cmd = [
+            sys.executable, "-m", "deployments.cli", "sandbox",
+            "--port", str(self.port), "--api-key", self.api_key, "--credits", str(credits),
+            "--rate-limit", rate_limit, "--latency", latency, "--seed", str(seed),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._admin = httpx.Client(base_url=self.base_url + "/_sandbox", timeout=60.0)
+        _wait_for(self.base_url + "/_sandbox/counters", 60, self.proc, "the sandbox")
+
+    def reset(self) -> None:
+        self._admin.post("/reset").raise_for_status()
+
+    def counters(self) -> dict[str, Any]:
+        response = self._admin.get("/counters")
+        response.raise_for_status()
+        return dict(response.json())
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        response = self._admin.get("/requests")
+        response.raise_for_status()
+        return list(response.json())
+
+    def clock_offset(self) -> float:
+        """`time.monotonic()` here minus the sandbox log's `t`, from one free validate-key request.
+
+        Both processes read CLOCK_MONOTONIC, so this maps request-log times onto local samples (to a few
+        milliseconds: the request's own round trip).
+        """
+        before = time.monotonic()
+        httpx.get(
+            self.base_url + "/api/v1/public/auth/validate-key",
+            headers={"Authorization": f"Bearer {self.api_key}"},
+            timeout=10.0,
+        ).raise_for_status()
+        after = time.monotonic()
+        entry = [e for e in self.requests_log() if e["endpoint"] == "validate-key"][-1]
+        return (before + after) / 2 - float(entry["t"])
+
+    def cpu_seconds(self) -> float:
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        self._admin.close()
+        _stop(self.proc)
+        self._log.close()
+
+
+class PrefectServer:
+    """One `prefect server start` for every measured run, so none pays for a temporary server."""
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+        }
+        self._log = open(home / "server.log", "wb")
+        started = time.monotonic()
+        cmd = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        _wait_for(self.api_url + "/health", 120, self.proc, "the Prefect server")
+        self.startup_seconds = time.monotonic() - started
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                times = proc.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            pass
+        return total
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self._log.close()
+
+
+@dataclass
+class Sample:
+    t: float  # time.monotonic()
+    cpu: float  # user + system seconds of the measured process
+    rss: int  # bytes, the largest high-water RSS among the tree's processes so far
+    system_busy: float  # busy CPUs of the whole machine since the previous sample (0..ncpu)
+
+
+@dataclass
+class Measured:
+    returncode: int
+    started: float  # time.monotonic()
+    wall: float
+    user: float
+    system: float
+    max_rss: int  # bytes, of the largest process of the tree over the run
+    stdout: str
+    stderr_tail: str
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+    def cpu_at(self, moment: float) -> float:
+        """The process's CPU seconds at `moment` (monotonic), interpolated between samples."""
+        points = [(s.t, s.cpu) for s in self.samples]
+        if not points or moment <= points[0][0]:
+            return points[0][1] if points else 0.0
+        for (t0, c0), (t1, c1) in zip(points, points[1:], strict=False):
+            if t0 <= moment <= t1:
+                return c0 + (c1 - c0) * ((moment - t0) / (t1 - t0) if t1 > t0 else 0.0)
+        return self.cpu
+
+    def machine_busy(self, start: float, end: float) -> float:
+        """Average busy CPUs of the whole machine between two moments (all processes, ours included)."""
+        inside = [s.system_busy for s in self.samples if start <= s.t <= end]
+        return sum(inside) / len(inside) if inside else 0.0
+
+
+def _peak_rss(proc: psutil.Process) -> int:
+    """The process's high-water RSS since exec (VmHWM), so no spike falls between two samples."""
+    try:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(proc.memory_info().rss)
+
+
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path = ROOT,
+    interval: float = 0.1,
+    timeout: float = 3 * 3600.0,
+) -> Measured:
+    """Run `cmd` to the end; CPU from wait4, peak RSS of the largest process from /proc sampling."""
+    out = tempfile.TemporaryFile()
+    err = tempfile.TemporaryFile()
+    started = time.monotonic()
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdout=out, stderr=err)
+    samples: list[Sample] = []
+    peak = 0
+    done = threading.Event()
+    result: dict[str, Any] = {}
+
+    def reap() -> None:
+        _, status, usage = os.wait4(proc.pid, 0)
+        result["status"], result["usage"], result["ended"] = status, usage, time.monotonic()
+        done.set()
+
+    threading.Thread(target=reap, daemon=True).start()
+    root = psutil.Process(proc.pid)
+    psutil.cpu_percent(interval=None)
+    ncpu = psutil.cpu_count() or 1
+    while not done.wait(interval):
+        if time.monotonic() - started > timeout:
+            proc.kill()
+        try:
+            tree = [root, *root.children(recursive=True)]
+            rss = max(_peak_rss(p) for p in tree)
+            times = root.cpu_times()
+            cpu = times.user + times.system
+        except psutil.Error:
+            continue
+        peak = max(peak, rss)
+        samples.append(Sample(time.monotonic(), cpu, rss, psutil.cpu_percent(interval=None) / 100 * ncpu))
+    usage = result["usage"]
+    proc.returncode = os.waitstatus_to_exitcode(result["status"])
+    # Not ru_maxrss: it counts the forked child before exec, i.e. this (measuring) process's pages.
+    out.seek(0)
+    err.seek(0)
+    stderr = err.read().decode("utf-8", "replace")
+    measured = Measured(
+        returncode=proc.returncode,
+        started=started,
+        wall=result["ended"] - started,
+        user=float(usage.ru_utime),
+        system=float(usage.ru_stime),
+        max_rss=peak,
+        stdout=out.read().decode("utf-8", "replace"),
+        stderr_tail=stderr[-4000:],
+        samples=samples,
+    )
+    out.close()
+    err.close()
+    return measured
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers ran on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpus": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+    }
