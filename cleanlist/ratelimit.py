@@ -5,7 +5,7 @@ server with the same limit never sees N+1 in one of its windows. A slot counts f
 once its request is `release`d it counts from then instead: the server counted the request before it
 answered, so a slot timed by the answer stays ahead of the server's count however long the request sat
 between `acquire` and the wire (a busy process — many threads, one GIL — can delay a send by a good
-share of a short window). The window is also widened by a small margin for arrival jitter.
+share of a short window). The window is also widened by a small margin for clocks that tick apart.
 A 429 with Retry-After `hold`s the endpoint for every thread and coroutine until it has elapsed.
 After a 429 the endpoint is "cautious" until a request gets any other answer: only one request may be
 in flight, so a storm of 429s is probed one request at a time instead of by every waiting thread at once.
