@@ -29,11 +29,14 @@ RATE_WINDOW_MARGIN_CAP = 1.0
 # The status poller (cleanlist/poller.py). Its estimate of when a workflow is done settles where
 # POLL_SHRINK / (POLL_SHRINK + POLL_GROW) ≈ 5 % of first polls come too early (about 1.05 status calls
 # per workflow). The first probe goes out at POLL_FIRST_PROBE_FRACTION of the initial guess; until both
-# a "done" and a "not yet" have been seen, each answer halves or doubles the estimate (POLL_SEARCH_FACTOR).
+# a "done" and a "not yet" have been seen, each "done" halves the estimate and each "not yet" raises it:
+# by POLL_SEARCH_STEP_NEAR while it is below the initial guess (the guess is probably about right, and
+# overshooting the truth delays every status call of the run), by POLL_SEARCH_FACTOR beyond it.
 POLL_SHRINK = 0.03
 POLL_GROW = 0.57
 POLL_FIRST_PROBE_FRACTION = 0.25
 POLL_SEARCH_FACTOR = 2.0
+POLL_SEARCH_STEP_NEAR = 1.25
 # A "done" from a first poll made this much later than the estimate (the status budget was busy) says
 # nothing about the estimate and is not learned from.
 POLL_LATE_TOLERANCE = 0.25

@@ -34,6 +34,7 @@ from cleanlist.constants import (
     POLL_PENDING_RESULTS,
     POLL_RETRY_GROWTH,
     POLL_SEARCH_FACTOR,
+    POLL_SEARCH_STEP_NEAR,
     POLL_SHRINK,
     POLL_WORKERS,
 )
@@ -80,9 +81,10 @@ class CompletionEstimate:
 
     A poll is a probe at its elapsed time `e`: "done" says that workflow took at most `e`, "not yet"
     that it takes longer. Until both answers have been seen the estimate is *searched*: every answer
-    counts, a "not yet" doubles the probe level and a "done" halves it, so a bad first guess costs a few
-    polls early in the run, not the whole run; the search ends at the lowest level seen "done" (or twice
-    the highest seen "not yet", if higher). Then the estimate is *tracked* from first polls only, by
+    counts, a "not yet" raises the probe level (by a quarter below the initial guess, doubling above it)
+    and a "done" halves it, so a bad first guess costs a few polls early in the run, not the whole run;
+    the search ends at the lowest level seen "done" (or one step above the highest seen "not yet", if
+    higher). Then the estimate is *tracked* from first polls only, by
     stochastic approximation: a "done" shrinks it by SHRINK, a "not yet" lifts it to `e × (1 + GROW)`,
     which settles where about SHRINK / (SHRINK + GROW) of first polls come too early. Lifts are taken
     relative to the probe, not compounded, so a burst of workflows submitted and polled together moves
@@ -96,6 +98,7 @@ class CompletionEstimate:
         self.ceiling = ceiling
         # Too high an estimate leaves the status budget idle (throughput lost for good); too low costs
         # a few "not yet" calls while the search climbs. So the first probe goes out early.
+        self.initial = initial
         self.value = self._clamp(initial * POLL_FIRST_PROBE_FRACTION)
         self.lowest_done = float("inf")
         self.highest_running = 0.0
@@ -110,6 +113,11 @@ class CompletionEstimate:
     def _clamp(self, value: float) -> float:
         return min(max(value, self.floor), self.ceiling)
 
+    def _search_step(self, running: float) -> float:
+        # Every status call of the run comes after the first burst of polls, so an overshoot here
+        # delays them all; an extra "not yet" costs one call. Fine steps up to the guess, wide beyond.
+        return POLL_SEARCH_STEP_NEAR if running < self.initial else POLL_SEARCH_FACTOR
+
     def observe(self, elapsed: float, done: bool, *, first: bool = True, budget_busy: bool = False) -> None:
         """Learn from a status answer received `elapsed` seconds after the workflow's submit.
 
@@ -121,10 +129,11 @@ class CompletionEstimate:
                 self.lowest_done = min(self.lowest_done, elapsed)
             else:
                 self.highest_running = max(self.highest_running, elapsed)
+            raised = self.highest_running * self._search_step(self.highest_running)
             if self.calibrated:
-                self.value = max(self.lowest_done, self.highest_running * POLL_SEARCH_FACTOR)
+                self.value = max(self.lowest_done, raised)
             elif not done:
-                self.value = max(self.value, self.highest_running * POLL_SEARCH_FACTOR)
+                self.value = max(self.value, raised)
             elif not budget_busy:
                 self.value = min(self.value, self.lowest_done / POLL_SEARCH_FACTOR)
         elif not first:

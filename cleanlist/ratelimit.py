@@ -39,11 +39,12 @@ class EndpointLimiter:
         self._in_flight = 0
         self._cautious = False
         self._lock = threading.Lock()
+        self.paced = 0  # requests that had to wait for a slot (not for a Retry-After hold)
 
     def __repr__(self) -> str:
         return f"EndpointLimiter({self.limit})"
 
-    def _reserve(self) -> float:
+    def _reserve(self, counted: list[bool]) -> float:
         """Take a slot now and return 0, or return how long to wait before asking again."""
         with self._lock:
             now = self._clock()
@@ -56,6 +57,9 @@ class EndpointLimiter:
                 self._sent.append(now)
                 self._in_flight += 1
                 return 0.0
+            if not counted:
+                counted.append(True)
+                self.paced += 1
             oldest = min(log[0] for log in (self._sent, self._answered) if log)
             return max(oldest + self.window - now, 0.001)
 
@@ -83,12 +87,14 @@ class EndpointLimiter:
 
     def acquire(self) -> None:
         """Block the calling thread until a request may be sent."""
-        while (delay := self._reserve()) > 0:
+        counted: list[bool] = []
+        while (delay := self._reserve(counted)) > 0:
             time.sleep(delay)
 
     async def acquire_async(self) -> None:
         """Wait, without blocking the event loop, until a request may be sent."""
-        while (delay := self._reserve()) > 0:
+        counted: list[bool] = []
+        while (delay := self._reserve(counted)) > 0:
             await asyncio.sleep(delay)
 
     def hold(self, seconds: float) -> None:

@@ -65,6 +65,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="while paused on 402, how often to re-check the balance",
     )
     parser.add_argument("--pause-timeout-seconds", type=int, default=7 * 24 * 3600)
+    parser.add_argument(
+        "--rate-limit",
+        metavar="N/SECONDS",
+        help="the organization's limit per endpoint (default CLEANLIST_RATE_LIMIT, else 60/60)",
+    )
     parser.add_argument("--max-concurrent-chunks", type=int, default=8)
     parser.add_argument(
         "--initial-poll-seconds",
@@ -93,6 +98,7 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "pause_timeout_seconds": args.pause_timeout_seconds,
         "max_concurrent_chunks": args.max_concurrent_chunks,
         "initial_poll_seconds": args.initial_poll_seconds,
+        "rate_limit": args.rate_limit,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import uuid
 from collections import deque
@@ -19,7 +20,7 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, PrefectWrappedFuture
 from prefect.input import RunInput
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed, State
@@ -93,6 +94,9 @@ def _submit_all(
     )
     pending: deque[int] = deque(chunks)
     running: dict[PrefectFuture[ChunkOutcome], int] = {}
+    # Set by each chunk task as it finishes, so its place is refilled at once. (prefect.futures.wait
+    # with a timeout returns only when *every* future is done, and times out with SIGALRM.)
+    settled = threading.Event()
     total = max(len(chunks), 1)
     pauses = 0
     last_progress = last_heartbeat = time.monotonic()
@@ -106,7 +110,9 @@ def _submit_all(
             if not engine.reserve(chunk_no, len(engine.workspace.chunk_keys(chunk_no))):
                 break
             pending.popleft()
-            running[task.submit(engine.run_id, chunk_no)] = chunk_no
+            future = task.submit(engine.run_id, chunk_no)
+            future.add_done_callback(lambda _future: settled.set())
+            running[future] = chunk_no
         if not running:
             if not pending:
                 return pending, None
@@ -123,8 +129,9 @@ def _submit_all(
                 time.sleep(0.2)  # in-flight workflows may cost less than their worst case
                 continue
             return pending, "budget_reached"
-        done = wait(list(running), timeout=0.5).done
-        for future in done:
+        settled.wait(0.5)
+        settled.clear()
+        for future in [f for f in running if _finished(f)]:
             chunk_no = running.pop(future)
             engine.unreserve(chunk_no)
             try:
@@ -143,8 +150,14 @@ def _submit_all(
                     pending.appendleft(chunk_no)
         if progress_id is not None and time.monotonic() - last_progress > 1.0:
             last_progress = time.monotonic()
-            settled = total - len(pending) - len(running)
-            update_progress_artifact(progress_id, progress=100.0 * settled / total)
+            done_count = total - len(pending) - len(running)
+            update_progress_artifact(progress_id, progress=100.0 * done_count / total)
+
+
+def _finished(future: PrefectFuture[Any]) -> bool:
+    if isinstance(future, PrefectWrappedFuture):
+        return bool(future.wrapped_future.done())
+    return future.state.is_final()
 
 
 def _chunk_failed(engine: RunEngine, chunk_no: int, reason: str) -> None:
@@ -385,6 +398,7 @@ def enrich_contacts(
             "status_calls": engine.poller.stats.status_calls,
             "retries": counters.retries,
             "rate_limited": counters.rate_limited,
+            "rate_limit": settings.rate_limit,
             "pauses": counters.pauses,
             "row_statuses": report.statuses,
             "rejects_by_reason": report.reject_reasons,
@@ -392,6 +406,12 @@ def enrich_contacts(
             "rejects": rejects,
             "seconds": round(time.monotonic() - started, 3),
         }
+        if counters.rate_limited == 0 and client.limiter.endpoint("enrich-bulk").paced:
+            logger.info(
+                "the client-side limit %s paced the submissions and the API never answered 429: if the "
+                "organization's limit is higher, set CLEANLIST_RATE_LIMIT (or --rate-limit) to it",
+                settings.rate_limit,
+            )
         create_table_artifact(
             [{"metric": k, "value": str(v)} for k, v in summary.items()],
             key="cleanlist-run-summary",

@@ -44,6 +44,8 @@ def test_json_summary_is_the_last_stdout_line(tmp_path: Path, make_sandbox) -> N
             str(tmp_path / "out.csv"),
             "--store",
             f"sqlite:///{tmp_path / 's.db'}",
+            "--rate-limit",
+            "100/1",
             "--json",
         ],
         {"CLEANLIST_API_KEY": sandbox.api_key, "CLEANLIST_BASE_URL": sandbox.base_url},
@@ -63,6 +65,7 @@ def test_json_summary_is_the_last_stdout_line(tmp_path: Path, make_sandbox) -> N
     ):
         assert field in summary
     assert summary["rows_read"] == 314 and summary["rejected"] == 4 and summary["submitted"] == 300
+    assert summary["rate_limit"] == "100/1"
     assert summary["credits_spent"] == pytest.approx(sandbox.counters()["credits_charged"])
     assert len(read_csv(tmp_path / "out.csv")) == 310
     _no_traceback(result)
@@ -90,6 +93,7 @@ def test_rejected_plan_exits_2_with_one_line(tmp_path: Path, make_sandbox) -> No
         (["run", "{tmp}/missing.csv", "-o", "{tmp}/out.csv"], {}, "not found"),
         (["run", "{src}", "-o", "{tmp}/out.xml"], {}, "must end in"),
         (["run", "{tmp}/data.docx", "-o", "{tmp}/out.csv"], {}, "docx"),
+        (["run", "{src}", "-o", "{tmp}/out.csv", "--rate-limit", "fast"], {}, "rate limit 'fast'"),
     ],
 )
 def test_bad_invocations_give_one_clear_line(tmp_path: Path, make_sandbox, args, env, expected) -> None:

@@ -243,3 +243,18 @@ def test_a_steady_run_at_the_servers_own_limit_gets_no_429(
         assert set(requests[endpoint]) == {"200"}, requests
         # About 10 per second over ~4 s (the last callers may each add one after the deadline).
         assert 38 <= requests[endpoint]["200"] <= 55, requests
+
+
+def test_requests_that_waited_for_a_slot_are_counted_once_and_holds_are_not() -> None:
+    limiter = EndpointLimiter(RateLimit(2, 0.2))
+    for _ in range(2):
+        limiter.acquire()
+        limiter.release(rate_limited=False)
+    assert limiter.paced == 0
+    limiter.acquire()  # the window is full: waits ~0.2 s, polling the limiter several times
+    limiter.release(rate_limited=False)
+    assert limiter.paced == 1
+    time.sleep(0.25)
+    limiter.hold(0.1)
+    limiter.acquire()  # waits for the hold, not for a slot
+    assert limiter.paced == 1
