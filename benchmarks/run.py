@@ -272,7 +272,7 @@ def scale(args: argparse.Namespace, stand: Stand, report: dict[str, Any]) -> Non
             store = stand.workdir / f"store-scale-{fmt}-{size}.db"
             extra = [
                 "--max-concurrent-chunks",
-                str(args.max_concurrent_chunks),
+                str(args.scale_concurrent_chunks),
                 "--initial-poll-seconds",
                 "0.2",
             ]
@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", default="0.5-1.5", help="throughput: workflow duration, seconds")
     parser.add_argument("--time-scale", type=float, default=30.0, help="real seconds per sandbox second")
     parser.add_argument("--initial-poll-seconds", type=float, default=6.0)
-    parser.add_argument("--max-concurrent-chunks", type=int, default=24)
+    parser.add_argument("--max-concurrent-chunks", type=int, default=8, help="throughput (CLI default 8)")
+    parser.add_argument("--scale-concurrent-chunks", type=int, default=24)
     parser.add_argument(
         "--with-defaults", action="store_true", help="also run the pipeline with CLI defaults"
     )
