@@ -39,7 +39,7 @@ from cleanlist.models import (
     WorkflowStatus,
 )
 from cleanlist.ratelimit import RateLimiter, shared_limiter
-from cleanlist.settings import CleanlistSettings, RateLimit
+from cleanlist.settings import CleanlistSettings, RateLimit, host_of
 
 logger = logging.getLogger("cleanlist.client")
 _Model = TypeVar("_Model")
@@ -94,7 +94,7 @@ class _ClientCore:
         if key is None or not key.get_secret_value().strip():
             raise MissingAPIKeyError()
         self._api_key: SecretStr = key
-        self.base_url = (base_url or settings.base_url).rstrip("/")
+        self.base_url = host_of(base_url or settings.base_url)
         if isinstance(rate_limit, str):
             rate_limit = RateLimit.parse(rate_limit)
         self.rate_limit = rate_limit or settings.rate

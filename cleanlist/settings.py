@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cleanlist.constants import (
+    API_PREFIX,
     CONNECT_TIMEOUT,
     DEFAULT_BASE_URL,
     DEFAULT_RATE_LIMIT,
@@ -39,6 +40,15 @@ class RateLimit:
         return f"{self.requests}/{self.seconds:g}"
 
 
+def host_of(base_url: str) -> str:
+    """The API host from either form a user may give: `https://host` or the documented base,
+    `https://host/api/v1/public` (the client appends the prefix itself)."""
+    url = base_url.strip().rstrip("/")
+    if url.endswith(API_PREFIX):
+        url = url[: -len(API_PREFIX)].rstrip("/")
+    return url
+
+
 class CleanlistSettings(BaseSettings):
     """Configuration of the Cleanlist client, read from `CLEANLIST_*` environment variables."""
 
@@ -48,7 +58,8 @@ class CleanlistSettings(BaseSettings):
         default=None, description="API key (`clapi_…`); sent only as `Authorization: Bearer`."
     )
     base_url: str = Field(
-        default=DEFAULT_BASE_URL, description="Host of the API; the client appends /api/v1/public."
+        default=DEFAULT_BASE_URL,
+        description="Host of the API (or the documented base ending in /api/v1/public).",
     )
     rate_limit: str = Field(
         default=DEFAULT_RATE_LIMIT, description="Client-side limit per endpoint, `N/SECONDS`."
@@ -68,7 +79,7 @@ class CleanlistSettings(BaseSettings):
     @field_validator("base_url")
     @classmethod
     def _strip_base_url(cls, value: str) -> str:
-        return value.rstrip("/")
+        return host_of(value)
 
     @property
     def rate(self) -> RateLimit:

@@ -28,9 +28,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from cleanlist.client import CleanlistClient
-from cleanlist.errors import Action, APIError, CleanlistError, InputError, policy_for
+from cleanlist.errors import Action, APIError, CleanlistError, InputError, NotFoundError, policy_for
 from cleanlist.models import EnrichmentType, worst_case_credits
-from cleanlist.settings import CleanlistSettings
+from cleanlist.settings import CleanlistSettings, host_of
 from cleanlist.store import EnrichmentStore
 from tasks.credits import CreditWatcher
 from tasks.dbsink import is_database_url
@@ -283,7 +283,7 @@ def enrich_contacts(
     rejects = rejects or (f"{table}_rejects" if table else default_rejects_path(output))
     settings = CleanlistSettings()
     if base_url:
-        settings.base_url = base_url.rstrip("/")
+        settings.base_url = host_of(base_url)
     if rate_limit:
         settings.rate_limit = rate_limit
     api_key = resolve_api_key(settings)
@@ -474,6 +474,12 @@ def _check_key(engine: RunEngine) -> None:
         policy = policy_for(exc)
         if policy is not None and policy.action is Action.FAIL_FAST:
             raise RunFailed(f"run stopped before submitting anything: {exc}", exit_code=2) from None
+        if isinstance(exc, NotFoundError):
+            # validate-key always exists: a 404 means the base URL points somewhere else.
+            raise RunFailed(
+                f"run stopped before submitting anything: {engine.client.base_url} does not serve the "
+                f"Cleanlist API (404 on GET /auth/validate-key); check CLEANLIST_BASE_URL"
+            ) from None
         get_run_logger().warning("could not validate the API key (%s); going on", exc)
 
 

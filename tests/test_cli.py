@@ -94,6 +94,7 @@ def test_rejected_plan_exits_2_with_one_line(tmp_path: Path, make_sandbox) -> No
         (["run", "{src}", "-o", "{tmp}/out.xml"], {}, "must end in"),
         (["run", "{tmp}/data.docx", "-o", "{tmp}/out.csv"], {}, "docx"),
         (["run", "{src}", "-o", "{tmp}/out.csv", "--rate-limit", "fast"], {}, "rate limit 'fast'"),
+        (["run", "{src}", "-o", "{tmp}/out.csv"], {"CLEANLIST_BASE_URL": "{api}/v2"}, "does not serve"),
     ],
 )
 def test_bad_invocations_give_one_clear_line(tmp_path: Path, make_sandbox, args, env, expected) -> None:
@@ -106,6 +107,7 @@ def test_bad_invocations_give_one_clear_line(tmp_path: Path, make_sandbox, args,
         "CLEANLIST_BASE_URL": sandbox.base_url,
         "CLEANLIST_STORE_URL": f"sqlite:///{tmp_path / 's.db'}",
     }
+    env = {name: value.format(api=sandbox.base_url) for name, value in env.items()}
     result = _cli(args, {**base_env, **env})
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("cleanlist-enrich: error:")]

@@ -44,6 +44,7 @@ from cleanlist.models import (
     WorkflowStatus,
 )
 from cleanlist.sandbox import FaultSpec, SandboxServer
+from cleanlist.settings import CleanlistSettings
 from tests.sandbox_helpers import RawServer, WebhookReceiver, people, refused_url
 
 StartSandbox = Callable[..., SandboxServer]
@@ -726,3 +727,13 @@ def test_clients_share_one_limiter_per_key_and_host(sandbox: SandboxServer) -> N
         asyncio.run(asynchronous.aclose())
         other_key.close()
         other_host.close()
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/api/v1/public", "/api/v1/public/"])
+def test_base_url_may_be_the_host_or_the_documented_base(
+    sandbox: SandboxServer, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with CleanlistClient(sandbox.api_key, base_url=sandbox.base_url + suffix) as client:
+        assert client.validate_key().valid
+    monkeypatch.setenv("CLEANLIST_BASE_URL", sandbox.base_url + suffix)
+    assert CleanlistSettings().base_url == sandbox.base_url
