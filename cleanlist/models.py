@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EnrichmentType = Literal["none", "partial", "phone_only", "full", "prospecting_only"]
 ENRICHMENT_TYPES: tuple[str, ...] = ("none", "partial", "phone_only", "full", "prospecting_only")
@@ -110,6 +110,29 @@ class TaskResult(_Lenient):
     workflow_id: str | None = None
 
     _lists = field_validator("other_emails", "personal_phone_numbers", mode="before")(_none_to_list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        """The per-task field names are documented only by the webhook example; take the obvious
+        other spellings (`email`, `email_status`, `phone(s)`, also nested under `result` or `data`)
+        rather than report every contact of such an answer as not found."""
+        if not isinstance(data, dict) or data.get("primary_email") is not None:
+            return data
+        nested = [data.get(k) for k in ("result", "data", "enrichment") if isinstance(data.get(k), dict)]
+        data = dict(data)
+        for source in [data, *nested]:
+            if data.get("primary_email") is None and source.get("email") is not None:
+                data["primary_email"] = source["email"]
+                data.setdefault("primary_email_status", source.get("email_status"))
+            if data.get("primary_email") is None and source.get("primary_email") is not None:
+                data["primary_email"] = source["primary_email"]
+                data.setdefault("primary_email_status", source.get("primary_email_status"))
+            if not data.get("personal_phone_numbers"):
+                phones = source.get("personal_phone_numbers") or source.get("phones") or source.get("phone")
+                if phones:
+                    data["personal_phone_numbers"] = phones if isinstance(phones, list) else [phones]
+        return data
 
     @property
     def phones(self) -> list[str]:

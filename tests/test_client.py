@@ -737,3 +737,33 @@ def test_base_url_may_be_the_host_or_the_documented_base(
         assert client.validate_key().valid
     monkeypatch.setenv("CLEANLIST_BASE_URL", sandbox.base_url + suffix)
     assert CleanlistSettings().base_url == sandbox.base_url
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        {
+            "task_id": "t",
+            "status": "completed",
+            "primary_email": "ann@x.io",
+            "primary_email_status": "reliable",
+        },
+        {"task_id": "t", "status": "completed", "email": "ann@x.io", "email_status": "reliable"},
+        {"task_id": "t", "status": "completed", "result": {"email": "ann@x.io", "email_status": "reliable"}},
+        {
+            "task_id": "t",
+            "status": "completed",
+            "data": {"primary_email": "ann@x.io", "primary_email_status": "reliable"},
+        },
+    ],
+    ids=["documented", "flat-email", "nested-result", "nested-data"],
+)
+def test_a_task_result_finds_its_email_under_the_obvious_spellings(task: dict[str, Any]) -> None:
+    result = TaskResult.model_validate(task)
+    assert (result.primary_email, result.primary_email_status) == ("ann@x.io", "reliable")
+    assert (
+        TaskResult.model_validate(
+            {"task_id": "t", "status": "failed", "result": {"email": None}}
+        ).primary_email
+        is None
+    )
