@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-limit", default="20/2")
     parser.add_argument("--latency", default="0.5-1.5")
     parser.add_argument("--data-dir", type=Path, default=RESULTS / "data")
+    parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
 
     requests, _, window = args.rate_limit.partition("/")
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['status_calls_per_workflow']:>9.3f} {row['share_429']:>6.2%} {row['accepted_twice']:>6} "
             f"{row['rows_written']:>7,}"
         )
+    if args.output:
+        args.output.write_text(json.dumps({"contacts": args.contacts, "runs": rows}, indent=1))
     return 0 if all(row["exit"] == 0 and row["rows_written"] == args.contacts for row in rows) else 1
 
 
