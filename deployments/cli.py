@@ -75,7 +75,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--initial-poll-seconds",
         type=float,
         default=5.0,
-        help="a first guess at how long a workflow takes; the poller learns the real figure",
+        help="a generous guess at how long a workflow takes: the first status probe goes out at a quarter "
+        "of it, and the poller learns the real figure from there",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
 

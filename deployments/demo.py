@@ -25,7 +25,8 @@ def run_demo(*, output_dir: str = "output", as_json: bool = False) -> int:
                 "source": str(SAMPLE),
                 "output": str(out / "enriched.csv"),
                 "store": f"sqlite:///{out / 'store.db'}",
-                "initial_poll_seconds": 1.5,
+                # The first status probe goes out at a quarter of this: 1.5 s, when the slowest is done.
+                "initial_poll_seconds": 6.0,
                 "credit_recheck_seconds": 5.0,
             },
             as_json=as_json,

@@ -113,3 +113,28 @@ def test_bad_invocations_give_one_clear_line(tmp_path: Path, make_sandbox, args,
     errors = [line for line in result.stderr.splitlines() if line.startswith("cleanlist-enrich: error:")]
     assert len(errors) == 1 and expected in errors[0].lower(), result.stderr[-1500:]
     _no_traceback(result)
+
+
+def test_the_demo_enriches_the_sample_export_and_pays_once(tmp_path: Path) -> None:
+    """The README's first command, minus the install: every sample row lands in the output or rejects."""
+    args = ["demo", "--output-dir", str(tmp_path / "out"), "--json"]
+    first = _cli(args, {"CLEANLIST_API_KEY": ""})
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed"
+    assert summary["rows_read"] == 300
+    out, rejects = (
+        read_csv(tmp_path / "out" / "enriched.csv"),
+        read_csv(tmp_path / "out" / "enriched.rejects.csv"),
+    )
+    assert len(out) + len(rejects) == summary["rows_read"] == summary["rejected"] + len(out)
+    assert summary["submitted"] == summary["unique_contacts"] > 0
+    assert summary["emails_found"] > 0 and summary["credits_spent"] == summary["emails_found"]
+    assert summary["workflows"] <= summary["status_calls"] <= 2 * summary["workflows"]
+    _no_traceback(first)
+
+    again = _cli(args, {"CLEANLIST_API_KEY": ""})  # a new sandbox, the same store: nothing is sent
+    assert again.returncode == 0, again.stderr[-2000:]
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    assert rerun["submitted"] == 0 and rerun["fresh_in_store"] == summary["unique_contacts"]
+    assert len(read_csv(tmp_path / "out" / "enriched.csv")) == len(out)
