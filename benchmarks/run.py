@@ -276,10 +276,16 @@ def scale(args: argparse.Namespace, stand: Stand, report: dict[str, Any]) -> Non
                 "--initial-poll-seconds",
                 "0.2",
             ]
+            env = pipeline_env(stand, args.scale_rate_limit)
+            if args.scale_cli_defaults:
+                # As a user would run it: no options, and Prefect's own temporary server (a child of
+                # the CLI process, so it is among the processes whose peak RSS is measured).
+                extra = []
+                env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
+                env["HOME"] = str(stand.workdir / "home")
+                Path(env["HOME"]).mkdir(exist_ok=True)
             stand.sandbox.reset()
-            measured = run_measured(
-                pipeline_cmd(data, out, store, extra), env=pipeline_env(stand, args.scale_rate_limit)
-            )
+            measured = run_measured(pipeline_cmd(data, out, store, extra), env=env)
             if measured.returncode != 0:
                 raise RuntimeError(
                     f"scale run {label} exited with {measured.returncode}:\n{measured.stderr_tail}"
@@ -383,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--initial-poll-seconds", type=float, default=6.0)
     parser.add_argument("--max-concurrent-chunks", type=int, default=8, help="throughput (CLI default 8)")
     parser.add_argument("--scale-concurrent-chunks", type=int, default=24)
+    parser.add_argument(
+        "--scale-cli-defaults",
+        action="store_true",
+        help="scale: run the CLI with no options and Prefect's temporary server instead of the shared one",
+    )
     parser.add_argument(
         "--with-defaults", action="store_true", help="also run the pipeline with CLI defaults"
     )
