@@ -423,3 +423,29 @@ def test_output_to_an_fsspec_url_in_each_format(tmp_path: Path, make_sandbox, ap
     assert len(out) == 120 and len(rejects) == 3
     assert summary["output"] == target
     assert {"cleanlist_status", "cleanlist_email", "cleanlist_task_id"} <= set(out.columns)
+
+
+@pytest.mark.parametrize(("rate_limit", "hinted"), [("2/1", True), ("100/1", False)])
+def test_a_run_paced_by_the_client_side_limit_says_so(
+    tmp_path: Path, make_sandbox, api_env, rate_limit: str, hinted: bool
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    api_env(make_sandbox(rate_limit=None))  # the API would take more than the client allows itself
+    source = messy_export(tmp_path / "crm.csv", unique=1250)  # 5 chunks
+    state, summary = run_flow(
+        source=str(source),
+        output=str(tmp_path / "out.csv"),
+        store=f"sqlite:///{tmp_path / 's.db'}",
+        rate_limit=rate_limit,
+    )
+    assert state.is_completed(), state.message
+    assert summary["rate_limit"] == rate_limit and summary["rate_limited"] == 0
+    APILogHandler().flush()
+    run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        logs = " ".join(log.message for log in client.read_logs(log_filter=run_filter))
+    assert "plan:" in logs  # the run's own log lines are there
+    assert ("paced the submissions" in logs) is hinted
