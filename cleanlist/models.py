@@ -119,19 +119,22 @@ class TaskResult(_Lenient):
         rather than report every contact of such an answer as not found."""
         if not isinstance(data, dict) or data.get("primary_email") is not None:
             return data
-        nested = [data.get(k) for k in ("result", "data", "enrichment") if isinstance(data.get(k), dict)]
+        nested = [data[k] for k in ("result", "data", "enrichment") if isinstance(data.get(k), dict)]
+        sources = [data, *nested]
         data = dict(data)
-        for source in [data, *nested]:
-            if data.get("primary_email") is None and source.get("email") is not None:
-                data["primary_email"] = source["email"]
-                data.setdefault("primary_email_status", source.get("email_status"))
-            if data.get("primary_email") is None and source.get("primary_email") is not None:
-                data["primary_email"] = source["primary_email"]
-                data.setdefault("primary_email_status", source.get("primary_email_status"))
-            if not data.get("personal_phone_numbers"):
-                phones = source.get("personal_phone_numbers") or source.get("phones") or source.get("phone")
-                if phones:
-                    data["personal_phone_numbers"] = phones if isinstance(phones, list) else [phones]
+        email = next(
+            ((s, k) for s in sources for k in ("primary_email", "email") if s.get(k) is not None), None
+        )
+        if email is not None:
+            source, key = email
+            data["primary_email"] = source[key]
+            if data.get("primary_email_status") is None:
+                data["primary_email_status"] = source.get(f"{key}_status")
+        if not data.get("personal_phone_numbers"):
+            names = ("personal_phone_numbers", "phones", "phone")
+            phones = next((s[k] for s in sources for k in names if s.get(k)), None)
+            if phones:
+                data["personal_phone_numbers"] = phones if isinstance(phones, list) else [phones]
         return data
 
     @property

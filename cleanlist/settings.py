@@ -52,7 +52,8 @@ def host_of(base_url: str) -> str:
 class CleanlistSettings(BaseSettings):
     """Configuration of the Cleanlist client, read from `CLEANLIST_*` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="CLEANLIST_", extra="ignore")
+    # Overrides assigned later (a flow's parameters) go through the same validators as the environment.
+    model_config = SettingsConfigDict(env_prefix="CLEANLIST_", extra="ignore", validate_assignment=True)
 
     api_key: SecretStr | None = Field(
         default=None, description="API key (`clapi_…`); sent only as `Authorization: Bearer`."

@@ -30,7 +30,7 @@ from prefect.tasks import exponential_backoff
 from cleanlist.client import CleanlistClient
 from cleanlist.errors import Action, APIError, CleanlistError, InputError, NotFoundError, policy_for
 from cleanlist.models import EnrichmentType, worst_case_credits
-from cleanlist.settings import CleanlistSettings, host_of
+from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
 from tasks.credits import CreditWatcher
 from tasks.dbsink import is_database_url
@@ -283,7 +283,7 @@ def enrich_contacts(
     rejects = rejects or (f"{table}_rejects" if table else default_rejects_path(output))
     settings = CleanlistSettings()
     if base_url:
-        settings.base_url = host_of(base_url)
+        settings.base_url = base_url
     if rate_limit:
         settings.rate_limit = rate_limit
     api_key = resolve_api_key(settings)
