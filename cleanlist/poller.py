@@ -38,8 +38,9 @@ from cleanlist.constants import (
     POLL_SHRINK,
     POLL_WORKERS,
 )
-from cleanlist.errors import Action, APIError, NotFoundError, policy_for
+from cleanlist.errors import Action, APIError, NotFoundError
 from cleanlist.models import WorkflowStatus
+from cleanlist.retry import RetryPolicy
 
 logger = logging.getLogger("cleanlist.poller")
 
@@ -52,6 +53,7 @@ class TrackedWorkflow:
     submitted_at: float  # time.monotonic() when accepted (or when a resumed run picked it up)
     contacts: int
     polls: int = 0
+    failures: int = 0  # status calls in a row that failed (reset by any answer)
     tag: object = None  # whatever the caller wants back with the result (e.g. a chunk number)
     # Poller bookkeeping.
     answered: bool = field(default=False, repr=False)  # a status answer (done or not) has come back
@@ -172,8 +174,10 @@ class WorkflowPoller:
         min_interval: float = 0.05,
         max_interval: float = 60.0,
         workers: int = POLL_WORKERS,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._client = client
+        self._retry = retry or RetryPolicy()
         self._on_result = on_result
         self._on_gone = on_gone
         self._on_fatal = on_fatal
@@ -354,17 +358,23 @@ class WorkflowPoller:
             self._deliver(workflow, lambda: self._on_gone(workflow, "not_found"))
             return
         except APIError as exc:
-            policy = policy_for(exc)
-            if policy is not None and policy.action is Action.FAIL_FAST:
+            workflow.failures += 1
+            decision = self._retry.for_poll(
+                exc,
+                what=f"status of {workflow.workflow_id}",
+                failures=workflow.failures,
+                ceiling=self.max_interval,
+            )
+            if decision.action is Action.FAIL_FAST:
                 self._fatal = exc
                 if self._on_fatal is not None:
                     self._on_fatal(exc)
                 self._requeue(workflow, 0.0)
                 return
             self._count("errors")
-            retry_after = getattr(exc, "retry_after", None)
-            self._requeue(workflow, retry_after or min(self.estimate, self.max_interval))
+            self._requeue(workflow, decision.wait or self.min_interval)
             return
+        workflow.failures = 0
         elapsed = time.monotonic() - workflow.submitted_at
         done = isinstance(status, WorkflowStatus) and status.is_terminal
         busy = self._status_budget_busy()

@@ -11,6 +11,7 @@ from functools import lru_cache
 from urllib.parse import unquote
 
 from cleanlist.errors import InputError
+from cleanlist.run.states import Reject, RejectCode
 
 FIELDS: tuple[str, ...] = (
     "linkedin_url",
@@ -390,11 +391,13 @@ def normalize_contact(values: Mapping[str, object | None]) -> dict[str, str]:
     return _normalize(values)[0]
 
 
-def validate_contact(contact: Mapping[str, str]) -> str | None:
-    """None when the API will accept the contact, else a one-line reason for the rejects file."""
+def validate_contact(contact: Mapping[str, str]) -> Reject | None:
+    """None when the API will accept the contact, else why not (a code and a one-line detail)."""
     for field, value in contact.items():
         if len(value) > MAX_FIELD_CHARS:
-            return f"field {field} is longer than {MAX_FIELD_CHARS} characters"
+            return Reject(
+                RejectCode.FIELD_TOO_LONG, f"field {field} is longer than {MAX_FIELD_CHARS} characters"
+            )
     if "linkedin_url" in contact:
         return None
     if (
@@ -404,9 +407,10 @@ def validate_contact(contact: Mapping[str, str]) -> str | None:
     ):
         return None
     has = ", ".join(field for field in FIELDS if field in contact) or "nothing"
-    return (
+    return Reject(
+        RejectCode.MISSING_FIELDS,
         "missing fields: needs linkedin_url, or first_name + last_name + company_domain/company_name "
-        f"(has: {has})"
+        f"(has: {has})",
     )
 
 
@@ -438,23 +442,28 @@ def api_payload(contact: Mapping[str, str]) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class PreparedRow:
-    """One source row after preparation: a valid contact has a key, an invalid one has a reason."""
+    """One source row after preparation: a valid contact has a key, an invalid one a reject."""
 
     contact: dict[str, str]
     key: str | None
-    reason: str | None
+    reject: Reject | None
 
     @property
     def ok(self) -> bool:
-        return self.reason is None
+        return self.reject is None
+
+    @property
+    def reason(self) -> str | None:
+        """The reject's one-line detail, for the rejects file."""
+        return self.reject.detail if self.reject is not None else None
 
 
 def prepare_row(values_by_field: Mapping[str, object | None]) -> PreparedRow:
     """Normalize, validate and key one row given as field → raw value (see HeaderMapping.row_values)."""
     contact, notes = _normalize(values_by_field)
-    reason = validate_contact(contact)
-    if reason is not None:
-        if notes and reason.startswith("missing"):
-            reason = f"{reason}; ignored: {'; '.join(notes)}"
-        return PreparedRow(contact, None, reason)
+    reject = validate_contact(contact)
+    if reject is not None:
+        if notes and reject.code is RejectCode.MISSING_FIELDS:
+            reject = Reject(reject.code, f"{reject.detail}; ignored: {'; '.join(notes)}")
+        return PreparedRow(contact, None, reject)
     return PreparedRow(contact, contact_key(contact), None)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_AUTH = 0, 1, 2
+from deployments.local_run import EXIT_FAILED, EXIT_OK
+from deployments.local_run import error as _error
 
 
 def _parse_map(values: Sequence[str] | None) -> dict[str, str] | None:
@@ -25,152 +24,77 @@ def _parse_map(values: Sequence[str] | None) -> dict[str, str] | None:
     return mapping
 
 
-def _error(message: str) -> None:
-    print(f"cleanlist-enrich: error: {message}", file=sys.stderr)
+# Options whose command-line form differs from `--field-name` (SOURCE is positional, OUTPUT has -o).
+FLAG_NAMES = {"sql_query": ("--sql",), "output": ("--output", "-o"), "mapping": ("--map",)}
+NOT_FLAGS = {"source"}
+
+
+def _run_option_help(name: str) -> str:
+    from cleanlist.run.options import EnrichOptions
+
+    field = EnrichOptions.model_fields[name]
+    text = field.description or ""
+    if field.default not in (None, False) and not field.is_required():
+        text += (
+            f" (default {field.default:g})"
+            if isinstance(field.default, float)
+            else f" (default {field.default})"
+        )
+    return text
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--enrichment-type",
-        default="partial",
-        choices=["none", "partial", "phone_only", "full", "prospecting_only"],
-    )
-    parser.add_argument(
-        "--map",
-        action="append",
-        metavar='FIELD="Header"',
-        help="map a source column to a field, e.g. --map first_name=Vorname (repeatable)",
-    )
-    parser.add_argument("--rejects", help="where invalid rows go (default: <output>.rejects.csv)")
-    parser.add_argument("--table", help="with a database URL as --output: the table to upsert into")
-    parser.add_argument("--sql", dest="sql_query", help="with a SQLAlchemy URL as SOURCE: the query to read")
-    parser.add_argument(
-        "--store", help="SQLAlchemy URL of the enrichment store (default ~/.cleanlist/store.db)"
-    )
-    parser.add_argument(
-        "--refresh-days",
-        type=float,
-        default=30.0,
-        help="re-enrich contacts whose stored result is older than this (0 = always)",
-    )
-    parser.add_argument("--max-credits", type=float, help="never let the run's worst-case spend exceed this")
-    parser.add_argument("--dry-run", action="store_true", help="read, prepare and plan; submit nothing")
-    parser.add_argument(
-        "--webhook-url", help="ask the API to POST results here too (polling stays the truth)"
-    )
-    parser.add_argument(
-        "--credit-recheck-seconds",
-        type=float,
-        default=60.0,
-        help="while paused on 402, how often to re-check the balance",
-    )
-    parser.add_argument("--pause-timeout-seconds", type=int, default=7 * 24 * 3600)
-    parser.add_argument(
-        "--rate-limit",
-        metavar="N/SECONDS",
-        help="the organization's limit per endpoint (default CLEANLIST_RATE_LIMIT, else 60/60)",
-    )
-    parser.add_argument("--max-concurrent-chunks", type=int, default=8)
-    parser.add_argument(
-        "--initial-poll-seconds",
-        type=float,
-        default=5.0,
-        help="a generous guess at how long a workflow takes: the first status probe goes out at a quarter "
-        "of it, and the poller learns the real figure from there",
-    )
+    """One flag per EnrichOptions field, generated from the model (names, choices, help, defaults).
+
+    Flags the user does not give are not passed to the flow, so the flow's defaults (the model's,
+    proven equal by tests/test_options.py) apply.
+    """
+    from typing import get_args
+
+    from cleanlist.models import ENRICHMENT_TYPES
+    from cleanlist.run.options import EnrichOptions
+
+    for name, field in EnrichOptions.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        flags = FLAG_NAMES.get(name, (f"--{name.replace('_', '-')}",))
+        common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _run_option_help(name)}
+        if name == "output":
+            parser.add_argument(*flags, required=True, dest=name, help=field.description)
+        elif name == "mapping":
+            parser.add_argument(
+                *flags,
+                action="append",
+                metavar='FIELD="Header"',
+                dest=name,
+                default=argparse.SUPPRESS,
+                help="map a source column to a field, e.g. --map first_name=Vorname (repeatable)",
+            )
+        elif field.annotation is bool:
+            parser.add_argument(*flags, action="store_true", **common)
+        elif name == "enrichment_type":
+            parser.add_argument(*flags, choices=ENRICHMENT_TYPES, **common)
+        else:
+            kinds = [t for t in (get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
+            kind = kinds[0] if kinds and kinds[0] in (int, float) else str
+            metavar = "N/SECONDS" if name == "rate_limit" else None
+            parser.add_argument(*flags, type=kind, metavar=metavar, **common)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
 
 
 def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "source": args.source,
-        "output": args.output,
-        "enrichment_type": args.enrichment_type,
-        "mapping": _parse_map(args.map),
-        "rejects": args.rejects,
-        "table": args.table,
-        "sql_query": args.sql_query,
-        "store": args.store,
-        "refresh_days": args.refresh_days,
-        "max_credits": args.max_credits,
-        "dry_run": args.dry_run,
-        "webhook_url": args.webhook_url,
-        "credit_recheck_seconds": args.credit_recheck_seconds,
-        "pause_timeout_seconds": args.pause_timeout_seconds,
-        "max_concurrent_chunks": args.max_concurrent_chunks,
-        "initial_poll_seconds": args.initial_poll_seconds,
-        "rate_limit": args.rate_limit,
-    }
+    """The flow's parameters: SOURCE and every option given on the command line."""
+    from cleanlist.run.options import EnrichOptions
 
-
-def _progress(stop: threading.Event) -> None:
-    """A progress bar on a terminal, fed by the in-process run's counters."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from tasks.engine import current_engine
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("enriching", total=None)
-        while not stop.wait(0.5):
-            engine = current_engine()
-            if engine is None or not engine.counters.chunks_total:
-                continue
-            c = engine.counters
-            bar.update(
-                task,
-                total=c.chunks_total,
-                completed=c.workflows_completed + c.chunks_failed,
-                description=f"chunks done ({c.submitted} contacts sent)",
-            )
-
-
-def run_enrichment(kwargs: dict[str, Any], *, as_json: bool) -> int:
-    """Run the flow in this process and report; the exit code follows the README."""
-    from cleanlist.errors import CleanlistError
-    from flows.enrich_contacts import enrich_contacts, outcome_of
-
-    stop = threading.Event()
-    bar = None
-    if sys.stdout.isatty() and not as_json:
-        bar = threading.Thread(target=_progress, args=(stop,), daemon=True)
-        bar.start()
-    try:
-        state = enrich_contacts(**kwargs, return_state=True)
-    except CleanlistError as exc:
-        _error(str(exc))
-        return EXIT_FAILED
-    finally:
-        stop.set()
-        if bar is not None:
-            bar.join(timeout=2)
-    summary, message, exit_code = outcome_of(state)
-    if summary:
-        _print_summary(summary, as_json=as_json)
-    if message:
-        _error(message)
-    return exit_code
-
-
-def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary, default=str))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"cleanlist-enrich: {summary.get('status')}", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, str(value))
-    Console().print(table)
+    given = {name: getattr(args, name) for name in EnrichOptions.model_fields if hasattr(args, name)}
+    if "mapping" in given:
+        given["mapping"] = _parse_map(given["mapping"])
+    return given
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from deployments.local_run import run_enrichment
+
     return run_enrichment(_flow_kwargs(args), as_json=args.json)
 
 
@@ -213,12 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="enrich a contact source into an output file or table")
-    run.add_argument(
-        "source", help="path or fsspec URL (.csv .tsv .parquet .jsonl .xlsx), or a SQLAlchemy URL"
-    )
-    run.add_argument(
-        "--output", "-o", required=True, help="path/URL ending .csv .parquet .jsonl, or a database URL"
-    )
+    run.add_argument("source", help=_run_option_help("source"))
     _add_run_options(run)
     run.set_defaults(func=cmd_run)
 

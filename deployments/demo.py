@@ -10,7 +10,7 @@ SAMPLE = Path(__file__).parent / "data" / "sample-crm-export.csv"
 
 def run_demo(*, output_dir: str = "output", as_json: bool = False) -> int:
     from cleanlist.sandbox import SandboxConfig, SandboxServer
-    from deployments.cli import run_enrichment
+    from deployments.local_run import run_enrichment
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,7 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled, Cancelling, Failed, State
 
 from cleanlist.errors import CleanlistError, InputError
-from cleanlist.settings import CleanlistSettings
-from tasks.shards import (
+from cleanlist.io.shards import (
     DATABASE_SCHEMES,
     SHARD_DIR_NAME,
     SHARD_METRICS,
@@ -56,9 +55,10 @@ from tasks.shards import (
     remove_stale,
     shard_rate_limit,
     split_source,
-    split_source_task,
     sql_windows,
 )
+from cleanlist.settings import CleanlistSettings
+from tasks.shards import split_source_task
 
 RUN_SUMMARY_KEY = "cleanlist-run-summary"
 BACKFILL_SUMMARY_KEY = "cleanlist-backfill-summary"

@@ -1,121 +1,24 @@
-"""Staging: read the source in batches, map headers, prepare every row, keep rows and unique contacts.
-
-Memory is bounded by one read batch: prepared rows go to the run's workspace on disk as they are read.
-"""
+"""The stage-source task: a thin shell over `cleanlist.run.stage.stage_source`."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
-
-import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cleanlist.prepare import FIELDS, HeaderMapping, api_payload, prepare_row, resolve_mapping
+from cleanlist.run.context import RunContext
+from cleanlist.run.stage import StageReport, stage_source
 from tasks.outcomes import input_errors_as_failed_state
-from tasks.sources import iter_source
-from tasks.workspace import KEY, REJECT, ROW, RunWorkspace, StagedContact
-
-logger = logging.getLogger("cleanlist.stage")
-
-
-@dataclass(frozen=True)
-class StageReport:
-    rows_read: int
-    rejected: int
-    valid_rows: int
-    unique_contacts: int
-    mapping: str
-
-    @property
-    def duplicates(self) -> int:
-        return self.valid_rows - self.unique_contacts
-
-
-def _prepare_frame(
-    frame: pd.DataFrame, mapping: HeaderMapping
-) -> tuple[list[str | None], list[str | None], list[StagedContact]]:
-    fields = [f for f in FIELDS if f in mapping.fields]
-    columns = [frame[mapping.fields[f]].tolist() for f in fields]
-    keys: list[str | None] = []
-    reasons: list[str | None] = []
-    contacts: list[StagedContact] = []
-    for values in zip(*columns, strict=True):
-        prepared = prepare_row(dict(zip(fields, values, strict=True)))
-        keys.append(prepared.key)
-        reasons.append(prepared.reason)
-        if prepared.key is not None:
-            contacts.append(StagedContact(prepared.key, api_payload(prepared.contact)))
-    return keys, reasons, contacts
-
-
-def stage_source(
-    source: str,
-    workspace: RunWorkspace,
-    *,
-    mapping_overrides: Mapping[str, str] | None = None,
-    sql_query: str | None = None,
-    batch_rows: int = 50_000,
-) -> StageReport:
-    """Read, prepare and stage every row of `source`; rejects are staged too, with their reason."""
-    mapping: HeaderMapping | None = None
-    rows = rejected = valid = 0
-    for batch in iter_source(source, batch_rows=batch_rows, sql_query=sql_query):
-        frame = batch.frame
-        if mapping is None:
-            mapping = resolve_mapping(list(frame.columns), mapping_overrides)
-            logger.info("column mapping: %s", mapping.describe())
-        keys, reasons, contacts = _prepare_frame(frame, mapping)
-        staged = frame.copy()
-        staged[ROW] = list(frame.index)
-        staged[KEY] = keys
-        staged[REJECT] = reasons
-        if batch.bad_rows:
-            bad = pd.DataFrame([{**row.values} for row in batch.bad_rows], columns=list(frame.columns))
-            bad[ROW] = [row.row_number for row in batch.bad_rows]
-            bad[KEY] = None
-            bad[REJECT] = [row.reason for row in batch.bad_rows]
-            staged = pd.concat([staged, bad], ignore_index=True).sort_values(ROW, kind="stable")
-        staged = staged.reset_index(drop=True)
-        workspace.add_part(staged, contacts)
-        rows += len(staged)
-        valid += len(contacts)
-        rejected += len(staged) - len(contacts)
-    if mapping is None:
-        workspace.columns = _header_only_columns(source, sql_query)
-    return StageReport(
-        rows_read=rows,
-        rejected=rejected,
-        valid_rows=valid,
-        unique_contacts=workspace.count(),
-        mapping=mapping.describe() if mapping else "(no rows)",
-    )
-
-
-def _header_only_columns(source: str, sql_query: str | None) -> list[str]:
-    from tasks.sources import source_columns
-
-    return list(source_columns(source, sql_query=sql_query))
 
 
 @task(name="stage-source", cache_policy=NO_CACHE, persist_result=False)
 @input_errors_as_failed_state
-def stage_source_task(
-    run_id: str,
-    source: str,
-    mapping_overrides: dict[str, str] | None = None,
-    sql_query: str | None = None,
-    batch_rows: int = 50_000,
-) -> StageReport:
-    from tasks.engine import engine_for
-
-    engine = engine_for(run_id)
+def stage_source_task(run: RunContext) -> StageReport:
+    """Read, prepare and stage every row of the run's source into its workspace."""
+    options = run.options
     return stage_source(
-        source,
-        engine.workspace,
-        mapping_overrides=mapping_overrides,
-        sql_query=sql_query,
-        batch_rows=batch_rows,
+        options.source,
+        run.workspace,
+        mapping_overrides=options.mapping,
+        sql_query=options.sql_query,
+        batch_rows=options.batch_rows,
     )

@@ -34,8 +34,8 @@ import pytest
 import sqlalchemy as sa
 
 from cleanlist.errors import InputError
+from cleanlist.io.shards import shard_rate_limit, split_source, sql_windows
 from cleanlist.sandbox import SandboxConfig, SandboxServer
-from tasks.shards import shard_rate_limit, split_source, sql_windows
 from tests.conftest import postgres_database
 from tests.sandbox_helpers import WebhookReceiver
 

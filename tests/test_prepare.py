@@ -20,6 +20,7 @@ from cleanlist.prepare import (
     resolve_mapping,
     validate_contact,
 )
+from cleanlist.run.states import Reject, RejectCode
 
 # ------------------------------------------------------------------------------------------ mapping
 
@@ -425,15 +426,18 @@ def test_documented_rule_accepts(contact: dict[str, str]) -> None:
     ],
 )
 def test_documented_rule_rejects_with_reason(contact: dict[str, str], has: str) -> None:
-    assert validate_contact(contact) == (
+    assert validate_contact(contact) == Reject(
+        RejectCode.MISSING_FIELDS,
         "missing fields: needs linkedin_url, or first_name + last_name + company_domain/company_name "
-        f"(has: {has})"
+        f"(has: {has})",
     )
 
 
 def test_over_long_field_is_rejected() -> None:
     contact = {"first_name": "Jane", "last_name": "Doe", "company_name": "A" * 2049}
-    assert validate_contact(contact) == "field company_name is longer than 2048 characters"
+    assert validate_contact(contact) == Reject(
+        RejectCode.FIELD_TOO_LONG, "field company_name is longer than 2048 characters"
+    )
     assert validate_contact({**contact, "company_name": "A" * 2048}) is None
 
 

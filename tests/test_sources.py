@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from cleanlist.errors import InputError
-from tasks.sources import SourceBatch, display_source, iter_source, source_columns
+from cleanlist.io.sources import SourceBatch, display_source, iter_source, source_columns
 
 
 def read(source: str | Path, **options: object) -> list[SourceBatch]:

@@ -20,22 +20,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cleanlist.run.states import ContactState
+
 ROW = "__cleanlist_row"
 KEY = "__cleanlist_key"
 REJECT = "__cleanlist_reject"
-META_COLUMNS = (ROW, KEY, REJECT)
-
-# Per-run states of a unique contact.
-NEW = "new"  # staged, not yet planned
-FRESH = "fresh"  # the store holds a result young enough
-IN_FLIGHT = "in_flight"  # an earlier run's workflow holds it: poll, never resubmit
-HELD = "held"  # another live run claimed it and has not submitted it yet
-PLANNED = "planned"  # in a chunk waiting to be submitted
-ACCEPTED = "accepted"  # the API accepted it in this run
-QUARANTINED = "quarantined"  # the API refused it (422): its rows go to rejects
-SKIPPED_BUDGET = "skipped_budget"  # --max-credits reached before its chunk
-NOT_SUBMITTED = "not_submitted"  # the run stopped (401/403/402 timeout) before its chunk
-ERROR = "error"  # its chunk failed for good (400, retries exhausted)
+REJECT_CODE = "__cleanlist_reject_code"
+META_COLUMNS = (ROW, KEY, REJECT, REJECT_CODE)
 
 
 @dataclass(frozen=True)
@@ -54,7 +45,7 @@ class RunWorkspace:
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute(
             "CREATE TABLE contacts (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, payload TEXT NOT NULL,"
-            " state TEXT NOT NULL DEFAULT 'new', chunk_no INTEGER, note TEXT)"
+            f" state TEXT NOT NULL DEFAULT '{ContactState.NEW}', chunk_no INTEGER, note TEXT)"
         )
         self._db.execute("CREATE INDEX contacts_chunk ON contacts(chunk_no)")
         self._lock = threading.Lock()
@@ -93,19 +84,19 @@ class RunWorkspace:
             yield pq.read_table(path).to_pandas()
 
     # -- contacts ----------------------------------------------------------------------------------
-    def count(self, state: str | None = None) -> int:
+    def count(self, state: ContactState | None = None) -> int:
         with self._lock:
             if state is None:
                 return int(self._db.execute("SELECT COUNT(*) FROM contacts").fetchone()[0])
             sql = "SELECT COUNT(*) FROM contacts WHERE state = ?"
             return int(self._db.execute(sql, (state,)).fetchone()[0])
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[ContactState, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM contacts GROUP BY state").fetchall()
-        return {state: int(n) for state, n in rows}
+        return {ContactState(state): int(n) for state, n in rows}
 
-    def keys_in_state(self, state: str, block: int = 5000) -> Iterator[list[str]]:
+    def keys_in_state(self, state: ContactState, block: int = 5000) -> Iterator[list[str]]:
         """Keys in `state` in input order, `block` at a time (a snapshot taken up front)."""
         last = -1
         while True:
@@ -119,7 +110,7 @@ class RunWorkspace:
             last = rows[-1][0]
             yield [key for _, key in rows]
 
-    def set_state(self, keys: Sequence[str], state: str, note: str | None = None) -> None:
+    def set_state(self, keys: Sequence[str], state: ContactState, note: str | None = None) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
@@ -127,7 +118,7 @@ class RunWorkspace:
             )
             self._db.execute("COMMIT")
 
-    def set_notes(self, notes: dict[str, str], state: str) -> None:
+    def set_notes(self, notes: dict[str, str], state: ContactState) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
@@ -139,7 +130,7 @@ class RunWorkspace:
     def plan_chunks(self, chunk_size: int) -> list[int]:
         """Group every NEW contact, in input order, into chunks; returns the chunk numbers."""
         assigned = 0
-        for keys in self.keys_in_state(NEW, block=chunk_size * 20):
+        for keys in self.keys_in_state(ContactState.NEW, block=chunk_size * 20):
             batch = [((assigned + i) // chunk_size, key) for i, key in enumerate(keys)]
             assigned += len(keys)
             self._assign(batch)
@@ -148,14 +139,16 @@ class RunWorkspace:
     def _assign(self, batch: list[tuple[int, str]]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("UPDATE contacts SET state = 'planned', chunk_no = ? WHERE key = ?", batch)
+            self._db.executemany(
+                f"UPDATE contacts SET state = '{ContactState.PLANNED}', chunk_no = ? WHERE key = ?", batch
+            )
             self._db.execute("COMMIT")
 
     def chunk(self, chunk_no: int) -> list[StagedContact]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT key, payload FROM contacts WHERE chunk_no = ? AND state = 'planned' ORDER BY seq",
-                (chunk_no,),
+                "SELECT key, payload FROM contacts WHERE chunk_no = ? AND state = ? ORDER BY seq",
+                (chunk_no, ContactState.PLANNED),
             ).fetchall()
         return [StagedContact(key, json.loads(payload)) for key, payload in rows]
 
@@ -166,8 +159,9 @@ class RunWorkspace:
             ).fetchall()
         return [key for (key,) in rows]
 
-    def states(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
-        found: dict[str, tuple[str, str | None]] = {}
+    def states(self, keys: Sequence[str]) -> dict[str, tuple[ContactState, str | None]]:
+        """Each known key's state and note (the note: why it was quarantined or failed)."""
+        found: dict[str, tuple[ContactState, str | None]] = {}
         unique = list(dict.fromkeys(keys))
         with self._lock:
             for start in range(0, len(unique), 500):
@@ -176,5 +170,5 @@ class RunWorkspace:
                 for key, state, note in self._db.execute(
                     f"SELECT key, state, note FROM contacts WHERE key IN ({marks})", block
                 ):
-                    found[key] = (state, note)
+                    found[key] = (ContactState(state), note)
         return found

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cleanlist.models import worst_case_credits
+from cleanlist.run.states import ContactState
+from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
-from tasks.workspace import FRESH, HELD, IN_FLIGHT, NEW, RunWorkspace
 
 
 @dataclass(frozen=True)
@@ -31,19 +32,19 @@ def plan_run(
     """Classify every NEW contact against the store (read-only), then chunk what is left to send."""
     fresh = in_flight = held = 0
     workflows: dict[str, None] = {}
-    for keys in workspace.keys_in_state(NEW, block=5000):
+    for keys in workspace.keys_in_state(ContactState.NEW, block=5000):
         outcome = store.peek(keys, enrichment_type, fresh_after)
         if outcome.fresh:
-            workspace.set_state(list(outcome.fresh), FRESH)
+            workspace.set_state(list(outcome.fresh), ContactState.FRESH)
             fresh += len(outcome.fresh)
         if outcome.in_flight:
-            workspace.set_state(list(outcome.in_flight), IN_FLIGHT)
+            workspace.set_state(list(outcome.in_flight), ContactState.IN_FLIGHT)
             in_flight += len(outcome.in_flight)
             workflows.update(dict.fromkeys(wf for wf, _ in outcome.in_flight.values()))
         if outcome.held:
-            workspace.set_state(outcome.held, HELD)
+            workspace.set_state(outcome.held, ContactState.HELD)
             held += len(outcome.held)
-    to_submit = workspace.count(NEW)
+    to_submit = workspace.count(ContactState.NEW)
     chunks = workspace.plan_chunks(chunk_size)
     return Plan(
         fresh=fresh,

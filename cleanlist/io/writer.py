@@ -1,0 +1,270 @@
+"""The one place that writes a run's rows: output (files or a database table) and rejects.
+
+Every input row is written exactly once: valid rows (duplicates included) to the output with the
+`cleanlist_*` columns joined from the store by contact key, invalid and quarantined rows to rejects
+with a reason. Files are written to a local temporary file first and moved into place at the end, so
+the final files appear atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cleanlist.errors import InputError
+from cleanlist.run.states import ContactState, RejectCode
+from cleanlist.run.workspace import KEY, META_COLUMNS, REJECT, REJECT_CODE, ROW, RunWorkspace
+from cleanlist.store import EnrichmentStore, StoredResult
+
+OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
+RESULT_COLUMNS = (
+    "cleanlist_status",
+    "cleanlist_email",
+    "cleanlist_email_status",
+    "cleanlist_other_emails",
+    "cleanlist_phones",
+    "cleanlist_workflow_id",
+    "cleanlist_task_id",
+    "cleanlist_enriched_at",
+)
+REJECT_REASON = "reject_reason"
+REJECT_CODE_COLUMN = "reject_code"
+LIST_SEPARATOR = "; "
+
+# cleanlist_status of a row whose contact has no stored result, by what happened to it in this run.
+STATUS_FOR_STATE = {
+    ContactState.ACCEPTED: "pending",
+    ContactState.IN_FLIGHT: "pending",
+    ContactState.HELD: "pending",
+    ContactState.PLANNED: "not_submitted",
+    ContactState.NEW: "not_submitted",
+    ContactState.NOT_SUBMITTED: "not_submitted",
+    ContactState.SKIPPED_BUDGET: "skipped_budget",
+    ContactState.ERROR: "error",
+}
+# States whose stored result (if any) is not this run's answer: the row shows the state instead.
+UNANSWERED = frozenset(
+    {
+        ContactState.PLANNED,
+        ContactState.NEW,
+        ContactState.NOT_SUBMITTED,
+        ContactState.SKIPPED_BUDGET,
+        ContactState.ERROR,
+    }
+)
+
+
+def output_format(output: str) -> str:
+    suffix = Path(output.split("?", 1)[0]).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise InputError(f"output {output!r} must end in .csv, .parquet or .jsonl (or be a database URL)")
+    return OUTPUT_FORMATS[suffix]
+
+
+class RowSink(Protocol):
+    def write(self, frame: pd.DataFrame) -> None: ...
+    def commit(self, columns: Sequence[str]) -> None: ...
+    def abort(self) -> None: ...
+
+
+class FileSink:
+    """Appends frames to a local temporary file; `commit` moves it to the destination in one step."""
+
+    def __init__(self, destination: str, fmt: str) -> None:
+        self.destination = destination
+        self.fmt = fmt
+        handle, name = tempfile.mkstemp(prefix="cleanlist-", suffix=f".{fmt}.partial")
+        os.close(handle)
+        self._tmp = Path(name)
+        self._rows = 0
+        self._parquet: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if frame.empty:
+            return
+        if self.fmt == "csv":
+            frame.to_csv(self._tmp, mode="a", header=self._rows == 0, index=False)
+        elif self.fmt == "jsonl":
+            with self._tmp.open("a", encoding="utf-8") as out:
+                out.write(frame.to_json(orient="records", lines=True, force_ascii=False, date_format="iso"))
+                if not frame.empty:
+                    out.write("\n")
+        else:
+            self._write_parquet(frame)
+        self._rows += len(frame)
+
+    def _write_parquet(self, frame: pd.DataFrame) -> None:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if self._schema is None:
+            # A column that is empty in the first batch has no type yet: call it a string.
+            fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]
+            self._schema = pa.schema(fields)
+            self._parquet = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
+        try:
+            table = table.cast(self._schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+            table = pa.Table.from_pandas(frame.astype("string"), preserve_index=False).cast(self._schema)
+        assert self._parquet is not None
+        self._parquet.write_table(table)
+
+    def commit(self, columns: Sequence[str]) -> None:
+        if self._rows == 0:
+            empty = pd.DataFrame({c: pd.Series(dtype="string") for c in columns})
+            if self.fmt == "csv":
+                empty.to_csv(self._tmp, index=False)
+            elif self.fmt == "parquet":
+                pq.write_table(pa.Table.from_pandas(empty, preserve_index=False), self._tmp)
+            else:
+                self._tmp.write_text("", encoding="utf-8")
+        if self._parquet is not None:
+            self._parquet.close()
+        _move_into_place(self._tmp, self.destination)
+
+    def abort(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _move_into_place(tmp: Path, destination: str) -> None:
+    fs, path = fsspec.core.url_to_fs(destination)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(tmp, staging)
+        os.replace(staging, target)
+    else:
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        staging = f"{path}.partial"
+        fs.put_file(str(tmp), staging)
+        fs.mv(staging, path)
+    tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    output_rows: int
+    rejected_rows: int
+    statuses: dict[str, int]
+    reject_reasons: dict[str, int]
+
+
+def _join(value: Sequence[str]) -> str | None:
+    return LIST_SEPARATOR.join(value) if value else None
+
+
+def _result_columns(
+    state: tuple[ContactState, str | None] | None, result: StoredResult | None
+) -> tuple[object, ...]:
+    state_name = state[0] if state else ContactState.NOT_SUBMITTED
+    if result is not None and state_name not in UNANSWERED:
+        if state_name is ContactState.FRESH:
+            status = "cached"
+        elif result.status.lower() == "completed":
+            status = "enriched"
+        elif result.status.lower() == "failed":
+            status = "not_found"
+        else:
+            status = result.status.lower()
+        return (
+            status,
+            result.primary_email,
+            result.primary_email_status,
+            _join(result.other_emails),
+            _join(result.phones),
+            result.workflow_id,
+            result.task_id,
+            result.enriched_at.isoformat() if result.enriched_at else None,
+        )
+    return (STATUS_FOR_STATE.get(state_name, state_name.value), None, None, None, None, None, None, None)
+
+
+def write_rows(
+    workspace: RunWorkspace,
+    store: EnrichmentStore,
+    enrichment_type: str,
+    output: RowSink,
+    rejects: RowSink,
+) -> WriteReport:
+    """Join every staged row with its contact's outcome and write it to output or rejects."""
+    statuses: dict[str, int] = {}
+    reasons_seen: dict[str, int] = {}
+    written = rejected = 0
+    columns = list(workspace.columns)
+    try:
+        for part in workspace.parts():
+            keys = [k for k in part[KEY].tolist() if isinstance(k, str)]
+            states = workspace.states(keys)
+            results = store.results(list(dict.fromkeys(keys)), enrichment_type)
+            rejects_of_part: list[tuple[str, str] | None] = []  # (code, detail) of each rejected row
+            values: list[tuple[object, ...]] = []
+            for key, detail, code in zip(
+                part[KEY].tolist(), part[REJECT].tolist(), part[REJECT_CODE].tolist(), strict=True
+            ):
+                if not isinstance(key, str):
+                    known = code if isinstance(code, str) else RejectCode.UNPARSABLE.value
+                    rejects_of_part.append((known, detail if isinstance(detail, str) else "invalid row"))
+                    values.append(())
+                    continue
+                state = states.get(key)
+                if state is not None and state[0] is ContactState.QUARANTINED:
+                    rejects_of_part.append(
+                        (RejectCode.REFUSED_BY_API.value, state[1] or "refused by the API")
+                    )
+                    values.append(())
+                    continue
+                rejects_of_part.append(None)
+                row = _result_columns(state, results.get(key))
+                statuses[str(row[0])] = statuses.get(str(row[0]), 0) + 1
+                values.append(row)
+            reasons = [r[1] if r is not None else None for r in rejects_of_part]
+            is_reject = pd.Series([r is not None for r in reasons], index=part.index)
+            bad = part.loc[is_reject, columns].copy()
+            bad[REJECT_CODE_COLUMN] = [r[0] for r in rejects_of_part if r is not None]
+            bad[REJECT_REASON] = [r[1] for r in rejects_of_part if r is not None]
+            good = part.loc[~is_reject, columns].copy()
+            if getattr(output, "wants_keys", False):
+                good["cleanlist_contact_key"] = part.loc[~is_reject, KEY]
+            kept = [v for v, r in zip(values, reasons, strict=True) if r is None]
+            for i, name in enumerate(RESULT_COLUMNS):
+                good[name] = pd.Series([v[i] for v in kept], index=good.index, dtype="object")
+            output.write(good)
+            rejects.write(bad)
+            for code in bad[REJECT_CODE_COLUMN]:
+                reasons_seen[code] = reasons_seen.get(code, 0) + 1
+            written += len(good)
+            rejected += len(bad)
+        output.commit([*columns, *RESULT_COLUMNS])
+        rejects.commit([*columns, REJECT_CODE_COLUMN, REJECT_REASON])
+    except BaseException:
+        output.abort()
+        rejects.abort()
+        raise
+    return WriteReport(written, rejected, statuses, reasons_seen)
+
+
+def open_sinks(output: str, rejects: str, table: str | None) -> tuple[RowSink, RowSink]:
+    """Sinks for the output and the rejects: files by extension, or with `table` two database tables."""
+    if table is not None:
+        from cleanlist.io.dbsink import DatabaseSink, SharedTransaction
+
+        transaction = SharedTransaction(output, members=2)
+        return DatabaseSink(transaction, table), DatabaseSink(transaction, rejects, kind="rejects")
+    return FileSink(output, output_format(output)), FileSink(rejects, "csv")
+
+
+__all__ = ["META_COLUMNS", "ROW", "WriteReport", "open_sinks", "output_format", "write_rows"]

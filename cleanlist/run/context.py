@@ -1,0 +1,335 @@
+"""One enrich run's context: what its flow body, task threads and poller share, handed to each explicitly.
+
+The flow creates a `RunContext` and passes it to every task it starts (tasks run in the flow's own
+process, on the task runner's threads); nothing finds a run through a module-level registry. The context
+owns the submission gate (closed on 401/403, paused on 402), the credit budget (`--max-credits`), the
+counters of the summary, and the callbacks that move results from the poller into the store. A progress
+listener, when given, is told each time a chunk settles.
+
+It is a plain class, not a dataclass: Prefect walks dataclass task arguments looking for futures, and
+this object is a handle, not data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cleanlist.client import CleanlistClient
+from cleanlist.errors import APIError
+from cleanlist.models import WorkflowStatus, credits_for, worst_case_credits
+from cleanlist.poller import TrackedWorkflow, WorkflowPoller
+from cleanlist.retry import RetryPolicy
+from cleanlist.run.options import EnrichOptions
+from cleanlist.run.states import ContactState, RunStatus
+from cleanlist.run.workspace import RunWorkspace
+from cleanlist.store import ContactResult, EnrichmentStore
+
+logger = logging.getLogger("cleanlist.run")
+
+
+@dataclass
+class RunCounters:
+    """What the run did, as counted while it ran (the summary is built from these)."""
+
+    rows_read: int = 0
+    duplicates: int = 0
+    unique_contacts: int = 0
+    fresh_in_store: int = 0
+    resumed_in_flight: int = 0
+    submitted: int = 0
+    quarantined: int = 0
+    emails_found: int = 0
+    phones_found: int = 0
+    credits_spent: float = 0.0
+    workflows_accepted: int = 0
+    workflows_completed: int = 0
+    chunks_total: int = 0
+    chunks_failed: int = 0
+    chunk_attempts: int = 0
+    rate_limited: int = 0
+    pauses: int = 0
+
+    @property
+    def retries(self) -> int:
+        """Bulk attempts beyond the first of each chunk (Prefect retries and inline Retry-After waits)."""
+        return max(self.chunk_attempts - self.workflows_accepted - self.chunks_failed, 0)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot for a progress display: chunks settled of all chunks, contacts sent so far."""
+
+    chunks_total: int
+    chunks_settled: int
+    contacts_sent: int
+
+
+ProgressListener = Callable[[Progress], None]
+
+
+class SubmissionGate:
+    """Whether new bulk requests may be sent: closed for good on 401/403, paused on 402."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fatal: APIError | None = None
+        self.credits_exhausted = False
+
+    @property
+    def open(self) -> bool:
+        with self._lock:
+            return self.fatal is None and not self.credits_exhausted
+
+    def fail(self, error: APIError) -> None:
+        """Close for good; the first fatal error is the one the run reports."""
+        with self._lock:
+            if self.fatal is None:
+                self.fatal = error
+
+    def exhaust_credits(self) -> None:
+        with self._lock:
+            self.credits_exhausted = True
+
+    def credits_returned(self) -> None:
+        with self._lock:
+            self.credits_exhausted = False
+
+
+class CreditBudget:
+    """`--max-credits`: the worst case of chunks being sent and of workflows in flight, plus what
+    finished workflows actually cost, never exceeds the cap."""
+
+    def __init__(self, enrichment_type: str, max_credits: float | None) -> None:
+        self.enrichment_type = enrichment_type
+        self.max_credits = max_credits
+        self._lock = threading.Lock()
+        self._reserved: dict[int, float] = {}
+        self._in_flight = 0.0
+        self.spent = 0.0
+
+    def committed(self) -> float:
+        with self._lock:
+            return sum(self._reserved.values()) + self._in_flight + self.spent
+
+    def reserve(self, chunk_no: int, contacts: int) -> bool:
+        """Reserve a chunk's worst case before submitting it; False if that would break the cap."""
+        need = worst_case_credits(self.enrichment_type, contacts)
+        with self._lock:
+            committed = sum(self._reserved.values()) + self._in_flight + self.spent
+            if self.max_credits is not None and committed + need > self.max_credits + 1e-9:
+                return False
+            self._reserved[chunk_no] = need
+        return True
+
+    def unreserve(self, chunk_no: int) -> None:
+        """The chunk's task ended: its workflow (if any) now carries the worst case."""
+        with self._lock:
+            self._reserved.pop(chunk_no, None)
+
+    def workflow_accepted(self, worst_case: float) -> None:
+        with self._lock:
+            self._in_flight += worst_case
+
+    def workflow_settled(self, worst_case: float, charged: float) -> None:
+        with self._lock:
+            self._in_flight -= worst_case
+            self.spent += charged
+
+    @property
+    def unsettled(self) -> bool:
+        """Workflows in flight may still cost less than their worst case (so a chunk may fit later)."""
+        with self._lock:
+            return self._in_flight > 1e-6
+
+
+@dataclass
+class _OpenWorkflow:
+    keys: tuple[str, ...]
+    task_ids: tuple[str, ...]
+    worst_case: float
+
+
+class RunContext:
+    """Client, store, workspace, options, retry policy, gate, budget, counters and poller of one run."""
+
+    def __init__(
+        self,
+        run_id: str,
+        options: EnrichOptions,
+        *,
+        client: CleanlistClient,
+        store: EnrichmentStore,
+        workspace: RunWorkspace,
+        retry: RetryPolicy | None = None,
+        on_progress: ProgressListener | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.options = options
+        self.client = client
+        self.store = store
+        self.workspace = workspace
+        self.retry = retry or RetryPolicy()
+        self.gate = SubmissionGate()
+        self.budget = CreditBudget(options.enrichment_type, options.max_credits)
+        self.counters = RunCounters()
+        self.poller: WorkflowPoller | None = None
+        # How the run ended and its summary, for the store's record of the run (failed until told).
+        self.outcome: tuple[str, dict[str, Any]] = (RunStatus.FAILED, {})
+        self._on_progress = on_progress
+        self._lock = threading.Lock()
+        self._open: dict[str, _OpenWorkflow] = {}
+
+    def __repr__(self) -> str:
+        return f"RunContext({self.run_id})"
+
+    # -- polling -----------------------------------------------------------------------------------
+    def start_poller(self) -> WorkflowPoller:
+        self.poller = WorkflowPoller(
+            self.client,
+            on_result=self._on_result,
+            on_gone=self._on_gone,
+            on_fatal=self.gate.fail,
+            initial_estimate=self.options.initial_poll_seconds,
+            timeout=self.options.poll_timeout_seconds,
+            retry=self.retry,
+        )
+        self.poller.start()
+        return self.poller
+
+    def stop_poller(self, *, drain: bool) -> None:
+        """Stop polling; with `drain`, first wait until every tracked workflow is settled."""
+        if self.poller is None:
+            return
+        if drain:
+            self.poller.wait_idle()
+        self.poller.stop()
+
+    @property
+    def fatal(self) -> APIError | None:
+        """The error that stopped the run for good (401/403 on a submit or a poll), if any."""
+        return self.gate.fatal or (self.poller.fatal if self.poller is not None else None)
+
+    # -- accepted workflows --------------------------------------------------------------------------
+    def accepted(self, workflow_id: str, keys: list[str], task_ids: list[str], *, chunk_no: int) -> None:
+        """Record a workflow the API just accepted (durably, first), then start polling it."""
+        worst = worst_case_credits(self.options.enrichment_type, len(keys))
+        self.store.record_accepted(
+            self.run_id,
+            workflow_id=workflow_id,
+            chunk_key=str(chunk_no),
+            enrichment_type=self.options.enrichment_type,
+            keys=keys,
+            task_ids=task_ids,
+            worst_case_credits=worst,
+        )
+        self.workspace.set_state(keys, ContactState.ACCEPTED)
+        self.budget.workflow_accepted(worst)
+        with self._lock:
+            self._open[workflow_id] = _OpenWorkflow(tuple(keys), tuple(task_ids), worst)
+            self.counters.submitted += len(keys)
+            self.counters.workflows_accepted += 1
+        self._track(workflow_id, len(keys), tag=chunk_no, poll_now=False)
+
+    def resume(self, workflow_id: str) -> bool:
+        """Poll a workflow an earlier run left in flight; False if the store does not know it."""
+        record = self.store.workflow(workflow_id)
+        if record is None:
+            return False
+        with self._lock:
+            if workflow_id in self._open:
+                return True
+            self._open[workflow_id] = _OpenWorkflow(record.contact_keys, record.task_ids, 0.0)
+        self._track(workflow_id, len(record.contact_keys), tag="resumed", poll_now=True)
+        return True
+
+    def _track(self, workflow_id: str, contacts: int, *, tag: object, poll_now: bool) -> None:
+        assert self.poller is not None, "start_poller() before submitting"
+        self.poller.track(
+            TrackedWorkflow(workflow_id, time.monotonic(), contacts, tag=tag), poll_now=poll_now
+        )
+
+    def _close(self, workflow_id: str, charged: float) -> None:
+        with self._lock:
+            entry = self._open.pop(workflow_id, None)
+        if entry is not None:
+            self.budget.workflow_settled(entry.worst_case, charged)
+
+    def _on_result(self, workflow: TrackedWorkflow, status: WorkflowStatus) -> None:
+        entry = self._open.get(workflow.workflow_id)
+        if entry is None:
+            return
+        by_task = {result.task_id: result for result in status.results}
+        results: list[ContactResult] = []
+        for key, task_id in zip(entry.keys, entry.task_ids, strict=True):
+            result = by_task.get(task_id)
+            if result is None:
+                results.append(ContactResult(key, task_id, "missing", None, None, (), (), {}))
+                continue
+            results.append(
+                ContactResult(
+                    contact_key=key,
+                    task_id=task_id,
+                    status=result.status,
+                    primary_email=result.primary_email,
+                    primary_email_status=result.primary_email_status,
+                    other_emails=tuple(result.emails),
+                    phones=tuple(result.phones),
+                    raw=result.model_dump(mode="json"),
+                )
+            )
+        charged = credits_for(self.options.enrichment_type, status.results)
+        self.store.record_results(
+            workflow.workflow_id, results, state=status.status.lower(), credits_charged=charged
+        )
+        emails = sum(1 for r in status.results if r.primary_email)
+        phones = sum(1 for r in status.results if r.phones)
+        logger.info(
+            "workflow %s (%s) %s: %d emails, %d phones, %.0f credits",
+            workflow.workflow_id,
+            f"chunk {workflow.tag:05d}" if isinstance(workflow.tag, int) else "resumed",
+            status.status.lower(),
+            emails,
+            phones,
+            charged,
+        )
+        self._close(workflow.workflow_id, charged)
+        with self._lock:
+            self.counters.credits_spent += charged
+            self.counters.emails_found += emails
+            self.counters.phones_found += phones
+            self.counters.workflows_completed += 1
+        self._progress()
+
+    def _on_gone(self, workflow: TrackedWorkflow, reason: str) -> None:
+        logger.warning(
+            "workflow %s %s; its contacts stay recorded for a later run", workflow.workflow_id, reason
+        )
+        self.store.mark_workflow(workflow.workflow_id, reason)
+        self._close(workflow.workflow_id, 0.0)
+
+    # -- chunks ------------------------------------------------------------------------------------
+    def chunk_failed(self, chunk_no: int, reason: str) -> None:
+        """A chunk failed for good: its unsent contacts are marked `error` and their claims released."""
+        states = self.workspace.states(self.workspace.chunk_keys(chunk_no))
+        keys = [key for key, (state, _) in states.items() if state == ContactState.PLANNED]
+        self.workspace.set_state(keys, ContactState.ERROR, reason)
+        self.store.release(self.run_id, keys, self.options.enrichment_type)
+        self.count(chunks_failed=1)
+        self._progress()
+
+    def count(self, **increments: int) -> None:
+        """Add to counters from any thread."""
+        with self._lock:
+            for name, value in increments.items():
+                setattr(self.counters, name, getattr(self.counters, name) + value)
+
+    def _progress(self) -> None:
+        if self._on_progress is None:
+            return
+        c = self.counters
+        self._on_progress(Progress(c.chunks_total, c.workflows_completed + c.chunks_failed, c.submitted))

@@ -1,0 +1,171 @@
+"""The one definition of an enrich run's options: names, defaults, ranges and help text.
+
+The `enrich-contacts` flow declares the same parameters (Prefect builds its UI form and
+`--param` parsing from the flow's signature, so they stay plain keyword parameters there) and turns them
+into this model first thing; the CLI generates its options from it; the backfill validates the
+parameters it hands to each shard through it. `tests/test_options.py` proves the four agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cleanlist.constants import INITIAL_RETRY_DELAY, MAX_CONTACTS_PER_REQUEST, RETRIES
+from cleanlist.errors import InputError
+from cleanlist.io.dbsink import is_database_url
+from cleanlist.models import EnrichmentType
+from cleanlist.settings import RateLimit
+
+# Threads of the flow's task runner: every chunk task in flight holds one while it waits in the limiter.
+TASK_RUNNER_WORKERS = 32
+
+
+class EnrichOptions(BaseModel):
+    """Everything one enrich-contacts run is told; the flow's parameters, validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(
+        description="path or fsspec URL (.csv .tsv .parquet .jsonl .xlsx), or a SQLAlchemy URL",
+        min_length=1,
+    )
+    output: str = Field(
+        description="path/URL ending .csv .parquet .jsonl, or a database URL (with table)", min_length=1
+    )
+    enrichment_type: EnrichmentType = Field(
+        default="partial", description="what to look up (and pay for): none, partial, phone_only, full, …"
+    )
+    mapping: dict[str, str] | None = Field(
+        default=None, description="field → source column, for headers the automatic mapping misses"
+    )
+    rejects: str | None = Field(
+        default=None, description="where invalid rows go (default <output>.rejects.csv)"
+    )
+    table: str | None = Field(
+        default=None, description="with a database URL as output: the table to upsert into"
+    )
+    sql_query: str | None = Field(
+        default=None, description="with a SQLAlchemy URL as source: the query to read"
+    )
+    store: str | None = Field(
+        default=None, description="SQLAlchemy URL of the enrichment store (default ~/.cleanlist/store.db)"
+    )
+    refresh_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="re-enrich contacts whose stored result is older than this (0 = always)",
+    )
+    max_credits: float | None = Field(
+        default=None, gt=0, description="never let the run's worst-case spend exceed this"
+    )
+    dry_run: bool = Field(default=False, description="read, prepare and plan; submit nothing")
+    webhook_url: str | None = Field(
+        default=None, description="ask the API to POST results here too (polling stays the truth)"
+    )
+    credit_recheck_seconds: float = Field(
+        default=60.0, gt=0, description="while paused on 402, how often to re-check the balance"
+    )
+    pause_timeout_seconds: int = Field(
+        default=7 * 24 * 3600, gt=0, description="give up on a credit pause after this long"
+    )
+    poll_timeout_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="stop polling a workflow after this long (its contacts stay pending)",
+    )
+    initial_poll_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="a generous guess at how long a workflow takes: the first status probe goes out at a "
+        "quarter of it, and the poller learns the real figure from there",
+    )
+    max_concurrent_chunks: int = Field(
+        default=8,
+        ge=1,
+        le=TASK_RUNNER_WORKERS,
+        description="chunk tasks in flight at once (at most the task runner's threads)",
+    )
+    retries: int = Field(
+        default=RETRIES, ge=0, description="retries of a chunk after a transient error (429, 5xx)"
+    )
+    retry_delay_seconds: float = Field(
+        default=INITIAL_RETRY_DELAY, ge=0, description="first retry delay; doubles each retry, with jitter"
+    )
+    batch_rows: int = Field(default=50_000, ge=1, description="rows read (and held in memory) at a time")
+    base_url: str | None = Field(
+        default=None, description="the API's host or documented base (default CLEANLIST_BASE_URL)"
+    )
+    rate_limit: str | None = Field(
+        default=None,
+        description="the organization's limit per endpoint, N/SECONDS "
+        "(default CLEANLIST_RATE_LIMIT, else 60/60)",
+    )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, value: str | None) -> str | None:
+        if value:
+            RateLimit.parse(value)
+        return value or None
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, Any]) -> EnrichOptions:
+        """Validate parameters as given to the flow; a bad value is one InputError line."""
+        try:
+            return cls.model_validate(parameters)
+        except ValidationError as exc:
+            raise InputError(describe_validation_error(exc)) from None
+
+    def as_parameters(self) -> dict[str, Any]:
+        """The options that differ from their defaults, as flow parameters (JSON-compatible)."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+    @property
+    def rejects_target(self) -> str:
+        """Where rejects go: `rejects`, else the table NAME_rejects beside a database output, else a
+        file beside the output (`out/enriched.csv` → `out/enriched.rejects.csv`)."""
+        if self.rejects:
+            return self.rejects
+        if self.table:
+            return f"{self.table}_rejects"
+        return f"{self.output.rpartition('.')[0]}.rejects.csv"
+
+    def check_destinations(self) -> None:
+        """One InputError line when the output cannot be written as given."""
+        from cleanlist.io.writer import output_format
+
+        if self.table is None:
+            output_format(self.output)
+        elif not is_database_url(self.output):
+            raise InputError(
+                "--table needs a database URL as --output (sqlite:///… or postgresql://…), "
+                f"not {self.output!r}"
+            )
+
+    @property
+    def chunk_size(self) -> int:
+        return MAX_CONTACTS_PER_REQUEST
+
+    @property
+    def fresh_after(self) -> datetime | None:
+        """Stored results newer than this count as fresh; None when every contact is re-enriched."""
+        if self.refresh_days <= 0:
+            return None
+        return datetime.now(UTC) - timedelta(days=self.refresh_days)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad option and what is wrong with it."""
+    parts = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "options"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "is not an option"
+        elif error["type"] == "missing":
+            message = "is required"
+        parts.append(f"{name} {message}" if message.startswith(("is ", "must ")) else f"{name}: {message}")
+    return "invalid options: " + "; ".join(parts)

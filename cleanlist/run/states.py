@@ -1,0 +1,85 @@
+"""The closed vocabularies of a run: where a contact stands, how a chunk ended, how a run ended, why a
+row was rejected. Each is a `StrEnum`, so values read the same in the workspace, the store, logs and
+summaries as the plain strings they replace.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ContactState(enum.StrEnum):
+    """Where one unique contact of a run stands (the workspace keeps one per contact)."""
+
+    NEW = "new"  # staged, not yet planned
+    FRESH = "fresh"  # the store holds a result young enough
+    IN_FLIGHT = "in_flight"  # an earlier run's workflow holds it: poll, never resubmit
+    HELD = "held"  # another live run claimed it and has not submitted it yet
+    PLANNED = "planned"  # in a chunk waiting to be submitted
+    ACCEPTED = "accepted"  # the API accepted it in this run
+    QUARANTINED = "quarantined"  # the API refused it (422): its rows go to rejects
+    SKIPPED_BUDGET = "skipped_budget"  # --max-credits reached before its chunk
+    NOT_SUBMITTED = "not_submitted"  # the run stopped (401/403/402 timeout) before its chunk
+    ERROR = "error"  # its chunk failed for good (400, retries exhausted)
+
+
+class ChunkStatus(enum.StrEnum):
+    """How one submit-chunk task ended."""
+
+    ACCEPTED = "accepted"  # the API accepted what was left to send
+    DEFERRED = "deferred"  # not sent: the gate is closed; the chunk waits for the pause to end
+    NOTHING_TO_SEND = "nothing_to_send"  # every contact was fresh, in flight, held elsewhere or refused
+
+
+class StopReason(enum.StrEnum):
+    """Why the submit loop left chunks unsubmitted."""
+
+    FAILED = "failed"  # 401/403 closed the gate for good
+    BUDGET_REACHED = "budget_reached"  # --max-credits would be exceeded by the next chunk
+    CREDITS_TIMEOUT = "credits_timeout"  # paused on 402 and never topped up in time
+
+
+class RunStatus(enum.StrEnum):
+    """How an enrich-contacts run ended (the summary's `status`)."""
+
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"  # some chunks failed for good; a rerun retries them
+    BUDGET_REACHED = "budget_reached"
+    CREDITS_EXHAUSTED = "credits_exhausted"
+    FAILED = "failed"
+    DRY_RUN = "dry_run"
+
+    @classmethod
+    def after_submitting(cls, *, fatal: bool, stop: StopReason | None, chunks_failed: int) -> RunStatus:
+        """The final status once every chunk was settled or left over."""
+        if fatal:
+            return cls.FAILED
+        if stop is StopReason.CREDITS_TIMEOUT:
+            return cls.CREDITS_EXHAUSTED
+        if stop is StopReason.BUDGET_REACHED:
+            return cls.BUDGET_REACHED
+        if chunks_failed:
+            return cls.COMPLETED_WITH_ERRORS
+        return cls.COMPLETED
+
+
+class RejectCode(enum.StrEnum):
+    """Why a row went to rejects; the rejects file's `reject_code` column, for filtering."""
+
+    MISSING_FIELDS = "missing_fields"  # neither linkedin_url nor first + last + company
+    FIELD_TOO_LONG = "field_too_long"  # a field longer than the API takes
+    UNPARSABLE = "unparsable"  # the parser could not read the row (wrong field count, bad JSON)
+    REFUSED_BY_API = "refused_by_api"  # the API answered 422 for this contact
+
+    @property
+    def label(self) -> str:
+        return self.value.replace("_", " ")
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A rejected row's code (what kind) and detail (the one-line reason shown beside it)."""
+
+    code: RejectCode
+    detail: str

@@ -1,0 +1,136 @@
+"""Submitting one chunk to `POST /enrich/bulk`: claim its contacts, send, record the workflow.
+
+What to do about an error is the retry policy's decision (`cleanlist.retry`), made once per failure:
+a 429 with Retry-After is waited out here a few times (the limiter holds the endpoint for every thread
+meanwhile); other transient errors are raised for the task's retries; 401/403 close the gate and raise;
+402 closes the gate and hands the chunk back for after the pause; 422 quarantines the named rows and
+resubmits the rest once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from cleanlist.errors import Action, APIError, UnprocessableEntityError
+from cleanlist.models import BulkEnrichResponse
+from cleanlist.run.context import RunContext
+from cleanlist.run.states import ChunkStatus, ContactState
+from cleanlist.run.workspace import StagedContact
+
+logger = logging.getLogger("cleanlist.submit")
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """How a chunk's task ended, and what it sent."""
+
+    chunk_no: int
+    status: ChunkStatus
+    accepted: int = 0
+    quarantined: int = 0
+    workflow_id: str | None = None
+
+
+def _send(run: RunContext, chunk_no: int, attempt: int, payloads: list[dict[str, str]]) -> BulkEnrichResponse:
+    """One bulk call; a 429 the policy says to wait out inline is retried here."""
+    inline_waits = 0
+    while True:
+        run.count(chunk_attempts=1)
+        try:
+            return run.client.enrich_bulk(payloads, run.options.enrichment_type, run.options.webhook_url)
+        except APIError as exc:
+            decision = run.retry.for_submit(
+                exc, what=f"chunk {chunk_no:05d}", attempt=attempt, inline_waits=inline_waits
+            )
+            if decision.action is Action.RETRY_AFTER:
+                run.count(rate_limited=1)
+            # The client already made the limiter hold the endpoint for Retry-After, so the next
+            # attempt waits exactly as long.
+            if not (decision.inline and run.gate.open):
+                raise
+            inline_waits += 1
+
+
+def _claim(run: RunContext, staged: list[StagedContact]) -> list[StagedContact]:
+    """Claim the chunk's contacts in the store; the ones another run answers for are marked so."""
+    options = run.options
+    claim = run.store.claim(run.run_id, [c.key for c in staged], options.enrichment_type, options.fresh_after)
+    if claim.fresh:
+        run.workspace.set_state(list(claim.fresh), ContactState.FRESH)
+    if claim.in_flight:
+        run.workspace.set_state(list(claim.in_flight), ContactState.IN_FLIGHT)
+        for workflow_id in {wf for wf, _ in claim.in_flight.values()}:
+            run.resume(workflow_id)
+    if claim.held:
+        run.workspace.set_state(claim.held, ContactState.HELD)
+    claimed = set(claim.claimed)
+    return [c for c in staged if c.key in claimed]
+
+
+def _quarantine(
+    run: RunContext, chunk_no: int, to_send: list[StagedContact], exc: UnprocessableEntityError
+) -> set[int]:
+    """Reject the contacts a 422 names; returns their indexes in `to_send` (empty if it names none)."""
+    bad = {item.index: item.message for item in exc.invalid_contacts if item.index < len(to_send)}
+    if not bad:
+        return set()
+    notes = {to_send[i].key: f"refused by the API: {message}" for i, message in bad.items()}
+    run.workspace.set_notes(notes, ContactState.QUARANTINED)
+    run.store.release(run.run_id, list(notes), run.options.enrichment_type)
+    run.count(quarantined=len(notes))
+    logger.warning("chunk %05d: the API refused %d contact(s); resubmitting the rest", chunk_no, len(notes))
+    return set(bad)
+
+
+def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOutcome:
+    """Claim the chunk's contacts in the store, submit the ones we hold, record the workflow.
+
+    `attempt` is the task's run count (1 for its first run), for the retry policy.
+    """
+    if not run.gate.open:
+        return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED)
+    staged = run.workspace.chunk(chunk_no)
+    if not staged:
+        return ChunkOutcome(chunk_no, ChunkStatus.NOTHING_TO_SEND)
+    to_send = _claim(run, staged)
+    enrichment_type = run.options.enrichment_type
+    quarantined = 0
+    resubmitted = False
+    while to_send:
+        if not run.gate.open:
+            run.store.release(run.run_id, [c.key for c in to_send], enrichment_type)
+            return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED, quarantined=quarantined)
+        try:
+            response = _send(run, chunk_no, attempt, [c.payload for c in to_send])
+        except UnprocessableEntityError as exc:
+            bad = set() if resubmitted else _quarantine(run, chunk_no, to_send, exc)
+            if not bad:
+                run.store.release(run.run_id, [c.key for c in to_send], enrichment_type)
+                raise
+            quarantined += len(bad)
+            to_send = [c for i, c in enumerate(to_send) if i not in bad]
+            resubmitted = True
+            continue
+        except APIError as exc:
+            action = run.retry.action_for(exc)
+            if action is Action.PAUSE:
+                run.gate.exhaust_credits()
+                run.store.release(run.run_id, [c.key for c in to_send], enrichment_type)
+                return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED, quarantined=quarantined)
+            if action is Action.FAIL_FAST:
+                run.gate.fail(exc)
+            if not run.retry.is_retryable(exc):
+                run.store.release(run.run_id, [c.key for c in to_send], enrichment_type)
+            raise
+        task_ids = list(response.task_ids)
+        if len(task_ids) != len(to_send):
+            raise RuntimeError(
+                f"chunk {chunk_no}: the API returned {len(task_ids)} task ids for {len(to_send)} contacts"
+            )
+        run.accepted(response.workflow_id, [c.key for c in to_send], task_ids, chunk_no=chunk_no)
+        logger.info(
+            "chunk %05d: %d contacts accepted as workflow %s", chunk_no, len(to_send), response.workflow_id
+        )
+        return ChunkOutcome(chunk_no, ChunkStatus.ACCEPTED, len(to_send), quarantined, response.workflow_id)
+    return ChunkOutcome(chunk_no, ChunkStatus.NOTHING_TO_SEND, quarantined=quarantined)

@@ -1,0 +1,124 @@
+"""What a run reports: the summary of an enrich run, the report of a dry run, as typed data.
+
+The flow returns them, writes them as its table artifact and logs them; the CLI prints them (as a table
+or one JSON line); the backfill reads its children's back from their artifacts with `from_table`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from cleanlist.run.states import RunStatus
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-compatible, in field order (what `--json` prints)."""
+        return self.model_dump(mode="json")
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """`[{metric, value}]` for a Prefect table artifact; nested values as compact JSON text."""
+        return [
+            {"metric": name, "value": json.dumps(value) if isinstance(value, dict | list) else value}
+            for name, value in self.as_dict().items()
+        ]
+
+    @classmethod
+    def from_table(cls, rows: Any) -> Self:
+        """Back from `table_rows()` (as the artifact's data: a list, or its JSON text)."""
+        data = json.loads(rows) if isinstance(rows, str) else rows
+        return cls.model_validate(
+            {str(row["metric"]): row.get("value") for row in data or [] if "metric" in row}
+        )
+
+
+def _json_text(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+class RunSummary(_Report):
+    """The counts of one enrich-contacts run, built from its counters at the end."""
+
+    status: RunStatus
+    rows_read: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    unique_contacts: int = 0
+    fresh_in_store: int = 0
+    resumed_in_flight: int = 0
+    submitted: int = 0
+    quarantined: int = 0
+    emails_found: int = 0
+    phones_found: int = 0
+    credits_spent: float = 0.0
+    chunks: int = 0
+    chunks_failed: int = 0
+    workflows: int = 0
+    status_calls: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    rate_limit: str = ""
+    pauses: int = 0
+    row_statuses: dict[str, int] = {}
+    rejects_by_reason: dict[str, int] = {}
+    output: str = ""
+    rejects: str = ""
+    seconds: float = 0.0
+
+    _parse_nested = field_validator("row_statuses", "rejects_by_reason", mode="before")(_json_text)
+
+    def markdown(self) -> str:
+        """The human-readable end-of-run report shown in the Prefect UI."""
+        lines = [
+            f"# enrich-contacts: {self.status}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| rows read | {self.rows_read:,} |",
+            f"| rejected | {self.rejected:,} |",
+            f"| duplicates | {self.duplicates:,} |",
+            f"| fresh in store (not sent) | {self.fresh_in_store:,} |",
+            f"| resumed from earlier runs | {self.resumed_in_flight:,} |",
+            f"| submitted | {self.submitted:,} in {self.workflows:,} workflows |",
+            f"| emails found | {self.emails_found:,} |",
+            f"| phones found | {self.phones_found:,} |",
+            f"| credits spent | {self.credits_spent:,.2f} |",
+            f"| pauses for credits | {self.pauses} |",
+            f"| retries (429: {self.rate_limited}) | {self.retries} |",
+            f"| duration | {self.seconds:,.1f} s |",
+            "",
+            "## Rejects by reason",
+            "",
+        ]
+        ranked = sorted(self.rejects_by_reason.items(), key=lambda kv: -kv[1])
+        lines += [f"- {count:,} × {code.replace('_', ' ')}" for code, count in ranked] or ["none"]
+        lines += ["", f"Output: `{self.output}` — rejects: `{self.rejects}`"]
+        return "\n".join(lines)
+
+
+class DryRunReport(_Report):
+    """What a dry run would submit and cost; nothing was sent."""
+
+    status: RunStatus = RunStatus.DRY_RUN
+    rows_read: int
+    rejected: int
+    duplicates: int
+    fresh_in_store: int
+    in_flight: int
+    to_submit: int
+    chunks: int
+    worst_case_credits: float
+    expected_credits: float
+    balance: float
+    key_valid: bool
+    output: str
+    rejects: str
+
+
+# A planning guess of the share of the worst case actually charged (failed lookups are free).
+EXPECTED_FIND_SHARE = {"none": 0.0, "partial": 0.8, "phone_only": 0.3, "full": 0.35, "prospecting_only": 0.8}
