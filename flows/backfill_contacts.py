@@ -18,7 +18,6 @@ limiter (see DESIGN.md).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -57,42 +56,27 @@ from cleanlist.io.shards import (
     split_source,
     sql_windows,
 )
+from cleanlist.run.options import EnrichOptions
+from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings
+from flows.enrich_contacts import SUMMARY_KEY
 from tasks.shards import split_source_task
 
-RUN_SUMMARY_KEY = "cleanlist-run-summary"
 BACKFILL_SUMMARY_KEY = "cleanlist-backfill-summary"
 
 
-def _parse_summary(data: Any) -> dict[str, Any]:
-    """The child's `cleanlist-run-summary` table artifact ([{metric, value}] as JSON) as a dict."""
-    rows = json.loads(data) if isinstance(data, str) else data
-    summary: dict[str, Any] = {}
-    for row in rows or []:
-        if not isinstance(row, dict) or "metric" not in row:
-            continue
-        summary[str(row["metric"])] = _number_or_text(row.get("value"))
-    return summary
-
-
-def _number_or_text(value: Any) -> Any:
-    try:
-        return float(value) if "." in str(value) else int(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def _child_summaries(flow_run_ids: list[str]) -> dict[str, dict[str, Any]]:
+def _child_summaries(flow_run_ids: list[str]) -> dict[str, RunSummary]:
+    """Each finished child's summary, read back from its `cleanlist-run-summary` table artifact."""
     if not flow_run_ids:
         return {}
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[RUN_SUMMARY_KEY]),
+                key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
                 flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(i) for i in flow_run_ids]),
             )
         )
-    return {str(a.flow_run_id): _parse_summary(a.data) for a in artifacts if a.flow_run_id}
+    return {str(a.flow_run_id): RunSummary.from_table(a.data) for a in artifacts if a.flow_run_id}
 
 
 def _run_shards(
@@ -195,7 +179,7 @@ def _cancel_children(client: Any, flow_run_ids: list[str]) -> None:
 def _report(runs: list[ShardRun], totals: dict[str, Any]) -> None:
     table: list[dict[str, Any]] = []
     for run in runs:
-        summary = run.summary or {}
+        summary = run.summary.as_dict() if run.summary is not None else {}
         table.append(
             {
                 "shard": run.shard.name,
@@ -275,6 +259,9 @@ def backfill_contacts(
                 shard_dir,
             )
         staging = absolute_location(shard_dir) if shard_dir else join_location(out_dir or "", SHARD_DIR_NAME)
+        unknown = sorted(set(child_parameters or {}) - set(EnrichOptions.model_fields))
+        if unknown:
+            raise InputError(f"child_parameters: {', '.join(unknown)} not an enrich-contacts parameter")
         org_limit = org_rate_limit or CleanlistSettings().rate_limit
         per_shard = shard_rate_limit(org_limit, max_parallel_shards)
     except CleanlistError as exc:
@@ -301,6 +288,7 @@ def backfill_contacts(
     )
 
     def parameters_for(shard: Shard) -> dict[str, Any]:
+        """The child run's parameters, validated as EnrichOptions (only those that differ from defaults)."""
         params: dict[str, Any] = {
             "source": shard.path,
             "output": output if to_table else join_location(out_dir or "", f"{shard.name}.{output_format}"),
@@ -311,9 +299,9 @@ def backfill_contacts(
             "refresh_days": refresh_days,
             "max_credits": max_credits_per_shard,
             "rate_limit": per_shard,
-            **(child_parameters or {}),
         }
-        return {key: value for key, value in params.items() if value is not None}
+        given = {key: value for key, value in params.items() if value is not None}
+        return EnrichOptions.from_parameters({**given, **(child_parameters or {})}).as_parameters()
 
     progress_id = create_progress_artifact(0.0, key="cleanlist-backfill-progress", description="Shards done")
     runs = _run_shards(
@@ -331,7 +319,7 @@ def backfill_contacts(
         "rows": sum(s.rows for s in shards),
         "unparsed": sum(s.unparsed for s in shards),
         **{
-            metric: round(sum(float((r.summary or {}).get(metric) or 0) for r in runs), 6)
+            metric: round(sum(float(getattr(r.summary, metric)) for r in runs if r.summary is not None), 6)
             for metric in SHARD_METRICS
         },
         "failed_shards": [r.shard.name for r in failed],

@@ -177,7 +177,7 @@ def enrich_contacts(
         stage = read(run)
         plan = plan_submissions(run)
         if options.dry_run:
-            return dry_run(run, stage, plan)
+            return report_dry_run(run, stage, plan)
         submission = submit(run, plan)
         wait_for_results(run)
         return write_and_report(run, submission, started)
@@ -339,7 +339,7 @@ def _raise_unless_completed(summary: RunSummary, fatal: APIError | None) -> None
         )
 
 
-def dry_run(run: RunContext, stage: StageReport, plan: Plan) -> DryRunReport:
+def report_dry_run(run: RunContext, stage: StageReport, plan: Plan) -> DryRunReport:
     """What the run would submit and cost, with the balance to pay for it; nothing is sent."""
     options = run.options
     key = run.client.validate_key()

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from cleanlist.errors import InputError
 from cleanlist.io.sources import SourceBatch, display_source, iter_source
+from cleanlist.run.summary import RunSummary
 from cleanlist.settings import RateLimit
 
 SHARD_DIR_NAME = "_shards"
@@ -53,7 +54,7 @@ class ShardRun:
     flow_run_name: str
     state: str = "SCHEDULED"
     message: str | None = None
-    summary: dict[str, Any] | None = None
+    summary: RunSummary | None = None  # read back from the child's summary artifact
 
     @property
     def ok(self) -> bool:
