@@ -162,7 +162,7 @@ class WorkflowPoller:
     poll is out at a time: one answer moves the estimate for all the others.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only callbacks and tunables
         self,
         client: CleanlistClient,
         *,

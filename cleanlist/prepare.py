@@ -163,7 +163,10 @@ def _override_header(field: str, header: str, headers: Sequence[str]) -> str:
     )
 
 
-def resolve_mapping(headers: Sequence[str], overrides: Mapping[str, str] | None = None) -> HeaderMapping:
+# One pass over the field table: overrides, exact names, aliases, ambiguity; splitting it hides the order.
+def resolve_mapping(  # noqa: C901
+    headers: Sequence[str], overrides: Mapping[str, str] | None = None
+) -> HeaderMapping:
     """Map source headers to contact fields; `overrides` (field → header, "" = leave unmapped) win."""
     headers = list(headers)
     fields: dict[str, str] = {}
@@ -218,7 +221,7 @@ def resolve_mapping(headers: Sequence[str], overrides: Mapping[str, str] | None 
     return HeaderMapping({field: fields[field] for field in FIELDS if field in fields})
 
 
-def _text(value: object) -> str:
+def _text(value: object) -> str:  # noqa: PLR0911 - one return per kind of empty a cell can hold
     """Trimmed text of a cell; "" for null-likes (None, NaN, NaT, pandas NA, "n/a", "-", …)."""
     if value.__class__ is str:
         text = value.strip()
@@ -232,7 +235,7 @@ def _text(value: object) -> str:
         if isinstance(value, float) and math.isnan(value):
             return ""
         try:
-            if value != value:  # NaT and numpy NaN compare unequal to themselves
+            if value != value:  # noqa: PLR0124 - NaT and numpy NaN compare unequal to themselves
                 return ""
         except (TypeError, ValueError):  # pandas NA and arrays refuse to be a bool
             return ""
@@ -340,7 +343,8 @@ def _shown(value: str) -> str:
     return repr(value if len(value) <= 40 else value[:40] + "…")
 
 
-def _normalize(values: Mapping[str, object]) -> tuple[dict[str, str], list[str]]:
+# One branch per field of the contact, in the API's field order.
+def _normalize(values: Mapping[str, object]) -> tuple[dict[str, str], list[str]]:  # noqa: PLR0912
     """Normalized contact, plus notes on values that were present but unusable (for reject reasons)."""
     contact: dict[str, str] = {}
     notes: list[str] = []

@@ -12,6 +12,8 @@ in flight, so a storm of 429s is probed one request at a time instead of by ever
 Callers `release` each slot with the outcome of its request.
 Threads block in `acquire`; coroutines await `acquire_async`; both draw on the same log under one lock,
 which is only held for bookkeeping, never while sleeping.
+The clock and both ways of sleeping are injectable (real time by default), so tests can run the limiter
+in virtual time.
 """
 
 from __future__ import annotations
@@ -20,19 +22,32 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cleanlist.constants import RATE_WINDOW_MARGIN_CAP, RATE_WINDOW_MARGIN_FRACTION
 from cleanlist.settings import RateLimit
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+AsyncSleep = Callable[[float], Awaitable[None]]
 
 
 class EndpointLimiter:
     """The budget of one endpoint: `requests` sends per `seconds`, plus any Retry-After hold."""
 
-    def __init__(self, limit: RateLimit, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: RateLimit,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+        async_sleep: AsyncSleep = asyncio.sleep,
+    ) -> None:
         self.limit = limit
         self.window = limit.seconds + min(limit.seconds * RATE_WINDOW_MARGIN_FRACTION, RATE_WINDOW_MARGIN_CAP)
         self._clock = clock
+        self._sleep = sleep  # how `acquire` waits
+        self._async_sleep = async_sleep  # how `acquire_async` waits
         self._sent: deque[float] = deque()  # when slots were taken, for requests not released yet
         self._answered: deque[float] = deque()  # when released requests were over
         self._held_until = 0.0
@@ -89,13 +104,13 @@ class EndpointLimiter:
         """Block the calling thread until a request may be sent."""
         counted: list[bool] = []
         while (delay := self._reserve(counted)) > 0:
-            time.sleep(delay)
+            self._sleep(delay)
 
     async def acquire_async(self) -> None:
         """Wait, without blocking the event loop, until a request may be sent."""
         counted: list[bool] = []
         while (delay := self._reserve(counted)) > 0:
-            await asyncio.sleep(delay)
+            await self._async_sleep(delay)
 
     def hold(self, seconds: float) -> None:
         """Let nobody send on this endpoint for `seconds` (a server's Retry-After)."""
@@ -119,10 +134,20 @@ class EndpointLimiter:
 
 
 class RateLimiter:
-    """One EndpointLimiter per endpoint, all sized by the same limit."""
+    """One EndpointLimiter per endpoint, all sized by the same limit (and on the same clock)."""
 
-    def __init__(self, limit: RateLimit) -> None:
+    def __init__(
+        self,
+        limit: RateLimit,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+        async_sleep: AsyncSleep = asyncio.sleep,
+    ) -> None:
         self.limit = limit
+        self._clock = clock
+        self._sleep = sleep
+        self._async_sleep = async_sleep
         self._endpoints: dict[str, EndpointLimiter] = {}
         self._lock = threading.Lock()
 
@@ -132,7 +157,9 @@ class RateLimiter:
     def endpoint(self, name: str) -> EndpointLimiter:
         with self._lock:
             if name not in self._endpoints:
-                self._endpoints[name] = EndpointLimiter(self.limit)
+                self._endpoints[name] = EndpointLimiter(
+                    self.limit, clock=self._clock, sleep=self._sleep, async_sleep=self._async_sleep
+                )
             return self._endpoints[name]
 
 

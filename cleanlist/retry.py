@@ -62,7 +62,7 @@ class RetryPolicy:
 
     def backoff(self, failures: int) -> float:
         """The delay after the `failures`-th consecutive failure (1-based), before jitter."""
-        return min(self.initial_delay * 2 ** max(failures - 1, 0), self.max_delay)
+        return float(min(self.initial_delay * 2.0 ** max(failures - 1, 0), self.max_delay))
 
     def delays(self) -> list[float]:
         """The delay before each task retry, for Prefect's `retry_delay_seconds`."""

@@ -49,6 +49,7 @@ def build_deployments() -> list[RunnerDeployment]:
     """The three deployments, named as in prefect.yaml."""
     from flows.backfill_contacts import backfill_contacts
     from flows.enrich_contacts import enrich_contacts
+    from tasks.prefect_types import sync_result
 
     nightly = nightly_parameters()
     ready = "source" in nightly and "output" in nightly
@@ -58,22 +59,28 @@ def build_deployments() -> list[RunnerDeployment]:
             "CLEANLIST_NIGHTLY_SOURCE/_OUTPUT; serving its schedule paused"
         )
     return [
-        enrich_contacts.to_deployment(
-            name="nightly",
-            schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE, active=ready)],
-            parameters=nightly,
-            tags=["cleanlist", "nightly"],
-            description="Nightly enrichment of new and stale contacts (02:00 UTC).",
+        sync_result(
+            enrich_contacts.to_deployment(
+                name="nightly",
+                schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE, active=ready)],
+                parameters=nightly,
+                tags=["cleanlist", "nightly"],
+                description="Nightly enrichment of new and stale contacts (02:00 UTC).",
+            )
         ),
-        enrich_contacts.to_deployment(
-            name="adhoc",
-            tags=["cleanlist", "adhoc"],
-            description="One enrichment run with every parameter given per run.",
+        sync_result(
+            enrich_contacts.to_deployment(
+                name="adhoc",
+                tags=["cleanlist", "adhoc"],
+                description="One enrichment run with every parameter given per run.",
+            )
         ),
-        backfill_contacts.to_deployment(
-            name="backfill",
-            tags=["cleanlist", "backfill"],
-            description="A large source split into shards, each an enrich-contacts/adhoc run.",
+        sync_result(
+            backfill_contacts.to_deployment(
+                name="backfill",
+                tags=["cleanlist", "backfill"],
+                description="A large source split into shards, each an enrich-contacts/adhoc run.",
+            )
         ),
     ]
 

@@ -37,13 +37,14 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
+from prefect.client.schemas.objects import State
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
-from prefect.states import Cancelled, Cancelling, Failed, State
+from prefect.states import Cancelled, Cancelling, Failed
 
+from cleanlist.dburl import is_database_url
 from cleanlist.errors import CleanlistError, InputError
 from cleanlist.io.shards import (
-    DATABASE_SCHEMES,
     SHARD_DIR_NAME,
     SHARD_METRICS,
     OutputFormat,
@@ -60,6 +61,7 @@ from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings
 from flows.enrich_contacts import SUMMARY_KEY
+from tasks.prefect_types import sync_result
 from tasks.shards import split_source_task
 
 BACKFILL_SUMMARY_KEY = "cleanlist-backfill-summary"
@@ -113,14 +115,16 @@ def _run_shards(
                     shard = pending.popleft()
                     name = f"{parent_name}-{shard.name}"
                     try:
-                        child = run_deployment(
-                            deployment_name,
-                            parameters=parameters_for(shard),
-                            timeout=0,
-                            flow_run_name=name,
-                            tags=["cleanlist", "backfill-shard"],
-                            idempotency_key=f"backfill:{parent_id}:{attempt}:{shard.name}",
-                            as_subflow=True,
+                        child = sync_result(
+                            run_deployment(
+                                deployment_name,
+                                parameters=parameters_for(shard),
+                                timeout=0,
+                                flow_run_name=name,
+                                tags=["cleanlist", "backfill-shard"],
+                                idempotency_key=f"backfill:{parent_id}:{attempt}:{shard.name}",
+                                as_subflow=True,
+                            )
                         )
                     except Exception as exc:
                         log.error("%s: could not start a run of %s: %s", shard.name, deployment_name, exc)
@@ -206,7 +210,8 @@ def _report(runs: list[ShardRun], totals: dict[str, Any]) -> None:
 
 
 @flow(name="backfill-contacts", log_prints=True, persist_result=False)
-def backfill_contacts(
+# The parameters are the deployment's form in the Prefect UI; validation comes first, then the story.
+def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     source: str,
     output: str,
     shard_rows: int = 50_000,
@@ -248,7 +253,7 @@ def backfill_contacts(
         if max_parallel_shards < 1:
             raise InputError(f"max_parallel_shards must be at least 1, got {max_parallel_shards}")
         to_table = table is not None
-        if not to_table and output.split("://", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+        if is_database_url(output, what="output") and not to_table:
             raise InputError("output is a database URL: name the table to upsert into with `table`")
         out_dir = None if to_table else absolute_location(output)
         if shard_dir is None and out_dir is None:
@@ -303,7 +308,9 @@ def backfill_contacts(
         given = {key: value for key, value in params.items() if value is not None}
         return EnrichOptions.from_parameters({**given, **(child_parameters or {})}).as_parameters()
 
-    progress_id = create_progress_artifact(0.0, key="cleanlist-backfill-progress", description="Shards done")
+    progress_id = sync_result(
+        create_progress_artifact(0.0, key="cleanlist-backfill-progress", description="Shards done")
+    )
     runs = _run_shards(
         shards,
         parameters_for,

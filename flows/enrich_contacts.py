@@ -16,10 +16,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
-from prefect.states import Failed, State
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.states import Failed
 
 from cleanlist.client import CleanlistClient
 from cleanlist.errors import Action, APIError, CleanlistError, InputError, NotFoundError, policy_for
@@ -37,6 +37,7 @@ from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
+from tasks.prefect_types import sync_result, thread_pool
 from tasks.secrets import resolve_api_key
 from tasks.stage import stage_source_task
 from tasks.write import write_output_task
@@ -133,12 +134,13 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     name="enrich-contacts",
     # At least max_concurrent_chunks: submit tasks wait in the rate limiter, and a window's worth of
     # them waiting there is what lets a window's requests go out together.
-    task_runner=ThreadPoolTaskRunner(max_workers=TASK_RUNNER_WORKERS),
+    task_runner=thread_pool(TASK_RUNNER_WORKERS),
     log_prints=True,
     persist_result=False,
 )
 @_failures_as_states
-def enrich_contacts(
+# The parameters are the deployment's form in the Prefect UI and `--param` names: one per EnrichOptions field.
+def enrich_contacts(  # noqa: PLR0913, PLR0917
     source: str,
     output: str,
     enrichment_type: EnrichmentType = "partial",
@@ -240,7 +242,9 @@ def submit(run: RunContext, plan: Plan) -> Submission:
     run.start_poller()
     for workflow_id in plan.resume_workflows:
         run.resume(workflow_id)
-    progress_id = create_progress_artifact(0.0, key="cleanlist-progress", description="Chunks settled")
+    progress_id = sync_result(
+        create_progress_artifact(0.0, key="cleanlist-progress", description="Chunks settled")
+    )
     loop = SubmitLoop(run, plan.chunks, flow_run_id=_flow_run_id(), progress_id=progress_id, emit=_emit)
     submission = loop.run_to_end()
     state = (

@@ -18,7 +18,9 @@ def resolve_api_key(settings: CleanlistSettings) -> SecretStr:
     try:
         from prefect.blocks.system import Secret
 
-        block = Secret.load(SECRET_BLOCK, _sync=True)  # type: ignore[call-arg]
+        from tasks.prefect_types import sync_result
+
+        block = sync_result(Secret.load(SECRET_BLOCK, _sync=True))  # type: ignore[call-arg]
         value = block.get()
         if isinstance(value, str) and value.strip():
             return SecretStr(value.strip())

@@ -606,6 +606,15 @@ def test_a_failed_shard_fails_the_backfill_after_every_shard_finished(stack: Pre
     assert sorted(c["state"]["type"] for c in children) == ["COMPLETED", "FAILED"]
     assert ids_in([output / "shard-00000.csv", output / "shard-00000.rejects.csv"]) == Counter(good)
     assert (output / "_shards").exists(), "staged shards are kept for a rerun after a failure"
+    # The aggregate comes from the children's typed summaries: the passing shard's counts, none invented
+    # for the failed one.
+    table = json.loads(stack.artifact(parent_id, "cleanlist-backfill-summary")["data"])
+    rows = {row["shard"]: row for row in table}
+    assert rows["shard-00000"]["status"] == "completed" and rows["shard-00000"]["rows_read"] == 300
+    assert rows["shard-00001"]["state"] == "failed" and rows["shard-00001"]["submitted"] == ""
+    for metric in ("rows_read", "rejected", "submitted", "emails_found", "credits_spent"):
+        assert rows["total"][metric] == rows["shard-00000"][metric], metric
+    assert rows["total"]["submitted"] > 0
 
 
 @pytest.mark.integration

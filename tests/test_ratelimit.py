@@ -17,24 +17,65 @@ from cleanlist.settings import RateLimit
 from tests.sandbox_helpers import people
 
 
-class SendClock:
-    """A monotonic clock that remembers, per thread, the last time the limiter read it.
+class VirtualClock:
+    """Virtual time for the limiter, shared by threads and coroutines: waits cost no wall time.
 
-    The limiter reads its clock once per reservation, so right after `acquire` returns this is the exact
-    moment the slot was taken: the send times are checked as the limiter booked them, free of the
-    scheduling jitter between booking and recording.
+    Reading the clock is free and remembered per thread (the limiter reads it once per reservation, so
+    right after `acquire` returns `last` is the exact moment the slot was taken). `sleep(d)` moves time to
+    the sleeper's wake-up — its own last reading plus `d` — never backwards, then yields for real, so
+    threads still interleave for real while every wait is exact. Any monotonic clock is a schedule the
+    real world could produce, so what holds on this one holds on the real one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.start = start
+        self._now = start
+        self._changed = threading.Condition()
         self._local = threading.local()
+        self.sleeps: list[float] = []
 
     def __call__(self) -> float:
-        self._local.now = time.monotonic()
-        return float(self._local.now)
+        with self._changed:
+            self._local.now = self._now
+            return self._now
 
     @property
     def last(self) -> float:
         return float(self._local.now)
+
+    @property
+    def elapsed(self) -> float:
+        with self._changed:
+            return self._now - self.start
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass without anybody sleeping (a request on the wire)."""
+        with self._changed:
+            self._now += seconds
+
+    def _wake_after(self, seconds: float) -> None:
+        wake = getattr(self._local, "now", self.start) + seconds
+        with self._changed:
+            self.sleeps.append(seconds)
+            self._now = max(self._now, wake)
+            self._changed.notify_all()
+
+    def sleep(self, seconds: float) -> None:
+        self._wake_after(seconds)
+        time.sleep(0)
+
+    async def async_sleep(self, seconds: float) -> None:
+        self._wake_after(seconds)
+        await asyncio.sleep(0)
+
+    def wait_for_sleeps(self, count: int, timeout: float = 5.0) -> bool:
+        """Block (for real) until callers have slept `count` times in all."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.sleeps) >= count, timeout)
+
+
+def virtual_limiter(limit: RateLimit, clock: VirtualClock) -> EndpointLimiter:
+    return EndpointLimiter(limit, clock=clock, sleep=clock.sleep, async_sleep=clock.async_sleep)
 
 
 def busiest_span(sends: Sequence[float], requests: int) -> float:
@@ -44,7 +85,7 @@ def busiest_span(sends: Sequence[float], requests: int) -> float:
     return min(spans, default=float("inf"))
 
 
-def send(limiter: EndpointLimiter, clock: SendClock, sends: list[float], lock: threading.Lock) -> None:
+def send(limiter: EndpointLimiter, clock: VirtualClock, sends: list[float], lock: threading.Lock) -> None:
     """One request's worth of the limiter protocol: take a slot, note when, release it as answered."""
     limiter.acquire()
     with lock:
@@ -52,7 +93,7 @@ def send(limiter: EndpointLimiter, clock: SendClock, sends: list[float], lock: t
     limiter.release(rate_limited=False)
 
 
-async def send_async(limiter: EndpointLimiter, clock: SendClock, sends: list[float]) -> None:
+async def send_async(limiter: EndpointLimiter, clock: VirtualClock, sends: list[float]) -> None:
     await limiter.acquire_async()
     sends.append(clock.last)
     limiter.release(rate_limited=False)
@@ -71,8 +112,8 @@ def run_threads(target: Callable[[], None], count: int, timeout: float = 10.0) -
 
 def test_sixteen_threads_never_exceed_n_per_window() -> None:
     limit = RateLimit(10, 0.5)
-    clock = SendClock()
-    limiter = EndpointLimiter(limit, clock=clock)
+    clock = VirtualClock()
+    limiter = virtual_limiter(limit, clock)
     sends: list[float] = []
     lock = threading.Lock()
     tickets = threading.Semaphore(4 * limit.requests)
@@ -81,39 +122,35 @@ def test_sixteen_threads_never_exceed_n_per_window() -> None:
         while tickets.acquire(blocking=False):
             send(limiter, clock, sends, lock)
 
-    started = time.monotonic()
     run_threads(caller, 16)
-    elapsed = time.monotonic() - started
 
     assert len(sends) == 4 * limit.requests
     # No span as long as the window holds more than N sends (the limiter even keeps a small margin).
-    assert busiest_span(sends, limit.requests) >= limit.seconds
-    # Throughput: the 4 windows' worth of sends go out in 3 waits of one window, not much slower.
-    assert 3 * limit.seconds <= elapsed < 3 * limiter.window + 0.5
+    assert busiest_span(sends, limit.requests) >= limiter.window - 1e-9
+    # Throughput: the 4 windows' worth of sends go out in 3 waits of one window, not slower.
+    assert 3 * limiter.window - 1e-9 <= clock.elapsed <= 3 * limiter.window + 0.01
 
 
 def test_fifty_coroutines_never_exceed_n_per_window() -> None:
     limit = RateLimit(10, 0.4)
-    clock = SendClock()
-    limiter = EndpointLimiter(limit, clock=clock)
+    clock = VirtualClock()
+    limiter = virtual_limiter(limit, clock)
     sends: list[float] = []
 
-    async def crowd() -> float:
-        started = time.monotonic()
+    async def crowd() -> None:
         # 50 coroutines at once, one send each: 5 windows' worth.
         await asyncio.wait_for(asyncio.gather(*(send_async(limiter, clock, sends) for _ in range(50))), 10)
-        return time.monotonic() - started
 
-    elapsed = asyncio.run(crowd())
+    asyncio.run(crowd())
     assert len(sends) == 50
-    assert busiest_span(sends, limit.requests) >= limit.seconds
-    assert 4 * limit.seconds <= elapsed < 4 * limiter.window + 0.5
+    assert busiest_span(sends, limit.requests) >= limiter.window - 1e-9
+    assert 4 * limiter.window - 1e-9 <= clock.elapsed <= 4 * limiter.window + 0.01
 
 
 def test_threads_and_coroutines_draw_on_one_budget() -> None:
     limit = RateLimit(6, 0.4)
-    clock = SendClock()
-    limiter = EndpointLimiter(limit, clock=clock)
+    clock = VirtualClock()
+    limiter = virtual_limiter(limit, clock)
     sends: list[float] = []
     lock = threading.Lock()
 
@@ -135,28 +172,31 @@ def test_threads_and_coroutines_draw_on_one_budget() -> None:
     asyncio.run(coroutines())
     threads.join(timeout=10)
     assert len(sends) == 18
-    assert busiest_span(sends, limit.requests) >= limit.seconds
+    assert busiest_span(sends, limit.requests) >= limiter.window - 1e-9
+    # 18 sends at 6 per window: three windows' worth, so exactly two waits of one window.
+    assert 2 * limiter.window - 1e-9 <= clock.elapsed <= 2 * limiter.window + 0.01
 
 
 def test_a_hold_blocks_threads_and_coroutines_until_it_elapsed() -> None:
-    limiter = EndpointLimiter(RateLimit(100, 1.0))
+    clock = VirtualClock()
+    limiter = virtual_limiter(RateLimit(100, 1.0), clock)
+    held_from = clock()
     limiter.hold(0.5)
-    held_from = time.monotonic()
     limiter.hold(0.1)  # a shorter hold never shortens the one in force
-    assert 0.3 < limiter.held_for <= 0.5
+    assert limiter.held_for == pytest.approx(0.5)
     released: list[float] = []
     lock = threading.Lock()
 
     def thread_caller() -> None:
         limiter.acquire()
         with lock:
-            released.append(time.monotonic())
+            released.append(clock.last)
         limiter.release(rate_limited=False)
 
     async def coroutines() -> None:
         async def one() -> None:
             await limiter.acquire_async()
-            released.append(time.monotonic())
+            released.append(clock.last)
             limiter.release(rate_limited=False)
 
         await asyncio.wait_for(asyncio.gather(*(one() for _ in range(8))), timeout=10)
@@ -166,16 +206,19 @@ def test_a_hold_blocks_threads_and_coroutines_until_it_elapsed() -> None:
     asyncio.run(coroutines())
     threads.join(timeout=10)
     assert len(released) == 16
-    assert min(released) - held_from >= 0.49
-    assert max(released) - held_from < 1.5
+    # Nobody went out before the hold elapsed, and everybody went out as soon as it had.
+    assert min(released) - held_from >= 0.5 - 1e-9
+    assert max(released) - held_from == pytest.approx(0.5)
     assert limiter.held_for == 0.0
 
 
 def test_after_a_429_one_request_probes_at_a_time_until_another_answer() -> None:
-    limiter = EndpointLimiter(RateLimit(100, 1.0))
+    clock = VirtualClock()
+    limiter = virtual_limiter(RateLimit(100, 1.0), clock)
     limiter.acquire()
     limiter.release(rate_limited=True)  # a 429 without Retry-After: no hold, but caution
     limiter.acquire()  # the probe
+    assert clock.sleeps == []
     second_sent = threading.Event()
 
     def second() -> None:
@@ -185,27 +228,49 @@ def test_after_a_429_one_request_probes_at_a_time_until_another_answer() -> None
 
     waiter = threading.Thread(target=second, daemon=True)
     waiter.start()
-    assert not second_sent.wait(0.2), "a second request went out while the probe was in flight"
+    # The waiter asks again and again (20 times = 0.2 s of virtual time) and is refused each time.
+    assert clock.wait_for_sleeps(20)
+    assert not second_sent.is_set(), "a second request went out while the probe was in flight"
     limiter.release(rate_limited=False)  # the probe got through: the endpoint is open again
     assert second_sent.wait(2)
     waiter.join(timeout=2)
-    started = time.monotonic()
+    waited = len(clock.sleeps)
     for _ in range(5):
         limiter.acquire()  # no release: several in flight at once is fine again
-    assert time.monotonic() - started < 0.1
+    assert len(clock.sleeps) == waited
 
 
 def test_each_endpoint_has_its_own_budget() -> None:
-    limiter = RateLimiter(RateLimit(2, 30.0))
+    clock = VirtualClock()
+    limiter = RateLimiter(RateLimit(2, 30.0), clock=clock, sleep=clock.sleep, async_sleep=clock.async_sleep)
     assert limiter.endpoint("enrich-bulk") is limiter.endpoint("enrich-bulk")
     for _ in range(2):
         limiter.endpoint("enrich-bulk").acquire()
-    started = time.monotonic()
     limiter.endpoint("enrich-status").acquire()
     limiter.endpoint("enrich-status").acquire()
-    assert time.monotonic() - started < 0.1
+    assert clock.sleeps == []  # the full bulk window kept nobody on the status endpoint waiting
+    limiter.endpoint("enrich-bulk").acquire()  # the third bulk send waits out the bulk window
+    assert clock.sleeps == [pytest.approx(limiter.endpoint("enrich-bulk").window)]
     limiter.endpoint("enrich-bulk").hold(10)
     assert limiter.endpoint("enrich-status").held_for == 0.0
+    assert limiter.endpoint("enrich-bulk").held_for == pytest.approx(10.0)
+
+
+def test_a_slot_counts_from_the_answer_of_its_request() -> None:
+    limit = RateLimit(2, 1.0)
+    clock = VirtualClock()
+    limiter = virtual_limiter(limit, clock)
+    limiter.acquire()
+    limiter.acquire()
+    clock.advance(0.4)  # both requests sat 0.4 s before the server counted and answered them
+    limiter.release(rate_limited=False)
+    limiter.release(rate_limited=False)
+    assert limiter.usage() == 1.0
+    sent_at = clock()
+    limiter.acquire()
+    # A window from the answers, not from the acquires: 0.4 s later than a plain sliding log would.
+    assert clock.last - sent_at == pytest.approx(limiter.window)
+    assert clock.sleeps == [pytest.approx(limiter.window)]
 
 
 def test_window_margin_is_small_and_capped() -> None:
@@ -246,15 +311,18 @@ def test_a_steady_run_at_the_servers_own_limit_gets_no_429(
 
 
 def test_requests_that_waited_for_a_slot_are_counted_once_and_holds_are_not() -> None:
-    limiter = EndpointLimiter(RateLimit(2, 0.2))
+    clock = VirtualClock()
+    limiter = virtual_limiter(RateLimit(2, 0.2), clock)
     for _ in range(2):
         limiter.acquire()
         limiter.release(rate_limited=False)
     assert limiter.paced == 0
-    limiter.acquire()  # the window is full: waits ~0.2 s, polling the limiter several times
+    limiter.acquire()  # the window is full: waits out the window, asking the limiter again after it
     limiter.release(rate_limited=False)
     assert limiter.paced == 1
-    time.sleep(0.25)
+    assert sum(clock.sleeps) == pytest.approx(limiter.window)
+    clock.advance(0.25)  # every slot has expired
     limiter.hold(0.1)
     limiter.acquire()  # waits for the hold, not for a slot
     assert limiter.paced == 1
+    assert clock.sleeps[-1] == pytest.approx(0.1)

@@ -24,10 +24,6 @@ CONTACT_KEY = "cleanlist_contact_key"
 ROW_HASH = "cleanlist_row_hash"
 
 
-def is_database_url(value: str) -> bool:
-    return value.split(":", 1)[0].split("+", 1)[0].lower() in ("sqlite", "postgresql", "postgres")
-
-
 def row_hashes(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     values = frame[list(columns)].astype("string").fillna("").itertuples(index=False, name=None)
     return [hashlib.sha256(json.dumps(v, ensure_ascii=False).encode()).hexdigest()[:32] for v in values]

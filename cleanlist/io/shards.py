@@ -27,7 +27,6 @@ SHARD_DIR_NAME = "_shards"
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})(\..+)?$")
 SHARD_METRICS = ("rows_read", "rejected", "submitted", "emails_found", "phones_found", "credits_spent")
 OutputFormat = Literal["csv", "parquet", "jsonl"]
-DATABASE_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql")
 
 
 @dataclass(frozen=True)
@@ -175,13 +174,12 @@ def _source_files(source: str) -> list[str]:
 def _sql_frames(url: str, query: str, params: dict[str, Any], batch_rows: int) -> Iterator[pd.DataFrame]:
     """Rows of `query` with bound parameters, `batch_rows` at a time (server-side cursor)."""
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    shown = parsed.render_as_string(hide_password=True)
+    from cleanlist.dburl import display_url, to_sqlalchemy_url
+
+    parsed = to_sqlalchemy_url(url, what="the SQL source")
+    shown = display_url(parsed)
     engine = create_engine(parsed)
     try:
         with engine.connect() as conn:

@@ -553,19 +553,12 @@ def _iter_xlsx(open_source: Opener, shown: str, batch_rows: int) -> Generator[So
 
 def _iter_sql(url: str, query: str, batch_rows: int) -> Generator[SourceBatch, None, None]:
     from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise InputError(
-            "the SQL source is not a database URL (e.g. sqlite:///contacts.db, "
-            "postgresql://user@host:5432/db)"
-        ) from None
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the installed driver
-    shown = parsed.render_as_string(hide_password=True)
+    from cleanlist.dburl import display_url, to_sqlalchemy_url
+
+    parsed = to_sqlalchemy_url(url, what="the SQL source")
+    shown = display_url(parsed)
     database = parsed.database or ""
     is_sqlite_file = parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:")
     if is_sqlite_file and not database.startswith("file:") and not os.path.exists(database):

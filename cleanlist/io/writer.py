@@ -149,9 +149,9 @@ def _move_into_place(tmp: Path, destination: str) -> None:
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
         if parent:
             fs.makedirs(parent, exist_ok=True)
-        staging = f"{path}.partial"
-        fs.put_file(str(tmp), staging)
-        fs.mv(staging, path)
+        remote_staging = f"{path}.partial"
+        fs.put_file(str(tmp), remote_staging)
+        fs.mv(remote_staging, path)
     tmp.unlink(missing_ok=True)
 
 

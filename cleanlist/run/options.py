@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cleanlist.constants import INITIAL_RETRY_DELAY, MAX_CONTACTS_PER_REQUEST, RETRIES
+from cleanlist.dburl import is_database_url
 from cleanlist.errors import InputError
-from cleanlist.io.dbsink import is_database_url
 from cleanlist.models import EnrichmentType
 from cleanlist.settings import RateLimit
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Final
 
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from cleanlist.dburl import display_url, to_sqlalchemy_url
 from cleanlist.errors import InputError
 from cleanlist.store.schema import SCHEMA_COMPONENT, SCHEMA_VERSION, metadata, schema_info
 
@@ -29,20 +30,9 @@ def resolve_url(url: str | None) -> URL:
         path = DEFAULT_STORE_PATH.expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         return URL.create("sqlite", database=str(path))
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        # SQLAlchemy's message repeats the whole string, password included.
-        raise InputError(
-            "store URL is not a valid database URL (expected sqlite:///… or postgresql://…)"
-        ) from None
-    backend, _, driver = parsed.drivername.partition("+")
-    if backend in ("postgresql", "postgres"):
-        return parsed.set(drivername=f"postgresql+{driver or 'psycopg'}")
-    if backend != "sqlite":
-        raise InputError(
-            f"store URL {_display(parsed)} uses {backend!r}; only sqlite and postgresql are supported"
-        )
+    parsed = to_sqlalchemy_url(url, what="store URL")
+    if parsed.get_backend_name() != "sqlite":
+        return parsed
     if parsed.database in (None, "", ":memory:") or (parsed.database or "").startswith("file::memory:"):
         raise InputError(
             "store URL points at an in-memory SQLite database; give a file path (sqlite:///path)"
@@ -68,7 +58,7 @@ def open_engine(url: URL) -> Engine:
 
 def ensure_schema(writer: Engine) -> None:
     """Create the tables on first use; refuse a store written by a newer schema version."""
-    display = _display(writer.url)
+    display = display_url(writer.url)
     try:
         with writer.begin() as conn:
             if conn.dialect.name == "postgresql":
@@ -97,10 +87,6 @@ def describe(exc: DBAPIError, url: URL) -> str:
     if url.password:
         message = message.replace(str(url.password), "***")
     return message
-
-
-def _display(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
 
 
 def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:

@@ -212,7 +212,7 @@ class EnrichmentStore:
 
     # Ledger
 
-    def record_accepted(
+    def record_accepted(  # noqa: PLR0913 - keyword-only: the fields of one ledger row
         self,
         run_id: str,
         *,

@@ -111,7 +111,7 @@ def check_state(state: str) -> None:
         raise ValueError(f"unknown workflow state {state!r}; expected one of {sorted(WORKFLOW_STATES)}")
 
 
-def write_accepted(
+def write_accepted(  # noqa: PLR0913 - keyword-only: the fields of one ledger row
     conn: Connection,
     *,
     run_id: str,
