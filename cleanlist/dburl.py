@@ -52,8 +52,8 @@ def to_sqlalchemy_url(value: str, *, what: str = "database URL") -> URL:
     """The SQLAlchemy URL to open for a user's `value`.
 
     `postgresql://` and `postgres://` become `postgresql+psycopg://` unless a driver is given; SQLite
-    URLs are kept as they are. Anything else raises InputError with one line naming `what` and never
-    the password.
+    URLs are kept as they are (the scheme lower-cased). Anything else raises InputError with one line
+    naming `what` and never the password.
     """
     try:
         parsed = make_url(value.strip())
@@ -66,6 +66,8 @@ def to_sqlalchemy_url(value: str, *, what: str = "database URL") -> URL:
         return parsed.set(drivername=f"postgresql+{driver or POSTGRES_DRIVER}")
     if backend != "sqlite":
         raise _unsupported(what, display_url(parsed), backend)
+    if name != backend:  # "SQLite://": SQLAlchemy looks dialects up by their lower-case name
+        return parsed.set(drivername=f"sqlite+{driver}" if driver else "sqlite")
     return parsed
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EnrichmentType = Literal["none", "partial", "phone_only", "full", "prospecting_only"]
-ENRICHMENT_TYPES: tuple[str, ...] = ("none", "partial", "phone_only", "full", "prospecting_only")
+ENRICHMENT_TYPES: tuple[EnrichmentType, ...] = get_args(EnrichmentType)
 
 TERMINAL_WORKFLOW_STATUSES = frozenset({"completed", "failed", "cancelled"})
 CONTACT_FIELDS: tuple[str, ...] = (

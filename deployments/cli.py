@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_set_key(args: argparse.Namespace) -> int:
-    from tasks.secrets import SECRET_BLOCK, save_api_key
+    from flows.secrets import SECRET_BLOCK, save_api_key
 
     value = sys.stdin.readline().strip()
     if not value:

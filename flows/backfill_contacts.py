@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 import fsspec
 from prefect import flow, get_run_logger
@@ -57,6 +57,7 @@ from cleanlist.io.shards import (
     split_source,
     sql_windows,
 )
+from cleanlist.models import EnrichmentType
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings
@@ -220,7 +221,7 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     window_end: str | None = None,
     window_days: float | None = None,
     store: str | None = None,
-    enrichment_type: Literal["none", "partial", "phone_only", "full", "prospecting_only"] = "partial",
+    enrichment_type: EnrichmentType = "partial",
     max_parallel_shards: int = 2,
     deployment_name: str = "enrich-contacts/adhoc",
     org_rate_limit: str | None = None,

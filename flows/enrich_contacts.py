@@ -35,10 +35,10 @@ from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
+from flows.secrets import resolve_api_key
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
 from tasks.prefect_types import sync_result, thread_pool
-from tasks.secrets import resolve_api_key
 from tasks.stage import stage_source_task
 from tasks.write import write_output_task
 

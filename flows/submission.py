@@ -26,7 +26,7 @@ from cleanlist.models import worst_case_credits
 from cleanlist.run.context import RunContext
 from cleanlist.run.states import ChunkStatus, StopReason
 from cleanlist.run.submit import ChunkOutcome
-from tasks.credits import CreditWatcher
+from flows.credits import CreditWatcher
 from tasks.submit import submit_chunk_with_retries
 
 HEARTBEAT_SECONDS = 30.0  # claims of a run whose heartbeat is older than the store's lease may be taken

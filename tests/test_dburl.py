@@ -102,6 +102,8 @@ def test_mysql_refusal_hides_the_password() -> None:
         ("sqlite:////abs/x.db", "sqlite:////abs/x.db"),
         ("sqlite+pysqlite:///x.db", "sqlite+pysqlite:///x.db"),
         ("sqlite://", "sqlite://"),
+        ("SQLite:///x.db", "sqlite:///x.db"),
+        ("PostgreSQL://u@h/db", "postgresql+psycopg://u@h/db"),
     ],
 )
 def test_postgresql_is_bound_to_psycopg_and_sqlite_is_kept(given: str, opened: str) -> None:

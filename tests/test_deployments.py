@@ -35,6 +35,7 @@ import sqlalchemy as sa
 
 from cleanlist.errors import InputError
 from cleanlist.io.shards import shard_rate_limit, split_source, sql_windows
+from cleanlist.run.summary import RunSummary
 from cleanlist.sandbox import SandboxConfig, SandboxServer
 from tests.conftest import postgres_database
 from tests.sandbox_helpers import WebhookReceiver
@@ -331,9 +332,8 @@ class PrefectStack:
         artifact: dict[str, Any] = found[0]
         return artifact
 
-    def summary(self, flow_run_id: str) -> dict[str, str]:
-        rows = json.loads(self.artifact(flow_run_id, "cleanlist-run-summary")["data"])
-        return {row["metric"]: row["value"] for row in rows}
+    def summary(self, flow_run_id: str) -> RunSummary:
+        return RunSummary.from_table(self.artifact(flow_run_id, "cleanlist-run-summary")["data"])
 
     def ran_on(self, flow_run_name: str) -> list[str]:
         """The workers whose logs say they started this flow run."""
@@ -515,7 +515,7 @@ def test_adhoc_run_on_a_worker_completes_with_every_row_in_the_output(
     assert len(enriched) == 400 and set(enriched["cleanlist_status"]) <= {"enriched", "not_found"}
     assert len(pd.read_csv(rejects, dtype=str)) == 7
     summary = stack.summary(adhoc.flow_run_id)
-    assert summary["status"] == "completed" and summary["rows_read"] == "407"
+    assert summary.status == "completed" and summary.rows_read == 407
 
 
 @pytest.mark.integration
@@ -765,7 +765,7 @@ def test_adhoc_run_completes_with_postgresql_as_the_prefect_database(pg_stack: P
     assert pg_stack.flow_run(run.flow_run_id)["state"]["type"] == "COMPLETED"
     rejects = run.output.with_name(run.output.name.replace(".csv", ".rejects.csv"))
     assert ids_in([run.output, rejects]) == Counter(run.ids)
-    assert pg_stack.summary(run.flow_run_id)["status"] == "completed"
+    assert pg_stack.summary(run.flow_run_id).status == "completed"
     assert not (pg_stack.root / "prefect-home" / "prefect.db").exists()
     assert pg_stack.database_url is not None
     engine = sa.create_engine(pg_stack.database_url.replace("+asyncpg", "+psycopg", 1))

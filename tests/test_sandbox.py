@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cleanlist.sandbox import DEFAULT_SANDBOX_KEY, FaultSpec, SandboxConfig, SandboxServer
+from cleanlist.sandbox import DEFAULT_SANDBOX_KEY, ENRICHMENT_TYPES, FaultSpec, SandboxConfig, SandboxServer
 from cleanlist.sandbox.cli import add_sandbox_parser, config_from_args
 from cleanlist.sandbox.contacts import ContactRecord
 from tests.sandbox_helpers import (
@@ -401,7 +401,7 @@ def _expected_cost(enrichment_type: str, results: list[dict[str, Any]]) -> float
     }[enrichment_type]
 
 
-@pytest.mark.parametrize("enrichment_type", ["none", "partial", "phone_only", "full", "prospecting_only"])
+@pytest.mark.parametrize("enrichment_type", ENRICHMENT_TYPES)
 def test_charge_is_the_price_of_what_was_found(start_sandbox: StartSandbox, enrichment_type: str) -> None:
     sandbox = start_sandbox(credits=5000.0, find_rate=0.5, phone_rate=0.5)
     with api(sandbox) as client:

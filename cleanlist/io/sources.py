@@ -40,8 +40,8 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 import numpy as np
 import pandas as pd
-import pyarrow as pa  # type: ignore[import-untyped]
-import pyarrow.compute as pc  # type: ignore[import-untyped]
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from cleanlist.errors import InputError
 
@@ -318,7 +318,9 @@ class _Batcher:
         return pd.Index([n for n in range(self.first_row, self.next_row) if n not in bad], dtype="int64")
 
 
-def _iter_delimited(
+# A row-by-row state machine (sep= line, header, width checks, blank lines, batches): its branches are
+# the cases of the format, kept in one reading order.
+def _iter_delimited(  # noqa: C901, PLR0912
     open_source: Opener, shown: str, batch_rows: int, tab: bool
 ) -> Generator[SourceBatch, None, None]:
     # Raising the limit is process-wide but only ever loosens csv's default of 128 KiB.
@@ -436,7 +438,7 @@ def _iter_jsonl(open_source: Opener, shown: str, batch_rows: int) -> Generator[S
 
 
 def _iter_parquet(open_source: Opener, shown: str, batch_rows: int) -> Generator[SourceBatch, None, None]:
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq
 
     with open_source() as stream:
         try:
@@ -498,7 +500,10 @@ def _excel_text(value: object) -> object:
     return str(value)
 
 
-def _iter_xlsx(open_source: Opener, shown: str, batch_rows: int) -> Generator[SourceBatch, None, None]:
+# The same state machine as _iter_delimited, over worksheet rows.
+def _iter_xlsx(  # noqa: C901, PLR0912
+    open_source: Opener, shown: str, batch_rows: int
+) -> Generator[SourceBatch, None, None]:
     import openpyxl  # type: ignore[import-untyped]
     from openpyxl.utils.exceptions import InvalidFileException  # type: ignore[import-untyped]
 

@@ -6,11 +6,13 @@ from typing import Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The five types are documented; the sandbox charges them by its own table (cleanlist/sandbox/results.py).
+from cleanlist.models import ENRICHMENT_TYPES as ENRICHMENT_TYPES
+from cleanlist.models import EnrichmentType as EnrichmentType
+
 Endpoint = Literal["validate-key", "credits-balance", "enrich-bulk", "enrich-status", "webhook-deliveries"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 
-EnrichmentType = Literal["none", "partial", "phone_only", "full", "prospecting_only"]
-ENRICHMENT_TYPES: tuple[EnrichmentType, ...] = get_args(EnrichmentType)
 
 API_KEY_PREFIX = "clapi_"
 # 64 url-safe characters after the prefix, the documented shape of a real key.
