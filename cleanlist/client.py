@@ -1,7 +1,7 @@
 """Typed clients of the Cleanlist Public API (sync and async) over httpx.
 
-The client classifies and parses; it does not loop. One layer owns retries (the Prefect task), and it
-reads `cleanlist.errors.policy_for` to decide. Every request first takes a slot from the process-wide
+The client classifies and parses; it does not loop. Retries are decided by `cleanlist.retry.RetryPolicy`
+(asked by the submit task and the poller). Every request first takes a slot from the process-wide
 rate limiter of its endpoint; a 429 with Retry-After holds that endpoint for every caller.
 """
 

@@ -12,7 +12,7 @@ split evenly: each child gets `rate_limit = org / max_parallel_shards`, and at m
 `max_parallel_shards` children run at once, so together they stay under the API's limit on every
 endpoint. A static split needs no coordination between machines; a Prefect global concurrency limit
 would adapt when fewer shards run, but its acquisition is poll-based and too slow for a per-request
-limiter (see DESIGN.md).
+limiter (README, "Shared rate budget").
 """
 
 from __future__ import annotations

@@ -782,7 +782,8 @@ def test_adhoc_run_completes_with_postgresql_as_the_prefect_database(pg_stack: P
 def test_cleanlist_enrich_serve_runs_the_deployments_from_one_process(pg_stack: PrefectStack) -> None:
     for worker in pg_stack.workers:  # only the serving process may take runs now
         pg_stack.procs.stop(worker)
-    # Serving replaces the pool's deployments of the same names; remove them first (OPERATING.md).
+    # Serving replaces the pool's deployments of the same names; remove them first (README, "One machine
+    # without workers").
     for name in ("enrich-contacts/nightly", "enrich-contacts/adhoc", "backfill-contacts/backfill"):
         pg_stack.prefect("deployment", "delete", name)
     log = pg_stack.procs.start("serve", [CLEANLIST_ENRICH, "serve"], pg_stack.env)
