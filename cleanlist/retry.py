@@ -128,10 +128,14 @@ class RetryPolicy:
         if action is Action.FAIL_FAST:
             decision = RetryDecision(action, None, False, policy.fix if policy is not None else "")
         else:
+            # Whatever else went wrong, the workflow stays accepted (and paid): poll it again.
             retry_after = error.retry_after if isinstance(error, APIStatusError) else None
             wait = min(retry_after or self.backoff(failures), ceiling)
             hint = "Retry-After" if retry_after else f"backoff after {failures} failure(s)"
-            decision = RetryDecision(action, wait, True, f"polling again in {wait:g}s ({hint})")
+            kind = ""
+            if action not in (Action.RETRY, Action.RETRY_AFTER):
+                kind, action = ", until the poll timeout", Action.RETRY
+            decision = RetryDecision(action, wait, True, f"polling again in {wait:g}s ({hint}{kind})")
         _log(what, error, decision)
         return decision
 

@@ -50,6 +50,7 @@ class RunCounters:
     workflows_completed: int = 0
     chunks_total: int = 0
     chunks_failed: int = 0
+    chunks_settled: int = 0  # this run's chunks whose outcome is known (results, failure, nothing sent)
     chunk_attempts: int = 0
     rate_limited: int = 0
     pauses: int = 0
@@ -303,7 +304,7 @@ class RunContext:
             self.counters.emails_found += emails
             self.counters.phones_found += phones
             self.counters.workflows_completed += 1
-        self._progress()
+        self._chunk_settled(workflow)
 
     def _on_gone(self, workflow: TrackedWorkflow, reason: str) -> None:
         logger.warning(
@@ -311,6 +312,7 @@ class RunContext:
         )
         self.store.mark_workflow(workflow.workflow_id, reason)
         self._close(workflow.workflow_id, 0.0)
+        self._chunk_settled(workflow)
 
     # -- chunks ------------------------------------------------------------------------------------
     def chunk_failed(self, chunk_no: int, reason: str) -> None:
@@ -319,8 +321,19 @@ class RunContext:
         keys = [key for key, (state, _) in states.items() if state == ContactState.PLANNED]
         self.workspace.set_state(keys, ContactState.ERROR, reason)
         self.store.release(self.run_id, keys, self.options.enrichment_type)
-        self.count(chunks_failed=1)
+        self.count(chunks_failed=1, chunks_settled=1)
         self._progress()
+
+    def nothing_to_send(self, chunk_no: int) -> None:
+        """A chunk ended without a request: every contact was answered for elsewhere or refused."""
+        self.count(chunks_settled=1)
+        self._progress()
+
+    def _chunk_settled(self, workflow: TrackedWorkflow) -> None:
+        # Workflows resumed from earlier runs are not chunks of this run.
+        if isinstance(workflow.tag, int):
+            self.count(chunks_settled=1)
+            self._progress()
 
     def count(self, **increments: int) -> None:
         """Add to counters from any thread."""
@@ -332,4 +345,4 @@ class RunContext:
         if self._on_progress is None:
             return
         c = self.counters
-        self._on_progress(Progress(c.chunks_total, c.workflows_completed + c.chunks_failed, c.submitted))
+        self._on_progress(Progress(c.chunks_total, c.chunks_settled, c.submitted))

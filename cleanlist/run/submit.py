@@ -92,6 +92,7 @@ def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOu
         return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED)
     staged = run.workspace.chunk(chunk_no)
     if not staged:
+        run.nothing_to_send(chunk_no)
         return ChunkOutcome(chunk_no, ChunkStatus.NOTHING_TO_SEND)
     to_send = _claim(run, staged)
     enrichment_type = run.options.enrichment_type
@@ -133,4 +134,5 @@ def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOu
             "chunk %05d: %d contacts accepted as workflow %s", chunk_no, len(to_send), response.workflow_id
         )
         return ChunkOutcome(chunk_no, ChunkStatus.ACCEPTED, len(to_send), quarantined, response.workflow_id)
+    run.nothing_to_send(chunk_no)
     return ChunkOutcome(chunk_no, ChunkStatus.NOTHING_TO_SEND, quarantined=quarantined)
