@@ -141,11 +141,33 @@ class _ClientCore:
             self.limiter.endpoint(endpoint).hold(error.retry_after)
         return error
 
+    def _key_validation(self, payload: Any) -> KeyValidation:
+        """A 200 `{"valid": false}` [doc: troubleshooting] is a rejected key: raise what a 401 raises."""
+        validation = self._model("validate-key", KeyValidation.model_validate, payload)
+        if validation.valid:
+            return validation
+        method, path = ENDPOINTS["validate-key"]
+        extra = validation.model_extra or {}
+        reason = next(
+            (extra[k] for k in ("reason", "message", "detail") if isinstance(extra.get(k), str)), ""
+        )
+        detail = "the API answered 200 with valid=false: the key is not accepted"
+        if reason.strip():
+            detail += f" ({redact(reason, self._api_key)})"
+        # Status 401 is the meaning (the class and policy follow from it); the detail says what was sent.
+        raise make_status_error(
+            status_code=401, method=method, path=path, body={"detail": detail}, headers={}
+        )
+
     def _transport_error(self, endpoint: str, exc: httpx.TransportError) -> APIError:
         method, path = ENDPOINTS[endpoint]
         kind = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
         reason = redact(str(exc) or type(exc).__name__, self._api_key)
-        return kind(f"Cleanlist API {method} {path} failed: {type(exc).__name__}: {reason}")
+        # Failing to connect (or to get a pooled connection) means nothing was sent.
+        sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+        return kind(
+            f"Cleanlist API {method} {path} failed: {type(exc).__name__}: {reason}", request_sent=sent
+        )
 
     def _parse(self, endpoint: str, response: httpx.Response) -> Any:
         # Any non-2xx, 3xx included: httpx follows no redirects, and a redirect's body is no answer.
@@ -250,7 +272,8 @@ class CleanlistClient(_ClientCore):
         return self._parse(endpoint, response)
 
     def validate_key(self) -> KeyValidation:
-        return self._model("validate-key", KeyValidation.model_validate, self._request("validate-key"))
+        """The key's user and organization; AuthenticationError when refused (401 or valid=false)."""
+        return self._key_validation(self._request("validate-key"))
 
     def credits_balance(self) -> CreditsBalance:
         return self._model("credits-balance", CreditsBalance.model_validate, self._request("credits-balance"))
@@ -319,8 +342,8 @@ class AsyncCleanlistClient(_ClientCore):
         return self._parse(endpoint, response)
 
     async def validate_key(self) -> KeyValidation:
-        payload = await self._request("validate-key")
-        return self._model("validate-key", KeyValidation.model_validate, payload)
+        """The key's user and organization; AuthenticationError when refused (401 or valid=false)."""
+        return self._key_validation(await self._request("validate-key"))
 
     async def credits_balance(self) -> CreditsBalance:
         payload = await self._request("credits-balance")

@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EnrichmentType = Literal["none", "partial", "phone_only", "full", "prospecting_only"]
 ENRICHMENT_TYPES: tuple[EnrichmentType, ...] = get_args(EnrichmentType)
 
-TERMINAL_WORKFLOW_STATUSES = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_WORKFLOW_STATUSES = frozenset({"completed", "failed", "cancelled", "canceled"})
+# Words of a workflow or task still at work [assumed]. A word in neither set is final when the answer
+# lists results, and otherwise polled a bounded number of times (see cleanlist/poller.py).
+IN_PROGRESS_WORDS = frozenset({"pending", "queued", "processing", "running", "in_progress", "started"})
 CONTACT_FIELDS: tuple[str, ...] = (
     "linkedin_url",
     "first_name",
@@ -84,16 +87,21 @@ class BulkEnrichRequest(BaseModel):
         return body
 
 
+def _none_to_list(value: Any) -> Any:
+    return [] if value is None else value
+
+
 class BulkEnrichResponse(_Lenient):
+    """Only `workflow_id` is promised by the newer page: `task_ids` may be absent, null, or of another
+    length than the contacts sent; the caller maps tasks to contacts, not this model."""
+
     workflow_id: str
     status: str = "processing"
     message: str | None = None
     task_ids: list[str] = Field(default_factory=list)
     total_contacts: int | None = None
 
-
-def _none_to_list(value: Any) -> Any:
-    return [] if value is None else value
+    _lists = field_validator("task_ids", mode="before")(_none_to_list)
 
 
 class TaskResult(_Lenient):
@@ -183,7 +191,12 @@ class WorkflowStatus(_Lenient):
 
     @property
     def is_terminal(self) -> bool:
-        return self.status.lower() in TERMINAL_WORKFLOW_STATUSES
+        word = self.status.lower()
+        return word in TERMINAL_WORKFLOW_STATUSES or (word not in IN_PROGRESS_WORDS and bool(self.results))
+
+    @property
+    def word_is_known(self) -> bool:
+        return self.status.lower() in TERMINAL_WORKFLOW_STATUSES | IN_PROGRESS_WORDS
 
 
 class CreditsBalance(_Lenient):

@@ -31,15 +31,17 @@ from cleanlist.constants import (
     POLL_FIRST_PROBE_FRACTION,
     POLL_GROW,
     POLL_LATE_TOLERANCE,
+    POLL_NOT_FOUND_GRACE,
     POLL_PENDING_RESULTS,
     POLL_RETRY_GROWTH,
     POLL_SEARCH_FACTOR,
     POLL_SEARCH_STEP_NEAR,
     POLL_SHRINK,
+    POLL_UNKNOWN_WORD_POLLS,
     POLL_WORKERS,
 )
 from cleanlist.errors import Action, APIError, NotFoundError
-from cleanlist.models import WorkflowStatus
+from cleanlist.models import TaskResult, WorkflowStatus
 from cleanlist.retry import RetryPolicy
 
 logger = logging.getLogger("cleanlist.poller")
@@ -54,6 +56,8 @@ class TrackedWorkflow:
     contacts: int
     polls: int = 0
     failures: int = 0  # status calls in a row that failed (reset by any answer)
+    unknown_words: int = 0  # answers with a status word neither final nor known to be in progress
+    resumed: bool = False  # picked up from an earlier run (no grace for a 404)
     tag: object = None  # whatever the caller wants back with the result (e.g. a chunk number)
     # Poller bookkeeping.
     answered: bool = field(default=False, repr=False)  # a status answer (done or not) has come back
@@ -248,6 +252,7 @@ class WorkflowPoller:
 
     def track(self, workflow: TrackedWorkflow, *, poll_now: bool = False) -> None:
         workflow.urgent = poll_now
+        workflow.resumed = workflow.resumed or poll_now
         workflow.not_before = time.monotonic() if poll_now else 0.0
         with self._cv:
             self._waiting.append(workflow)
@@ -354,25 +359,10 @@ class WorkflowPoller:
         try:
             status = self._client.enrich_status(workflow_id=workflow.workflow_id)
         except NotFoundError:
-            self._count("not_found")
-            self._deliver(workflow, lambda: self._on_gone(workflow, "not_found"))
+            self._not_found(workflow, now)
             return
         except APIError as exc:
-            workflow.failures += 1
-            decision = self._retry.for_poll(
-                exc,
-                what=f"status of {workflow.workflow_id}",
-                failures=workflow.failures,
-                ceiling=self.max_interval,
-            )
-            if decision.action is Action.FAIL_FAST:
-                self._fatal = exc
-                if self._on_fatal is not None:
-                    self._on_fatal(exc)
-                self._requeue(workflow, 0.0)
-                return
-            self._count("errors")
-            self._requeue(workflow, decision.wait or self.min_interval)
+            self._failed(workflow, exc)
             return
         workflow.failures = 0
         elapsed = time.monotonic() - workflow.submitted_at
@@ -389,12 +379,53 @@ class WorkflowPoller:
                 self.stats.completed += 1
         workflow.answered = True
         if not done:
-            workflow.urgent = False
-            workflow.running_at = elapsed
-            self._requeue(workflow, self.min_interval)
+            self._not_done(workflow, status, elapsed)
             return
         assert isinstance(status, WorkflowStatus)
         self._deliver(workflow, lambda: self._on_result(workflow, status))
+
+    def _not_found(self, workflow: TrackedWorkflow, now: float) -> None:
+        if not workflow.resumed and now - workflow.submitted_at < POLL_NOT_FOUND_GRACE:
+            self._requeue(workflow, min(self.estimate, 1.0))  # just accepted: possibly not visible yet
+            return
+        self._count("not_found")
+        self._deliver(workflow, lambda: self._on_gone(workflow, "not_found"))
+
+    def _failed(self, workflow: TrackedWorkflow, exc: APIError) -> None:
+        workflow.failures += 1
+        decision = self._retry.for_poll(
+            exc,
+            what=f"status of {workflow.workflow_id}",
+            failures=workflow.failures,
+            ceiling=self.max_interval,
+        )
+        if decision.action is Action.FAIL_FAST:
+            self._fatal = exc
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+            self._requeue(workflow, 0.0)
+            return
+        self._count("errors")
+        self._requeue(workflow, decision.wait or self.min_interval)
+
+    def _not_done(
+        self, workflow: TrackedWorkflow, status: WorkflowStatus | TaskResult, elapsed: float
+    ) -> None:
+        workflow.urgent = False
+        workflow.running_at = elapsed
+        if isinstance(status, WorkflowStatus) and not status.word_is_known:
+            workflow.unknown_words += 1
+            if workflow.unknown_words == 1:
+                logger.warning(
+                    "workflow %s answers the status %r, unknown to this client",
+                    workflow.workflow_id,
+                    status.status,
+                )
+            if workflow.unknown_words >= POLL_UNKNOWN_WORD_POLLS:
+                reason = f"kept answering {status.status!r}"
+                self._deliver(workflow, lambda: self._on_gone(workflow, reason))
+                return
+        self._requeue(workflow, self.min_interval)
 
     def _status_budget_busy(self) -> bool:
         """Whether the status budget is, or is about to be, all spent.

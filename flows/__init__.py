@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (enrich-contacts, its submit loop and credit pause, backfills)."""

@@ -223,7 +223,12 @@ def plan_submissions(run: RunContext) -> Plan:
     """Classify every contact against the store and chunk what is left to send."""
     options = run.options
     plan = plan_run(
-        run.workspace, run.store, options.enrichment_type, options.fresh_after, options.chunk_size
+        run.workspace,
+        run.store,
+        options.enrichment_type,
+        options.fresh_after,
+        options.chunk_size,
+        settle=run.settle_unresolved,
     )
     run.counters.fresh_in_store, run.counters.resumed_in_flight = plan.fresh, plan.in_flight
     run.counters.chunks_total = len(plan.chunks)
@@ -234,6 +239,12 @@ def plan_submissions(run: RunContext) -> Plan:
         plan.to_submit,
         len(plan.chunks),
     )
+    if plan.resolved or plan.forgotten:
+        get_run_logger().info(
+            "owed by earlier runs: %d answered by task id now, %d unknown to the API (submitted again)",
+            plan.resolved,
+            plan.forgotten,
+        )
     return plan
 
 
@@ -295,6 +306,9 @@ def write_and_report(run: RunContext, submission: Submission, started: float) ->
         rate_limited=counters.rate_limited,
         rate_limit=str(run.client.rate_limit),
         pauses=counters.pauses,
+        unresolved=run.workspace.count(ContactState.UNRESOLVED),
+        task_lookups=counters.task_lookups,
+        ambiguous_submissions=counters.ambiguous_submissions,
         row_statuses=report.statuses,
         rejects_by_reason=report.reject_reasons,
         output=options.output if options.table is None else f"{options.output}#{options.table}",

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +65,7 @@ class SubmitLoop:
         *,
         flow_run_id: uuid.UUID | None,
         progress_id: uuid.UUID | None,
-        emit: Any,
+        emit: Callable[[str, dict[str, Any]], None],
     ) -> None:
         self.run = run
         self.pending: deque[int] = deque(chunks)

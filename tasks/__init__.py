@@ -1,0 +1,1 @@
+"""Prefect tasks: thin `@task` shells over plain functions in `cleanlist/` (retries, names, visibility)."""

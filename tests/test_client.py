@@ -19,6 +19,7 @@ import pytest
 
 from cleanlist.client import AsyncCleanlistClient, CleanlistClient
 from cleanlist.errors import (
+    POLICY,
     Action,
     APIConnectionError,
     APIError,
@@ -456,6 +457,125 @@ def test_malformed_json_in_an_error_keeps_the_status_and_its_retry_after() -> No
     assert action_of(server_error) is Action.RETRY
     assert type(limited) is RateLimitError and limited.retry_after == 3.0
     assert type(unauthorized) is AuthenticationError and action_of(unauthorized) is Action.FAIL_FAST
+
+
+def _mocked_async(handler: Callable[[httpx.Request], httpx.Response]) -> AsyncCleanlistClient:
+    host = f"http://mock-{uuid.uuid4().hex[:8]}.test"
+    return AsyncCleanlistClient(ANY_KEY, base_url=host, transport=httpx.MockTransport(handler))
+
+
+def test_the_newer_error_envelope_on_the_wire_is_read_by_its_code() -> None:
+    """`{"error": {"code", "message"}}`: the code picks the class, the message is the detail, a body
+    `retry_after_ms` is the hint (and holds the endpoint like a header would), the key stays redacted."""
+    answers = iter(
+        [
+            httpx.Response(
+                400,
+                json={"error": {"code": "insufficient_credits", "message": "Not enough credits"}},
+            ),
+            httpx.Response(
+                400,
+                json={
+                    "error": {
+                        "code": "validation_error",
+                        "message": "Some contacts are invalid",
+                        "errors": [{"index": 1, "message": FIELD_RULE}],
+                    }
+                },
+            ),
+            httpx.Response(
+                401,
+                json={"error": {"code": "api_key_revoked", "message": f"key {ANY_KEY} was revoked"}},
+            ),
+            httpx.Response(
+                429,
+                json={
+                    "error": {"code": "rate_limit_exceeded", "message": "Slow down", "retry_after_ms": 1500}
+                },
+            ),
+        ]
+    )
+    with mocked(lambda request: next(answers)) as client:
+        no_credits = raised(lambda: client.enrich_bulk(people(2)))
+        refused = raised(lambda: client.enrich_bulk([*people(1), {"first_name": "John"}]))
+        revoked = raised(lambda: client.enrich_bulk(people(1)))
+        limited = raised(client.credits_balance)
+        held = client.limiter.endpoint("credits-balance").held_for
+    assert type(no_credits) is InsufficientCreditsError and action_of(no_credits) is Action.PAUSE
+    assert (no_credits.status_code, no_credits.detail, no_credits.code) == (
+        400,
+        "Not enough credits",
+        "insufficient_credits",
+    )
+    assert POLICY[InsufficientCreditsError].fix in str(no_credits)
+    assert type(refused) is UnprocessableEntityError and action_of(refused) is Action.QUARANTINE
+    assert refused.invalid_contacts == [InvalidContact(1, FIELD_RULE)]
+    assert type(revoked) is AuthenticationError and action_of(revoked) is Action.FAIL_FAST
+    assert revoked.detail == "key [redacted] was revoked"
+    assert ANY_KEY not in str(revoked) and ANY_KEY not in repr(vars(revoked))
+    assert type(limited) is RateLimitError and limited.retry_after == 1.5
+    assert 0 < held <= 1.5
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ({"valid": False}, None),
+        ({"valid": False, "reason": f"key {ANY_KEY} expired"}, "(key [redacted] expired)"),
+        ({"valid": "false", "user_id": None}, None),
+    ],
+    ids=["bare", "with-reason", "as-text"],
+)
+def test_validate_key_answering_valid_false_is_a_rejected_key(
+    payload: dict[str, Any], reason: str | None
+) -> None:
+    def check(error: BaseException) -> None:
+        assert type(error) is AuthenticationError and action_of(error) is Action.FAIL_FAST
+        assert error.status_code == 401 and error.method == "GET" and error.path == "/auth/validate-key"
+        text = str(error)
+        assert "valid=false" in text and POLICY[AuthenticationError].fix in text
+        assert "\n" not in text and ANY_KEY not in text
+        if reason is not None:
+            assert reason in text
+
+    with mocked(_answer(payload)) as client:
+        check(raised(client.validate_key))
+
+    async def scenario() -> BaseException:
+        async with _mocked_async(_answer(payload)) as client:
+            with pytest.raises(AuthenticationError) as caught:
+                await client.validate_key()
+        return caught.value
+
+    check(asyncio.run(scenario()))
+
+
+@pytest.mark.parametrize(
+    ("answer", "task_ids"),
+    [
+        (
+            {"workflow_id": "public_bulk_1", "status": "processing", "message": "Bulk enrichment started"},
+            [],
+        ),
+        ({"workflow_id": "public_bulk_1", "status": "processing", "task_ids": None}, []),
+        ({"workflow_id": "public_bulk_1", "task_ids": ["t1"], "total_contacts": 3}, ["t1"]),
+        ({"workflow_id": "public_bulk_1", "task_ids": ["t1", "t2", "t3", "t4"]}, ["t1", "t2", "t3", "t4"]),
+    ],
+    ids=["newer-page-no-task-ids", "null-task-ids", "fewer-task-ids", "more-task-ids"],
+)
+def test_a_bulk_answer_without_task_ids_or_with_another_count_parses(
+    answer: dict[str, Any], task_ids: list[str]
+) -> None:
+    with mocked(_answer(answer)) as client:
+        submitted = client.enrich_bulk(people(3))
+
+    async def scenario() -> BulkEnrichResponse:
+        async with _mocked_async(_answer(answer)) as client:
+            return await client.enrich_bulk(people(3))
+
+    for parsed in (submitted, asyncio.run(scenario())):
+        assert isinstance(parsed, BulkEnrichResponse)
+        assert parsed.workflow_id == "public_bulk_1" and parsed.task_ids == task_ids
 
 
 def test_a_success_whose_body_is_not_json_is_an_api_error() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -70,6 +71,9 @@ RETRY_AFTER_TABLE: list[tuple[str, dict[str, str], float | None]] = [
     ("ms-negative", {"retry-after-ms": "-100"}, None),
     ("ms-nan", {"retry-after-ms": "nan"}, None),
     ("ms-huge", {"retry-after-ms": "999999999"}, None),
+    ("ms-zero", {"retry-after-ms": "0"}, None),
+    ("ms-unusable-falls-back", {"retry-after-ms": "-100", "Retry-After": "4"}, 4.0),
+    ("seconds-unusable-ms-absent", {"Retry-After": "0", "retry-after-ms": "garbage"}, None),
 ]
 
 
@@ -249,3 +253,265 @@ def test_invalid_contacts_come_from_detail_loc_only() -> None:
     ]
     assert _unprocessable("a string detail").invalid_contacts == []
     assert _unprocessable(None).invalid_contacts == []
+
+
+# --- both error envelopes -------------------------------------------------------------------------------
+
+
+def _envelope(code: str | None, message: str = "Something happened", **extra: Any) -> dict[str, Any]:
+    error: dict[str, Any] = {"message": message, **extra}
+    if code is not None:
+        error["code"] = code
+    return {"error": error}
+
+
+LOC_ITEMS = [
+    {"type": "value_error", "loc": ["body", "contacts", 4], "msg": "needs a name"},
+    {"type": "value_error", "loc": ["body", "contacts", 1], "msg": "needs a company"},
+]
+INDEX_ITEMS = [{"index": 3, "message": "needs a name"}, {"index": 0, "message": "needs a company"}]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One error answer and what the client must make of it."""
+
+    status: int
+    body: Any
+    error: type[APIStatusError]
+    action: Action
+    detail: Any
+    code: str | None = None
+
+
+ENVELOPE_TABLE: dict[str, Answer] = {
+    # {"detail": …}, the documented envelope of this API: the status decides.
+    "detail-400": Answer(
+        400,
+        {"detail": "At least one contact is required."},
+        BadRequestError,
+        Action.FAIL,
+        "At least one contact is required.",
+    ),
+    "detail-401": Answer(
+        401, {"detail": "Not authenticated"}, AuthenticationError, Action.FAIL_FAST, "Not authenticated"
+    ),
+    "detail-402": Answer(
+        402,
+        {"detail": "Insufficient credits"},
+        InsufficientCreditsError,
+        Action.PAUSE,
+        "Insufficient credits",
+    ),
+    "detail-403": Answer(
+        403,
+        {"detail": "Your plan does not include API access"},
+        PermissionDeniedError,
+        Action.FAIL_FAST,
+        "Your plan does not include API access",
+    ),
+    "detail-404": Answer(
+        404, {"detail": "Workflow not found"}, NotFoundError, Action.FAIL, "Workflow not found"
+    ),
+    "detail-422": Answer(422, {"detail": LOC_ITEMS}, UnprocessableEntityError, Action.QUARANTINE, LOC_ITEMS),
+    "detail-429": Answer(
+        429, {"detail": "Rate limit exceeded"}, RateLimitError, Action.RETRY_AFTER, "Rate limit exceeded"
+    ),
+    "detail-503": Answer(
+        503,
+        {"detail": "Service temporarily unavailable"},
+        ServerError,
+        Action.RETRY,
+        "Service temporarily unavailable",
+    ),
+    # {"error": {"code", "message"}}, the newer surface: a known code decides, whatever the status.
+    **{
+        f"code-{code}-{status}": Answer(status, _envelope(code), cls, action, "Something happened", code)
+        for code, status, cls, action in [
+            ("insufficient_credits", 400, InsufficientCreditsError, Action.PAUSE),
+            ("insufficient_credits", 402, InsufficientCreditsError, Action.PAUSE),
+            ("payment_required", 402, InsufficientCreditsError, Action.PAUSE),
+            ("rate_limit_exceeded", 429, RateLimitError, Action.RETRY_AFTER),
+            ("rate_limited", 429, RateLimitError, Action.RETRY_AFTER),
+            ("too_many_requests", 400, RateLimitError, Action.RETRY_AFTER),
+            ("unauthorized", 401, AuthenticationError, Action.FAIL_FAST),
+            ("unauthenticated", 401, AuthenticationError, Action.FAIL_FAST),
+            ("invalid_api_key", 400, AuthenticationError, Action.FAIL_FAST),
+            ("api_key_expired", 403, AuthenticationError, Action.FAIL_FAST),
+            ("api_key_revoked", 401, AuthenticationError, Action.FAIL_FAST),
+            ("forbidden", 403, PermissionDeniedError, Action.FAIL_FAST),
+            ("no_api_access", 401, PermissionDeniedError, Action.FAIL_FAST),
+            ("not_found", 400, NotFoundError, Action.FAIL),
+            ("not_found", 404, NotFoundError, Action.FAIL),
+            # Unknown codes leave it to the status.
+            ("something_new", 400, BadRequestError, Action.FAIL),
+            ("something_new", 402, InsufficientCreditsError, Action.PAUSE),
+            ("upstream_timeout", 503, ServerError, Action.RETRY),
+            ("something_new", 418, APIStatusError, Action.FAIL),
+            # Validation codes without items that name contacts: the status decides too.
+            ("validation_error", 400, BadRequestError, Action.FAIL),
+            ("validation_error", 422, UnprocessableEntityError, Action.QUARANTINE),
+        ]
+    },
+    "code-in-capitals": Answer(
+        400,
+        _envelope("INSUFFICIENT_CREDITS"),
+        InsufficientCreditsError,
+        Action.PAUSE,
+        "Something happened",
+        "insufficient_credits",
+    ),
+    "validation-400-items-under-details": Answer(
+        400,
+        _envelope("validation_error", details=LOC_ITEMS),
+        UnprocessableEntityError,
+        Action.QUARANTINE,
+        "Something happened",
+        "validation_error",
+    ),
+    "validation-400-items-under-errors-by-index": Answer(
+        400,
+        _envelope("invalid_request", errors=INDEX_ITEMS),
+        UnprocessableEntityError,
+        Action.QUARANTINE,
+        "Something happened",
+        "invalid_request",
+    ),
+    "validation-400-items-naming-no-contact": Answer(
+        400,
+        _envelope("validation_error", details=[{"loc": ["body", "enrichment_type"], "msg": "bad type"}]),
+        BadRequestError,
+        Action.FAIL,
+        "Something happened",
+        "validation_error",
+    ),
+    "error-without-code": Answer(500, _envelope(None), ServerError, Action.RETRY, "Something happened"),
+    "error-as-plain-text": Answer(400, {"error": "Bad input"}, BadRequestError, Action.FAIL, "Bad input"),
+    "error-without-message": Answer(
+        402,
+        {"error": {"code": "insufficient_credits"}},
+        InsufficientCreditsError,
+        Action.PAUSE,
+        None,
+        "insufficient_credits",
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", ENVELOPE_TABLE.values(), ids=ENVELOPE_TABLE.keys())
+def test_both_envelopes_map_by_meaning_to_one_class_and_action(answer: Answer) -> None:
+    error = make_status_error(
+        status_code=answer.status, method="POST", path="/enrich/bulk", body=answer.body, headers={}
+    )
+    assert type(error) is answer.error
+    assert error.status_code == answer.status
+    assert (error.detail, error.code) == (answer.detail, answer.code)
+    policy = policy_for(error)
+    assert policy is not None and policy.action is answer.action
+    text = str(error)
+    assert text.startswith(f"Cleanlist API {answer.status} on POST /enrich/bulk: ")
+    assert text.endswith(f"({policy.fix})")
+    assert "\n" not in text and len(text) < 500
+    if isinstance(answer.detail, str):
+        assert answer.detail in text
+    if answer.code is not None:
+        assert f"[{answer.code}]" in text
+
+
+def test_the_newer_envelopes_400_insufficient_credits_pauses_and_says_how_to_fix() -> None:
+    body = _envelope("insufficient_credits", "Not enough credits for this request", retry_after_ms=1500)
+    error = make_status_error(status_code=400, method="POST", path="/enrich/bulk", body=body, headers={})
+    assert isinstance(error, InsufficientCreditsError)
+    assert str(error) == (
+        "Cleanlist API 400 on POST /enrich/bulk: Not enough credits for this request [insufficient_credits] "
+        "(top up credits under Settings → Billing)"
+    )
+    assert error.retry_after == 1.5
+    assert error.body == body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"detail": [*LOC_ITEMS, {"loc": ["body", "contacts", 7], "msg": "third"}]},
+        _envelope("validation_error", details=[*LOC_ITEMS, {"loc": ["contacts", 7], "message": "third"}]),
+        _envelope("validation_error", errors=[*LOC_ITEMS, {"index": 7, "msg": "third"}]),
+        _envelope(
+            "validation_error",
+            errors=[
+                {"index": 4, "message": "needs a name"},
+                {"index": 1, "message": "needs a company"},
+                {"index": 7, "message": "third"},
+                {"index": 1, "message": "the first message for a contact wins"},
+                {"index": -1, "message": "not an index"},
+                {"index": True, "message": "not an index either"},
+                {"index": "2", "message": "text is not an index"},
+            ],
+        ),
+    ],
+    ids=["detail-loc", "error-details-loc-without-body", "error-errors-mixed", "error-errors-index"],
+)
+def test_invalid_contacts_are_found_in_either_envelope(body: dict[str, Any]) -> None:
+    error = make_status_error(status_code=422, method="POST", path="/enrich/bulk", body=body, headers={})
+    assert isinstance(error, UnprocessableEntityError)
+    assert error.invalid_contacts == [
+        InvalidContact(1, "needs a company"),
+        InvalidContact(4, "needs a name"),
+        InvalidContact(7, "third"),
+    ]
+    assert "invalid item(s)" in str(error)
+
+
+# headers, body, expected seconds (None: no hint). Headers first; the body only when they give no usable hint.
+BODY_RETRY_TABLE: list[tuple[str, dict[str, str], Any, float | None]] = [
+    ("detail-envelope-ms", {}, {"detail": "Rate limit exceeded", "retry_after_ms": 1500}, 1.5),
+    ("detail-envelope-seconds", {}, {"detail": "Rate limit exceeded", "retry_after": 3}, 3.0),
+    ("detail-object", {}, {"detail": {"message": "slow down", "retry_after": 2}}, 2.0),
+    ("error-envelope-ms", {}, _envelope("rate_limited", retry_after_ms=2500), 2.5),
+    ("error-envelope-seconds", {}, _envelope("rate_limited", retry_after=4), 4.0),
+    ("error-envelope-ms-as-text", {}, _envelope("rate_limited", retry_after_ms="750"), 0.75),
+    ("error-details-object", {}, _envelope("rate_limited", details={"retry_after_ms": 800}), 0.8),
+    ("envelope-top-level", {}, {**_envelope("rate_limited"), "retry_after_ms": 1200}, 1.2),
+    ("body-date", {}, {"detail": "x", "retry_after": http_date(20)}, 20.0),
+    ("ms-before-seconds", {}, _envelope("rate_limited", retry_after_ms=500, retry_after=9), 0.5),
+    ("ms-unusable-seconds-used", {}, _envelope("rate_limited", retry_after_ms=-1, retry_after=2), 2.0),
+    ("header-seconds-wins", {"Retry-After": "5"}, _envelope("rate_limited", retry_after_ms=1500), 5.0),
+    ("header-ms-wins", {"retry-after-ms": "300"}, {"detail": "x", "retry_after": 8}, 0.3),
+    ("header-zero-body-used", {"Retry-After": "0"}, _envelope("rate_limited", retry_after_ms=2000), 2.0),
+    ("header-garbage-body-used", {"Retry-After": "soon"}, {"detail": "x", "retry_after": 6}, 6.0),
+    ("body-zero", {}, _envelope("rate_limited", retry_after_ms=0), None),
+    ("body-negative", {}, _envelope("rate_limited", retry_after=-5), None),
+    ("body-nan", {}, _envelope("rate_limited", retry_after_ms=float("nan")), None),
+    ("body-inf", {}, {"detail": "x", "retry_after": float("inf")}, None),
+    ("body-above-cap", {}, _envelope("rate_limited", retry_after_ms=(RETRY_AFTER_CAP + 1) * 1000), None),
+    ("body-at-cap", {}, _envelope("rate_limited", retry_after=RETRY_AFTER_CAP), RETRY_AFTER_CAP),
+    ("body-overflow", {}, {"detail": "x", "retry_after_ms": 10**400}, None),
+    ("body-boolean", {}, _envelope("rate_limited", retry_after=True), None),
+    ("body-garbage", {}, _envelope("rate_limited", retry_after_ms="soon"), None),
+    ("body-null", {}, _envelope("rate_limited", retry_after_ms=None), None),
+    ("body-list", {}, {"detail": "x", "retry_after": [3]}, None),
+    ("items-are-not-hints", {}, {"detail": [{"retry_after": 3}]}, None),
+    ("body-not-an-object", {}, "retry_after_ms: 1500", None),
+    ("no-hint-anywhere", {}, _envelope("rate_limited"), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "expected"),
+    [(headers, body, expected) for _, headers, body, expected in BODY_RETRY_TABLE],
+    ids=[name for name, _, _, _ in BODY_RETRY_TABLE],
+)
+def test_retry_hints_come_from_headers_then_either_envelopes_body_with_the_same_guards(
+    headers: dict[str, str], body: Any, expected: float | None
+) -> None:
+    value = parse_retry_after(headers, body=body, now=NOW)
+    error = make_status_error(
+        status_code=429, method="GET", path="/credits/balance", body=body, headers=headers, now=NOW
+    )
+    assert isinstance(error, RateLimitError)
+    if expected is None:
+        assert value is None and error.retry_after is None
+    else:
+        assert value == pytest.approx(expected, abs=1e-6)
+        assert error.retry_after == pytest.approx(expected, abs=1e-6)
+        assert 0 < value <= RETRY_AFTER_CAP

@@ -230,7 +230,7 @@ def test_a_chunk_is_submitted_polled_and_stored(make_sandbox: StartSandbox, tmp_
         assert workflow.contact_keys == tuple(keys)
         assert workflow.credits_charged == pytest.approx(counters.credits_spent)
         assert run.store.open_workflows() == []
-        assert run.workspace.counts() == {ContactState.ACCEPTED: 12}
+        assert run.workspace.counts() == {ContactState.RESULTED: 12}  # answered in this run
         # Submitting the chunk again sends nothing: its contacts are no longer planned.
         assert submit_chunk(run, 0).status is ChunkStatus.NOTHING_TO_SEND
         assert sandbox.counters()["requests"]["enrich-bulk"] == {"200": 1}
@@ -383,8 +383,9 @@ def test_a_workflow_an_earlier_run_left_in_flight_is_polled_not_resubmitted(
         assert run.counters.submitted == 3
         # Everything the sandbox charged, for both workflows, came back into this run's results.
         assert run.counters.credits_spent == pytest.approx(counters["credits_charged"])
-        keys = [key for keys in run.workspace.keys_in_state(ContactState.IN_FLIGHT) for key in keys]
-        assert len(keys) == 2
+        # The earlier run's contacts were answered in this run.
+        keys = [key for keys in run.workspace.keys_in_state(ContactState.RESULTED) for key in keys]
+        assert len(keys) == 5
         assert set(run.store.results(keys, "partial")) == set(keys)
         assert run.store.open_workflows() == []
 

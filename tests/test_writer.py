@@ -127,7 +127,9 @@ def run_outcomes(workspace: RunWorkspace, store: EnrichmentStore) -> dict[str, s
     workspace.set_notes({keys["r03"] or "": "refused by the API: not a person"}, ContactState.QUARANTINED)
     workspace.set_state([keys["r04"] or ""], ContactState.ERROR, "chunk 00000 failed: 400")
     workspace.set_state([keys["r05"] or ""], ContactState.SKIPPED_BUDGET)
-    workspace.set_state([keys[r] or "" for r in ("r06", "r08", "r09")], ContactState.ACCEPTED)
+    # Answered in this run (RunContext marks them RESULTED); r09 was accepted and is still owed.
+    workspace.set_state([keys[r] or "" for r in ("r06", "r08")], ContactState.RESULTED)
+    workspace.set_state([keys["r09"] or ""], ContactState.ACCEPTED)
     workspace.set_state([keys["r10"] or ""], ContactState.NOT_SUBMITTED)
     return keys
 

@@ -1,0 +1,1 @@
+"""Reading sources and writing outputs (files, database tables, backfill shards), without Prefect."""

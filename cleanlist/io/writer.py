@@ -36,6 +36,7 @@ RESULT_COLUMNS = (
     "cleanlist_workflow_id",
     "cleanlist_task_id",
     "cleanlist_enriched_at",
+    "cleanlist_note",  # why a row has no result: the API's final word, an unresolved task, a failed chunk
 )
 REJECT_REASON = "reject_reason"
 REJECT_CODE_COLUMN = "reject_code"
@@ -45,6 +46,7 @@ LIST_SEPARATOR = "; "
 STATUS_FOR_STATE = {
     ContactState.ACCEPTED: "pending",
     ContactState.IN_FLIGHT: "pending",
+    ContactState.UNRESOLVED: "unresolved",
     ContactState.HELD: "pending",
     ContactState.PLANNED: "not_submitted",
     ContactState.NEW: "not_submitted",
@@ -52,9 +54,12 @@ STATUS_FOR_STATE = {
     ContactState.SKIPPED_BUDGET: "skipped_budget",
     ContactState.ERROR: "error",
 }
-# States whose stored result (if any) is not this run's answer: the row shows the state instead.
+# States whose stored result (if any) is not this run's answer: the row shows the state instead. (An
+# old result of a contact sent again for a refresh is not its answer: the row says pending.)
 UNANSWERED = frozenset(
     {
+        ContactState.ACCEPTED,
+        ContactState.UNRESOLVED,
         ContactState.PLANNED,
         ContactState.NEW,
         ContactState.NOT_SUBMITTED,
@@ -189,8 +194,20 @@ def _result_columns(
             result.workflow_id,
             result.task_id,
             result.enriched_at.isoformat() if result.enriched_at else None,
+            None,
         )
-    return (STATUS_FOR_STATE.get(state_name, state_name.value), None, None, None, None, None, None, None)
+    note = state[1] if state is not None else None
+    return (
+        STATUS_FOR_STATE.get(state_name, state_name.value),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        note,
+    )
 
 
 def write_rows(

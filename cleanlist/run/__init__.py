@@ -1,0 +1,1 @@
+"""The run pieces without Prefect: options, context, states, staging, planning, submitting, summaries."""

@@ -15,19 +15,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cleanlist.client import CleanlistClient
-from cleanlist.errors import APIError
-from cleanlist.models import WorkflowStatus, credits_for, worst_case_credits
+from cleanlist.errors import Action, APIError, NotFoundError
+from cleanlist.models import IN_PROGRESS_WORDS, TaskResult, WorkflowStatus, credits_for, worst_case_credits
 from cleanlist.poller import TrackedWorkflow, WorkflowPoller
+from cleanlist.prepare import prepare_row
 from cleanlist.retry import RetryPolicy
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.states import ContactState, RunStatus
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import ContactResult, EnrichmentStore
+from cleanlist.store.records import WORKFLOW_UNRESOLVED
 
 logger = logging.getLogger("cleanlist.run")
 
@@ -54,6 +56,8 @@ class RunCounters:
     chunk_attempts: int = 0
     rate_limited: int = 0
     pauses: int = 0
+    task_lookups: int = 0  # status calls by task id, for tasks a workflow answer left out
+    ambiguous_submissions: int = 0  # bulk requests whose answer was lost after the body was sent
 
     @property
     def retries(self) -> int:
@@ -241,11 +245,12 @@ class RunContext:
         record = self.store.workflow(workflow_id)
         if record is None:
             return False
+        owed = self.store.owed(workflow_id)
         with self._lock:
             if workflow_id in self._open:
                 return True
-            self._open[workflow_id] = _OpenWorkflow(record.contact_keys, record.task_ids, 0.0)
-        self._track(workflow_id, len(record.contact_keys), tag="resumed", poll_now=True)
+            self._open[workflow_id] = _OpenWorkflow(tuple(owed), tuple(owed.values()), 0.0)
+        self._track(workflow_id, len(owed), tag="resumed", poll_now=True)
         return True
 
     def _track(self, workflow_id: str, contacts: int, *, tag: object, poll_now: bool) -> None:
@@ -261,39 +266,89 @@ class RunContext:
             self.budget.workflow_settled(entry.worst_case, charged)
 
     def _on_result(self, workflow: TrackedWorkflow, status: WorkflowStatus) -> None:
+        """A workflow's final answer: join it to the contacts, ask for the tasks it left out, store."""
         entry = self._open.get(workflow.workflow_id)
         if entry is None:
             return
-        by_task = {result.task_id: result for result in status.results}
-        results: list[ContactResult] = []
-        for key, task_id in zip(entry.keys, entry.task_ids, strict=True):
-            result = by_task.get(task_id)
-            if result is None:
-                results.append(ContactResult(key, task_id, "missing", None, None, (), (), {}))
-                continue
-            results.append(
-                ContactResult(
-                    contact_key=key,
-                    task_id=task_id,
-                    status=result.status,
-                    primary_email=result.primary_email,
-                    primary_email_status=result.primary_email_status,
-                    other_emails=tuple(result.emails),
-                    phones=tuple(result.phones),
-                    raw=result.model_dump(mode="json"),
-                )
+        word = status.status.lower()
+        answers = join_results(entry.keys, entry.task_ids, status.results)
+        if word in FAILED_WORDS:
+            # Nothing more will come: the contacts are freed (failed lookups cost nothing, a rerun may
+            # send them again), and their rows say what the API said.
+            note = f"the API ended workflow {workflow.workflow_id} as {word!r}"
+            self._settle(
+                workflow,
+                entry,
+                answers,
+                ledger_state=FAILED_WORDS[word],
+                note=note,
+                unanswered=ContactState.ERROR,
             )
-        charged = credits_for(self.options.enrichment_type, status.results)
-        self.store.record_results(
-            workflow.workflow_id, results, state=status.status.lower(), credits_charged=charged
+            return
+        missing = {
+            key: task for key, task in zip(entry.keys, entry.task_ids, strict=True) if key not in answers
+        }
+        answers.update(self.ask_tasks(missing))
+        note = (
+            f"workflow {workflow.workflow_id} ended {word!r} without this contact's answer; "
+            "it is paid for and a rerun asks for it by task id"
         )
-        emails = sum(1 for r in status.results if r.primary_email)
-        phones = sum(1 for r in status.results if r.phones)
+        self._settle(
+            workflow, entry, answers, ledger_state=None, note=note, unanswered=ContactState.UNRESOLVED
+        )
+
+    def ask_tasks(self, tasks: Mapping[str, str]) -> dict[str, TaskResult]:
+        """Ask the API for single tasks by id (key → task id); returns the final answers by key.
+
+        A task still processing, unknown (404) or unreadable is left out: its contact stays owed.
+        """
+        found: dict[str, TaskResult] = {}
+        for key, task_id in tasks.items():
+            if not task_id or self.gate.fatal is not None:
+                continue
+            self.count(task_lookups=1)
+            try:
+                answer = self.client.enrich_status(task_id=task_id)
+            except NotFoundError:
+                continue
+            except APIError as exc:
+                if self.retry.action_for(exc) is Action.FAIL_FAST:
+                    self.gate.fail(exc)
+                logger.warning("asking for task %s failed: %s", task_id, exc)
+                continue
+            if isinstance(answer, TaskResult) and answer.status.lower() not in IN_PROGRESS_WORDS:
+                found[key] = answer
+        return found
+
+    def _settle(
+        self,
+        workflow: TrackedWorkflow,
+        entry: _OpenWorkflow,
+        answers: Mapping[str, TaskResult],
+        *,
+        ledger_state: str | None,
+        note: str,
+        unanswered: ContactState,
+    ) -> None:
+        """Store the answers; the contacts without one get `unanswered` with `note` in the workspace."""
+        results = [_contact_result(key, answer) for key, answer in answers.items()]
+        left = [key for key in entry.keys if key not in answers]
+        state = ledger_state or (WORKFLOW_UNRESOLVED if left else "completed")
+        charged = credits_for(self.options.enrichment_type, answers.values())
+        self.store.record_results(workflow.workflow_id, results, state=state, credits_charged=charged)
+        self.workspace.set_state(list(answers), ContactState.RESULTED)
+        if left:
+            self.workspace.set_state(left, unanswered, note)
+            logger.warning(
+                "workflow %s: %d contact(s) without an answer: %s", workflow.workflow_id, len(left), note
+            )
+        emails = sum(1 for r in answers.values() if r.primary_email)
+        phones = sum(1 for r in answers.values() if r.phones)
         logger.info(
             "workflow %s (%s) %s: %d emails, %d phones, %.0f credits",
             workflow.workflow_id,
             f"chunk {workflow.tag:05d}" if isinstance(workflow.tag, int) else "resumed",
-            status.status.lower(),
+            state,
             emails,
             phones,
             charged,
@@ -307,12 +362,67 @@ class RunContext:
         self._chunk_settled(workflow)
 
     def _on_gone(self, workflow: TrackedWorkflow, reason: str) -> None:
-        logger.warning(
-            "workflow %s %s; its contacts stay recorded for a later run", workflow.workflow_id, reason
+        """No final answer (404 on the workflow, or the poll timeout): ask its tasks one by one; what
+        stays unanswered is owed, recorded for a later run, never freed here."""
+        entry = self._open.get(workflow.workflow_id)
+        if entry is None:
+            return
+        missing = dict(zip(entry.keys, entry.task_ids, strict=True))
+        answers = self.ask_tasks(missing) if reason == "not_found" else {}
+        said = reason.replace("_", " ")
+        note = f"workflow {workflow.workflow_id} {said}; its contacts stay recorded for a later run"
+        logger.warning("%s", note)
+        if answers:
+            self._settle(
+                workflow, entry, answers, ledger_state=None, note=note, unanswered=ContactState.UNRESOLVED
+            )
+            return
+        self.store.mark_workflow(
+            workflow.workflow_id, "timed_out" if reason == "timed_out" else WORKFLOW_UNRESOLVED
         )
-        self.store.mark_workflow(workflow.workflow_id, reason)
+        self.workspace.set_state(list(entry.keys), ContactState.UNRESOLVED, note)
         self._close(workflow.workflow_id, 0.0)
         self._chunk_settled(workflow)
+
+    def settle_unresolved(self, owed: Mapping[str, Mapping[str, str]]) -> tuple[list[str], list[str]]:
+        """Before anything is resubmitted: ask the API, by task id, for the contacts that unresolved
+        workflows still owe (workflow id → key → task id). Returns (keys answered now, keys the API does
+        not know, which are freed so that this run may submit them again)."""
+        answered: list[str] = []
+        unknown: list[str] = []
+        for workflow_id, tasks in owed.items():
+            found: dict[str, TaskResult] = {}
+            forgotten: list[str] = []
+            for key, task_id in tasks.items():
+                if not task_id:
+                    continue
+                self.count(task_lookups=1)
+                try:
+                    answer = self.client.enrich_status(task_id=task_id)
+                except NotFoundError:
+                    forgotten.append(key)
+                    continue
+                if isinstance(answer, TaskResult) and answer.status.lower() not in IN_PROGRESS_WORDS:
+                    found[key] = answer
+            left = len(tasks) - len(found) - len(forgotten)
+            state = WORKFLOW_UNRESOLVED if left else "completed"
+            charged = credits_for(self.options.enrichment_type, found.values())
+            results = [_contact_result(key, answer) for key, answer in found.items()]
+            self.store.record_results(workflow_id, results, state=state, credits_charged=charged)
+            if forgotten:
+                self.store.forget_tasks(workflow_id, forgotten)
+                logger.warning(
+                    "workflow %s: the API does not know %d task(s); their contacts are submitted again",
+                    workflow_id,
+                    len(forgotten),
+                )
+            with self._lock:
+                self.counters.credits_spent += charged
+                self.counters.emails_found += sum(1 for r in found.values() if r.primary_email)
+                self.counters.phones_found += sum(1 for r in found.values() if r.phones)
+            answered += found
+            unknown += forgotten
+        return answered, unknown
 
     # -- chunks ------------------------------------------------------------------------------------
     def chunk_failed(self, chunk_no: int, reason: str) -> None:
@@ -346,3 +456,69 @@ class RunContext:
             return
         c = self.counters
         self._on_progress(Progress(c.chunks_total, c.chunks_settled, c.submitted))
+
+
+# Final words of a workflow that answer nothing more (the ledger's spelling of each).
+FAILED_WORDS = {"failed": "failed", "cancelled": "cancelled", "canceled": "cancelled"}
+
+
+def _contact_result(key: str, result: TaskResult) -> ContactResult:
+    return ContactResult(
+        contact_key=key,
+        task_id=result.task_id,
+        status=result.status,
+        primary_email=result.primary_email,
+        primary_email_status=result.primary_email_status,
+        other_emails=tuple(result.emails),
+        phones=tuple(result.phones),
+        raw=result.model_dump(mode="json"),
+    )
+
+
+def join_results(
+    keys: Sequence[str], task_ids: Sequence[str], results: Sequence[TaskResult]
+) -> dict[str, TaskResult]:
+    """Contact key → its result, whatever the order: by task id; for contacts whose task id is unknown
+    (the bulk answer gave none, or another count), by the identity the result's prospect carries."""
+    by_task = {result.task_id: result for result in results}
+    answers: dict[str, TaskResult] = {}
+    for key, task_id in zip(keys, task_ids, strict=True):
+        if task_id and task_id in by_task:
+            answers[key] = by_task.pop(task_id)
+    known = {task for task in task_ids if task}
+    strays = [result for result in by_task.values() if result.task_id not in known]
+    wanted = {key for key, task in zip(keys, task_ids, strict=True) if key not in answers and not task}
+    for result in strays:
+        for candidate in identity_keys(result):
+            if candidate in wanted:
+                answers[candidate] = result
+                wanted.discard(candidate)
+                break
+    return answers
+
+
+def identity_keys(result: TaskResult) -> list[str]:
+    """The contact keys a result's prospect (and company) may stand for, most specific first."""
+    prospect = result.prospect or {}
+    company = result.company or {}
+    first, last = prospect.get("first_name"), prospect.get("last_name")
+    linkedin = prospect.get("linkedin_url") or prospect.get("linkedin")
+    candidates: list[dict[str, object]] = [
+        {"linkedin_url": linkedin},
+        {
+            "first_name": first,
+            "last_name": last,
+            "company_domain": company.get("domain") or prospect.get("company_domain"),
+        },
+        {
+            "first_name": first,
+            "last_name": last,
+            "company_name": company.get("name") or prospect.get("company_name"),
+        },
+    ]
+    keys: list[str] = []
+    for values in candidates:
+        prepared = prepare_row(values)
+        if prepared.key is not None and prepared.key not in keys:
+            keys.append(prepared.key)
+    return keys

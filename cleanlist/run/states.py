@@ -17,7 +17,9 @@ class ContactState(enum.StrEnum):
     IN_FLIGHT = "in_flight"  # an earlier run's workflow holds it: poll, never resubmit
     HELD = "held"  # another live run claimed it and has not submitted it yet
     PLANNED = "planned"  # in a chunk waiting to be submitted
-    ACCEPTED = "accepted"  # the API accepted it in this run
+    ACCEPTED = "accepted"  # the API accepted it in this run; its answer has not come yet
+    RESULTED = "resulted"  # its answer arrived in this run (from this run's workflow or an earlier one's)
+    UNRESOLVED = "unresolved"  # its workflow ended without its answer: paid, owed, asked again next run
     QUARANTINED = "quarantined"  # the API refused it (422): its rows go to rejects
     SKIPPED_BUDGET = "skipped_budget"  # --max-credits reached before its chunk
     NOT_SUBMITTED = "not_submitted"  # the run stopped (401/403/402 timeout) before its chunk

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from cleanlist.errors import Action, APIError, UnprocessableEntityError
+from cleanlist.errors import Action, APIConnectionError, APIError, ServerError, UnprocessableEntityError
 from cleanlist.models import BulkEnrichResponse
 from cleanlist.run.context import RunContext
 from cleanlist.run.states import ChunkStatus, ContactState
@@ -40,6 +40,14 @@ def _send(run: RunContext, chunk_no: int, attempt: int, payloads: list[dict[str,
         try:
             return run.client.enrich_bulk(payloads, run.options.enrichment_type, run.options.webhook_url)
         except APIError as exc:
+            if _maybe_accepted(exc):
+                run.count(ambiguous_submissions=1)
+                logger.warning(
+                    "chunk %05d: the answer to a bulk request was lost after it was sent (%s): the API may "
+                    "have accepted and charged it; without an idempotency key a retry cannot tell",
+                    chunk_no,
+                    exc,
+                )
             decision = run.retry.for_submit(
                 exc, what=f"chunk {chunk_no:05d}", attempt=attempt, inline_waits=inline_waits
             )
@@ -50,6 +58,14 @@ def _send(run: RunContext, chunk_no: int, attempt: int, payloads: list[dict[str,
             if not (decision.inline and run.gate.open):
                 raise
             inline_waits += 1
+
+
+def _maybe_accepted(error: APIError) -> bool:
+    """A bulk request whose answer was lost after its body was sent (a timeout or reset while waiting,
+    a gateway's 502/504) may have been accepted."""
+    if isinstance(error, ServerError):
+        return error.status_code in (502, 504)
+    return isinstance(error, APIConnectionError) and error.request_sent
 
 
 def _claim(run: RunContext, staged: list[StagedContact]) -> list[StagedContact]:
@@ -126,9 +142,15 @@ def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOu
             raise
         task_ids = list(response.task_ids)
         if len(task_ids) != len(to_send):
-            raise RuntimeError(
-                f"chunk {chunk_no}: the API returned {len(task_ids)} task ids for {len(to_send)} contacts"
+            # Accepted and paid for: never raise now. Results are joined by the identity they carry.
+            logger.warning(
+                "chunk %05d: the API answered %d task ids for %d contacts; joining its results by the "
+                "contacts' identity instead",
+                chunk_no,
+                len(task_ids),
+                len(to_send),
             )
+            task_ids = [""] * len(to_send)
         run.accepted(response.workflow_id, [c.key for c in to_send], task_ids, chunk_no=chunk_no)
         logger.info(
             "chunk %05d: %d contacts accepted as workflow %s", chunk_no, len(to_send), response.workflow_id

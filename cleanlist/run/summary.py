@@ -64,6 +64,9 @@ class RunSummary(_Report):
     rate_limited: int = 0
     rate_limit: str = ""
     pauses: int = 0
+    unresolved: int = 0  # contacts paid for whose answer has not come: a rerun asks for them by task id
+    task_lookups: int = 0  # status calls by task id, for tasks a workflow answer left out
+    ambiguous_submissions: int = 0  # bulk requests whose answer was lost after sending: maybe paid twice
     row_statuses: dict[str, int] = {}
     rejects_by_reason: dict[str, int] = {}
     output: str = ""
@@ -89,6 +92,9 @@ class RunSummary(_Report):
             f"| phones found | {self.phones_found:,} |",
             f"| credits spent | {self.credits_spent:,.2f} |",
             f"| pauses for credits | {self.pauses} |",
+            f"| unresolved (paid, answer owed; a rerun asks again) | {self.unresolved:,} |",
+            f"| tasks asked for by id | {self.task_lookups:,} |",
+            f"| ambiguous submissions (answer lost after sending) | {self.ambiguous_submissions:,} |",
             f"| retries (429: {self.rate_limited}) | {self.retries} |",
             f"| duration | {self.seconds:,.1f} s |",
             "",

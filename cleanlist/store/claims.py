@@ -175,6 +175,19 @@ def release_claims(conn: Connection, run_id: str, keys: Sequence[str], enrichmen
         conn.execute(update(contacts).where(*mine).values(state=DONE))
 
 
+def release_tasks(conn: Connection, workflow_id: str, keys: Sequence[str]) -> None:
+    """Free some of a workflow's contacts (the API says it does not know their tasks): a later run may
+    submit them again; the rest stay in flight."""
+    for part in batches(sorted(keys)):
+        waiting = (
+            contacts.c.workflow_id == workflow_id,
+            contacts.c.state == ACCEPTED,
+            contacts.c.contact_key.in_(part),
+        )
+        conn.execute(delete(contacts).where(*waiting, contacts.c.enriched_at.is_(None)))
+        conn.execute(update(contacts).where(*waiting).values(state=DONE, workflow_id=None, task_id=None))
+
+
 def release_workflow(conn: Connection, workflow_id: str) -> None:
     """Free the contacts a closed workflow never resulted, so a later run may submit them again."""
     waiting = (contacts.c.workflow_id == workflow_id, contacts.c.state == ACCEPTED)

@@ -24,6 +24,7 @@ from cleanlist.store.claims import (
     insert_for,
     judge_rows,
     release_claims,
+    release_tasks,
     take_over,
 )
 from cleanlist.store.codec import (
@@ -47,6 +48,7 @@ from cleanlist.store.ledger import (
     write_results,
 )
 from cleanlist.store.records import (
+    ACCEPTED,
     RUN_RUNNING,
     ClaimOutcome,
     ContactResult,
@@ -268,6 +270,27 @@ class EnrichmentStore:
             enrichment_type = set_state(conn, workflow_id, state, at, credits_charged)
             write_results(conn, workflow_id, enrichment_type, results, at)
             close_if_closed(conn, workflow_id, state)
+
+        self._transact(work)
+
+    def owed(self, workflow_id: str) -> dict[str, str]:
+        """Contact key → task id of the workflow's contacts still waiting for their answer."""
+
+        def work(conn: Connection) -> dict[str, str]:
+            rows = conn.execute(
+                select(contacts.c.contact_key, contacts.c.task_id).where(
+                    contacts.c.workflow_id == workflow_id, contacts.c.state == ACCEPTED
+                )
+            )
+            return {row.contact_key: row.task_id or "" for row in rows}
+
+        return self._transact(work, "read")
+
+    def forget_tasks(self, workflow_id: str, keys: Sequence[str]) -> None:
+        """The API does not know these contacts' tasks: free them for a later submission."""
+
+        def work(conn: Connection) -> None:
+            release_tasks(conn, workflow_id, keys)
 
         self._transact(work)
 

@@ -36,6 +36,7 @@ from cleanlist.store.records import (
     OPEN_WORKFLOW_STATES,
     WORKFLOW_ACCEPTED,
     WORKFLOW_STATES,
+    WORKFLOW_UNRESOLVED,
     ContactResult,
 )
 from cleanlist.store.schema import contacts, workflows
@@ -175,7 +176,12 @@ def set_state(
         raise ValueError(f"workflow {workflow_id} is {ledger.state}; a closed workflow stays closed")
     changes: dict[str, object] = {"state": state}
     if credits_charged is not None:
-        changes["credits_charged"] = credits_charged
+        # Answers of an unresolved workflow come in parts: each part adds what it cost.
+        earlier = conn.execute(
+            select(workflows.c.credits_charged).where(workflows.c.workflow_id == workflow_id)
+        ).scalar_one()
+        partial = ledger.state == WORKFLOW_UNRESOLVED and earlier is not None
+        changes["credits_charged"] = credits_charged + (earlier if partial else 0.0)
     if state in CLOSED_WORKFLOW_STATES:
         changes["completed_at"] = ledger.completed_at or at
     conn.execute(update(workflows).where(workflows.c.workflow_id == workflow_id).values(changes))

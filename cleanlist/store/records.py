@@ -16,7 +16,10 @@ DONE: Final = "done"
 # Workflow states of the ledger. Open ones still owe results: a later run must poll them, never resubmit.
 WORKFLOW_ACCEPTED: Final = "accepted"
 WORKFLOW_TIMED_OUT: Final = "timed_out"
-OPEN_WORKFLOW_STATES: Final = frozenset({WORKFLOW_ACCEPTED, WORKFLOW_TIMED_OUT})
+# Final on the API's side, but some tasks were never answered: their contacts stay in flight (paid for)
+# until a later run gets their answers by task id, or the API says it does not know them.
+WORKFLOW_UNRESOLVED: Final = "unresolved"
+OPEN_WORKFLOW_STATES: Final = frozenset({WORKFLOW_ACCEPTED, WORKFLOW_TIMED_OUT, WORKFLOW_UNRESOLVED})
 CLOSED_WORKFLOW_STATES: Final = frozenset({"completed", "failed", "cancelled", "not_found"})
 WORKFLOW_STATES: Final = OPEN_WORKFLOW_STATES | CLOSED_WORKFLOW_STATES
 
