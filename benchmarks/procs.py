@@ -99,7 +99,7 @@ class SandboxProcess:
         return list(response.json())
 
     def clock_offset(self) -> float:
-        """`time.monotonic()` here minus the sandbox log's `t`, from one free validate-key request.
+        """`time.monotonic()` here minus the sandbox log's `t`, from one validate-key request (free of credits; it spends one request of its window).
 
         Both processes read CLOCK_MONOTONIC, so this maps request-log times onto local samples (to a few
         milliseconds: the request's own round trip).

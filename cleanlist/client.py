@@ -51,8 +51,6 @@ ENDPOINTS: dict[str, tuple[str, str]] = {
     "enrich-status": ("GET", "/enrich/status"),
     "webhook-deliveries": ("GET", "/webhooks/deliveries"),
 }
-# validate-key is free and documented without a 429; everything else spends the endpoint's budget.
-_UNLIMITED = frozenset({"validate-key"})
 
 
 def redact(text: str, secret: SecretStr | None) -> str:
@@ -253,9 +251,9 @@ class CleanlistClient(_ClientCore):
         self._http.close()
 
     def _request(self, endpoint: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
-        limiter = None if endpoint in _UNLIMITED else self.limiter.endpoint(endpoint)
-        if limiter is not None:
-            limiter.acquire()
+        # Every endpoint spends its budget: validate-key is free of credits, not of the rate limit.
+        limiter = self.limiter.endpoint(endpoint)
+        limiter.acquire()
         method = ENDPOINTS[endpoint][0]
         status: int | None = None
         try:
@@ -266,8 +264,7 @@ class CleanlistClient(_ClientCore):
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
         finally:
-            if limiter is not None:
-                limiter.release(rate_limited=status == 429, answered=status is not None)
+            limiter.release(rate_limited=status == 429, answered=status is not None)
         self._log(endpoint, response)
         return self._parse(endpoint, response)
 
@@ -323,9 +320,8 @@ class AsyncCleanlistClient(_ClientCore):
         await self._http.aclose()
 
     async def _request(self, endpoint: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
-        limiter = None if endpoint in _UNLIMITED else self.limiter.endpoint(endpoint)
-        if limiter is not None:
-            await limiter.acquire_async()
+        limiter = self.limiter.endpoint(endpoint)
+        await limiter.acquire_async()
         method = ENDPOINTS[endpoint][0]
         status: int | None = None
         try:
@@ -336,8 +332,7 @@ class AsyncCleanlistClient(_ClientCore):
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
         finally:
-            if limiter is not None:
-                limiter.release(rate_limited=status == 429, answered=status is not None)
+            limiter.release(rate_limited=status == 429, answered=status is not None)
         self._log(endpoint, response)
         return self._parse(endpoint, response)
 

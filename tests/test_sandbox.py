@@ -459,9 +459,9 @@ def test_fixed_window_allows_n_then_429_until_it_resets(start_sandbox: StartSand
         refused = client.get("/credits/balance")
         after = clock()
         refused_again = client.get("/credits/balance")
-        # Other endpoints have their own windows; validate-key has none.
+        # Other endpoints have their own windows, validate-key included: nothing is exempt.
         other_endpoint = client.get("/enrich/status", params={"workflow_id": "public_bulk_x"})
-        exempt = [client.get("/auth/validate-key").status_code for _ in range(8)]
+        validations = [client.get("/auth/validate-key").status_code for _ in range(8)]
         retry_after = int(refused.headers["Retry-After"])
         time.sleep(retry_after)
         after_reset = client.get("/credits/balance")
@@ -472,7 +472,7 @@ def test_fixed_window_allows_n_then_429_until_it_resets(start_sandbox: StartSand
     assert retry_after >= 1
     assert refused_again.status_code == 429
     assert other_endpoint.status_code == 404
-    assert exempt == [200] * 8
+    assert validations == [200] * 5 + [429] * 3
     assert after_reset.status_code == 200
     log = [entry for entry in sandbox.requests_log() if entry["endpoint"] == "credits-balance"]
     assert [entry["status"] for entry in log] == [200] * 5 + [429, 429, 200]

@@ -3,8 +3,10 @@
 Every public request takes one path (`serve`): auth → rate limit → injected fault → the endpoint's
 work, and every answer is counted and logged on the way out. The request body is parsed by hand
 rather than by FastAPI so that this order holds (FastAPI would answer a malformed body with 422 before
-checking the key); the 422 bodies keep FastAPI's exact format. The behaviour the contract leaves open
-is listed in `cleanlist.sandbox.state`.
+checking the key); the 422 bodies keep FastAPI's exact format. Every error is built in the documented
+`{"detail": …}` shape and rewritten in one place (`_in_envelope`) when the sandbox plays the newer
+`{"error": …}` envelope. The behaviour the contract leaves open, and the options that play its other
+readings, are listed in `cleanlist.sandbox.state`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,16 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cleanlist.sandbox.config import Endpoint, EnrichmentType, FaultSpec, SandboxConfig
+from cleanlist.sandbox.config import (
+    BulkTaskIds,
+    Endpoint,
+    EnrichmentType,
+    ErrorEnvelope,
+    FaultSpec,
+    SandboxConfig,
+)
 from cleanlist.sandbox.contacts import ContactIn, ContactRecord
-from cleanlist.sandbox.state import ApiKey, ApiRefusal, SandboxState
+from cleanlist.sandbox.state import ApiKey, ApiRefusal, SandboxState, Workflow
 from cleanlist.sandbox.webhooks import WebhookDispatcher
 
 PUBLIC_PREFIX = "/api/v1/public"
@@ -34,6 +43,21 @@ FIELD_RULE = (
     "Each contact must include linkedin_url OR first_name + last_name + (company_domain or company_name)."
 )
 EXACTLY_ONE_ID = "Provide exactly one of workflow_id or task_id."
+VALIDATION_FAILED = "Request validation failed"
+# The "error" envelope's code per status (401's code depends on why: see ApiRefusal.code).
+ERROR_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    402: "insufficient_credits",
+    403: "forbidden",
+    404: "not_found",
+    422: "validation_error",
+    429: "rate_limit_exceeded",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+}
 
 
 class BulkRequest(BaseModel):
@@ -76,11 +100,39 @@ class Reply:
     status: int
     body: Any
     retry_after: int | str | None = None
+    retry_after_ms: int | None = None
+    code: str | None = None
+    """The "error" envelope's code when the status alone does not tell it."""
 
-    def response(self) -> JSONResponse:
-        """The JSON response, with Retry-After when there is one."""
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse(self.body, status_code=self.status, headers=headers)
+    def response(self, *, with_retry_after_ms: bool = False) -> JSONResponse:
+        """The JSON response, with Retry-After when there is one (and retry-after-ms if asked for)."""
+        headers: dict[str, str] = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        if with_retry_after_ms and self.status == 429 and self.retry_after_ms is not None:
+            headers["retry-after-ms"] = str(self.retry_after_ms)
+        return JSONResponse(self.body, status_code=self.status, headers=headers or None)
+
+
+def _in_envelope(reply: Reply, envelope: ErrorEnvelope) -> Reply:
+    """An error reply in the envelope the sandbox plays; the documented `{"detail": …}` is unchanged.
+
+    The newer surface's `{"error": {"code", "message"}}`: insufficient credits is a 400 there, a 429
+    carries `retry_after_ms` when its wait is known, and a 422 keeps its items under `details`.
+    """
+    if envelope == "detail" or reply.status < 400:
+        return reply
+    detail = reply.body.get("detail") if isinstance(reply.body, dict) else None
+    error: dict[str, Any] = {"code": reply.code or ERROR_CODES.get(reply.status, "error")}
+    if isinstance(detail, list):
+        error["message"] = VALIDATION_FAILED
+        error["details"] = detail
+    else:
+        error["message"] = str(detail)
+    if reply.status == 429 and reply.retry_after_ms is not None:
+        error["retry_after_ms"] = reply.retry_after_ms
+    status = 400 if reply.status == 402 else reply.status
+    return Reply(status, {"error": error}, reply.retry_after, reply.retry_after_ms, reply.code)
 
 
 def _unprocessable(errors: list[dict[str, Any]]) -> Reply:
@@ -119,6 +171,22 @@ def _decode(raw: bytes) -> _ParsedBody:
         return _ParsedBody(None, Reply(400, {"detail": "There was an error parsing the body"}))
 
 
+def _accepted(workflow: Workflow, task_ids: BulkTaskIds) -> dict[str, Any]:
+    """The bulk answer; `task_ids` as documented ("listed"), left out ("absent") or one short ("short")."""
+    body: dict[str, Any] = {
+        "workflow_id": workflow.workflow_id,
+        "status": "processing",
+        "message": "Bulk enrichment started",
+        "task_ids": [workflow.task_id(index) for index in range(workflow.total)],
+        "total_contacts": workflow.total,
+    }
+    if task_ids == "absent":
+        del body["task_ids"]
+    elif task_ids == "short":
+        body["task_ids"] = body["task_ids"][:-1]
+    return body
+
+
 # The five endpoints are nested route functions; their branches are the contract's documented answers.
 def create_app(  # noqa: C901
     config: SandboxConfig | None = None, *, state: SandboxState | None = None
@@ -143,9 +211,16 @@ def create_app(  # noqa: C901
             world.admit(key, endpoint)
             reply = work(key)
         except ApiRefusal as refusal:
-            reply = Reply(refusal.status, {"detail": refusal.detail}, refusal.retry_after)
+            reply = Reply(
+                refusal.status,
+                {"detail": refusal.detail},
+                refusal.retry_after,
+                refusal.retry_after_ms,
+                refusal.code,
+            )
+        reply = _in_envelope(reply, world.config.error_envelope)
         world.record_request(endpoint, reply.status, contacts, reply.retry_after)
-        return reply.response()
+        return reply.response(with_retry_after_ms=world.config.retry_after_ms)
 
     public = APIRouter(prefix=PUBLIC_PREFIX)
 
@@ -205,16 +280,7 @@ def create_app(  # noqa: C901
             workflow = world.accept_bulk(key, bulk.enrichment_type, bulk.webhook_url, records)
             if workflow.webhook_url is not None:
                 webhooks.schedule(workflow)
-            return Reply(
-                200,
-                {
-                    "workflow_id": workflow.workflow_id,
-                    "status": "processing",
-                    "message": "Bulk enrichment started",
-                    "task_ids": [workflow.task_id(index) for index in range(workflow.total)],
-                    "total_contacts": workflow.total,
-                },
-            )
+            return Reply(200, _accepted(workflow, world.config.bulk_task_ids))
 
         return serve(request, "enrich-bulk", work, parsed.contact_count)
 
@@ -227,7 +293,8 @@ def create_app(  # noqa: C901
             if (workflow_id is None) == (task_id is None):
                 return Reply(400, {"detail": EXACTLY_ONE_ID})
             if workflow_id is not None:
-                return Reply(200, world.workflow_view(world.find_workflow(key, workflow_id)))
+                workflow = world.find_workflow(key, workflow_id, status_mode=True)
+                return Reply(200, world.workflow_view(workflow))
             assert task_id is not None
             workflow, index = world.find_task(key, task_id)
             return Reply(200, world.task_view(workflow, index))
@@ -322,5 +389,9 @@ def _admin_router(world: SandboxState) -> APIRouter:  # noqa: C901 - one nested 
     async def reset() -> JSONResponse:
         world.reset()
         return JSONResponse(world.counters())
+
+    @admin.post("/forget")
+    async def forget() -> JSONResponse:
+        return JSONResponse({"forgotten": world.forget()})
 
     return admin

@@ -12,8 +12,12 @@ from cleanlist.sandbox.config import (
     API_KEY_PREFIX,
     DEFAULT_SANDBOX_KEY,
     ENDPOINTS,
+    BulkTaskIds,
     Endpoint,
+    ErrorEnvelope,
     FaultSpec,
+    RateScope,
+    ResultsOrder,
     SandboxConfig,
 )
 from cleanlist.sandbox.server import bind_socket, serve_forever
@@ -100,6 +104,22 @@ def _credits(text: str) -> float:
     return value
 
 
+def _word(text: str) -> str:
+    if not text or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected a status word like failed or finished, got {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
 def _substring(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("expected a non-empty substring")
@@ -146,7 +166,9 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="serve a local imitation of the Cleanlist Public API",
         description="Serve a local, deterministic imitation of the Cleanlist Public API (v1) until Ctrl-C. "
         "Admin controls live under /_sandbox "
-        "(credits, keys, faults, refused contacts, counters, request log).",
+        "(credits, keys, faults, refused contacts, counters, request log, forget). "
+        "The 'unpublished behaviour' options play the readings of the API the docs leave open; "
+        "each defaults to the documented one.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8787, help="port to listen on (default: 8787)")
@@ -161,7 +183,8 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         type=_rate_limit,
         default=(60, 60.0),
         metavar="N/SECONDS",
-        help="requests per fixed window, per endpoint (default: 60/60; 'off' disables)",
+        help="requests per fixed window, per organization and endpoint (see --rate-scope) "
+        "(default: 60/60; 'off' disables)",
     )
     parser.add_argument(
         "--latency",
@@ -211,7 +234,83 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     parser.add_argument(
         "--fault", type=_fault, action="append", default=[], metavar="ENDPOINT=SPEC", help=FAULT_HELP
     )
+    _add_variation_options(
+        parser.add_argument_group("unpublished behaviour (defaults: the documented reading)")
+    )
     parser.set_defaults(func=run_sandbox_command, sandbox_parser=parser)
+
+
+def _add_variation_options(group: argparse._ArgumentGroup) -> None:
+    """One flag per SandboxConfig variation field (cleanlist/sandbox/state.py says what each plays)."""
+    group.add_argument(
+        "--results-order",
+        choices=get_args(ResultsOrder),
+        default="input",
+        help="order of workflow-mode results: contact order, or shuffled (seeded) (default: input)",
+    )
+    group.add_argument(
+        "--omit-task-rate",
+        type=_fraction,
+        metavar="F",
+        default=0.0,
+        help="share of tasks left out of workflow-mode results (still in the summary, charged, and "
+        "answered by task_id) (default: 0)",
+    )
+    group.add_argument(
+        "--unknown-task-rate",
+        type=_fraction,
+        metavar="F",
+        default=0.0,
+        help="share of tasks unknown for good: never listed, 404 by task_id, not charged (default: 0)",
+    )
+    group.add_argument(
+        "--bulk-task-ids",
+        choices=get_args(BulkTaskIds),
+        default="listed",
+        help="the bulk answer's task_ids: one per contact, no key at all, or one fewer (default: listed)",
+    )
+    group.add_argument(
+        "--final-word",
+        type=_word,
+        metavar="WORD",
+        default="completed",
+        help="status a --final-word-rate share of workflows ends with; failed/cancelled ones list no "
+        "results and cost nothing (default: completed)",
+    )
+    group.add_argument(
+        "--final-word-rate",
+        type=_fraction,
+        metavar="F",
+        default=0.0,
+        help="share of workflows (seeded) ending with --final-word (default: 0)",
+    )
+    group.add_argument(
+        "--error-envelope",
+        choices=get_args(ErrorEnvelope),
+        default="detail",
+        help="error bodies as {'detail': ...} (documented) or {'error': {'code', 'message'}} with "
+        "insufficient credits as 400 (default: detail)",
+    )
+    group.add_argument(
+        "--retry-after-ms",
+        action="store_true",
+        help="429s also carry a retry-after-ms header (milliseconds)",
+    )
+    group.add_argument(
+        "--rate-scope",
+        choices=get_args(RateScope),
+        default="endpoint",
+        help="one rate window per organization per endpoint, or one per organization for all "
+        "endpoints (default: endpoint)",
+    )
+    group.add_argument(
+        "--workflow-visible-after",
+        type=_seconds,
+        metavar="SECONDS",
+        default=0.0,
+        help="workflow-mode status answers 404 for this long after acceptance; task mode answers "
+        "(default: 0)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
@@ -232,6 +331,16 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         revoke_after_batches=args.revoke_after_batches,
         refuse_contacts_containing=tuple(args.refuse_contacts_containing),
         webhook_backoff_scale=args.webhook_backoff_scale,
+        results_order=args.results_order,
+        omit_task_rate=args.omit_task_rate,
+        unknown_task_rate=args.unknown_task_rate,
+        bulk_task_ids=args.bulk_task_ids,
+        final_word=args.final_word,
+        final_word_rate=args.final_word_rate,
+        error_envelope=args.error_envelope,
+        retry_after_ms=args.retry_after_ms,
+        rate_scope=args.rate_scope,
+        workflow_visible_after=args.workflow_visible_after,
     )
 
 

@@ -1,4 +1,6 @@
-"""Settings of one sandbox world: its keys, credits, rate limit, latency, hit rates and injected faults."""
+"""Settings of one sandbox world: its keys, credits, rate limit, latency, hit rates, injected faults, and
+which reading it plays of each point the contract leaves unpublished (every default is the documented one).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +22,13 @@ DEFAULT_SANDBOX_KEY = API_KEY_PREFIX + "sandbox0" * 8
 
 # Statuses a fault may answer with; each has a fixed body in app.py.
 FAULT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+ResultsOrder = Literal["input", "shuffled"]
+BulkTaskIds = Literal["listed", "absent", "short"]
+ErrorEnvelope = Literal["detail", "error"]
+RateScope = Literal["endpoint", "organization"]
+# Final words that mean the work was not done: such a workflow lists no results and costs nothing.
+FAILED_FINAL_WORDS = frozenset({"failed", "cancelled", "canceled"})
 
 
 class FaultSpec(BaseModel):
@@ -91,6 +100,32 @@ class SandboxConfig(BaseModel):
     request_log_limit: int = Field(default=200_000, ge=1)
     """Most recent public-API requests kept for `/_sandbox/requests`."""
 
+    # --- unpublished behaviour: which reading to play (CONTRACT.md, "Unpublished"); state.py tells how ---
+    results_order: ResultsOrder = "input"
+    """Workflow-mode `results` in contact order, or "shuffled" (seeded, the same on every poll)."""
+    omit_task_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of tasks (seeded, stable per task) left out of workflow-mode `results` and the webhook,
+    though counted in the summary, answered by task_id and charged as usual."""
+    unknown_task_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of tasks (seeded, disjoint from the omitted ones) unknown for good: never listed, 404 by
+    task_id, and not charged."""
+    bulk_task_ids: BulkTaskIds = "listed"
+    """The bulk answer's `task_ids`: one per contact in order, "absent" (no key), or "short" (one fewer)."""
+    final_word: str = Field(default="completed", min_length=1)
+    """The status a `final_word_rate` share of workflows ends with instead of "completed"."""
+    final_word_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of workflows (seeded) ending with `final_word`; failed/cancelled ones list no results and
+    cost nothing."""
+    error_envelope: ErrorEnvelope = "detail"
+    """Error bodies as documented (`{"detail": …}`), or the newer surface's `{"error": {"code", "message"}}`
+    (where insufficient credits is a 400)."""
+    retry_after_ms: bool = False
+    """429s also carry a `retry-after-ms` header (milliseconds)."""
+    rate_scope: RateScope = "endpoint"
+    """One rate window per organization per endpoint, or one per organization for all endpoints."""
+    workflow_visible_after: float = Field(default=0.0, ge=0.0)
+    """Seconds after acceptance during which workflow-mode status answers 404 (task mode answers)."""
+
     @field_validator("api_key")
     @classmethod
     def _api_key_shape(cls, api_key: str) -> str:
@@ -121,6 +156,20 @@ class SandboxConfig(BaseModel):
         if low < 0 or high < low:
             raise ValueError("latency must be >= 0 seconds, and a range must read min-max with min <= max")
         return latency
+
+    @field_validator("final_word")
+    @classmethod
+    def _one_word(cls, word: str) -> str:
+        if word != word.strip() or not word.strip():
+            raise ValueError("final_word must be a non-blank word without surrounding spaces")
+        return word
+
+    @model_validator(mode="after")
+    def _disjoint_task_shares(self) -> Self:
+        # Omitted and unknown tasks are drawn from one number per task, so their shares must fit in 1.
+        if self.omit_task_rate + self.unknown_task_rate > 1.0:
+            raise ValueError("omit_task_rate + unknown_task_rate must not exceed 1")
+        return self
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> Self:

@@ -164,10 +164,12 @@ def person_for(record: ContactRecord, digest: bytes) -> Person:
     """Fill in what the input lacks: names from the LinkedIn slug, a company from the digest."""
     first, last = record.first_name, record.last_name
     if not (first and last):
+        # Only the names made up here are capitalized: a name that was sent is echoed as sent.
         parts = _slug_names(record.linkedin_url)
-        first = first or (parts[0] if parts else _FIRST_NAMES[digest[24] % len(_FIRST_NAMES)])
-        last = last or (parts[1] if len(parts) > 1 else _LAST_NAMES[digest[25] % len(_LAST_NAMES)])
-        first, last = first.capitalize(), last.capitalize()
+        if not first:
+            first = (parts[0] if parts else _FIRST_NAMES[digest[24] % len(_FIRST_NAMES)]).capitalize()
+        if not last:
+            last = (parts[1] if len(parts) > 1 else _LAST_NAMES[digest[25] % len(_LAST_NAMES)]).capitalize()
     company_name, company_domain = record.company_name, record.company_domain
     if not company_domain:
         if company_name:

@@ -65,7 +65,11 @@ def outcome_of(found: Lookup, enrichment_type: EnrichmentType) -> Outcome:
 def task_result(
     task_id: str, record: ContactRecord, found: Lookup, enrichment_type: EnrichmentType
 ) -> dict[str, Any]:
-    """The per-task result object of the status endpoint and the webhook."""
+    """The per-task result object of the status endpoint and the webhook.
+
+    `prospect` always carries the names and linkedin_url as sent (stripped), even when something was
+    found, so a client that lost the task ids can still join results to its contacts.
+    """
     outcome = outcome_of(found, enrichment_type)
     found_something = outcome.email or outcome.phone or outcome.prospect
     person = person_for(record, found.digest) if found_something else None
@@ -87,9 +91,14 @@ def task_result(
 
 def pending_result(task_id: str, record: ContactRecord) -> dict[str, Any]:
     """A task still in flight: nothing revealed yet, the input echoed back."""
+    return unfound_result(task_id, record, "processing")
+
+
+def unfound_result(task_id: str, record: ContactRecord, status: str) -> dict[str, Any]:
+    """A task that reveals nothing (in flight, or of a failed or cancelled workflow): the input echoed."""
     return {
         "task_id": task_id,
-        "status": "processing",
+        "status": status,
         "primary_email": None,
         "primary_email_status": None,
         "other_emails": [],

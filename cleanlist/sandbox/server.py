@@ -193,3 +193,7 @@ class SandboxServer:
     def reset(self) -> None:
         """Clear counters and the request log."""
         self._call("POST", "/reset")
+
+    def forget(self) -> int:
+        """Drop every workflow (an API restarted without memory); returns how many were dropped."""
+        return int(self._call("POST", "/forget")["forgotten"])

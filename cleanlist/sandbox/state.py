@@ -12,13 +12,16 @@ Behaviour the contract leaves open ([assumed]) and how this world settles it:
   raw list) → 422 → 402. The 422 is FastAPI's own format for bodies that are not JSON or have wrong
   types (a `contacts` that is not a list cannot be sized, so it gets this 422 rather than a 400), and
   the documented one-item-per-contact format for contacts that break the field rule.
-- Rate limit: fixed windows aligned to multiples of the window length on `time.monotonic()`;
-  Retry-After is the whole seconds left in the window, rounded up, at least 1. Requests refused with
-  429 are not counted; requests that pass and then fail (fault, 400, 422, 402) are.
+- Rate limit: fixed windows aligned to multiples of the window length on `time.monotonic()`, one per
+  organization per endpoint. Nothing is exempt: validate-key spends its own window like every other
+  endpoint (the contract exempts nothing). Retry-After is the whole seconds left in the window, rounded
+  up, at least 1. Requests refused with 429 are not counted; requests that pass and then fail (fault,
+  400, 422, 402) are.
 - Billing: charged at acceptance. Results are a pure function of each contact, so the actual cost is
   known when the batch is accepted and debited at once; results become visible after the latency.
   402 when balance < contacts × the type's per-contact maximum (none 0, partial 1, phone_only 10,
-  full 11, prospecting_only 1).
+  full 11, prospecting_only 1). Two variations below charge less at acceptance: tasks unknown for good,
+  and workflows that will end failed or cancelled; the 402 rule is unchanged by either.
 - Results: `completed` when anything was found (or for `none`), `failed` when nothing was; a prospecting
   contact is discovered with probability `find_rate`, from the same draw as its email. While a workflow
   is processing, workflow mode shows `results: []` and a summary of zeros except `total`; task mode
@@ -44,11 +47,65 @@ Behaviour the contract leaves open ([assumed]) and how this world settles it:
 - IDs: `org_`/`user_` + 16 hex digits derived from the key, stable across runs.
 - `/_sandbox/reset` clears the request counters, the request log and the acceptance counters
   (contacts, duplicates, batches, credits charged); balance, keys, workflows and rate windows remain.
+
+Variations. Each reading the contract lists under "Unpublished" can be played; every option defaults to
+the reading above. They are SandboxConfig fields (so `make_sandbox(**config)` takes them) and flags of
+`cleanlist-enrich sandbox`. Draws are seeded by `seed` and the workflow's serial (its place in the order
+of acceptance), so a rerun of the same submissions plays the same variations:
+
+- `results_order="shuffled"` (`--results-order shuffled`): workflow-mode `results` (and the webhook's)
+  come in a shuffled order, the same on every poll of that workflow. Default "input": contact order.
+- `omit_task_rate=F` (`--omit-task-rate F`): that share of each workflow's tasks (one draw per task,
+  stable) is left out of workflow-mode `results` and of the webhook, while `summary`, `total_contacts`
+  and the charge still cover every task, and `?task_id=` answers them normally.
+- `unknown_task_rate=F` (`--unknown-task-rate F`): that share of tasks is unknown for good: never
+  listed, 404 `Task not found` by task_id (from acceptance on), and charged nothing: the charge at
+  acceptance leaves them out, so does the summary's successful/emails_found/phones_found, and
+  `failed = total - successful` counts them as failed (`total` stays the number of contacts). Their
+  ids are still handed out by the bulk answer. The two shares come from one draw per task (unknown
+  below `unknown_task_rate`, omitted in the next `omit_task_rate`), so they never overlap and must add
+  up to at most 1.
+- `bulk_task_ids` (`--bulk-task-ids`): "listed" (one per contact, in order), "absent" (the bulk answer
+  has no `task_ids` key), "short" (the last one is missing). The workflow keeps all its tasks: status
+  answers list every task id, and each result's `prospect` echoes the names and linkedin_url as sent
+  (stripped), so a client can join by them.
+- `final_word=W` with `final_word_rate=F` (`--final-word W --final-word-rate F`): that share of
+  workflows (one draw per workflow) ends with status W instead of "completed". For "failed",
+  "cancelled" (or "canceled") the workflow is never charged (the charge at acceptance is 0, so there is
+  nothing to refund), lists `results: []`, its summary counts every task as failed with nothing found,
+  and each task answers status "failed" with nothing found; `completed_at` still names when it ended,
+  and its webhook carries the word and no results. For any other word the results and the charge are
+  as for "completed".
+- `error_envelope="error"` (`--error-envelope error`): every public-API error body is
+  `{"error": {"code": "<snake_case>", "message": "<the documented detail text>"}}`. Codes: 400
+  `bad_request`; insufficient credits becomes a **400** `insufficient_credits`; 401 `unauthorized` when
+  no Bearer credentials were sent (no header, another scheme) and `invalid_api_key` for a Bearer token
+  that is not a live API key (unknown, revoked, clext_, malformed); 403 `forbidden`; 404 `not_found`;
+  422 `validation_error`; 429 `rate_limit_exceeded`; 500 `internal_error`, 502 `bad_gateway`, 503
+  `service_unavailable`, 504 `gateway_timeout`. A 429 whose wait is known (the rate limit, or an
+  injected 429 with integer seconds) carries `"retry_after_ms": <int>` inside the `error` object. A 422
+  keeps the documented items, unchanged, as a list under `error.details`:
+  `{"error": {"code": "validation_error", "message": "Request validation failed", "details": [{"type",
+  "loc": ["body", "contacts", <index>], "msg", "input"}, …]}}`. Admin routes keep `{"detail": …}`;
+  the request log and counters record the status answered (so 400, not 402).
+- `retry_after_ms=True` (`--retry-after-ms`): a 429 also carries `retry-after-ms`: the milliseconds
+  left in the window (rounded up, at least 1) for the rate limit, Retry-After × 1000 for an injected
+  429 with integer seconds, and nothing for an injected 429 whose Retry-After is a string or absent.
+- `rate_scope="organization"` (`--rate-scope organization`): one window per organization shared by all
+  five endpoints (the older docs' reading) instead of one per endpoint.
+- `workflow_visible_after=S` (`--workflow-visible-after S`): for S seconds after acceptance,
+  `?workflow_id=` answers 404 `Workflow not found` (not yet visible) while `?task_id=` already answers;
+  the deliveries endpoint is not delayed.
+- Forgetting (the API restarted without memory): `POST /_sandbox/forget` (`SandboxServer.forget()`)
+  drops every workflow: workflow, task and deliveries lookups of earlier workflows answer 404 and their
+  pending webhook attempts stop. Balance, charges, keys and counters stay. An event, not a setting, so
+  it has no config field or flag.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import threading
@@ -63,6 +120,7 @@ from typing import Any
 from cleanlist.sandbox.config import (
     API_KEY_PREFIX,
     ENDPOINTS,
+    FAILED_FINAL_WORDS,
     Endpoint,
     EnrichmentType,
     FaultSpec,
@@ -71,7 +129,13 @@ from cleanlist.sandbox.config import (
 from cleanlist.sandbox.contacts import ContactRecord, Lookup, lookup
 from cleanlist.sandbox.faults import FaultInjector
 from cleanlist.sandbox.ratelimit import FixedWindowLimiter
-from cleanlist.sandbox.results import MAX_COST_PER_CONTACT, outcome_of, pending_result, task_result
+from cleanlist.sandbox.results import (
+    MAX_COST_PER_CONTACT,
+    outcome_of,
+    pending_result,
+    task_result,
+    unfound_result,
+)
 
 NOT_AUTHENTICATED = "Not authenticated"
 NO_API_ACCESS = "Your plan does not include API access"
@@ -90,16 +154,34 @@ WEBHOOK_RESULTS_LIMIT = 250
 RESULTS_ENDPOINT = "/api/v1/public/enrich/status?workflow_id="
 # A task id's index inside its workflow fits in 8 bits: batches hold at most 250 contacts.
 _INDEX_BITS = 8
+_NO_TASKS: frozenset[int] = frozenset()
+# The rate scope of `rate_scope="organization"`: one window shared by every endpoint.
+_ALL_ENDPOINTS = "*"
+# 401 codes of the "error" envelope: no Bearer credentials at all, or a token that is no live API key.
+UNAUTHORIZED = "unauthorized"
+INVALID_API_KEY = "invalid_api_key"
 
 
 class ApiRefusal(Exception):
     """The API answers with an error instead of doing the work."""
 
-    def __init__(self, status: int, detail: str, retry_after: int | str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        retry_after: int | str | None = None,
+        *,
+        retry_after_ms: int | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(f"{status} {detail}")
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
+        self.retry_after_ms = retry_after_ms
+        """The wait in milliseconds, when known (for `retry-after-ms` and the "error" envelope)."""
+        self.code = code
+        """The "error" envelope's code, when the status alone does not tell it (401)."""
 
 
 @dataclass(slots=True)
@@ -158,6 +240,17 @@ class Workflow:
     phones_found: int
     cost: float
     deliveries: list[DeliveryAttempt] = field(default_factory=list)
+    final_status: str = "completed"
+    """The status it shows once complete (`final_word` for a `final_word_rate` share)."""
+    omitted: frozenset[int] = _NO_TASKS
+    """Indexes left out of workflow-mode results (`omit_task_rate`)."""
+    unknown: frozenset[int] = _NO_TASKS
+    """Indexes unknown for good (`unknown_task_rate`): never listed, 404 by task_id, not charged."""
+
+    @property
+    def ends_unfound(self) -> bool:
+        """Whether it ends failed or cancelled: no results, nothing found, nothing charged."""
+        return self.final_status in FAILED_FINAL_WORDS
 
     @property
     def total(self) -> int:
@@ -186,6 +279,11 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds")
 
 
+def _unit_draw(text: str) -> float:
+    """A number in [0, 1) fixed by `text`: a per-task draw without a RNG object per task."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8]) / float(1 << 64)
+
+
 class SandboxState:
     """Everything the sandbox remembers; every public method is thread-safe."""
 
@@ -207,7 +305,9 @@ class SandboxState:
         for key in config.no_api_access_keys:
             self._keys[key] = ApiKey(key, _digest_id("user_", key), no_access)
 
-        self._workflows: list[Workflow] = []
+        # serial -> workflow; serials keep counting after `forget`, so draws never repeat.
+        self._workflows: dict[int, Workflow] = {}
+        self._next_serial = 0
         self._workflows_by_id: dict[str, Workflow] = {}
         # uuid int -> serial << 8 | index: a task lookup without a dict per task.
         self._tasks: dict[int, int] = {}
@@ -231,27 +331,34 @@ class SandboxState:
         """Resolve `Authorization: Bearer clapi_…` to a live key, or refuse with 401/403."""
         scheme, _, token = (authorization or "").strip().partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token.startswith(API_KEY_PREFIX):
-            raise ApiRefusal(401, NOT_AUTHENTICATED)
+        if scheme.lower() != "bearer" or not token:
+            raise ApiRefusal(401, NOT_AUTHENTICATED, code=UNAUTHORIZED)
+        if not token.startswith(API_KEY_PREFIX):
+            raise ApiRefusal(401, NOT_AUTHENTICATED, code=INVALID_API_KEY)
         with self._lock:
             key = self._keys.get(token)
             if key is None or key.revoked:
-                raise ApiRefusal(401, NOT_AUTHENTICATED)
+                raise ApiRefusal(401, NOT_AUTHENTICATED, code=INVALID_API_KEY)
             if not key.organization.api_access:
                 raise ApiRefusal(403, NO_API_ACCESS)
             return key
 
     def admit(self, key: ApiKey, endpoint: Endpoint) -> None:
-        """Apply the rate limit (validate-key is exempt), then any injected fault."""
+        """Apply the rate limit (every endpoint, validate-key included), then any injected fault."""
         with self._lock:
-            if self._limiter is not None and endpoint != "validate-key":
-                retry_after = self._limiter.admit(key.organization.organization_id, endpoint, self.clock())
-                if retry_after is not None:
-                    raise ApiRefusal(429, RATE_LIMITED, retry_after)
+            if self._limiter is not None:
+                scope = endpoint if self.config.rate_scope == "endpoint" else _ALL_ENDPOINTS
+                wait = self._limiter.admit(key.organization.organization_id, scope, self.clock())
+                if wait is not None:
+                    # Rounded up, so a client that waits exactly this long lands in the next window.
+                    seconds, millis = max(1, math.ceil(wait)), max(1, math.ceil(wait * 1000))
+                    raise ApiRefusal(429, RATE_LIMITED, seconds, retry_after_ms=millis)
             fault = self._faults.draw(endpoint)
         if fault is not None:
             hint = fault.retry_after if fault.status == 429 else None
-            raise ApiRefusal(fault.status, FAULT_DETAILS[fault.status], hint)
+            # Only a hint in whole seconds has a millisecond form; a string or no hint has none.
+            hint_ms = hint * 1000 if isinstance(hint, int) else None
+            raise ApiRefusal(fault.status, FAULT_DETAILS[fault.status], hint, retry_after_ms=hint_ms)
 
     def accept_bulk(
         self,
@@ -260,17 +367,28 @@ class SandboxState:
         webhook_url: str | None,
         records: Sequence[ContactRecord],
     ) -> Workflow:
-        """Accept a validated batch: check the worst case against the balance, then charge what is found."""
+        """Accept a validated batch: check the worst case against the balance, then charge what is found.
+
+        Tasks unknown for good, and every task of a workflow that will end failed or cancelled, are not
+        charged (see the variations in the module docstring).
+        """
         findings = [lookup(record, self.config.find_rate, self.config.phone_rate) for record in records]
         outcomes = [outcome_of(found, enrichment_type) for found in findings]
-        cost = sum(outcome.cost for outcome in outcomes)
         worst_case = len(records) * MAX_COST_PER_CONTACT[enrichment_type]
         with self._lock:
             organization = key.organization
             if organization.credits < worst_case:
                 raise ApiRefusal(402, INSUFFICIENT_CREDITS)
+            serial = self._next_serial
+            self._next_serial += 1
+            final_status = self._final_status(serial)
+            omitted, unknown = self._task_fates(serial, len(records))
+            if final_status in FAILED_FINAL_WORDS:
+                outcomes = []
+            elif unknown:
+                outcomes = [outcome for index, outcome in enumerate(outcomes) if index not in unknown]
+            cost = sum(outcome.cost for outcome in outcomes)
             organization.credits -= cost
-            serial = len(self._workflows)
             workflow_uuid = uuid.uuid4()
             low, high = self.config.latency_range
             latency = self._latency_rng.uniform(low, high) if high > low else low
@@ -290,11 +408,16 @@ class SandboxState:
                 emails_found=sum(outcome.email for outcome in outcomes),
                 phones_found=sum(outcome.phone for outcome in outcomes),
                 cost=cost,
+                final_status=final_status,
+                omitted=omitted,
+                unknown=unknown,
             )
-            self._workflows.append(workflow)
+            self._workflows[serial] = workflow
             self._workflows_by_id[workflow.workflow_id] = workflow
             base = serial << _INDEX_BITS
             for index in range(len(records)):
+                if index in unknown:
+                    continue
                 task_bytes = workflow.task_ids[index * 16 : index * 16 + 16]
                 self._tasks[int.from_bytes(task_bytes)] = base | index
             self._count_acceptance(serial, findings, cost)
@@ -303,6 +426,28 @@ class SandboxState:
             if limit is not None and key.revoke_armed and key.batches_accepted >= limit:
                 key.revoked = True
             return workflow
+
+    def _final_status(self, serial: int) -> str:
+        """The status the serial-th workflow ends with: `final_word` for a seeded share, else completed."""
+        rate = self.config.final_word_rate
+        if rate > 0 and random.Random(f"{self.config.seed}:final-word:{serial}").random() < rate:
+            return self.config.final_word
+        return "completed"
+
+    def _task_fates(self, serial: int, count: int) -> tuple[frozenset[int], frozenset[int]]:
+        """Indexes of the serial-th workflow's tasks to omit and to lose; one draw per task, disjoint."""
+        omit_rate, unknown_rate = self.config.omit_task_rate, self.config.unknown_task_rate
+        if omit_rate == 0 and unknown_rate == 0:
+            return _NO_TASKS, _NO_TASKS
+        omitted: set[int] = set()
+        unknown: set[int] = set()
+        for index in range(count):
+            draw = _unit_draw(f"{self.config.seed}:task:{serial}:{index}")
+            if draw < unknown_rate:
+                unknown.add(index)
+            elif draw < unknown_rate + omit_rate:
+                omitted.add(index)
+        return frozenset(omitted), frozenset(unknown)
 
     def _count_acceptance(self, serial: int, findings: Sequence[Lookup], cost: float) -> None:
         self._bulk_accepted += 1
@@ -317,13 +462,24 @@ class SandboxState:
                 seen[found.identity_key] = -1
                 self._repeated += 1
 
-    def find_workflow(self, key: ApiKey, workflow_id: str) -> Workflow:
-        """The caller's organization's workflow, or 404."""
+    def find_workflow(self, key: ApiKey, workflow_id: str, *, status_mode: bool = False) -> Workflow:
+        """The caller's organization's workflow, or 404.
+
+        `status_mode` (the status endpoint's workflow mode) also answers 404 while the workflow is not
+        yet visible (`workflow_visible_after`).
+        """
         with self._lock:
             workflow = self._workflows_by_id.get(workflow_id)
         if workflow is None or workflow.organization_id != key.organization.organization_id:
             raise ApiRefusal(404, WORKFLOW_NOT_FOUND)
+        if status_mode and self.clock() < workflow.accepted_at + self.config.workflow_visible_after:
+            raise ApiRefusal(404, WORKFLOW_NOT_FOUND)
         return workflow
+
+    def remembers(self, workflow: Workflow) -> bool:
+        """Whether the workflow is still known (not dropped by `forget`)."""
+        with self._lock:
+            return self._workflows_by_id.get(workflow.workflow_id) is workflow
 
     def find_task(self, key: ApiKey, task_id: str) -> tuple[Workflow, int]:
         """The workflow holding a task of the caller's organization, and the task's index; or 404."""
@@ -356,6 +512,8 @@ class SandboxState:
         task_id = workflow.task_id(index)
         if not complete:
             return pending_result(task_id, record)
+        if workflow.ends_unfound:
+            return unfound_result(task_id, record, "failed")
         found = lookup(record, self.config.find_rate, self.config.phone_rate)
         return task_result(task_id, record, found, workflow.enrichment_type)
 
@@ -376,17 +534,29 @@ class SandboxState:
             "phones_found": workflow.phones_found,
         }
 
+    def _listed(self, workflow: Workflow) -> list[int]:
+        """Indexes of the tasks a complete workflow lists, in the order it lists them."""
+        if workflow.ends_unfound:
+            return []
+        order = list(range(workflow.total))
+        if self.config.results_order == "shuffled":
+            random.Random(f"{self.config.seed}:order:{workflow.serial}").shuffle(order)
+        hidden = workflow.omitted | workflow.unknown
+        return [index for index in order if index not in hidden] if hidden else order
+
     def workflow_view(self, workflow: Workflow, results_limit: int | None = None) -> dict[str, Any]:
         """The status endpoint's workflow-mode body (and the webhook's core)."""
         complete = self.is_complete(workflow)
-        shown = min(workflow.total, results_limit) if results_limit is not None else workflow.total
+        listed = self._listed(workflow) if complete else []
+        if results_limit is not None:
+            listed = listed[:results_limit]
         return {
             "workflow_id": workflow.workflow_id,
-            "status": "completed" if complete else "processing",
+            "status": workflow.final_status if complete else "processing",
             "enrichment_type": workflow.enrichment_type,
             "total_contacts": workflow.total,
             "summary": self._summary(workflow, complete),
-            "results": [self._result(workflow, index, True) for index in range(shown)] if complete else [],
+            "results": [self._result(workflow, index, True) for index in listed],
             "completed_at": workflow.completed_at if complete else None,
         }
 
@@ -475,6 +645,15 @@ class SandboxState:
         """Forget counters and the request log; the world itself stays."""
         with self._lock:
             self._reset_counters()
+
+    def forget(self) -> int:
+        """Drop every workflow, as an API restarted without memory would; returns how many were dropped."""
+        with self._lock:
+            dropped = len(self._workflows)
+            self._workflows.clear()
+            self._workflows_by_id.clear()
+            self._tasks.clear()
+            return dropped
 
     # --- admin ------------------------------------------------------------------------------------
 

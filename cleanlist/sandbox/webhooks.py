@@ -52,6 +52,8 @@ class WebhookDispatcher:
         payload = self._state.webhook_payload(workflow)
         scale = self._state.config.webhook_backoff_scale
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            if not self._state.remembers(workflow):
+                return  # forgotten (`/_sandbox/forget`): a restarted API has lost its pending deliveries
             delivered = await self._attempt(workflow, url, payload, attempt)
             if delivered or attempt == MAX_ATTEMPTS:
                 return
