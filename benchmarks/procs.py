@@ -68,6 +68,7 @@ class SandboxProcess:
         credits: float = 1e12,
         seed: int = 7,
         log_dir: Path | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         self.api_key = SANDBOX_KEY
@@ -78,7 +79,7 @@ class SandboxProcess:
         cmd = [
             sys.executable, "-m", "deployments.cli", "sandbox",
             "--port", str(self.port), "--api-key", self.api_key, "--credits", str(credits),
-            "--rate-limit", rate_limit, "--latency", latency, "--seed", str(seed),
+            "--rate-limit", rate_limit, "--latency", latency, "--seed", str(seed), *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -104,3 +104,20 @@ def test_every_row_and_every_paid_result_survives_the_variation(
     # Whatever was charged over both runs reached the rerun's output, and nothing was charged twice.
     assert _emails_delivered(again) == after["credits_charged"]
     assert "missing" not in set(again["cleanlist_status"])
+
+
+def test_a_lost_answer_after_sending_counts_as_an_ambiguous_submission(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    from cleanlist.sandbox import FaultSpec
+
+    # 502 and 504 come from a gateway after the body went out: the API may have taken the batch.
+    # 503 is the API itself refusing: nothing was accepted.
+    sandbox = make_sandbox(rate_limit=None, faults={"enrich-bulk": FaultSpec(sequence=(502, 503, 504))})
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=200)
+    state, summary = run_flow(source=str(source), output=str(tmp_path / "out.csv"))
+    assert state.is_completed(), state.message
+    assert summary["ambiguous_submissions"] == 2
+    assert summary["retries"] == 3 and summary["submitted"] == 200
+    assert set(read_csv(tmp_path / "out.csv")["cleanlist_status"]) <= {"enriched", "not_found"}
