@@ -116,7 +116,9 @@ def test_a_lost_answer_after_sending_counts_as_an_ambiguous_submission(
     sandbox = make_sandbox(rate_limit=None, faults={"enrich-bulk": FaultSpec(sequence=(502, 503, 504))})
     api_env(sandbox)
     source = messy_export(tmp_path / "crm.csv", unique=200)
-    state, summary = run_flow(source=str(source), output=str(tmp_path / "out.csv"))
+    state, summary = run_flow(
+        source=str(source), output=str(tmp_path / "out.csv"), store=f"sqlite:///{tmp_path / 'store.db'}"
+    )
     assert state.is_completed(), state.message
     assert summary["ambiguous_submissions"] == 2
     assert summary["retries"] == 3 and summary["submitted"] == 200
