@@ -163,6 +163,10 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     batch_rows: int = 50_000,
     base_url: str | None = None,
     rate_limit: str | None = None,
+    sheet: str | None = None,
+    encoding: str | None = None,
+    raw_csv: bool = False,
+    api_outage_seconds: float = 300.0,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 

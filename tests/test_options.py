@@ -93,6 +93,10 @@ def test_every_option_is_reachable_from_the_cli_with_the_flows_default() -> None
             {"retries": 2, "retry_delay_seconds": 0.5, "batch_rows": 1000},
         ),
         (
+            ["--sheet", "Leads", "--encoding", "cp1251", "--raw-csv", "--api-outage-seconds", "60"],
+            {"sheet": "Leads", "encoding": "cp1251", "raw_csv": True, "api_outage_seconds": 60.0},
+        ),
+        (
             ["--base-url", "http://127.0.0.1:1", "--rate-limit", "20/2", "--table", "t"],
             {"base_url": "http://127.0.0.1:1", "rate_limit": "20/2", "table": "t"},
         ),

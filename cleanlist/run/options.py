@@ -104,6 +104,22 @@ class EnrichOptions(BaseModel):
         "(default CLEANLIST_RATE_LIMIT, else 60/60)",
     )
 
+    sheet: str | None = Field(
+        default=None, description="with an .xlsx source: the sheet to read ('*' = every sheet, same header)"
+    )
+    encoding: str | None = Field(
+        default=None, description="the source's text encoding (default: UTF-8, else detected and logged)"
+    )
+    raw_csv: bool = Field(
+        default=False,
+        description="write CSV cells as they are (default: a leading = + - @, tab or CR gets a ')",
+    )
+    api_outage_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="stop the run (results so far written, exit 1) after the API was unreachable this long",
+    )
+
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit_parses(cls, value: str | None) -> str | None:
