@@ -98,10 +98,17 @@ def emails_written(rows: list[dict[str, str]]) -> int:
     return len({r["cleanlist_task_id"] for r in rows if r.get("cleanlist_email") and r.get("cleanlist_task_id")})
 
 
+TIMEOUT = 120.0  # seconds a run may take here; one that takes longer is stopped and shown as "hung"
+HUNG = -9
+
+
 def run_cli(checkout: Path, source: Path, output: Path, store: str, env: dict[str, str]) -> int:
     cmd = [sys.executable, "-m", "deployments.cli", "run", str(source), "--output", str(output),
            "--store", store, "--initial-poll-seconds", "1", "--json"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return HUNG
     return done.returncode
 
 
@@ -141,6 +148,10 @@ def measure(name: str, flags: list[str], checkout: Path, unique: int, work: Path
         sandbox.stop()
 
 
+def _code(code: int) -> str:
+    return f"hung > {TIMEOUT:g} s" if code == HUNG else str(code)
+
+
 def _progress(row: Row) -> None:
     print(f"  {row.variation}: exit {row.exit_code}/{row.rerun_exit_code}, rows {row.rows_out}/{row.rows_in}, "
           f"missing {row.missing_rows}, emails {row.emails_written} of {row.credits_charged:g} charged, "
@@ -171,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| variation | exit (run/rerun) | rows out/in | `missing` rows | unresolved rows | emails written / credits charged | rerun: contacts sent | paid, not in rerun output | accepted twice |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r.variation} | {r.exit_code}/{r.rerun_exit_code} | {r.rows_out}/{r.rows_in} | {r.missing_rows} | "
+        print(f"| {r.variation} | {_code(r.exit_code)}/{_code(r.rerun_exit_code)} | {r.rows_out}/{r.rows_in} | {r.missing_rows} | "
               f"{r.unresolved_rows} | {r.emails_written} / {r.credits_charged:g} | {r.rerun_bulk_contacts} | "
               f"{r.paid_not_written:g} | {r.accepted_twice} |")  # fmt: skip
     target = args.output or RESULTS / "variations.json"

@@ -21,4 +21,6 @@ def stage_source_task(run: RunContext) -> StageReport:
         mapping_overrides=options.mapping,
         sql_query=options.sql_query,
         batch_rows=options.batch_rows,
+        sheet=options.sheet,
+        encoding=options.encoding,
     )

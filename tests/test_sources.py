@@ -349,8 +349,10 @@ def test_jsonl_rows_bad_lines_and_late_keys(tmp_path: Path) -> None:
         (1, {"_raw": "{not json"}),
         (2, {"_raw": '["a", "list"]'}),
     ]
-    assert batch.bad_rows[0].reason.startswith("row 1 is not valid JSON")
-    assert batch.bad_rows[1].reason == "row 2 is a JSON list, not an object"
+    # Row numbers count data rows from 0, lines every line from 1; the raw line ends the reason.
+    assert batch.bad_rows[0].reason.startswith("row 1 (line 2) is not valid JSON")
+    assert batch.bad_rows[0].reason.endswith("): {not json")
+    assert batch.bad_rows[1].reason == 'row 2 (line 4) is a JSON list, not an object: ["a", "list"]'
     assert list(batch.frame.index) == [0, 3, 4]
 
 
@@ -373,7 +375,7 @@ def make_xlsx(path: Path, rows: list[list[object]]) -> Path:
     return path
 
 
-def test_xlsx_first_sheet_values_as_text(tmp_path: Path) -> None:
+def test_xlsx_named_sheet_values_as_text(tmp_path: Path) -> None:
     source = make_xlsx(
         tmp_path / "c.xlsx",
         [
@@ -384,7 +386,7 @@ def test_xlsx_first_sheet_values_as_text(tmp_path: Path) -> None:
             ["Ann", dt.date(2023, 1, 2), "0049 30", None, None, "stray"],
         ],
     )
-    [batch] = read(source)
+    [batch] = read(source, sheet="Contacts")
     assert list(batch.frame.columns) == ["First Name", "Joined", "Phone", "Score", "VIP"]
     assert rows_of([batch]) == [
         {
@@ -397,13 +399,13 @@ def test_xlsx_first_sheet_values_as_text(tmp_path: Path) -> None:
         {"First Name": "John", "Joined": "2024-05-01T13:30:00", "Phone": None, "Score": "3", "VIP": "FALSE"},
     ]
     [bad] = batch.bad_rows
-    assert (bad.row_number, bad.reason) == (2, "row 2 has 6 cells, the header has 5")
+    assert (bad.row_number, bad.reason) == (2, "row 2 (sheet 'Contacts' row 5) has 6 cells, the header has 5")
     assert bad.values["_extra"] == "stray"
 
 
 def test_xlsx_is_batched(tmp_path: Path) -> None:
     source = make_xlsx(tmp_path / "b.xlsx", [["Name"]] + [[f"n{i}"] for i in range(10)])
-    batches = read(source, batch_rows=4)
+    batches = read(source, batch_rows=4, sheet="Contacts")
     assert [len(b.frame) for b in batches] == [4, 4, 2]
     assert_row_numbers_cover(batches, 10)
 

@@ -4,6 +4,20 @@ Every input row is written exactly once: valid rows (duplicates included) to the
 `cleanlist_*` columns joined from the store by contact key, invalid and quarantined rows to rejects
 with a reason. Files are written to a local temporary file first and moved into place at the end, so
 the final files appear atomically.
+
+What the files hold is personal data and is opened in spreadsheets:
+
+- local files are created owner-only: the file 0600 (whatever mode an earlier file of that name had),
+  each directory the writer creates 0700 (existing directories are left as they are). Remote (fsspec)
+  destinations get what their filesystem gives.
+- CSV (outputs and rejects) reads back the same: lines end in CRLF (RFC 4180), so every cell holding a
+  CR or an LF is quoted; NUL characters are dropped from CSV cells (spreadsheets and many CSV readers
+  stop at them). Parquet and JSONL keep every character.
+- CSV is spreadsheet-safe unless `raw_csv`: a text cell whose first character is =, +, -, @, tab or CR
+  gets a leading ' (the OWASP rule for CSV injection), so a spreadsheet shows it instead of running it.
+  Only text cells are touched (object and string columns): numbers are left alone, but a number held
+  as text ("-5", "+1 555 0100") is prefixed too. Header names are written as they are. Parquet, JSONL
+  and database outputs are never altered.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from cleanlist.errors import InputError
 from cleanlist.run.states import ContactState, RejectCode
 from cleanlist.run.workspace import KEY, META_COLUMNS, REJECT, REJECT_CODE, ROW, RunWorkspace
 from cleanlist.store import EnrichmentStore, StoredResult
+from cleanlist.store.database import make_private_dirs
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
 RESULT_COLUMNS = (
@@ -41,6 +56,12 @@ RESULT_COLUMNS = (
 REJECT_REASON = "reject_reason"
 REJECT_CODE_COLUMN = "reject_code"
 LIST_SEPARATOR = "; "
+# CSV line ending: RFC 4180's CRLF. Python's csv module quotes a cell only for the line terminator's own
+# characters, so with "\n" a cell holding a bare CR was written unquoted and read back as two rows.
+CSV_LINE_TERMINATOR = "\r\n"
+# The OWASP rule: a cell starting with one of these is a formula (or becomes one) in a spreadsheet.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+FORMULA_ESCAPE = "'"
 
 # cleanlist_status of a row whose contact has no stored result, by what happened to it in this run.
 STATUS_FOR_STATE = {
@@ -82,13 +103,54 @@ class RowSink(Protocol):
     def abort(self) -> None: ...
 
 
-class FileSink:
-    """Appends frames to a local temporary file; `commit` moves it to the destination in one step."""
+def local_path(destination: str) -> Path | None:
+    """The absolute local path `destination` is written to, or None for a remote (fsspec) URL."""
+    if "::" in destination:  # a chained fsspec URL (simplecache::s3://…)
+        return None
+    if "://" in destination:
+        scheme = destination.split("://", 1)[0].lower()
+        if scheme not in ("file", "local"):
+            return None
+    _fs, path = fsspec.core.url_to_fs(destination)  # expands ~, makes a relative path absolute
+    return Path(path)
 
-    def __init__(self, destination: str, fmt: str) -> None:
+
+def _csv_cell(value: object, *, raw: bool) -> object:
+    if not isinstance(value, str):
+        return value
+    if "\0" in value:
+        value = value.replace("\0", "")
+    if not raw and value.startswith(FORMULA_TRIGGERS):
+        return FORMULA_ESCAPE + value
+    return value
+
+
+def csv_safe(frame: pd.DataFrame, *, raw: bool = False) -> pd.DataFrame:
+    """`frame` as it is written to CSV: NULs dropped from text cells and, unless `raw`, a text cell
+    starting with = + - @ tab or CR prefixed with ' (numeric columns untouched)."""
+    safe = frame.copy(deep=False)
+    for position, dtype in enumerate(frame.dtypes):
+        if pd.api.types.is_object_dtype(dtype) or isinstance(dtype, pd.StringDtype):
+            cells = frame.iloc[:, position].map(lambda value: _csv_cell(value, raw=raw))
+            safe.isetitem(position, cells.to_numpy(dtype=object))
+    return safe
+
+
+class FileSink:
+    """Appends frames to a local temporary file; `commit` moves it to the destination in one step.
+
+    CSV is written spreadsheet-safe unless `raw_csv` (see the module's docstring). The temporary file
+    is made in `scratch_dir` (the run's workspace, removed with it even after kill -9), else in the
+    system's temp directory; it is 0600 either way.
+    """
+
+    def __init__(
+        self, destination: str, fmt: str, *, raw_csv: bool = False, scratch_dir: Path | None = None
+    ) -> None:
         self.destination = destination
         self.fmt = fmt
-        handle, name = tempfile.mkstemp(prefix="cleanlist-", suffix=f".{fmt}.partial")
+        self.raw_csv = raw_csv
+        handle, name = tempfile.mkstemp(prefix="cleanlist-", suffix=f".{fmt}.partial", dir=scratch_dir)
         os.close(handle)
         self._tmp = Path(name)
         self._rows = 0
@@ -99,7 +161,9 @@ class FileSink:
         if frame.empty:
             return
         if self.fmt == "csv":
-            frame.to_csv(self._tmp, mode="a", header=self._rows == 0, index=False)
+            csv_safe(frame, raw=self.raw_csv).to_csv(
+                self._tmp, mode="a", header=self._rows == 0, index=False, lineterminator=CSV_LINE_TERMINATOR
+            )
         elif self.fmt == "jsonl":
             with self._tmp.open("a", encoding="utf-8") as out:
                 out.write(frame.to_json(orient="records", lines=True, force_ascii=False, date_format="iso"))
@@ -127,7 +191,7 @@ class FileSink:
         if self._rows == 0:
             empty = pd.DataFrame({c: pd.Series(dtype="string") for c in columns})
             if self.fmt == "csv":
-                empty.to_csv(self._tmp, index=False)
+                empty.to_csv(self._tmp, index=False, lineterminator=CSV_LINE_TERMINATOR)
             elif self.fmt == "parquet":
                 pq.write_table(pa.Table.from_pandas(empty, preserve_index=False), self._tmp)
             else:
@@ -146,9 +210,14 @@ def _move_into_place(tmp: Path, destination: str) -> None:
     fs, path = fsspec.core.url_to_fs(destination)
     if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(target.parent)
         staging = target.with_name(f".{target.name}.partial")
-        shutil.copyfile(tmp, staging)
+        # The staging file becomes the destination (os.replace keeps its inode, so its mode): 0600, even
+        # when a staging file of an interrupted run is still there with another mode.
+        with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            with tmp.open("rb") as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
         os.replace(staging, target)
     else:
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -274,14 +343,37 @@ def write_rows(
     return WriteReport(written, rejected, statuses, reasons_seen)
 
 
-def open_sinks(output: str, rejects: str, table: str | None) -> tuple[RowSink, RowSink]:
-    """Sinks for the output and the rejects: files by extension, or with `table` two database tables."""
+def open_sinks(
+    output: str,
+    rejects: str,
+    table: str | None,
+    *,
+    raw_csv: bool = False,
+    scratch_dir: Path | None = None,
+) -> tuple[RowSink, RowSink]:
+    """Sinks for the output and the rejects: files by extension, or with `table` two database tables.
+
+    `raw_csv` turns off the spreadsheet-safe prefix of CSV files; `scratch_dir` holds their temporary
+    files (default: the system's temp directory). Neither applies to database tables.
+    """
     if table is not None:
         from cleanlist.io.dbsink import DatabaseSink, SharedTransaction
 
         transaction = SharedTransaction(output, members=2)
         return DatabaseSink(transaction, table), DatabaseSink(transaction, rejects, kind="rejects")
-    return FileSink(output, output_format(output)), FileSink(rejects, "csv")
+    return (
+        FileSink(output, output_format(output), raw_csv=raw_csv, scratch_dir=scratch_dir),
+        FileSink(rejects, "csv", raw_csv=raw_csv, scratch_dir=scratch_dir),
+    )
 
 
-__all__ = ["META_COLUMNS", "ROW", "WriteReport", "open_sinks", "output_format", "write_rows"]
+__all__ = [
+    "META_COLUMNS",
+    "ROW",
+    "WriteReport",
+    "csv_safe",
+    "local_path",
+    "open_sinks",
+    "output_format",
+    "write_rows",
+]

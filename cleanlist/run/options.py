@@ -8,7 +8,9 @@ parameters it hands to each shard through it. `tests/test_options.py` proves the
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -150,16 +152,47 @@ class EnrichOptions(BaseModel):
         return f"{self.output.rpartition('.')[0]}.rejects.csv"
 
     def check_destinations(self) -> None:
-        """One InputError line when the output cannot be written as given."""
-        from cleanlist.io.writer import output_format
+        """One InputError line when the output or the rejects cannot be written as given.
 
-        if self.table is None:
-            output_format(self.output)
-        elif not is_database_url(self.output):
-            raise InputError(
-                "--table needs a database URL as --output (sqlite:///… or postgresql://…), "
-                f"not {self.output!r}"
-            )
+        The flow calls this before anything is read or sent, so nothing is spent on a run whose results
+        could not be written. Refused: an output or rejects file that is the source (after following
+        symlinks; hard links too), the output and the rejects being one file, a local directory that
+        cannot be created or written to. Missing directories are created here (0700, as the writer
+        would; not on a dry run, which only checks that they could be). Remote URLs (s3://…) are only
+        compared as strings; database outputs (with `table`) skip the file checks.
+        """
+        from cleanlist.io.sources import display_source
+        from cleanlist.io.writer import local_path, output_format
+
+        if self.table is not None:
+            if not is_database_url(self.output):
+                raise InputError(
+                    "--table needs a database URL as --output (sqlite:///… or postgresql://…), "
+                    f"not {self.output!r}"
+                )
+            return
+        output_format(self.output)
+        rejects = self.rejects_target
+        names = {self.output: "--output", rejects: "--rejects" if self.rejects else "the rejects file"}
+        if self.output == rejects:
+            raise InputError("--output and --rejects are the same file; give them different paths")
+        source = local_path(self.source)
+        for target in (self.output, rejects):
+            path = local_path(target)
+            same = self.source == target
+            if path is not None and source is not None:
+                same = same or _same_file(source, path)
+            if same:
+                raise InputError(
+                    f"{names[target]} {display_source(target)} is the source file; write to another path "
+                    "(the source is never overwritten)"
+                )
+        out, rej = local_path(self.output), local_path(rejects)
+        if out is not None and rej is not None and _same_file(out, rej):
+            raise InputError(f"--output {self.output} and {names[rejects]} {rejects} are the same file")
+        for target, path in ((self.output, out), (rejects, rej)):
+            if path is not None:
+                _check_writable(names[target], path, create=not self.dry_run)
 
     @property
     def chunk_size(self) -> int:
@@ -171,6 +204,41 @@ class EnrichOptions(BaseModel):
         if self.refresh_days <= 0:
             return None
         return datetime.now(UTC) - timedelta(days=self.refresh_days)
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    """Whether two local paths name one file: the same real path (symlinks followed) or, when both
+    exist, the same inode (hard links, case-insensitive filesystems)."""
+    if os.path.realpath(one) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_writable(what: str, path: Path, *, create: bool) -> None:
+    """One InputError line unless `path` can be written: its directory exists (or is created, 0700,
+    when `create`; else could be) and is writable, and `path` is not itself a directory."""
+    from cleanlist.store.database import make_private_dirs
+
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory; give a file path")
+    directory = probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot create the directory {directory} of {what}: {probe} is not a directory")
+    if create:
+        try:
+            make_private_dirs(directory)
+        except OSError as exc:
+            raise InputError(
+                f"cannot create the directory {directory} of {what}: {exc.strerror or exc}"
+            ) from None
+        probe = directory
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"the directory {probe} of {what} is not writable")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -26,6 +26,9 @@ class StageReport:
     valid_rows: int
     unique_contacts: int
     mapping: str
+    # How text that is not UTF-8 was decoded ("cp1251 (detected)", "cp1251 (--encoding)", "utf-16");
+    # None when the source is all UTF-8, or not text.
+    encoding: str | None = None
 
     @property
     def duplicates(self) -> int:
@@ -56,11 +59,19 @@ def stage_source(
     mapping_overrides: Mapping[str, str] | None = None,
     sql_query: str | None = None,
     batch_rows: int = 50_000,
+    sheet: str | None = None,
+    encoding: str | None = None,
 ) -> StageReport:
-    """Read, prepare and stage every row of `source`; rejects are staged too, with their reason."""
+    """Read, prepare and stage every row of `source`; rejects are staged too, with their reason.
+
+    `sheet` and `encoding` are iter_source's: the sheets of a workbook, the codec of a text file.
+    """
     mapping: HeaderMapping | None = None
     rows = rejected = valid = 0
-    for batch in iter_source(source, batch_rows=batch_rows, sql_query=sql_query):
+    decoded_as: str | None = None
+    batches = iter_source(source, batch_rows=batch_rows, sql_query=sql_query, sheet=sheet, encoding=encoding)
+    for batch in batches:
+        decoded_as = batch.encoding or decoded_as
         frame = batch.frame
         if mapping is None:
             mapping = resolve_mapping(list(frame.columns), mapping_overrides)
@@ -84,17 +95,20 @@ def stage_source(
         valid += len(contacts)
         rejected += len(staged) - len(contacts)
     if mapping is None:
-        workspace.columns = _header_only_columns(source, sql_query)
+        workspace.columns = _header_only_columns(source, sql_query, sheet, encoding)
     return StageReport(
         rows_read=rows,
         rejected=rejected,
         valid_rows=valid,
         unique_contacts=workspace.count(),
         mapping=mapping.describe() if mapping else "(no rows)",
+        encoding=decoded_as,
     )
 
 
-def _header_only_columns(source: str, sql_query: str | None) -> list[str]:
+def _header_only_columns(
+    source: str, sql_query: str | None, sheet: str | None, encoding: str | None
+) -> list[str]:
     from cleanlist.io.sources import source_columns
 
-    return list(source_columns(source, sql_query=sql_query))
+    return list(source_columns(source, sql_query=sql_query, sheet=sheet, encoding=encoding))

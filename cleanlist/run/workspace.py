@@ -3,15 +3,25 @@
 Memory stays flat however large the source: rows live in Parquet parts of one read batch each, unique
 contacts and their per-run state in a SQLite table. The workspace is deleted when the run ends; what must
 survive a crash (accepted workflows, results) lives in the enrichment store, not here.
+
+It holds personal data: the directory is created owner-only (mkdtemp: 0700) and carries a `pid` file
+(the owning process and host). A run killed with -9 cannot delete its workspace, so every new workspace
+first removes the `cleanlist-run-*` directories beside it whose owner is gone: same user, same host,
+process no longer alive. A directory without a readable pid file (a workspace being created, or one
+from a version that wrote none) is removed only once it is older than a day; a live run's never.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import sqlite3
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +31,53 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cleanlist.run.states import ContactState
+from cleanlist.store.liveness import pid_is_alive
 
 ROW = "__cleanlist_row"
 KEY = "__cleanlist_key"
 REJECT = "__cleanlist_reject"
 REJECT_CODE = "__cleanlist_reject_code"
 META_COLUMNS = (ROW, KEY, REJECT, REJECT_CODE)
+
+WORKSPACE_PREFIX = "cleanlist-run-"
+PID_FILE = "pid"
+# A workspace directory without a pid file is left alone this long (it may be being created).
+UNOWNED_GRACE_SECONDS = 24 * 3600.0
+
+
+def remove_stale_workspaces(directory: Path) -> list[Path]:
+    """Delete the workspaces in `directory` left behind by runs that are gone; returns them."""
+    removed: list[Path] = []
+    try:
+        candidates = list(directory.glob(f"{WORKSPACE_PREFIX}*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            info = path.lstat()  # a symlink is not a workspace: never followed
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        if _owner_is_gone(path, info.st_mtime):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _owner_is_gone(path: Path, modified: float) -> bool:
+    try:
+        text = (path / PID_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    except (OSError, UnicodeDecodeError):
+        return False
+    pid_text, _, host = text.strip().partition(" ")
+    if not pid_text.isdigit():  # no pid (yet): only an old directory is taken for abandoned
+        return time.time() - modified > UNOWNED_GRACE_SECONDS
+    if host != socket.gethostname():  # a temp directory shared between hosts: their pids mean nothing here
+        return False
+    return not pid_is_alive(int(pid_text))
 
 
 @dataclass(frozen=True)
@@ -39,7 +90,9 @@ class RunWorkspace:
     """Staged rows and unique contacts of one run."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="cleanlist-run-", dir=root))
+        remove_stale_workspaces(Path(root) if root is not None else Path(tempfile.gettempdir()))
+        self.root = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=root))  # 0700
+        (self.root / PID_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
         self._db = sqlite3.connect(self.root / "contacts.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Final
 
@@ -24,11 +28,21 @@ TRANSACTION_OPTION: Final = "cleanlist_transaction"
 _SCHEMA_LOCK_ID: Final = 0x636C_6E6C_7374  # "clnlst"
 
 
+# The files SQLite keeps beside a database (WAL mode, rollback journal); they hold the same personal data.
+_SQLITE_SIDE_FILES: Final = ("-wal", "-shm", "-journal")
+
+
 def resolve_url(url: str | None) -> URL:
-    """The SQLAlchemy URL to open: the default SQLite file, or `url` with PostgreSQL bound to psycopg 3."""
+    """The SQLAlchemy URL to open: the default SQLite file, or `url` with PostgreSQL bound to psycopg 3.
+
+    A SQLite store holds personal data: a directory created for it is 0700 and a file created for it
+    0600 (SQLite gives its -wal and -shm files the database file's mode). An existing file keeps its
+    mode, except the default store, which is tightened to owner-only (never opened up).
+    """
     if url is None:
         path = DEFAULT_STORE_PATH.expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _prepare_sqlite_file(path)
+        _tighten(path)
         return URL.create("sqlite", database=str(path))
     parsed = to_sqlalchemy_url(url, what="store URL")
     if parsed.get_backend_name() != "sqlite":
@@ -37,9 +51,59 @@ def resolve_url(url: str | None) -> URL:
         raise InputError(
             "store URL points at an in-memory SQLite database; give a file path (sqlite:///path)"
         )
-    path = Path(parsed.database or "").expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    database = parsed.database or ""
+    path = Path(database).expanduser()
+    if database.startswith("file:"):  # an SQLite URI (…?uri=true): SQLite parses it, not us
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        _prepare_sqlite_file(path)
     return parsed.set(database=str(path))
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and its missing parents owner-only (0700); existing ones are left as they are.
+
+    (`Path.mkdir(parents=True, mode=…)` gives the parents it creates the default mode.) Raises OSError
+    when a component is not a directory or cannot be created.
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            if not path.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{path} is not a directory", str(path)) from None
+            continue  # made by someone else meanwhile: theirs, left alone
+        os.chmod(path, 0o700)  # exactly 0700, whatever the umask
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    """Create the store's directories 0700 and its file 0600 (empty: an empty file is an empty SQLite
+    database) unless they exist; one InputError line when they cannot be."""
+    try:
+        make_private_dirs(path.parent)
+        if not path.exists():
+            with contextlib.suppress(FileExistsError):  # created by another process meanwhile
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise InputError(f"cannot create the store at {path}: {exc.strerror or exc}") from None
+
+
+def _tighten(path: Path) -> None:
+    """Take group and other permissions off the default store's files (never add any)."""
+    for name in (path, *(path.with_name(path.name + side) for side in _SQLITE_SIDE_FILES)):
+        try:
+            mode = stat.S_IMODE(name.stat().st_mode)
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+        except FileNotFoundError:
+            continue
 
 
 def open_engine(url: URL) -> Engine:
