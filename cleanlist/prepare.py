@@ -344,7 +344,7 @@ def _shown(value: str) -> str:
 
 
 # One branch per field of the contact, in the API's field order.
-def _normalize(values: Mapping[str, object]) -> tuple[dict[str, str], list[str]]:  # noqa: PLR0912
+def _normalize(values: Mapping[str, object]) -> tuple[dict[str, str], list[str]]:  # noqa: C901, PLR0912
     """Normalized contact, plus notes on values that were present but unusable (for reject reasons)."""
     contact: dict[str, str] = {}
     notes: list[str] = []
@@ -359,8 +359,10 @@ def _normalize(values: Mapping[str, object]) -> tuple[dict[str, str], list[str]]
             notes.append(f"linkedin_url {_shown(raw)} is not a LinkedIn profile URL")
     for field in ("first_name", "last_name"):
         raw = _text(get(field))
-        if raw:
+        if raw and any(char.isalpha() for char in raw):
             contact[field] = _collapse(raw)
+        elif raw:  # a number (a Parquet int column mapped as a name) would be sent, and paid for
+            notes.append(f"{field} {_shown(raw)} is not a name")
     raw = _text(get("company_domain"))
     if raw:
         domain = normalize_domain(raw)

@@ -95,7 +95,24 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from deployments.local_run import run_enrichment
 
-    return run_enrichment(_flow_kwargs(args), as_json=args.json)
+    kwargs = _flow_kwargs(args)
+    _check_before_prefect_starts(kwargs)
+    return run_enrichment(kwargs, as_json=args.json)
+
+
+def _check_before_prefect_starts(kwargs: dict[str, Any]) -> None:
+    """What can be judged without Prefect (options, outputs, the source's type and existence) fails in
+    one line now, not after the seconds a temporary Prefect server takes to start. The flow checks it
+    all again: deployments and the Python API do not come through here."""
+    from cleanlist.io.sources import iter_source
+    from cleanlist.run.options import EnrichOptions
+
+    options = EnrichOptions.from_parameters(kwargs)
+    options.check_destinations()
+    # Calling (not iterating) makes the up-front checks; nothing is read.
+    iter_source(
+        options.source, sql_query=options.sql_query, sheet=options.sheet, encoding=options.encoding
+    ).close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -115,6 +115,34 @@ def test_bad_invocations_give_one_clear_line(tmp_path: Path, make_sandbox, args,
     _no_traceback(result)
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "{tmp}/missing.csv", "-o", "{tmp}/out.csv"], "not found"),
+        (["run", "{src}", "-o", "{src}"], "is the source"),
+        (["run", "{src}", "-o", "{tmp}/out.csv", "--max-credits", "-5"], "max_credits"),
+        (["run", "{src}", "-o", "{tmp}/out.csv", "--sheet", "Leads"], "--sheet"),
+    ],
+)
+def test_bad_input_is_refused_before_prefect_is_needed(tmp_path: Path, args, expected) -> None:
+    # An unreachable Prefect API: had the run reached Prefect, the error would be about it.
+    source = messy_export(tmp_path / "crm.csv", unique=5)
+    before = source.read_bytes()
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        "CLEANLIST_API_KEY": "clapi_" + "x" * 64,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *[a.format(src=source, tmp=tmp_path) for a in args]],
+        capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr[-1500:]
+    assert source.read_bytes() == before
+    _no_traceback(result)
+
+
 def test_the_demo_enriches_the_sample_export_and_pays_once(tmp_path: Path) -> None:
     """The README's first command, minus the install: every sample row lands in the output or rejects."""
     args = ["demo", "--output-dir", str(tmp_path / "out"), "--json"]

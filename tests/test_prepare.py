@@ -349,9 +349,9 @@ def test_names_are_trimmed_and_whitespace_collapsed() -> None:
 
 
 def test_non_string_values_become_text() -> None:
-    assert normalize_contact({"first_name": 42, "company_name": 3.5}) == {
-        "first_name": "42",
-        "company_name": "3.5",
+    # A number is no name (it is dropped with a note); as a company it is kept as text.
+    assert normalize_contact({"first_name": 42, "last_name": 7.0, "company_name": 3.5}) == {
+        "company_name": "3.5"
     }
 
 
@@ -519,3 +519,15 @@ def test_payload_has_only_api_fields_and_never_email() -> None:
 def test_fields_constant_lists_api_fields_and_email() -> None:
     assert FIELDS == ("linkedin_url", "first_name", "last_name", "company_domain", "company_name", "email")
     assert isinstance(resolve_mapping(["LinkedIn"]), HeaderMapping)
+
+
+@pytest.mark.parametrize("value", [110, 1.1, "42", " 007 ", "1.10"])
+def test_a_name_without_a_letter_is_not_sent(value: object) -> None:
+    row = prepare_row({"first_name": value, "last_name": "Doe", "company_domain": "acme.com"})
+    assert row.key is None and row.reject is not None
+    assert row.reject.code is RejectCode.MISSING_FIELDS and "is not a name" in row.reject.detail
+
+
+def test_names_in_any_script_are_names() -> None:
+    row = prepare_row({"first_name": "Иван", "last_name": "李", "company_name": "3M"})
+    assert row.key is not None and row.contact["first_name"] == "Иван"

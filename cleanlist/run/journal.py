@@ -1,0 +1,184 @@
+"""The acceptance journal: what the API accepted is on disk the moment its answer is read.
+
+The store records an accepted workflow in a transaction that may wait for other writers (SQLite's single
+writer, PostgreSQL across the network); a process killed in that wait loses a workflow the API already
+charged, and the rerun pays for its contacts again. So before the store, every bulk request is written
+to a small local append-only file: an *intent* line before the request is sent, an *accepted* line
+(workflow id, contact keys, task ids) right after the answer is read — one `os.write` on an `O_APPEND`
+descriptor and an `fsync`, no lock and no queue in between.
+
+The next run on this machine replays it before planning (`replay`): accepted lines the store does not
+have are recorded (their contacts are then polled, never resubmitted), and intents of a dead process
+with no accepted line are *in doubt* — the request may have been accepted, nobody can tell — and are
+counted as ambiguous submissions in that run's summary. A run forgets its own lines when it ends.
+The journal is per machine and per store (`~/.cleanlist/journal/<hash of the store URL>.jsonl`, 0600):
+a rerun on another machine does not see it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cleanlist.models import worst_case_credits
+from cleanlist.store import EnrichmentStore
+from cleanlist.store.database import make_private_dirs
+from cleanlist.store.liveness import pid_is_alive
+
+JOURNAL_DIR = Path("~/.cleanlist/journal")
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a replay found: workflows recorded now, and requests in doubt (with their contacts)."""
+
+    recorded: int
+    in_doubt: int
+    in_doubt_contacts: int
+
+
+class AcceptanceJournal:
+    """Append-only, fsync'd lines of bulk requests and their acceptances, for one store on this machine."""
+
+    def __init__(self, store_url: str, directory: Path | None = None) -> None:
+        root = (directory or JOURNAL_DIR).expanduser()
+        make_private_dirs(root)
+        digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
+        self.path = root / f"{digest}.jsonl"
+        self.lock_path = root / f"{digest}.lock"
+        self._host = socket.gethostname()
+
+    def __repr__(self) -> str:
+        return f"AcceptanceJournal({self.path})"
+
+    @contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        # Appends share the lock (O_APPEND writes of one line do not interleave); a rewrite replaces the
+        # file and takes it alone, so no append can land in the file it is about to drop.
+        fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        with self._locked(fcntl.LOCK_SH):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def intent(self, run_id: str, chunk_key: str, keys: Sequence[str]) -> str:
+        """Before a bulk request: returns the request's id for `accepted`."""
+        request = uuid.uuid4().hex
+        self._append(
+            {
+                "kind": "intent",
+                "request": request,
+                "run": run_id,
+                "pid": os.getpid(),
+                "host": self._host,
+                "chunk": chunk_key,
+                "keys": list(keys),
+            }
+        )
+        return request
+
+    def accepted(
+        self,
+        request: str,
+        *,
+        run_id: str,
+        workflow_id: str,
+        chunk_key: str,
+        enrichment_type: str,
+        keys: Sequence[str],
+        task_ids: Sequence[str],
+    ) -> None:
+        """Right after the API's answer was read."""
+        self._append(
+            {
+                "kind": "accepted",
+                "request": request,
+                "run": run_id,
+                "pid": os.getpid(),
+                "host": self._host,
+                "workflow": workflow_id,
+                "chunk": chunk_key,
+                "type": enrichment_type,
+                "keys": list(keys),
+                "task_ids": list(task_ids),
+            }
+        )
+
+    def _entries(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        entries = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill itself: its request is in doubt, its intent says so
+        return entries
+
+    def _keep_only(self, keep: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(entry, separators=(",", ":")) + "\n" for entry in keep)
+        os.replace(tmp, self.path)
+
+    def _dead(self, entry: dict[str, Any]) -> bool:
+        return entry.get("host") == self._host and not pid_is_alive(int(entry.get("pid", 0)))
+
+    def replay(self, store: EnrichmentStore) -> Replay:
+        """Record what dead runs' answers said; count their unanswered requests as in doubt."""
+        with self._locked(fcntl.LOCK_EX):
+            entries = self._entries()
+            dead = [e for e in entries if self._dead(e)]
+            answered = {e["request"] for e in dead if e["kind"] == "accepted"}
+            recorded = 0
+            for entry in dead:
+                if entry["kind"] != "accepted" or store.workflow(entry["workflow"]) is not None:
+                    continue
+                store.record_accepted(
+                    entry["run"],
+                    workflow_id=entry["workflow"],
+                    chunk_key=entry["chunk"],
+                    enrichment_type=entry["type"],
+                    keys=entry["keys"],
+                    task_ids=entry["task_ids"]
+                    if len(entry["task_ids"]) == len(entry["keys"])
+                    else [""] * len(entry["keys"]),
+                    worst_case_credits=worst_case_credits(entry["type"], len(entry["keys"])),
+                )
+                recorded += 1
+            doubtful = [e for e in dead if e["kind"] == "intent" and e["request"] not in answered]
+            self._keep_only([e for e in entries if not self._dead(e)])
+        return Replay(recorded, len(doubtful), sum(len(e["keys"]) for e in doubtful))
+
+    def forget(self, run_id: str) -> None:
+        """A run ended (whatever way, but alive): its lines are settled in the store."""
+        with self._locked(fcntl.LOCK_EX):
+            entries = self._entries()
+            if any(e.get("run") == run_id for e in entries):
+                self._keep_only([e for e in entries if e.get("run") != run_id])
+
+
+def _task_ids(entry: dict[str, Any]) -> list[str]:
+    ids = list(entry["task_ids"])
+    return ids if len(ids) == len(entry["keys"]) else [""] * len(entry["keys"])
