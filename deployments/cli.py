@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -178,12 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM (a scheduler stopping the job, `kill`) ends the run like Ctrl-C: the run's cleanup and
+    # Prefect's own (its temporary server) run on the way out. SIGKILL leaves no such chance.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

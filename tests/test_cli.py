@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,35 @@ def test_the_demo_enriches_the_sample_export_and_pays_once(tmp_path: Path) -> No
     rerun = json.loads(again.stdout.strip().splitlines()[-1])
     assert rerun["submitted"] == 0 and rerun["fresh_in_store"] == summary["unique_contacts"]
     assert len(read_csv(tmp_path / "out" / "enriched.csv")) == len(out)
+
+
+def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path, make_sandbox) -> None:
+    import signal
+
+    import psutil
+
+    sandbox = make_sandbox(rate_limit=None, latency=60.0)  # workflows stay in flight
+    source = messy_export(tmp_path / "crm.csv", unique=300)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # Prefect starts its own server
+    env.update(
+        CLEANLIST_API_KEY=sandbox.api_key,
+        CLEANLIST_BASE_URL=sandbox.base_url,
+        CLEANLIST_STORE_URL=f"sqlite:///{tmp_path / 's.db'}",
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "run", str(source), "-o", str(tmp_path / "out.csv")],
+        cwd=Path(__file__).parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not any(e["endpoint"] == "enrich-bulk" for e in sandbox.requests_log()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never submitted"
+        time.sleep(0.1)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "no temporary Prefect server was started"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "cleanlist-enrich: error: interrupted" in stderr
+    _gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
