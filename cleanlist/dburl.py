@@ -9,7 +9,8 @@ This module is the one place that decides:
   for them is a dependency and the upsert code only knows the sqlite and postgresql dialects;
 - the SQLAlchemy `URL` to open (`to_sqlalchemy_url`: `postgresql://` and `postgres://` are bound to
   psycopg 3 unless the URL names a driver; SQLite is left as is);
-- how a URL is shown in messages and logs (`display_url`: password hidden).
+- how a URL is shown in messages and logs (`display_url`: password hidden), and how any text that may
+  hold URLs is shown (`hide_passwords`: summaries, parameters, driver messages).
 
 Store-specific rules (the default SQLite file, no in-memory stores) live in `cleanlist.store.database`.
 """
@@ -89,3 +90,35 @@ def _backend(name: str) -> str:
 
 def _unsupported(what: str, shown: str, backend: str) -> InputError:
     return InputError(f"{what} {shown} uses {backend!r}; only sqlite and postgresql are supported")
+
+
+# `scheme://user:PASSWORD@` anywhere in a text; the password ends at the first `@`, as SQLAlchemy reads it.
+_URL_PASSWORD: Final = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9.+-]*://[^\s:/?#@\"']*:)(?P<password>[^\s@\"']*)@"
+)
+
+
+def hide_passwords(text: str) -> str:
+    """`text` with the password of every URL in it (`scheme://user:PASSWORD@host…`) replaced by `***`.
+
+    For strings that may hold a URL among other words (a summary field, a parameter, a driver's error
+    line); the rest of the text is kept exactly.
+    """
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+
+
+def without_password(value: str) -> str:
+    """`value` with the password of any URL in it removed (`scheme://user@host…`), the rest kept as is."""
+    return _URL_PASSWORD.sub(lambda match: match.group("head")[:-1] + "@", value)
+
+
+def url_password(value: str) -> str | None:
+    """The (decoded) password of a sqlite or postgresql URL, or None (no password, or another string)."""
+    match = _SCHEME.match(value.strip())
+    if match is None or _backend(match.group(1)) not in SUPPORTED_BACKENDS:
+        return None
+    try:
+        password = make_url(value.strip()).password
+    except (ArgumentError, ValueError):
+        return None
+    return str(password) if password else None

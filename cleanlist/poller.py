@@ -40,7 +40,7 @@ from cleanlist.constants import (
     POLL_UNKNOWN_WORD_POLLS,
     POLL_WORKERS,
 )
-from cleanlist.errors import Action, APIError, NotFoundError
+from cleanlist.errors import Action, APIError, CleanlistError, NotFoundError
 from cleanlist.models import TaskResult, WorkflowStatus
 from cleanlist.retry import RetryPolicy
 
@@ -194,7 +194,7 @@ class WorkflowPoller:
         self._waiting: list[TrackedWorkflow] = []
         self._cv = threading.Condition()
         self._stopping = False
-        self._fatal: APIError | None = None
+        self._fatal: CleanlistError | None = None
         self._busy = 0  # workflows being polled or whose callback has not finished yet
         self._polling = 0  # polls handed to a worker and not answered yet
         self._thread: threading.Thread | None = None
@@ -264,8 +264,17 @@ class WorkflowPoller:
             return len(self._waiting) + self._busy
 
     @property
-    def fatal(self) -> APIError | None:
+    def fatal(self) -> CleanlistError | None:
+        """What stopped polling for good: a 401/403, or what the caller `abort`ed with."""
         return self._fatal
+
+    def abort(self, error: CleanlistError) -> None:
+        """Poll nothing more (the API is gone, the results cannot be stored): `wait_idle` returns, and
+        `stop` still hands over the answers already received. Safe from any thread, callbacks included."""
+        with self._cv:
+            if self._fatal is None:
+                self._fatal = error
+            self._cv.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no workflow is outstanding (or the poller stopped); False on timeout."""
@@ -400,7 +409,8 @@ class WorkflowPoller:
             ceiling=self.max_interval,
         )
         if decision.action is Action.FAIL_FAST:
-            self._fatal = exc
+            with self._cv:
+                self._fatal = self._fatal or exc
             if self._on_fatal is not None:
                 self._on_fatal(exc)
             self._requeue(workflow, 0.0)

@@ -17,6 +17,10 @@ reason and the wait. The submit task and the poller both ask it; nobody else ret
 
 The client does not loop: it classifies the answer, parses Retry-After and, on a 429, holds the
 endpoint in the limiter so that no other thread walks into the same wall while it runs.
+
+Connection errors (refused, reset, timed out) come one per request while the API is down; a run's
+`OutageWatch` (cleanlist/run/outage.py) logs those once per endpoint per minute and bounds the outage,
+so a policy built with `quiet_connection_errors` decides about them without logging each decision.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from cleanlist.constants import (
     RETRIES,
     RETRY_JITTER_FACTOR,
 )
-from cleanlist.errors import Action, APIStatusError, policy_for
+from cleanlist.errors import Action, APIConnectionError, APIStatusError, policy_for
 
 logger = logging.getLogger("cleanlist.retry")
 
@@ -59,6 +63,7 @@ class RetryPolicy:
     max_delay: float = MAX_RETRY_DELAY
     jitter_factor: float = RETRY_JITTER_FACTOR
     inline_rate_limit_waits: int = INLINE_RATE_LIMIT_WAITS
+    quiet_connection_errors: bool = False  # an OutageWatch logs them (once per endpoint per minute)
 
     def backoff(self, failures: int) -> float:
         """The delay after the `failures`-th consecutive failure (1-based), before jitter."""
@@ -117,7 +122,7 @@ class RetryPolicy:
             decision = RetryDecision(
                 action, None, False, policy.fix if policy is not None else "not an API error"
             )
-        _log(what, error, decision)
+        self._log(what, error, decision)
         return decision
 
     def for_poll(self, error: BaseException, *, what: str, failures: int, ceiling: float) -> RetryDecision:
@@ -136,10 +141,11 @@ class RetryPolicy:
             if action not in (Action.RETRY, Action.RETRY_AFTER):
                 kind, action = ", until the poll timeout", Action.RETRY
             decision = RetryDecision(action, wait, True, f"polling again in {wait:g}s ({hint}{kind})")
-        _log(what, error, decision)
+        self._log(what, error, decision)
         return decision
 
-
-def _log(what: str, error: BaseException, decision: RetryDecision) -> None:
-    level = logging.WARNING if decision.retry or decision.action is Action.PAUSE else logging.ERROR
-    logger.log(level, "%s: %s → %s: %s", what, error, decision.action.value, decision.reason)
+    def _log(self, what: str, error: BaseException, decision: RetryDecision) -> None:
+        if self.quiet_connection_errors and isinstance(error, APIConnectionError):
+            return
+        level = logging.WARNING if decision.retry or decision.action is Action.PAUSE else logging.ERROR
+        logger.log(level, "%s: %s → %s: %s", what, error, decision.action.value, decision.reason)

@@ -1,10 +1,20 @@
-"""Running enrich-contacts in this process for a person at a terminal: progress bar, summary, exit code."""
+"""Running enrich-contacts in this process for a person at a terminal: progress bar, summary, exit code.
+
+Database passwords are kept out of the flow run's parameters (which Prefect stores and shows): when the
+PostgreSQL URLs given (source, output, rejects, store) carry one password, every one of them carries it
+and PGPASSWORD is not set to another, the URLs are passed without it and libpq finds it in PGPASSWORD,
+set for the run only. Otherwise they are passed as given, with a one-line note: a password-less URL
+with PGPASSWORD or ~/.pgpass keeps them out.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from cleanlist.run.context import Progress
@@ -50,6 +60,59 @@ def _progress(stop: threading.Event, latest: _LatestProgress) -> None:
             )
 
 
+# The parameters that may be database URLs.
+URL_PARAMETERS = ("source", "output", "rejects", "store")
+
+
+def password_to_environment(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(the parameters with the database password taken out of their URLs, that password), when it can
+    move to PGPASSWORD; else (the parameters unchanged, None). See the module docstring."""
+    from cleanlist.dburl import is_database_url, url_password, without_password
+
+    def postgres(value: object) -> bool:
+        return isinstance(value, str) and is_database_url(value) and not value.lower().startswith("sqlite")
+
+    urls = {name: kwargs[name] for name in URL_PARAMETERS if postgres(kwargs.get(name))}
+    passwords = {name: url_password(url) for name, url in urls.items()}
+    given = set(passwords.values()) - {None}
+    if not given:
+        return kwargs, None
+    store_env = os.environ.get("CLEANLIST_STORE_URL")
+    also = [store_env] if "store" not in kwargs and store_env and postgres(store_env) else []
+    password = next(iter(given)) if len(given) == 1 else None
+    if (
+        password is None
+        or None in passwords.values()
+        or any(url_password(url) != password for url in also)
+        or os.environ.get("PGPASSWORD", password) != password
+    ):
+        print(
+            "cleanlist-enrich: note: the database passwords cannot all move to PGPASSWORD (they differ, "
+            "a URL has none, or PGPASSWORD is set to another), so they stay in the flow run's parameters; "
+            "give password-less URLs with PGPASSWORD or ~/.pgpass to keep them out",
+            file=sys.stderr,
+        )
+        return kwargs, None
+    return {**kwargs, **{name: without_password(url) for name, url in urls.items()}}, password
+
+
+@contextmanager
+def pgpassword(password: str | None) -> Iterator[None]:
+    """PGPASSWORD set to `password` (when given) while the block runs, as it was afterwards."""
+    if password is None:
+        yield
+        return
+    before = os.environ.get("PGPASSWORD")
+    os.environ["PGPASSWORD"] = password
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PGPASSWORD", None)
+        else:
+            os.environ["PGPASSWORD"] = before
+
+
 def run_enrichment(kwargs: dict[str, Any], *, as_json: bool) -> int:
     """Run the flow in this process and report; the exit code follows the README."""
     from cleanlist.errors import CleanlistError
@@ -63,8 +126,9 @@ def run_enrichment(kwargs: dict[str, Any], *, as_json: bool) -> int:
         bar = threading.Thread(target=_progress, args=(stop, latest), daemon=True)
         bar.start()
     try:
-        with reporting_progress_to(latest):
-            state = enrich_contacts(**kwargs, return_state=True)
+        parameters, password = password_to_environment(kwargs)
+        with reporting_progress_to(latest), pgpassword(password):
+            state = enrich_contacts(**parameters, return_state=True)
     except CleanlistError as exc:
         error(str(exc))
         return EXIT_FAILED

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,12 +23,22 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed
 
-from cleanlist.client import CleanlistClient
-from cleanlist.errors import Action, APIError, CleanlistError, InputError, NotFoundError, policy_for
+from cleanlist.dburl import hide_passwords
+from cleanlist.errors import (
+    Action,
+    APIConnectionError,
+    APIError,
+    CleanlistError,
+    InputError,
+    NotFoundError,
+    policy_for,
+)
 from cleanlist.models import EnrichmentType
 from cleanlist.retry import RetryPolicy
 from cleanlist.run.context import RunContext
+from cleanlist.run.journal import AcceptanceJournal
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
+from cleanlist.run.outage import STORE_ERRORS, APIOutage, WatchedClient
 from cleanlist.run.plan import Plan, plan_run
 from cleanlist.run.progress import progress_listener
 from cleanlist.run.stage import StageReport
@@ -102,9 +114,12 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     flow_run_id = _flow_run_id()
     run_id = str(flow_run_id or uuid.uuid4())
     store = EnrichmentStore(options.store or settings.store_url)
-    client = CleanlistClient(api_key, settings=settings)
+    journal = AcceptanceJournal(store.url_display)
+    client = WatchedClient(api_key, settings=settings)  # its outage watch is the run's (RunContext.outage)
     workspace = RunWorkspace()
-    retry = RetryPolicy(retries=options.retries, initial_delay=options.retry_delay_seconds)
+    retry = RetryPolicy(
+        retries=options.retries, initial_delay=options.retry_delay_seconds, quiet_connection_errors=True
+    )
     run = RunContext(
         run_id,
         options,
@@ -113,21 +128,80 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
         workspace=workspace,
         retry=retry,
         on_progress=progress_listener(),
+        journal=journal,
     )
     params = {
-        key: getattr(options, key)
+        key: _shown(getattr(options, key))
         for key in ("source", "output", "enrichment_type", "refresh_days", "max_credits", "dry_run")
     }
     store.start_run(run_id, params, flow_run_id=str(flow_run_id) if flow_run_id else None)
+    quiet = _ReportedByTheRun()
+    _TASK_RUN_LOGGER.addFilter(quiet)
     try:
         yield run
+    except STORE_ERRORS as exc:  # the store failed in the flow body: one line, not a traceback
+        raise RunFailed(f"run stopped: {run.lose_store(exc)}") from None
     finally:
         run.stop_poller(drain=False)
-        status, summary = run.outcome
-        store.finish_run(run_id, status, summary)
+        if run.store_lost is None:
+            status, summary = run.outcome
+            with run.store_guard():
+                store.finish_run(run_id, status, summary)
+        _TASK_RUN_LOGGER.removeFilter(quiet)
+        if run.store_lost is None:
+            journal.forget(run_id)  # its acceptances are in the store; a lost store keeps them for a rerun
         workspace.cleanup()
         client.close()
         store.close()
+
+
+def _shown(value: Any) -> Any:
+    """A parameter or summary value as it may be shown or stored: URL passwords hidden."""
+    return hide_passwords(value) if isinstance(value, str) else value
+
+
+# Prefect logs each failed attempt of a task (a traceback when it gives up) on this logger.
+_TASK_RUN_LOGGER = logging.getLogger("prefect.task_runs")
+
+
+class _ReportedByTheRun(logging.Filter):
+    """Keeps Prefect from reporting, per task attempt, what the run reports itself in one line.
+
+    API connection errors are logged by the run's outage watch (once per endpoint per minute) and store
+    failures end the run with one line, so Prefect's records of a task attempt failing with one of them
+    (its retry line, its traceback, its "Finished in state Failed(…)" line, which quotes the SQL) are
+    dropped; any other error of ours keeps its line but loses the traceback (its message is one line).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = _error_of(record)
+        if isinstance(error, (APIConnectionError, *STORE_ERRORS)):
+            return False
+        if isinstance(error, CleanlistError):
+            record.exc_info, record.exc_text = None, None
+        failed_by = _FAILED_BY.match(record.msg) if isinstance(record.msg, str) else None
+        return failed_by is None or failed_by.group(1) not in _REPORTED_BY_THE_RUN
+
+
+# Prefect's last line of a task run that raised names the exception's class.
+_FAILED_BY = re.compile(r"Finished in state Failed\(.Task run encountered an exception (\w+):")
+
+
+def _class_names(*classes: type[BaseException]) -> frozenset[str]:
+    names: set[str] = set()
+    for cls in classes:
+        names |= {cls.__name__} | _class_names(*cls.__subclasses__())
+    return frozenset(names)
+
+
+_REPORTED_BY_THE_RUN = _class_names(APIConnectionError, *STORE_ERRORS) - {"TimeoutError"}
+
+
+def _error_of(record: logging.LogRecord) -> BaseException | None:
+    if record.exc_info and record.exc_info[1] is not None:
+        return record.exc_info[1]
+    args = record.args if isinstance(record.args, tuple) else ()
+    return next((arg for arg in args if isinstance(arg, BaseException)), None)
 
 
 @flow(
@@ -224,8 +298,19 @@ def read(run: RunContext) -> StageReport:
 
 
 def plan_submissions(run: RunContext) -> Plan:
-    """Classify every contact against the store and chunk what is left to send."""
+    """Record what dead runs were told (the acceptance journal), classify every contact against the
+    store, and chunk what is left to send."""
     options = run.options
+    replay = run.replay_journal()
+    if replay.recorded or replay.in_doubt:
+        get_run_logger().warning(
+            "an earlier run on this machine was killed while submitting: %d accepted workflow(s) it had not "
+            "recorded are recorded now; %d request(s) (%d contacts) may have been accepted and cannot be "
+            "checked (no idempotency key): counted as ambiguous submissions",
+            replay.recorded,
+            replay.in_doubt,
+            replay.in_doubt_contacts,
+        )
     plan = plan_run(
         run.workspace,
         run.store,
@@ -274,20 +359,30 @@ def submit(run: RunContext, plan: Plan) -> Submission:
 
 
 def wait_for_results(run: RunContext) -> None:
-    """Wait until every accepted workflow is settled (not after a 401/403: nothing more will come)."""
+    """Wait until every accepted workflow is settled, or the API has been silent for the outage bound
+    (not after a 401/403 or a lost store: nothing more will come)."""
     run.stop_poller(drain=run.gate.fatal is None)
 
 
 def write_and_report(run: RunContext, submission: Submission, started: float) -> RunSummary:
-    """Write output and rejects, build the summary, report it; raise RunFailed for a failed run."""
+    """Write output and rejects, build the summary, report it; raise RunFailed for a failed run.
+
+    Without its store (lost mid-run) the run can write nothing: it stops with that one line.
+    """
     options = run.options
+    if run.store_lost is not None:
+        _emit("cleanlist.run.failed", {"status": RunStatus.FAILED.value, "error": str(run.store_lost)})
+        raise RunFailed(f"run stopped: {run.store_lost}")
     report = result_or_input_error(
         write_output_task(run, options.output, options.rejects_target, options.table, return_state=True)
     )
     fatal = run.fatal
     counters = run.counters
     status = RunStatus.after_submitting(
-        fatal=fatal is not None, stop=submission.stop, chunks_failed=counters.chunks_failed
+        fatal=fatal is not None,
+        stop=submission.stop,
+        chunks_failed=counters.chunks_failed,
+        unknown_to_api=counters.unknown_to_api,
     )
     summary = RunSummary(
         status=status,
@@ -313,17 +408,18 @@ def write_and_report(run: RunContext, submission: Submission, started: float) ->
         unresolved=run.workspace.count(ContactState.UNRESOLVED),
         task_lookups=counters.task_lookups,
         ambiguous_submissions=counters.ambiguous_submissions,
+        ambiguous_contacts=counters.ambiguous_contacts,
         row_statuses=report.statuses,
         rejects_by_reason=report.reject_reasons,
-        output=options.output if options.table is None else f"{options.output}#{options.table}",
-        rejects=options.rejects_target,
+        output=_shown(options.output if options.table is None else f"{options.output}#{options.table}"),
+        rejects=_shown(options.rejects_target),
         seconds=round(time.monotonic() - started, 3),
     )
     run.outcome = (status, summary.as_dict())
     _hint_if_paced(run)
     create_table_artifact(summary.table_rows(), key=SUMMARY_KEY, description=f"enrich-contacts: {status}")
     create_markdown_artifact(summary.markdown(), key="cleanlist-run-report", description="Run report")
-    _raise_unless_completed(summary, fatal)
+    _raise_unless_completed(summary, fatal, unknown_to_api=counters.unknown_to_api)
     get_run_logger().info("done: %s", summary.as_dict())
     return summary
 
@@ -337,9 +433,14 @@ def _hint_if_paced(run: RunContext) -> None:
         )
 
 
-def _raise_unless_completed(summary: RunSummary, fatal: APIError | None) -> None:
+def _raise_unless_completed(
+    summary: RunSummary, fatal: CleanlistError | None, *, unknown_to_api: int
+) -> None:
     """Emit the run's event; raise RunFailed (one line, the summary as data) unless it completed."""
     payload = summary.as_dict()
+    if isinstance(fatal, APIOutage):
+        _emit("cleanlist.run.failed", payload)
+        raise RunFailed(f"{fatal}; results received so far were written; rerun to finish", summary=summary)
     if fatal is not None:
         policy = policy_for(fatal)
         exit_code = 2 if policy is not None and policy.action is Action.FAIL_FAST else 1
@@ -354,11 +455,18 @@ def _raise_unless_completed(summary: RunSummary, fatal: APIError | None) -> None
         raise RunFailed("run stopped: credits were not topped up before the pause timed out", summary=summary)
     _emit("cleanlist.run.completed", payload)
     if summary.status is RunStatus.COMPLETED_WITH_ERRORS:
-        raise RunFailed(
-            f"{summary.chunks_failed} chunk(s) failed for good; their rows are marked 'error' "
-            "and a rerun retries them",
-            summary=summary,
-        )
+        problems = []
+        if summary.chunks_failed:
+            problems.append(
+                f"{summary.chunks_failed} chunk(s) failed for good; their rows are marked 'error' "
+                "and a rerun retries them"
+            )
+        if unknown_to_api:
+            problems.append(
+                f"{unknown_to_api} contacts of workflows the API no longer knows are unresolved; "
+                "a rerun asks for them by task id"
+            )
+        raise RunFailed("; ".join(problems), summary=summary)
 
 
 def report_dry_run(run: RunContext, stage: StageReport, plan: Plan) -> DryRunReport:
@@ -379,8 +487,8 @@ def report_dry_run(run: RunContext, stage: StageReport, plan: Plan) -> DryRunRep
         ),
         balance=run.client.credits_balance().credits,
         key_valid=key.valid,
-        output=options.output,
-        rejects=options.rejects_target,
+        output=_shown(options.output),
+        rejects=_shown(options.rejects_target),
     )
     run.outcome = (RunStatus.DRY_RUN, report.as_dict())
     create_table_artifact(

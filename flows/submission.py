@@ -3,10 +3,15 @@
 Orchestration only: it starts submit-chunk tasks (at most `max_concurrent_chunks` at a time, a finished
 one's place refilled at once), stops when the gate closes, and pauses the flow run once per 402 until
 credits return (a background watcher resumes it when the balance covers the next chunk).
+
+While the API answers nothing (the run's `OutageWatch` is down) no new chunk is started: a chunk whose
+retries ran out on connection errors waits for the API with the others, probed with the free
+validate-key call, until it answers or the outage bound stops the run. A store failure stops the run too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -22,9 +27,10 @@ from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture, PrefectWrappedFuture
 from prefect.input import RunInput
 
-from cleanlist.errors import APIError, policy_for
+from cleanlist.errors import APIConnectionError, APIError, policy_for
 from cleanlist.models import worst_case_credits
 from cleanlist.run.context import RunContext
+from cleanlist.run.outage import STORE_ERRORS
 from cleanlist.run.states import ChunkStatus, StopReason
 from cleanlist.run.submit import ChunkOutcome
 from flows.credits import CreditWatcher
@@ -33,6 +39,7 @@ from tasks.submit import submit_chunk_with_retries
 HEARTBEAT_SECONDS = 30.0  # claims of a run whose heartbeat is older than the store's lease may be taken
 PROGRESS_SECONDS = 1.0
 SETTLE_WAIT_SECONDS = 0.5
+PROBE_SECONDS = 10.0  # while the API is down and no chunk is running, validate-key this often (at most)
 
 
 class CreditsToppedUp(RunInput):
@@ -80,9 +87,11 @@ class SubmitLoop:
         self.settled = threading.Event()
         self.pauses = 0
         self._last_progress = self._last_heartbeat = time.monotonic()
+        self._last_probe = 0.0
 
     def run_to_end(self) -> Submission:
         while True:
+            self.run.outage.check()
             self._heartbeat()
             self._fill()
             if not self.running:
@@ -96,14 +105,15 @@ class SubmitLoop:
             self._report_progress()
 
     def _heartbeat(self) -> None:
-        if time.monotonic() - self._last_heartbeat > HEARTBEAT_SECONDS:
-            self.run.store.heartbeat(self.run.run_id)
+        if time.monotonic() - self._last_heartbeat > HEARTBEAT_SECONDS and self.run.store_lost is None:
+            with self.run.store_guard():
+                self.run.store.heartbeat(self.run.run_id)
             self._last_heartbeat = time.monotonic()
 
     def _fill(self) -> None:
         run = self.run
         limit = run.options.max_concurrent_chunks
-        while self.pending and len(self.running) < limit and run.gate.open:
+        while self.pending and len(self.running) < limit and run.gate.open and not run.outage.down:
             chunk_no = self.pending[0]
             if not run.budget.reserve(chunk_no, len(run.workspace.chunk_keys(chunk_no))):
                 return
@@ -122,6 +132,9 @@ class SubmitLoop:
         if run.gate.credits_exhausted:
             self.pauses += 1
             return (False, None) if self._pause_for_credits() else (True, StopReason.CREDITS_TIMEOUT)
+        if run.outage.down:
+            self._probe()
+            return False, None
         if run.budget.unsettled:
             time.sleep(0.2)  # in-flight workflows may cost less than their worst case
             return False, None
@@ -139,14 +152,33 @@ class SubmitLoop:
                 if run.gate.fatal is not None and policy_for(exc) == policy_for(run.gate.fatal):
                     self.pending.appendleft(chunk_no)
                     continue
-                run.chunk_failed(chunk_no, str(exc))
+                if isinstance(exc, APIConnectionError) and (run.outage.down or not run.gate.open):
+                    self.pending.appendleft(chunk_no)  # it waits for the API (bounded by the outage)
+                    continue
+                with run.store_guard():
+                    run.chunk_failed(chunk_no, str(exc))
                 log.error("chunk %05d failed: %s", chunk_no, exc)
+            except STORE_ERRORS as exc:
+                run.lose_store(exc)
+                self.pending.appendleft(chunk_no)
             except Exception as exc:
-                run.chunk_failed(chunk_no, f"{type(exc).__name__}: {exc}")
+                with run.store_guard():
+                    run.chunk_failed(chunk_no, f"{type(exc).__name__}: {exc}")
                 log.error("chunk %05d failed: %s: %s", chunk_no, type(exc).__name__, exc)
             else:
                 if outcome.status is ChunkStatus.DEFERRED:
                     self.pending.appendleft(chunk_no)
+
+    def _probe(self) -> None:
+        """Ask the API whether it is back (validate-key is free); the outage watch hears the outcome."""
+        time.sleep(SETTLE_WAIT_SECONDS)
+        interval = min(PROBE_SECONDS, self.run.options.api_outage_seconds / 5)
+        if time.monotonic() - self._last_probe < interval:
+            return
+        self._last_probe = time.monotonic()
+        # The watch logs connection errors; anything else shows when the chunk is sent again.
+        with contextlib.suppress(APIError):
+            self.run.client.validate_key()
 
     def _report_progress(self) -> None:
         if self.progress_id is None or time.monotonic() - self._last_progress <= PROGRESS_SECONDS:

@@ -6,6 +6,12 @@ owns the submission gate (closed on 401/403, paused on 402), the credit budget (
 counters of the summary, and the callbacks that move results from the poller into the store. A progress
 listener, when given, is told each time a chunk settles.
 
+Dead dependencies end the run, bounded (`cleanlist/run/outage.py`): the context's `OutageWatch` hears
+every request of a `WatchedClient` and, once the API has answered nothing for `api_outage_seconds`
+while the run submits or polls, closes the gate and stops the poller (`APIOutage`). A store failure
+in a poller callback, a task or the flow closes the gate and stops the poller once (`lose_store`); the
+flow ends the run with one line.
+
 It is a plain class, not a dataclass: Prefect walks dataclass task arguments looking for futures, and
 this object is a handle, not data.
 """
@@ -15,17 +21,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from cleanlist.client import CleanlistClient
-from cleanlist.errors import Action, APIError, NotFoundError
+from cleanlist.errors import Action, APIConnectionError, APIError, CleanlistError, NotFoundError
 from cleanlist.models import IN_PROGRESS_WORDS, TaskResult, WorkflowStatus, credits_for, worst_case_credits
 from cleanlist.poller import TrackedWorkflow, WorkflowPoller
 from cleanlist.prepare import prepare_row
 from cleanlist.retry import RetryPolicy
+from cleanlist.run.journal import AcceptanceJournal, Replay
 from cleanlist.run.options import EnrichOptions
+from cleanlist.run.outage import STORE_ERRORS, APIOutage, OutageWatch, StoreLost, WatchedClient
 from cleanlist.run.states import ContactState, RunStatus
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import ContactResult, EnrichmentStore
@@ -58,6 +67,8 @@ class RunCounters:
     pauses: int = 0
     task_lookups: int = 0  # status calls by task id, for tasks a workflow answer left out
     ambiguous_submissions: int = 0  # bulk requests whose answer was lost after the body was sent
+    unknown_to_api: int = 0  # contacts left unresolved because the API answered 404 for their workflow
+    ambiguous_contacts: int = 0  # the contacts of those requests
 
     @property
     def retries(self) -> int:
@@ -78,11 +89,12 @@ ProgressListener = Callable[[Progress], None]
 
 
 class SubmissionGate:
-    """Whether new bulk requests may be sent: closed for good on 401/403, paused on 402."""
+    """Whether new bulk requests may be sent: closed for good on 401/403, on an API outage or a lost
+    store; paused on 402."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.fatal: APIError | None = None
+        self.fatal: CleanlistError | None = None
         self.credits_exhausted = False
 
     @property
@@ -90,7 +102,7 @@ class SubmissionGate:
         with self._lock:
             return self.fatal is None and not self.credits_exhausted
 
-    def fail(self, error: APIError) -> None:
+    def fail(self, error: CleanlistError) -> None:
         """Close for good; the first fatal error is the one the run reports."""
         with self._lock:
             if self.fatal is None:
@@ -162,7 +174,7 @@ class _OpenWorkflow:
 class RunContext:
     """Client, store, workspace, options, retry policy, gate, budget, counters and poller of one run."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only collaborators
         self,
         run_id: str,
         options: EnrichOptions,
@@ -172,6 +184,7 @@ class RunContext:
         workspace: RunWorkspace,
         retry: RetryPolicy | None = None,
         on_progress: ProgressListener | None = None,
+        journal: AcceptanceJournal | None = None,
     ) -> None:
         self.run_id = run_id
         self.options = options
@@ -179,7 +192,11 @@ class RunContext:
         self.store = store
         self.workspace = workspace
         self.retry = retry or RetryPolicy()
+        self.journal = journal  # bulk requests and acceptances on local disk before the store has them
         self.gate = SubmissionGate()
+        self.outage = OutageWatch(client.base_url, options.api_outage_seconds, on_outage=self._api_outage)
+        if isinstance(client, WatchedClient):
+            client.watch = self.outage
         self.budget = CreditBudget(options.enrichment_type, options.max_credits)
         self.counters = RunCounters()
         self.poller: WorkflowPoller | None = None
@@ -194,30 +211,77 @@ class RunContext:
 
     # -- polling -----------------------------------------------------------------------------------
     def start_poller(self) -> WorkflowPoller:
+        """Start polling; from now on the run needs the API (an outage longer than the bound stops it)."""
         self.poller = WorkflowPoller(
             self.client,
-            on_result=self._on_result,
-            on_gone=self._on_gone,
+            on_result=self._store_guarded(self._on_result),
+            on_gone=self._store_guarded(self._on_gone),
             on_fatal=self.gate.fail,
             initial_estimate=self.options.initial_poll_seconds,
             timeout=self.options.poll_timeout_seconds,
             retry=self.retry,
         )
+        self.outage.arm()
         self.poller.start()
         return self.poller
 
     def stop_poller(self, *, drain: bool) -> None:
-        """Stop polling; with `drain`, first wait until every tracked workflow is settled."""
+        """Stop polling; with `drain`, first wait until every tracked workflow is settled (or the API
+        has been silent for the outage bound, or the store was lost)."""
         if self.poller is None:
             return
         if drain:
-            self.poller.wait_idle()
+            while not self.poller.wait_idle(timeout=1.0):
+                self.outage.check()
+        self.outage.disarm()
         self.poller.stop()
 
     @property
-    def fatal(self) -> APIError | None:
-        """The error that stopped the run for good (401/403 on a submit or a poll), if any."""
+    def fatal(self) -> CleanlistError | None:
+        """The error that stopped the run for good (401/403 on a submit or a poll, an API outage, a lost
+        store), if any."""
         return self.gate.fatal or (self.poller.fatal if self.poller is not None else None)
+
+    # -- dead dependencies ---------------------------------------------------------------------------
+    def _api_outage(self, outage: APIOutage) -> None:
+        """The API has been silent for the bound: no more submissions, no more polls."""
+        self.gate.fail(outage)
+        if self.poller is not None:
+            self.poller.abort(outage)
+
+    @property
+    def store_lost(self) -> StoreLost | None:
+        """The store failure that stopped the run, if any."""
+        fatal = self.gate.fatal
+        return fatal if isinstance(fatal, StoreLost) else None
+
+    def lose_store(self, error: BaseException) -> StoreLost:
+        """The store failed: close the gate and stop the poller, once; the run's one line about it."""
+        lost = StoreLost(self.store.url_display, error)
+        self.gate.fail(lost)
+        if self.poller is not None:
+            self.poller.abort(lost)
+        return self.store_lost or lost
+
+    @contextmanager
+    def store_guard(self) -> Iterator[None]:
+        """Turn a store failure inside the block into `lose_store` (the block is cut short)."""
+        try:
+            yield
+        except STORE_ERRORS as exc:
+            self.lose_store(exc)
+
+    def _store_guarded(self, callback: Callable[[TrackedWorkflow, Any], None]) -> Callable[..., None]:
+        """A poller callback that stops touching the store once it is lost, and loses it on a failure
+        (instead of a traceback and a retry per workflow)."""
+
+        def guarded(workflow: TrackedWorkflow, arg: Any) -> None:
+            if self.store_lost is not None:
+                return
+            with self.store_guard():
+                callback(workflow, arg)
+
+        return guarded
 
     # -- accepted workflows --------------------------------------------------------------------------
     def accepted(self, workflow_id: str, keys: list[str], task_ids: list[str], *, chunk_no: int) -> None:
@@ -314,7 +378,8 @@ class RunContext:
             except APIError as exc:
                 if self.retry.action_for(exc) is Action.FAIL_FAST:
                     self.gate.fail(exc)
-                logger.warning("asking for task %s failed: %s", task_id, exc)
+                if not isinstance(exc, APIConnectionError):  # those the outage watch reports
+                    logger.warning("asking for task %s failed: %s", task_id, exc)
                 continue
             if isinstance(answer, TaskResult) and answer.status.lower() not in IN_PROGRESS_WORDS:
                 found[key] = answer
@@ -369,6 +434,8 @@ class RunContext:
             return
         missing = dict(zip(entry.keys, entry.task_ids, strict=True))
         answers = self.ask_tasks(missing) if reason == "not_found" else {}
+        if reason == "not_found":
+            self.count(unknown_to_api=sum(1 for key in entry.keys if key not in answers))
         said = reason.replace("_", " ")
         note = f"workflow {workflow.workflow_id} {said}; its contacts stay recorded for a later run"
         logger.warning("%s", note)
@@ -383,6 +450,16 @@ class RunContext:
         self.workspace.set_state(list(entry.keys), ContactState.UNRESOLVED, note)
         self._close(workflow.workflow_id, 0.0)
         self._chunk_settled(workflow)
+
+    def replay_journal(self) -> Replay:
+        """Record what dead runs of this machine were told; their unanswered requests count as ambiguous."""
+        replay = Replay(0, 0, 0)
+        if self.journal is None:
+            return replay
+        with self.store_guard():
+            replay = self.journal.replay(self.store)
+        self.count(ambiguous_submissions=replay.in_doubt, ambiguous_contacts=replay.in_doubt_contacts)
+        return replay
 
     def settle_unresolved(self, owed: Mapping[str, Mapping[str, str]]) -> tuple[list[str], list[str]]:
         """Before anything is resubmitted: ask the API, by task id, for the contacts that unresolved

@@ -46,19 +46,29 @@ class RunStatus(enum.StrEnum):
     """How an enrich-contacts run ended (the summary's `status`)."""
 
     COMPLETED = "completed"
-    COMPLETED_WITH_ERRORS = "completed_with_errors"  # some chunks failed for good; a rerun retries them
+    # Some chunks failed for good (a rerun retries them), or contacts of workflows the API no longer knows
+    # are unresolved (a rerun asks for them by task id): exit 1.
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
     BUDGET_REACHED = "budget_reached"
     CREDITS_EXHAUSTED = "credits_exhausted"
     FAILED = "failed"
     DRY_RUN = "dry_run"
 
     @classmethod
-    def after_submitting(cls, *, fatal: bool, stop: StopReason | None, chunks_failed: int) -> RunStatus:
-        """The final status once every chunk was settled or left over."""
+    def after_submitting(
+        cls, *, fatal: bool, stop: StopReason | None, chunks_failed: int, unknown_to_api: int = 0
+    ) -> RunStatus:
+        """The final status once every chunk was settled or left over.
+
+        `unknown_to_api`: contacts left unresolved because the API answered 404 for their workflow; such
+        a run is not "completed", whatever else it reached.
+        """
         if fatal:
             return cls.FAILED
         if stop is StopReason.CREDITS_TIMEOUT:
             return cls.CREDITS_EXHAUSTED
+        if unknown_to_api:
+            return cls.COMPLETED_WITH_ERRORS
         if stop is StopReason.BUDGET_REACHED:
             return cls.BUDGET_REACHED
         if chunks_failed:

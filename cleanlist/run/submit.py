@@ -32,16 +32,24 @@ class ChunkOutcome:
     workflow_id: str | None = None
 
 
-def _send(run: RunContext, chunk_no: int, attempt: int, payloads: list[dict[str, str]]) -> BulkEnrichResponse:
-    """One bulk call; a 429 the policy says to wait out inline is retried here."""
+def _send(run: RunContext, chunk_no: int, attempt: int, contacts: list[StagedContact]) -> BulkEnrichResponse:
+    """One bulk call; a 429 the policy says to wait out inline is retried here.
+
+    Each request is written to the run's acceptance journal before it is sent, and its acceptance right
+    after the answer is read, before anything else (see cleanlist/run/journal.py).
+    """
     inline_waits = 0
+    keys = [c.key for c in contacts]
+    payloads = [c.payload for c in contacts]
+    options = run.options
     while True:
         run.count(chunk_attempts=1)
+        request = run.journal.intent(run.run_id, str(chunk_no), keys) if run.journal else ""
         try:
-            return run.client.enrich_bulk(payloads, run.options.enrichment_type, run.options.webhook_url)
+            response = run.client.enrich_bulk(payloads, options.enrichment_type, options.webhook_url)
         except APIError as exc:
             if _maybe_accepted(exc):
-                run.count(ambiguous_submissions=1)
+                run.count(ambiguous_submissions=1, ambiguous_contacts=len(contacts))
                 logger.warning(
                     "chunk %05d: the answer to a bulk request was lost after it was sent (%s): the API may "
                     "have accepted and charged it; without an idempotency key a retry cannot tell",
@@ -58,6 +66,18 @@ def _send(run: RunContext, chunk_no: int, attempt: int, payloads: list[dict[str,
             if not (decision.inline and run.gate.open):
                 raise
             inline_waits += 1
+            continue
+        if run.journal is not None:
+            run.journal.accepted(
+                request,
+                run_id=run.run_id,
+                workflow_id=response.workflow_id,
+                chunk_key=str(chunk_no),
+                enrichment_type=options.enrichment_type,
+                keys=keys,
+                task_ids=response.task_ids,
+            )
+        return response
 
 
 def _maybe_accepted(error: APIError) -> bool:
@@ -119,7 +139,7 @@ def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOu
             run.store.release(run.run_id, [c.key for c in to_send], enrichment_type)
             return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED, quarantined=quarantined)
         try:
-            response = _send(run, chunk_no, attempt, [c.payload for c in to_send])
+            response = _send(run, chunk_no, attempt, to_send)
         except UnprocessableEntityError as exc:
             bad = set() if resubmitted else _quarantine(run, chunk_no, to_send, exc)
             if not bad:

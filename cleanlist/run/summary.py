@@ -67,6 +67,7 @@ class RunSummary(_Report):
     unresolved: int = 0  # contacts paid for whose answer has not come: a rerun asks for them by task id
     task_lookups: int = 0  # status calls by task id, for tasks a workflow answer left out
     ambiguous_submissions: int = 0  # bulk requests whose answer was lost after sending: maybe paid twice
+    ambiguous_contacts: int = 0  # the contacts of those requests (at most this many paid twice)
     row_statuses: dict[str, int] = {}
     rejects_by_reason: dict[str, int] = {}
     output: str = ""

@@ -15,6 +15,7 @@ from typing import Final, Literal, Self, TypeVar, get_args
 from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import DBAPIError
 
+from cleanlist.dburl import hide_passwords
 from cleanlist.store.claims import (
     MAX_CLAIM_PASSES,
     ClaimSplit,
@@ -112,15 +113,19 @@ class EnrichmentStore:
     # Runs
 
     def start_run(self, run_id: str, params: Mapping[str, object], flow_run_id: str | None = None) -> None:
-        """Register (or restart) a run as running in this process on this host."""
+        """Register (or restart) a run as running in this process on this host.
+
+        URLs among the parameters are stored with their passwords hidden.
+        """
         now = utc_now()
+        shown = {key: hide_passwords(v) if isinstance(v, str) else v for key, v in params.items()}
         values = {
             "run_id": run_id,
             "flow_run_id": flow_run_id,
             "host": self._host,
             "pid": os.getpid(),
             "status": RUN_RUNNING,
-            "params": dump_json(dict(params)),
+            "params": dump_json(shown),
             "counts": None,
             "started_at": now,
             "heartbeat_at": now,
