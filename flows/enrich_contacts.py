@@ -174,6 +174,10 @@ class _ReportedByTheRun(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info == (None, None, None):
+            # Prefect logs a task that *returned* a Failed state with exc_info set outside any exception,
+            # which prints a stray "NoneType: None" line under the one-line message.
+            record.exc_info, record.exc_text = None, None
         error = _error_of(record)
         if isinstance(error, (APIConnectionError, *STORE_ERRORS)):
             return False

@@ -32,6 +32,7 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 180) -> subproce
 
 def _no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert "NoneType: None" not in result.stderr + result.stdout  # Prefect's exc_info outside an exception
 
 
 def test_json_summary_is_the_last_stdout_line(tmp_path: Path, make_sandbox) -> None:
@@ -94,6 +95,7 @@ def test_rejected_plan_exits_2_with_one_line(tmp_path: Path, make_sandbox) -> No
         (["run", "{tmp}/missing.csv", "-o", "{tmp}/out.csv"], {}, "not found"),
         (["run", "{src}", "-o", "{tmp}/out.xml"], {}, "must end in"),
         (["run", "{tmp}/data.docx", "-o", "{tmp}/out.csv"], {}, "docx"),
+        (["run", "{tmp}/nomap.csv", "-o", "{tmp}/out.csv"], {}, "no columns to build contacts from"),
         (["run", "{src}", "-o", "{tmp}/out.csv", "--rate-limit", "fast"], {}, "rate limit 'fast'"),
         (["run", "{src}", "-o", "{tmp}/out.csv"], {"CLEANLIST_BASE_URL": "{api}/v2"}, "does not serve"),
     ],
@@ -102,6 +104,7 @@ def test_bad_invocations_give_one_clear_line(tmp_path: Path, make_sandbox, args,
     sandbox = make_sandbox(rate_limit=None)
     source = messy_export(tmp_path / "crm.csv", unique=5)
     (tmp_path / "data.docx").write_bytes(b"PK\x03\x04")
+    (tmp_path / "nomap.csv").write_text("foo,bar\n1,2\n")  # fails inside the flow, in a task
     args = [a.format(src=source, tmp=tmp_path) for a in args]
     base_env = {
         "CLEANLIST_API_KEY": sandbox.api_key,

@@ -850,3 +850,15 @@ def test_cli_serves_until_interrupted(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_the_sandbox_key_can_come_from_the_environment_not_the_command_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import argparse
+
+    key = "clapi_" + "e" * 64
+    monkeypatch.setenv("CLEANLIST_SANDBOX_API_KEY", key)
+    parser = argparse.ArgumentParser()
+    add_sandbox_parser(parser.add_subparsers())
+    assert config_from_args(parser.parse_args(["sandbox"])).api_key == key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, get_args
 
@@ -173,7 +174,12 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8787, help="port to listen on (default: 8787)")
     parser.add_argument(
-        "--api-key", type=_api_key, metavar="KEY", default=DEFAULT_SANDBOX_KEY, help="the key to accept"
+        "--api-key",
+        type=_api_key,
+        metavar="KEY",
+        default=os.environ.get("CLEANLIST_SANDBOX_API_KEY") or DEFAULT_SANDBOX_KEY,
+        help="the key to accept (default: $CLEANLIST_SANDBOX_API_KEY, which keeps it out of `ps`, else the "
+        "documented sandbox key)",
     )
     parser.add_argument(
         "--credits", type=_credits, metavar="N", default=10_000.0, help="starting balance (default: 10000)"
