@@ -83,7 +83,11 @@ class SandboxProcess:
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self._admin = httpx.Client(base_url=self.base_url + "/_sandbox", timeout=60.0)
+        self._admin = httpx.Client(
+            base_url=self.base_url + "/_sandbox",
+            timeout=60.0,
+            headers={"Authorization": f"Bearer {self.api_key}"},
+        )
         _wait_for(self.base_url + "/_sandbox/counters", 60, self.proc, "the sandbox")
 
     def reset(self) -> None:

@@ -621,7 +621,9 @@ def test_faults_can_be_replaced_at_runtime(sandbox: SandboxServer) -> None:
         assert limited.status_code == 429
         assert client.get("/credits/balance").status_code == 504
         assert client.get("/credits/balance").status_code == 200
-    bad = httpx.post(sandbox.base_url + "/_sandbox/faults", json={"enrich-bulk": {"status": 418}})
+    bad = httpx.post(
+        sandbox.base_url + "/_sandbox/faults", headers=_admin(sandbox), json={"enrich-bulk": {"status": 418}}
+    )
     assert bad.status_code == 422
 
 
@@ -647,7 +649,9 @@ def test_restoring_a_key_disarms_its_revocation(start_sandbox: StartSandbox) -> 
         sandbox.restore_key(rearm=True)  # today's behaviour on request: count again from zero
         assert [bulk(client, people(1, tag=f"d{i}")).status_code for i in range(2)] == [200, 401]
     restore = httpx.post(
-        sandbox.base_url + "/_sandbox/keys/restore", json={"api_key": sandbox.api_key, "rearm": False}
+        sandbox.base_url + "/_sandbox/keys/restore",
+        headers=_admin(sandbox),
+        json={"api_key": sandbox.api_key, "rearm": False},
     )
     assert restore.json() == {"api_key": sandbox.api_key, "revoked": False}
     with api(sandbox) as client:
@@ -680,11 +684,15 @@ def test_contacts_with_a_refused_substring_get_the_field_rule_422(start_sandbox:
         }
         assert bulk(client, [contacts[i] for i in (0, 1, 5)]).status_code == 200
         sandbox.refuse_contacts_containing("Lee")
-        assert httpx.get(sandbox.base_url + "/_sandbox/refuse-contacts").json() == {"containing": ["Lee"]}
+        assert httpx.get(sandbox.base_url + "/_sandbox/refuse-contacts", headers=_admin(sandbox)).json() == {
+            "containing": ["Lee"]
+        }
         assert len(bulk(client, people(3, tag="z")).json()["detail"]) == 3
         sandbox.refuse_contacts_containing()
         assert bulk(client, people(3, tag="z")).status_code == 200
-    empty = httpx.post(sandbox.base_url + "/_sandbox/refuse-contacts", json={"containing": [""]})
+    empty = httpx.post(
+        sandbox.base_url + "/_sandbox/refuse-contacts", headers=_admin(sandbox), json={"containing": [""]}
+    )
     assert empty.status_code == 422
     assert sandbox.counters()["contacts_accepted"] == 6
 
@@ -730,8 +738,16 @@ def test_request_log_records_every_answer(start_sandbox: StartSandbox) -> None:
 def test_admin_sets_and_adds_credits(sandbox: SandboxServer) -> None:
     assert sandbox.set_credits(5.5) == 5.5
     assert sandbox.add_credits(2) == 7.5
-    assert httpx.post(sandbox.base_url + "/_sandbox/credits", json={}).status_code == 400
-    assert httpx.post(sandbox.base_url + "/_sandbox/keys/revoke", json={"api_key": "nope"}).status_code == 404
+    assert (
+        httpx.post(sandbox.base_url + "/_sandbox/credits", headers=_admin(sandbox), json={}).status_code
+        == 400
+    )
+    assert (
+        httpx.post(
+            sandbox.base_url + "/_sandbox/keys/revoke", headers=_admin(sandbox), json={"api_key": "nope"}
+        ).status_code
+        == 404
+    )
     with api(sandbox) as client:
         assert client.get("/credits/balance").json()["credits"] == 7.5
 
@@ -862,3 +878,18 @@ def test_the_sandbox_key_can_come_from_the_environment_not_the_command_line(
     parser = argparse.ArgumentParser()
     add_sandbox_parser(parser.add_subparsers())
     assert config_from_args(parser.parse_args(["sandbox"])).api_key == key
+
+
+def _admin(sandbox: SandboxServer) -> dict[str, str]:
+    """The sandbox's admin API answers only its main key."""
+    return {"Authorization": f"Bearer {sandbox.api_key}"}
+
+
+def test_the_admin_api_answers_only_the_sandboxs_main_key(start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(extra_keys=("clapi_" + "o" * 64,))
+    url = sandbox.base_url + "/_sandbox/credits"
+    assert httpx.post(url, json={"add": 1_000_000}).status_code == 401
+    other = {"Authorization": "Bearer clapi_" + "o" * 64}  # a user of the organization, not the owner
+    assert httpx.post(url, json={"add": 1_000_000}, headers=other).status_code == 401
+    assert httpx.get(sandbox.base_url + "/_sandbox/requests").status_code == 401
+    assert httpx.post(url, json={"add": 5}, headers=_admin(sandbox)).status_code == 200

@@ -480,7 +480,9 @@ def test_forget_drops_every_workflow_like_a_restart_without_memory(start_sandbox
     assert counters["credits_charged"] == 5.0  # charges, balance and counters stay
     assert counters["balance"] == 10_000.0 - 5.0
     assert counters["bulk_accepted"] == 2
-    assert httpx.post(sandbox.base_url + "/_sandbox/forget").json() == {"forgotten": 1}
+    assert httpx.post(sandbox.base_url + "/_sandbox/forget", headers=_admin(sandbox)).json() == {
+        "forgotten": 1
+    }
 
 
 def test_a_forgotten_workflow_never_sends_its_webhook(start_sandbox: StartSandbox) -> None:
@@ -590,3 +592,8 @@ def test_cli_refuses_overlapping_task_shares() -> None:
     args = _parser().parse_args(["sandbox", "--omit-task-rate", "0.6", "--unknown-task-rate", "0.6"])
     with pytest.raises(ValidationError, match="must not exceed 1"):
         config_from_args(args)
+
+
+def _admin(sandbox: SandboxServer) -> dict[str, str]:
+    """The sandbox's admin API answers only its main key."""
+    return {"Authorization": f"Bearer {sandbox.api_key}"}

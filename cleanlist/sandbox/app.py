@@ -11,13 +11,14 @@ readings, are listed in `cleanlist.sandbox.state`.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -324,8 +325,16 @@ def create_app(  # noqa: C901
 
 
 def _admin_router(world: SandboxState) -> APIRouter:  # noqa: C901 - one nested route per test facility
-    """Unauthenticated controls for tests and benchmarks; not part of the real API."""
-    admin = APIRouter(prefix=ADMIN_PREFIX)
+    """Controls for tests and benchmarks, not part of the real API: only for the sandbox's main key (as
+    `Authorization: Bearer`, whether or not it is revoked at the moment), so another local user cannot
+    refill credits or read the request log."""
+
+    def owner_only(request: Request) -> None:
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), world.config.api_key):
+            raise HTTPException(status_code=401, detail="The sandbox's admin API needs its main key")
+
+    admin = APIRouter(prefix=ADMIN_PREFIX, dependencies=[Depends(owner_only)])
 
     @admin.post("/credits")
     async def change_credits(change: CreditsChange) -> JSONResponse:

@@ -111,7 +111,11 @@ class SandboxServer:
                 self.stop()
                 raise RuntimeError("the sandbox server did not start")
             time.sleep(0.01)
-        self._admin = httpx.Client(base_url=self.base_url + ADMIN_PREFIX, timeout=10.0)
+        self._admin = httpx.Client(
+            base_url=self.base_url + ADMIN_PREFIX,
+            timeout=10.0,
+            headers={"Authorization": f"Bearer {self.api_key}"},
+        )
         return self
 
     def stop(self) -> None:
