@@ -10,10 +10,11 @@ SAMPLE = Path(__file__).parent / "data" / "sample-crm-export.csv"
 
 def run_demo(*, output_dir: str = "output", as_json: bool = False) -> int:
     from cleanlist.sandbox import SandboxConfig, SandboxServer
+    from cleanlist.store.database import make_private_dirs
     from deployments.local_run import run_enrichment
 
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(out)  # contacts' personal data: owner-only
     config = SandboxConfig(credits=5_000.0, rate_limit=(60, 60.0), latency=(0.5, 1.5))
     with SandboxServer(config) as sandbox:
         os.environ["CLEANLIST_API_KEY"] = sandbox.api_key

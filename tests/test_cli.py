@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -164,6 +165,10 @@ def test_the_demo_enriches_the_sample_export_and_pays_once(tmp_path: Path) -> No
     assert summary["emails_found"] > 0 and summary["credits_spent"] == summary["emails_found"]
     assert summary["workflows"] <= summary["status_calls"] <= 2 * summary["workflows"]
     _no_traceback(first)
+    # Contacts' personal data is for the owner only.
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o700
+    for name in ("enriched.csv", "enriched.rejects.csv", "store.db"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o600, name
 
     again = _cli(args, {"CLEANLIST_API_KEY": ""})  # a new sandbox, the same store: nothing is sent
     assert again.returncode == 0, again.stderr[-2000:]
