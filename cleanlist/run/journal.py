@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,22 +124,25 @@ class AcceptanceJournal:
             }
         )
 
-    def _entries(self) -> list[dict[str, Any]]:
+    def _entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(line, entry) one at a time: a big run's journal holds every key it sent, so it is streamed."""
         if not self.path.exists():
-            return []
-        entries = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill itself: its request is in doubt, its intent says so
-        return entries
+            return
+        with self.path.open(encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    yield line, json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the kill itself: its request is in doubt, its intent says so
 
-    def _keep_only(self, keep: list[dict[str, Any]]) -> None:
+    def _keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite the journal with the lines whose entry `keep` says to keep (streamed)."""
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(entry, separators=(",", ":")) + "\n" for entry in keep)
+            for line, entry in self._entries():
+                if keep(entry):
+                    out.write(line if line.endswith("\n") else line + "\n")
         os.replace(tmp, self.path)
 
     def _dead(self, entry: dict[str, Any]) -> bool:
@@ -148,11 +151,14 @@ class AcceptanceJournal:
     def replay(self, store: EnrichmentStore) -> Replay:
         """Record what dead runs' answers said; count their unanswered requests as in doubt."""
         with self._locked(fcntl.LOCK_EX):
-            entries = self._entries()
-            dead = [e for e in entries if self._dead(e)]
-            answered = {e["request"] for e in dead if e["kind"] == "accepted"}
-            recorded = 0
-            for entry in dead:
+            answered = {e["request"] for _, e in self._entries() if e["kind"] == "accepted" and self._dead(e)}
+            recorded = in_doubt = in_doubt_contacts = 0
+            for _, entry in self._entries():
+                if not self._dead(entry):
+                    continue
+                if entry["kind"] == "intent" and entry["request"] not in answered:
+                    in_doubt += 1
+                    in_doubt_contacts += len(entry["keys"])
                 if entry["kind"] != "accepted" or store.workflow(entry["workflow"]) is not None:
                     continue
                 store.record_accepted(
@@ -161,22 +167,19 @@ class AcceptanceJournal:
                     chunk_key=entry["chunk"],
                     enrichment_type=entry["type"],
                     keys=entry["keys"],
-                    task_ids=entry["task_ids"]
-                    if len(entry["task_ids"]) == len(entry["keys"])
-                    else [""] * len(entry["keys"]),
+                    task_ids=_task_ids(entry),
                     worst_case_credits=worst_case_credits(entry["type"], len(entry["keys"])),
                 )
                 recorded += 1
-            doubtful = [e for e in dead if e["kind"] == "intent" and e["request"] not in answered]
-            self._keep_only([e for e in entries if not self._dead(e)])
-        return Replay(recorded, len(doubtful), sum(len(e["keys"]) for e in doubtful))
+            if answered or in_doubt:
+                self._keep_only(lambda entry: not self._dead(entry))
+        return Replay(recorded, in_doubt, in_doubt_contacts)
 
     def forget(self, run_id: str) -> None:
         """A run ended (whatever way, but alive): its lines are settled in the store."""
         with self._locked(fcntl.LOCK_EX):
-            entries = self._entries()
-            if any(e.get("run") == run_id for e in entries):
-                self._keep_only([e for e in entries if e.get("run") != run_id])
+            if any(entry.get("run") == run_id for _, entry in self._entries()):
+                self._keep_only(lambda entry: entry.get("run") != run_id)
 
 
 def _task_ids(entry: dict[str, Any]) -> list[str]:
