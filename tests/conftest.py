@@ -15,7 +15,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
+from cleanlist.run.workspace import RunWorkspace
 from cleanlist.sandbox import SandboxConfig, SandboxServer
+from cleanlist.store import EnrichmentStore
 
 POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -103,3 +105,18 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         with postgres_database() as url:
             yield url
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[EnrichmentStore]:
+    """A SQLite enrichment store of its own (tests/test_store.py overrides it with both backends)."""
+    with EnrichmentStore(f"sqlite:///{tmp_path}/store.db") as opened:
+        yield opened
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[RunWorkspace]:
+    """A run workspace under the test's tmp_path, removed afterwards."""
+    opened = RunWorkspace(tmp_path)
+    yield opened
+    opened.cleanup()

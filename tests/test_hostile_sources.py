@@ -13,7 +13,7 @@ import logging
 import lzma
 import sqlite3
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -51,13 +51,6 @@ def one_line_error(call: Callable[[], object], match: str) -> str:
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
-
-
-@pytest.fixture
-def workspace(tmp_path: Path) -> Iterator[RunWorkspace]:
-    space = RunWorkspace(tmp_path)
-    yield space
-    space.cleanup()
 
 
 # --------------------------------------------------------------------------------------------- sheets

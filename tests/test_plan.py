@@ -3,9 +3,8 @@ contacts another live run holds are left alone, the rest is chunked; planning ne
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,19 +17,6 @@ from cleanlist.store import ContactResult, EnrichmentStore
 
 PARTIAL = "partial"
 LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[EnrichmentStore]:
-    with EnrichmentStore(f"sqlite:///{tmp_path}/store.db") as opened:
-        yield opened
-
-
-@pytest.fixture
-def workspace(tmp_path: Path) -> Iterator[RunWorkspace]:
-    opened = RunWorkspace(tmp_path)
-    yield opened
-    opened.cleanup()
 
 
 def fresh_after() -> datetime:

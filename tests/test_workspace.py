@@ -3,7 +3,7 @@ chunking in input order, and cleanup."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -11,13 +11,6 @@ import pytest
 
 from cleanlist.run.states import ContactState
 from cleanlist.run.workspace import KEY, META_COLUMNS, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
-
-
-@pytest.fixture
-def workspace(tmp_path: Path) -> Iterator[RunWorkspace]:
-    opened = RunWorkspace(tmp_path)
-    yield opened
-    opened.cleanup()
 
 
 def payload(key: str, company: str = "acme.example") -> dict[str, str]:

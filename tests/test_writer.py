@@ -5,7 +5,7 @@ atomically or not at all."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -51,19 +51,6 @@ EXPECTED_REJECTS = {
     "r02": RejectCode.MISSING_FIELDS,
     "r03": RejectCode.REFUSED_BY_API,
 }
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[EnrichmentStore]:
-    with EnrichmentStore(f"sqlite:///{tmp_path}/store.db") as opened:
-        yield opened
-
-
-@pytest.fixture
-def workspace(tmp_path: Path) -> Iterator[RunWorkspace]:
-    opened = RunWorkspace(tmp_path)
-    yield opened
-    opened.cleanup()
 
 
 @pytest.fixture
