@@ -1,19 +1,33 @@
-"""Client-side rate limiter: at most N requests per window per endpoint, shared by the whole process.
+"""Client-side rate limiter: a sliding log per endpoint that learns the API's real limits from its 429s.
 
-A sliding log guarantees that no span of `window` seconds holds more than N requests, so a fixed-window
-server with the same limit never sees N+1 in one of its windows. A slot counts from when it was taken;
-once its request is `release`d it counts from then instead: the server counted the request before it
-answered, so a slot timed by the answer stays ahead of the server's count however long the request sat
-between `acquire` and the wire (a busy process — many threads, one GIL — can delay a send by a good
-share of a short window). The window is also widened by a small margin for clocks that tick apart.
-A 429 with Retry-After `hold`s the endpoint for every thread and coroutine until it has elapsed.
-After a 429 the endpoint is "cautious" until a request gets any other answer: only one request may be
-in flight, so a storm of 429s is probed one request at a time instead of by every waiting thread at once.
-Callers `release` each slot with the outcome of its request.
-Threads block in `acquire`; coroutines await `acquire_async`; both draw on the same log under one lock,
-which is only held for bookkeeping, never while sleeping.
-The clock and both ways of sleeping are injectable (real time by default), so tests can run the limiter
-in virtual time.
+The API does not publish its limits ("back off on 429"), so the configured limit is a guess:
+
+* **Pacing.** A sliding log guarantees that no span of `window` seconds holds more than the endpoint's
+  *allowance*, so a fixed-window server with that limit never sees one more in one of its windows. A
+  slot counts from when it was taken; once its request is `release`d it counts from the answer instead
+  (the server counted the request before it answered). The window is widened by a small margin for
+  clocks that tick apart.
+* **Holds.** A 429's Retry-After holds the endpoint for every thread, coroutine and — with a shared
+  book — every process, until it has elapsed: nobody sends inside a window the client has read.
+  After a 429 the endpoint is "cautious" until a request gets another answer: one request in flight.
+* **Learning.** At a 429, what the server's window had served (counted back to where the window began,
+  which Retry-After tells) becomes the endpoint's allowance, less a margin (`with_margin`). A 429 that
+  came while *other* endpoints had been served in the same window is evidence of one window for the
+  whole organization: the total served becomes a shared allowance ("*" scope) that every endpoint also
+  draws on. Each hypothesis is kept while its 429s agree: per-endpoint counts that scatter while the
+  totals agree mean the window is shared (the endpoint's own allowance is dropped), and totals that
+  scatter mean it is not (the shared one is dropped).
+* **Limits.** `N/SECONDS` is a hard ceiling that learning only lowers. `auto` (`auto/SECONDS`) starts
+  from the documented 60 per minute and grows — one slot per clean answer while the endpoint is short of
+  slots — until the first 429, then settles on what was learned. Until an endpoint has either been
+  refused once or proven a full window clean, at most PROBE_IN_FLIGHT of its requests are in flight, so
+  a wrong guess costs a couple of 429s, not a burst of them.
+* **Books.** Slots, holds and learned limits live in a `SlotBook`: `MemoryBook` shares them between the
+  threads and coroutines of one process; the store's book (cleanlist/store/ratebook.py) shares them
+  between every process and machine that uses the same store, so runs of one organization together
+  stay within its limit. Learned limits are kept in the store for the next run.
+
+The clock and both ways of sleeping are injectable (real time by default), so tests run in virtual time.
 """
 
 from __future__ import annotations
@@ -21,19 +35,187 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from cleanlist.constants import RATE_WINDOW_MARGIN_CAP, RATE_WINDOW_MARGIN_FRACTION
+from cleanlist.constants import (
+    AUTO_RATE_CAP,
+    PROBE_IN_FLIGHT,
+    RATE_LEARN_TOLERANCE,
+    RATE_WINDOW_MARGIN_CAP,
+    RATE_WINDOW_MARGIN_FRACTION,
+)
 from cleanlist.settings import RateLimit
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
 AsyncSleep = Callable[[float], Awaitable[None]]
 
+SHARED_SCOPE = "*"  # the organization-wide window, when the 429s say there is one
+
+
+def with_margin(served: int) -> int:
+    """The allowance learned from a window that served `served` requests before its 429: 5 % less."""
+    return max(1, served - served // 20)
+
+
+def widened(seconds: float) -> float:
+    return seconds + min(seconds * RATE_WINDOW_MARGIN_FRACTION, RATE_WINDOW_MARGIN_CAP)
+
+
+# ------------------------------------------------------------------------------------------- books
+
+
+class Ticket(Protocol):
+    """The slots one request took (one per scope); only the book that issued it knows what is inside."""
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A book's answer to `take`: a ticket, or how long to wait (and whether for a Retry-After hold)."""
+
+    ticket: Ticket | None
+    wait: float = 0.0
+    held: bool = False
+
+
+class SlotBook(Protocol):
+    """Where slots, holds and learned limits live. Durations are seconds on the book's own clock."""
+
+    def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
+        """Take a slot in every scope at once — or none, and say how long to wait before asking again."""
+        ...
+
+    def give_back(self, ticket: Ticket, *, ok: bool) -> None:
+        """The request is over: its slots count from now; `ok` if it was served (not refused)."""
+        ...
+
+    def hold(self, scopes: Sequence[str], seconds: float) -> None: ...
+
+    def held_for(self, scope: str) -> float: ...
+
+    def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
+        """Requests served within the last `lookback` seconds: (of `endpoint`, of every endpoint)."""
+        ...
+
+    def used(self, scope: str, window: float) -> int:
+        """Slots of `scope` counted in the current window (a hint; may be a moment old)."""
+        ...
+
+    def learned(self) -> dict[str, RateLimit]:
+        """Limits learned so far (by anyone sharing the book), by scope; stale ones left out."""
+        ...
+
+    def learn(self, scope: str, limit: RateLimit | None) -> None:
+        """Remember (or, with None, forget) what was learned of `scope`."""
+        ...
+
+
+@dataclass
+class _Slot:
+    endpoint: str
+    taken: float
+    stamp: float
+    in_flight: bool = True
+    ok: bool = False
+
+
+@dataclass
+class _MemoryTicket:
+    slots: list[tuple[str, _Slot]] = field(default_factory=list)
+
+
+class MemoryBook:
+    """Slots of the threads and coroutines of this process."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._slots: dict[str, list[_Slot]] = {}
+        self._held: dict[str, float] = {}
+        self._learned: dict[str, RateLimit] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, scope: str, now: float, window: float) -> list[_Slot]:
+        slots = [s for s in self._slots.get(scope, []) if s.in_flight or s.stamp > now - window]
+        self._slots[scope] = slots
+        return slots
+
+    def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
+        with self._lock:
+            now = self._clock()
+            wait = max((self._held.get(scope, 0.0) - now for scope, _ in scopes), default=0.0)
+            if wait > 0:
+                return Taken(None, wait, held=True)
+            for scope, allowance in scopes:
+                live = self._live(scope, now, window)
+                if len(live) >= allowance:
+                    done = [s.stamp for s in live if not s.in_flight]
+                    return Taken(None, max(min(done) + window - now, 0.001) if done else 0.01)
+            ticket = _MemoryTicket()
+            for scope, _ in scopes:
+                slot = _Slot(endpoint, now, now)
+                self._slots.setdefault(scope, []).append(slot)
+                ticket.slots.append((scope, slot))
+            return Taken(ticket)
+
+    def give_back(self, ticket: Ticket, *, ok: bool) -> None:
+        assert isinstance(ticket, _MemoryTicket)
+        with self._lock:
+            now = self._clock()
+            for _, slot in ticket.slots:
+                slot.stamp, slot.in_flight, slot.ok = now, False, ok
+
+    def hold(self, scopes: Sequence[str], seconds: float) -> None:
+        with self._lock:
+            until = self._clock() + seconds
+            for scope in scopes:
+                self._held[scope] = max(self._held.get(scope, 0.0), until)
+
+    def held_for(self, scope: str) -> float:
+        with self._lock:
+            return max(self._held.get(scope, 0.0) - self._clock(), 0.0)
+
+    def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
+        with self._lock:
+            since = self._clock() - lookback
+            ok = [s for scope, slots in self._slots.items() if scope != SHARED_SCOPE for s in slots]
+            ok = [s for s in ok if s.ok and s.taken >= since]
+            return sum(1 for s in ok if s.endpoint == endpoint), len(ok)
+
+    def used(self, scope: str, window: float) -> int:
+        with self._lock:
+            return len(self._live(scope, self._clock(), window))
+
+    def learned(self) -> dict[str, RateLimit]:
+        with self._lock:
+            return dict(self._learned)
+
+    def learn(self, scope: str, limit: RateLimit | None) -> None:
+        with self._lock:
+            if limit is None:
+                self._learned.pop(scope, None)
+            else:
+                self._learned[scope] = limit
+
+
+# ----------------------------------------------------------------------------------------- learning
+
+
+def _agree(counts: Sequence[int]) -> bool:
+    """Whether the counts served before several 429s tell one limit (within the tolerance)."""
+    return max(counts) - min(counts) <= max(1, int(min(counts) * RATE_LEARN_TOLERANCE))
+
+
+@dataclass
+class _Refusal:
+    endpoint: str
+    served: int  # by the endpoint in the server's window before the 429
+    total: int  # by every endpoint in that window
+
 
 class EndpointLimiter:
-    """The budget of one endpoint: `requests` sends per `seconds`, plus any Retry-After hold."""
+    """One endpoint's share of a `RateLimiter`: acquire before a request, release with its outcome."""
 
     def __init__(
         self,
@@ -42,99 +224,95 @@ class EndpointLimiter:
         clock: Clock = time.monotonic,
         sleep: Sleep = time.sleep,
         async_sleep: AsyncSleep = asyncio.sleep,
+        parent: RateLimiter | None = None,
+        name: str = "endpoint",
     ) -> None:
+        self.name = name
         self.limit = limit
-        self.window = limit.seconds + min(limit.seconds * RATE_WINDOW_MARGIN_FRACTION, RATE_WINDOW_MARGIN_CAP)
-        self._clock = clock
-        self._sleep = sleep  # how `acquire` waits
-        self._async_sleep = async_sleep  # how `acquire_async` waits
-        self._sent: deque[float] = deque()  # when slots were taken, for requests not released yet
-        self._answered: deque[float] = deque()  # when released requests were over
-        self._held_until = 0.0
+        self._parent = parent or RateLimiter(limit, clock=clock, sleep=sleep, async_sleep=async_sleep)
+        self.window = widened(limit.seconds)
+        self.allowance = limit.requests  # slots per window now: configured, grown (auto) or learned
+        self.learned: int | None = None  # what its 429s taught, before the ceiling
+        self.settled = False  # refused once (or learned by an earlier run): no more growth or probing
+        self.proven = False  # served a whole window at its allowance without a 429
         self._in_flight = 0
         self._cautious = False
-        self._lock = threading.Lock()
+        self._short = False  # a request waited for a slot since the last clean answer (auto grows on it)
+        self._tickets: list[Ticket] = []
         self.paced = 0  # requests that had to wait for a slot (not for a Retry-After hold)
 
     def __repr__(self) -> str:
-        return f"EndpointLimiter({self.limit})"
+        return f"EndpointLimiter({self.name}: {self.allowance}/{self.limit.seconds:g})"
 
     def _reserve(self, counted: list[bool]) -> float:
         """Take a slot now and return 0, or return how long to wait before asking again."""
-        with self._lock:
-            now = self._clock()
-            if now < self._held_until:
-                return self._held_until - now
+        parent = self._parent
+        with parent.lock:
             if self._cautious and self._in_flight > 0:
                 return 0.01
-            self._expire(now)
-            if len(self._sent) + len(self._answered) < self.limit.requests:
-                self._sent.append(now)
+            if not (self.settled or self.proven) and self._in_flight >= PROBE_IN_FLIGHT:
+                return 0.01
+            scopes = parent.scopes_for(self)
+        taken = parent.book.take(self.name, scopes, self.window)
+        with parent.lock:
+            if taken.ticket is not None:
+                self._tickets.append(taken.ticket)
                 self._in_flight += 1
                 return 0.0
-            if not counted:
-                counted.append(True)
-                self.paced += 1
-            oldest = min(log[0] for log in (self._sent, self._answered) if log)
-            return max(oldest + self.window - now, 0.001)
+            if not taken.held:
+                self._short = True
+                if not counted:
+                    counted.append(True)
+                    self.paced += 1
+            return taken.wait
 
-    def _expire(self, now: float) -> None:
-        for log in (self._sent, self._answered):
-            while log and log[0] <= now - self.window:
-                log.popleft()
-
-    def release(self, *, rate_limited: bool, answered: bool = True) -> None:
-        """A slot taken with `acquire` is over: `rate_limited` if it got a 429, `answered` if any answer."""
-        with self._lock:
-            now = self._clock()
-            self._expire(now)
-            # Re-time one slot by this answer. Slots are interchangeable, so the oldest stamp is moved,
-            # unless stamps of requests still in flight have already expired (a request slower than the
-            # window): then this one's has too, most likely.
-            if self._sent and len(self._sent) >= self._in_flight:
-                self._sent.popleft()
-            self._answered.append(now)
+    def release(self, *, rate_limited: bool, answered: bool = True, retry_after: float | None = None) -> None:
+        """A slot taken with `acquire` is over: `rate_limited` if it got a 429, `answered` if any answer;
+        `retry_after` is the 429's hint, if it gave one (the endpoint is held for it)."""
+        parent = self._parent
+        with parent.lock:
+            ticket = self._tickets.pop(0) if self._tickets else None
             self._in_flight = max(self._in_flight - 1, 0)
-            if rate_limited:
-                self._cautious = True
-            elif answered:
-                self._cautious = False
+        if ticket is not None:
+            parent.book.give_back(ticket, ok=answered and not rate_limited)
+        if rate_limited:
+            parent.refused(self, retry_after)
+        elif answered:
+            parent.clean_answer(self)
 
     def acquire(self) -> None:
         """Block the calling thread until a request may be sent."""
         counted: list[bool] = []
         while (delay := self._reserve(counted)) > 0:
-            self._sleep(delay)
+            self._parent.sleep(delay)
 
     async def acquire_async(self) -> None:
         """Wait, without blocking the event loop, until a request may be sent."""
         counted: list[bool] = []
         while (delay := self._reserve(counted)) > 0:
-            await self._async_sleep(delay)
+            await self._parent.async_sleep(delay)
 
     def hold(self, seconds: float) -> None:
         """Let nobody send on this endpoint for `seconds` (a server's Retry-After)."""
-        with self._lock:
-            self._held_until = max(self._held_until, self._clock() + seconds)
-            self._cautious = True
+        self._parent.hold(self, seconds)
 
     def usage(self) -> float:
         """Share of the budget spent within the last window (0 = idle, 1 = saturated or held)."""
-        with self._lock:
-            now = self._clock()
-            if now < self._held_until:
-                return 1.0
-            self._expire(now)
-            return (len(self._sent) + len(self._answered)) / self.limit.requests
+        parent = self._parent
+        if self.held_for > 0:
+            return 1.0
+        return max(
+            parent.book.used(scope, self.window) / allowance for scope, allowance in parent.scopes_for(self)
+        )
 
     @property
     def held_for(self) -> float:
-        with self._lock:
-            return max(self._held_until - self._clock(), 0.0)
+        parent = self._parent
+        return max(parent.book.held_for(scope) for scope, _ in parent.scopes_for(self))
 
 
 class RateLimiter:
-    """One EndpointLimiter per endpoint, all sized by the same limit (and on the same clock)."""
+    """The limiter of one API key: its endpoints, what their 429s taught, and the book of their slots."""
 
     def __init__(
         self,
@@ -143,34 +321,161 @@ class RateLimiter:
         clock: Clock = time.monotonic,
         sleep: Sleep = time.sleep,
         async_sleep: AsyncSleep = asyncio.sleep,
+        book: SlotBook | None = None,
     ) -> None:
         self.limit = limit
-        self._clock = clock
-        self._sleep = sleep
-        self._async_sleep = async_sleep
+        self.clock = clock
+        self.sleep = sleep  # how `acquire` waits
+        self.async_sleep = async_sleep  # how `acquire_async` waits
+        self.book: SlotBook = book or MemoryBook(clock)
+        self.window = widened(limit.seconds)
+        self.lock = threading.RLock()  # bookkeeping only: never held while sleeping or asking the book
         self._endpoints: dict[str, EndpointLimiter] = {}
-        self._lock = threading.Lock()
+        self._refusals: list[_Refusal] = []
+        self.shared: int | None = None  # the organization-wide allowance, while the 429s say there is one
+        self._learned_seen = 0.0
+        self._learned: dict[str, RateLimit] = {}
 
     def __repr__(self) -> str:
         return f"RateLimiter({self.limit})"
 
+    @property
+    def ceiling(self) -> int:
+        return AUTO_RATE_CAP if self.limit.auto else self.limit.requests
+
     def endpoint(self, name: str) -> EndpointLimiter:
-        with self._lock:
+        with self.lock:
             if name not in self._endpoints:
-                self._endpoints[name] = EndpointLimiter(
-                    self.limit, clock=self._clock, sleep=self._sleep, async_sleep=self._async_sleep
-                )
+                limiter = EndpointLimiter(self.limit, parent=self, name=name)
+                self._endpoints[name] = limiter
+                self._adopt(limiter, self._learned_now().get(name))
             return self._endpoints[name]
 
+    def _adopt(self, limiter: EndpointLimiter, learned: RateLimit | None) -> None:
+        """Start from what an earlier run (or another process) learned of this endpoint."""
+        if learned is not None and learned.seconds == self.limit.seconds:
+            limiter.learned = learned.requests
+            limiter.allowance = min(self.ceiling, learned.requests)
+            limiter.settled = True
 
-_shared: dict[tuple[str, str, RateLimit], RateLimiter] = {}
+    def _learned_now(self) -> dict[str, RateLimit]:
+        """The book's learned limits, asked at most once a second."""
+        now = self.clock()
+        if now - self._learned_seen >= 1.0 or not self._learned_seen:
+            self._learned_seen = now
+            self._learned = self.book.learned()
+            shared = self._learned.get(SHARED_SCOPE)
+            if shared is not None and shared.seconds == self.limit.seconds:
+                self.shared = min(self.shared or shared.requests, shared.requests)
+        return self._learned
+
+    def scopes_for(self, limiter: EndpointLimiter) -> list[tuple[str, int]]:
+        """What one request of `limiter` must take a slot in: its endpoint, and the shared window."""
+        with self.lock:
+            learned = self._learned_now().get(limiter.name)
+            if (
+                learned is not None
+                and learned.seconds == self.limit.seconds
+                and learned.requests < limiter.allowance
+            ):
+                limiter.allowance, limiter.settled = learned.requests, True  # another process learned it
+            scopes = [(limiter.name, limiter.allowance)]
+            if self.shared is not None:
+                scopes.append((SHARED_SCOPE, self.shared))
+            return scopes
+
+    def hold(self, limiter: EndpointLimiter, seconds: float) -> None:
+        scopes = [limiter.name] + ([SHARED_SCOPE] if self.shared is not None else [])
+        self.book.hold(scopes, seconds)
+        with self.lock:
+            limiter._cautious = True
+
+    # -- learning ---------------------------------------------------------------------------------
+    def clean_answer(self, limiter: EndpointLimiter) -> None:
+        """An answer that was not a 429: the endpoint is open; auto grows; a clean full window proves it."""
+        if not (limiter.proven or limiter.settled or self.limit.auto):
+            served, _ = self.book.served(limiter.name, limiter.window)
+            limiter.proven = served >= limiter.allowance
+        with self.lock:
+            limiter._cautious = False
+            if self.limit.auto and not limiter.settled and limiter._short:
+                limiter.allowance = min(limiter.allowance + 1, AUTO_RATE_CAP)
+                limiter._short = False
+
+    def refused(self, limiter: EndpointLimiter, retry_after: float | None) -> None:
+        """A 429 on `limiter`: hold for its hint, and learn from what the server's window had served."""
+        seconds = self.limit.seconds
+        # The server's window began (window − Retry-After) ago, if the hint is a fixed window's reset.
+        lookback = (
+            seconds - retry_after if retry_after is not None and 0 < retry_after <= seconds else seconds
+        )
+        served, total = self.book.served(limiter.name, lookback)
+        if retry_after is not None:
+            self.hold(limiter, retry_after)
+        with self.lock:
+            limiter._cautious = True
+            limiter.settled = True  # refused: no more growth, and no more probing two at a time
+            if served == 0:
+                return  # nothing of ours was served: someone else spent the window; nothing to learn
+            self._refusals = [*self._refusals[-19:], _Refusal(limiter.name, served, total)]
+            self._relearn()
+
+    def _relearn(self) -> None:
+        """Fit both hypotheses to the 429s seen; keep each one its 429s agree with."""
+        changed: dict[str, RateLimit | None] = {}
+        shared_evidence = [r.total for r in self._refusals if r.total > r.served]
+        shared_holds = bool(shared_evidence) and _agree(shared_evidence)
+        for name, limiter in self._endpoints.items():
+            own = [r.served for r in self._refusals if r.endpoint == name]
+            if not own:
+                continue
+            if shared_holds and len(own) > 1 and not _agree(own):
+                learned = None  # its 429s scatter while the totals agree: the window is the organization's
+                limiter.allowance = self.ceiling
+            else:
+                learned = with_margin(min(own))
+                limiter.allowance = min(self.ceiling, learned)
+            limiter.settled = True
+            if learned != limiter.learned:
+                limiter.learned = learned
+                changed[name] = RateLimit(learned, self.limit.seconds) if learned is not None else None
+        shared = with_margin(min(shared_evidence)) if shared_holds else None
+        if shared != self.shared:
+            self.shared = shared
+            changed[SHARED_SCOPE] = RateLimit(shared, self.limit.seconds) if shared is not None else None
+        for scope, limit in changed.items():
+            self.book.learn(scope, limit)
+
+    def learned_limits(self) -> dict[str, str]:
+        """What this limiter now goes by where it differs from the configured limit, for the run report."""
+        with self.lock:
+            seconds = f"{self.limit.seconds:g}"
+            shown = {
+                name: f"{limiter.allowance}/{seconds}"
+                for name, limiter in sorted(self._endpoints.items())
+                if limiter.settled or (self.limit.auto and limiter.allowance != self.limit.requests)
+            }
+            if self.shared is not None:
+                shown["organization"] = f"{self.shared}/{seconds}"
+            return shown
+
+
+_shared: dict[tuple[str, str, RateLimit, str], RateLimiter] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_limiter(base_url: str, organization: str, limit: RateLimit) -> RateLimiter:
-    """The process-wide limiter for one API host and key, so every client in the process shares it."""
-    key = (base_url, organization, limit)
+def shared_limiter(
+    base_url: str,
+    organization: str,
+    limit: RateLimit,
+    *,
+    book: str = "",
+    make_book: Callable[[], SlotBook] | None = None,
+) -> RateLimiter:
+    """The process-wide limiter for one API host, key and book (`book` names it: the store's URL, or ""
+    for this process's memory), so every client in the process shares it."""
+    key = (base_url, organization, limit, book)
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = RateLimiter(limit)
+            _shared[key] = RateLimiter(limit, book=make_book() if make_book else None)
         return _shared[key]

@@ -23,6 +23,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed
 
+from cleanlist.client import organization_of
 from cleanlist.dburl import hide_passwords
 from cleanlist.errors import (
     Action,
@@ -34,6 +35,7 @@ from cleanlist.errors import (
     policy_for,
 )
 from cleanlist.models import EnrichmentType
+from cleanlist.ratelimit import RateLimiter
 from cleanlist.retry import RetryPolicy
 from cleanlist.run.context import RunContext
 from cleanlist.run.journal import AcceptanceJournal
@@ -115,7 +117,9 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     run_id = str(flow_run_id or uuid.uuid4())
     store = EnrichmentStore(options.store or settings.store_url)
     journal = AcceptanceJournal(store.url_display)
-    client = WatchedClient(api_key, settings=settings)  # its outage watch is the run's (RunContext.outage)
+    # The rate budget is the organization's, shared through the store with every run that uses it.
+    limiter = RateLimiter(settings.rate, book=store.rate_book(organization_of(settings.base_url, api_key)))
+    client = WatchedClient(api_key, settings=settings, limiter=limiter)  # its outage watch is the run's
     workspace = RunWorkspace()
     retry = RetryPolicy(
         retries=options.retries, initial_delay=options.retry_delay_seconds, quiet_connection_errors=True
@@ -408,6 +412,7 @@ def write_and_report(run: RunContext, submission: Submission, started: float) ->
         retries=counters.retries,
         rate_limited=counters.rate_limited,
         rate_limit=str(run.client.rate_limit),
+        rate_limits_learned=run.client.limiter.learned_limits(),
         pauses=counters.pauses,
         unresolved=run.workspace.count(ContactState.UNRESOLVED),
         task_lookups=counters.task_lookups,

@@ -48,6 +48,7 @@ from cleanlist.store.ledger import (
     write_accepted,
     write_results,
 )
+from cleanlist.store.ratebook import StoreRateBook
 from cleanlist.store.records import (
     ACCEPTED,
     RUN_RUNNING,
@@ -99,6 +100,11 @@ class EnrichmentStore:
 
     def __repr__(self) -> str:
         return f"EnrichmentStore({self.url_display!r})"
+
+    def rate_book(self, organization: str) -> StoreRateBook:
+        """The rate limiter's book for one organization (an API key's fingerprint), shared through this
+        store by every process and machine that uses it."""
+        return StoreRateBook(self._transact, self._engine.dialect.name, organization)
 
     def __enter__(self) -> Self:
         return self
