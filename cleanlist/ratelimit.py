@@ -212,6 +212,19 @@ class _Refusal:
     endpoint: str
     served: int  # by the endpoint in the server's window before the 429
     total: int  # by every endpoint in that window
+    window_start: float  # where the server's window began, as far as the 429 tells
+    at: float
+
+
+def _confirmed(refusals: Sequence[_Refusal], count: Callable[[_Refusal], int]) -> int | None:
+    """The count the newest 429 agrees on with an earlier one from another server window, if any."""
+    if len(refusals) < 2:
+        return None
+    newest = refusals[-1]
+    for earlier in reversed(refusals[:-1]):
+        if newest.window_start >= earlier.at and _agree([count(newest), count(earlier)]):
+            return min(count(newest), count(earlier))
+    return None
 
 
 class EndpointLimiter:
@@ -233,7 +246,7 @@ class EndpointLimiter:
         self.window = widened(limit.seconds)
         self.allowance = limit.requests  # slots per window now: configured, grown (auto) or learned
         self.learned: int | None = None  # what its 429s taught, before the ceiling
-        self.settled = False  # refused once (or learned by an earlier run): no more growth or probing
+        self.settled = False  # refused once (or learned by an earlier run): auto grows no more
         self.proven = False  # served a whole window at its allowance without a 429
         self._in_flight = 0
         self._cautious = False
@@ -250,7 +263,7 @@ class EndpointLimiter:
         with parent.lock:
             if self._cautious and self._in_flight > 0:
                 return 0.01
-            if not (self.settled or self.proven) and self._in_flight >= PROBE_IN_FLIGHT:
+            if self.learned is None and not self.proven and self._in_flight >= PROBE_IN_FLIGHT:
                 return 0.01
             scopes = parent.scopes_for(self)
         taken = parent.book.take(self.name, scopes, self.window)
@@ -378,7 +391,8 @@ class RateLimiter:
                 and learned.seconds == self.limit.seconds
                 and learned.requests < limiter.allowance
             ):
-                limiter.allowance, limiter.settled = learned.requests, True  # another process learned it
+                limiter.allowance = limiter.learned = learned.requests  # another process learned it
+                limiter.settled = True
             scopes = [(limiter.name, limiter.allowance)]
             if self.shared is not None:
                 scopes.append((SHARED_SCOPE, self.shared))
@@ -393,12 +407,15 @@ class RateLimiter:
     # -- learning ---------------------------------------------------------------------------------
     def clean_answer(self, limiter: EndpointLimiter) -> None:
         """An answer that was not a 429: the endpoint is open; auto grows; a clean full window proves it."""
-        if not (limiter.proven or limiter.settled or self.limit.auto):
+        if not (limiter.proven or self.limit.auto):
             served, _ = self.book.served(limiter.name, limiter.window)
             limiter.proven = served >= limiter.allowance
+        full = self.limit.auto and self.book.used(limiter.name, limiter.window) >= limiter.allowance
         with self.lock:
             limiter._cautious = False
-            if self.limit.auto and not limiter.settled and limiter._short:
+            if self.limit.auto and not limiter.settled and (limiter._short or full):
+                # Short of slots and answered clean: one more slot (doubling per round trip, as TCP's
+                # slow start does) until the first 429.
                 limiter.allowance = min(limiter.allowance + 1, AUTO_RATE_CAP)
                 limiter._short = False
 
@@ -406,43 +423,45 @@ class RateLimiter:
         """A 429 on `limiter`: hold for its hint, and learn from what the server's window had served."""
         seconds = self.limit.seconds
         # The server's window began (window − Retry-After) ago, if the hint is a fixed window's reset.
-        lookback = (
-            seconds - retry_after if retry_after is not None and 0 < retry_after <= seconds else seconds
-        )
+        fixed_reset = retry_after is not None and 0 < retry_after <= seconds
+        lookback = seconds - retry_after if retry_after is not None and fixed_reset else seconds
         served, total = self.book.served(limiter.name, lookback)
         if retry_after is not None:
             self.hold(limiter, retry_after)
         with self.lock:
             limiter._cautious = True
-            limiter.settled = True  # refused: no more growth, and no more probing two at a time
             if served == 0:
                 return  # nothing of ours was served: someone else spent the window; nothing to learn
-            self._refusals = [*self._refusals[-19:], _Refusal(limiter.name, served, total)]
-            self._relearn()
-
-    def _relearn(self) -> None:
-        """Fit both hypotheses to the 429s seen; keep each one its 429s agree with."""
-        changed: dict[str, RateLimit | None] = {}
-        shared_evidence = [r.total for r in self._refusals if r.total > r.served]
-        shared_holds = bool(shared_evidence) and _agree(shared_evidence)
-        for name, limiter in self._endpoints.items():
-            own = [r.served for r in self._refusals if r.endpoint == name]
-            if not own:
-                continue
-            if shared_holds and len(own) > 1 and not _agree(own):
-                learned = None  # its 429s scatter while the totals agree: the window is the organization's
-                limiter.allowance = self.ceiling
-            else:
-                learned = with_margin(min(own))
-                limiter.allowance = min(self.ceiling, learned)
+            now = self.clock()
+            refusal = _Refusal(limiter.name, served, total, window_start=now - lookback, at=now)
+            if self.limit.auto and not limiter.settled:
+                # auto found the edge by growing: back off to it at once and stop growing.
+                limiter.allowance = min(limiter.allowance, with_margin(served))
             limiter.settled = True
-            if learned != limiter.learned:
-                limiter.learned = learned
-                changed[name] = RateLimit(learned, self.limit.seconds) if learned is not None else None
-        shared = with_margin(min(shared_evidence)) if shared_holds else None
-        if shared != self.shared:
-            self.shared = shared
-            changed[SHARED_SCOPE] = RateLimit(shared, self.limit.seconds) if shared is not None else None
+            self._refusals = [*self._refusals[-19:], refusal]
+            self._relearn(limiter, refusal)
+
+    def _relearn(self, limiter: EndpointLimiter, newest: _Refusal) -> None:
+        """Learn what two 429s of different server windows agree on. One 429 alone teaches nothing (it
+        holds the endpoint and makes it cautious): a fault, or another client, can answer 429 once."""
+        changed: dict[str, RateLimit | None] = {}
+        own = [r for r in self._refusals if r.endpoint == limiter.name]
+        confirmed = _confirmed(own, lambda r: r.served)
+        if confirmed is not None and with_margin(confirmed) != limiter.learned:
+            limiter.learned = with_margin(confirmed)
+            limiter.allowance = min(self.ceiling, limiter.learned)
+            changed[limiter.name] = RateLimit(limiter.learned, self.limit.seconds)
+        if newest.total > newest.served:  # others were served in the same window: evidence of sharing
+            shared = _confirmed([r for r in self._refusals if r.total > r.served], lambda r: r.total)
+            if shared is not None and with_margin(shared) != self.shared:
+                self.shared = with_margin(shared)
+                changed[SHARED_SCOPE] = RateLimit(self.shared, self.limit.seconds)
+        if self.shared is not None and newest.total < self.shared - max(
+            1, int(self.shared * RATE_LEARN_TOLERANCE)
+        ):
+            # Refused while the organization's window had room: the window is not (only) shared.
+            self.shared = None
+            changed[SHARED_SCOPE] = None
         for scope, limit in changed.items():
             self.book.learn(scope, limit)
 
@@ -453,7 +472,7 @@ class RateLimiter:
             shown = {
                 name: f"{limiter.allowance}/{seconds}"
                 for name, limiter in sorted(self._endpoints.items())
-                if limiter.settled or (self.limit.auto and limiter.allowance != self.limit.requests)
+                if limiter.learned is not None or (self.limit.auto and limiter.allowance != self.limit.requests)
             }
             if self.shared is not None:
                 shown["organization"] = f"{self.shared}/{seconds}"

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from cleanlist.client import CleanlistClient
+from cleanlist.constants import PROBE_IN_FLIGHT
 from cleanlist.ratelimit import EndpointLimiter, RateLimiter
 from cleanlist.sandbox import SandboxServer
 from cleanlist.settings import RateLimit
@@ -235,8 +236,9 @@ def test_after_a_429_one_request_probes_at_a_time_until_another_answer() -> None
     assert second_sent.wait(2)
     waiter.join(timeout=2)
     waited = len(clock.sleeps)
-    for _ in range(5):
-        limiter.acquire()  # no release: several in flight at once is fine again
+    for _ in range(PROBE_IN_FLIGHT):
+        limiter.acquire()  # no release: several in flight at once is fine again (as many as an endpoint
+        # not yet proven may have)
     assert len(clock.sleeps) == waited
 
 
