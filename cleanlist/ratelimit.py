@@ -472,7 +472,8 @@ class RateLimiter:
             shown = {
                 name: f"{limiter.allowance}/{seconds}"
                 for name, limiter in sorted(self._endpoints.items())
-                if limiter.learned is not None or (self.limit.auto and limiter.allowance != self.limit.requests)
+                if limiter.learned is not None
+                or (self.limit.auto and limiter.allowance != self.limit.requests)
             }
             if self.shared is not None:
                 shown["organization"] = f"{self.shared}/{seconds}"
