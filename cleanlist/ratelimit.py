@@ -144,7 +144,8 @@ class MemoryBook:
     def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
         with self._lock:
             now = self._clock()
-            wait = max((self._held.get(scope, 0.0) - now for scope, _ in scopes), default=0.0)
+            held = {scope for scope, _ in scopes} | {SHARED_SCOPE}  # a hold on "*" holds every endpoint
+            wait = max(self._held.get(scope, 0.0) - now for scope in held)
             if wait > 0:
                 return Taken(None, wait, held=True)
             for scope, allowance in scopes:
@@ -248,6 +249,7 @@ class EndpointLimiter:
         self.learned: int | None = None  # what its 429s taught, before the ceiling
         self.settled = False  # refused once (or learned by an earlier run): auto grows no more
         self.proven = False  # served a whole window at its allowance without a 429
+        self.hold_ends = 0.0  # when the last Retry-After hold on it ended (the limiter's clock)
         self._in_flight = 0
         self._cautious = False
         self._short = False  # a request waited for a slot since the last clean answer (auto grows on it)
@@ -320,8 +322,7 @@ class EndpointLimiter:
 
     @property
     def held_for(self) -> float:
-        parent = self._parent
-        return max(parent.book.held_for(scope) for scope, _ in parent.scopes_for(self))
+        return max(self._parent.book.held_for(scope) for scope in (self.name, SHARED_SCOPE))
 
 
 class RateLimiter:
@@ -346,6 +347,7 @@ class RateLimiter:
         self._endpoints: dict[str, EndpointLimiter] = {}
         self._refusals: list[_Refusal] = []
         self.shared: int | None = None  # the organization-wide allowance, while the 429s say there is one
+        self.per_endpoint = False  # 429s have shown a window per endpoint (a 429 then holds only its own)
         self._learned_seen = 0.0
         self._learned: dict[str, RateLimit] = {}
 
@@ -398,11 +400,17 @@ class RateLimiter:
                 scopes.append((SHARED_SCOPE, self.shared))
             return scopes
 
-    def hold(self, limiter: EndpointLimiter, seconds: float) -> None:
-        scopes = [limiter.name] + ([SHARED_SCOPE] if self.shared is not None else [])
+    def hold(self, limiter: EndpointLimiter, seconds: float, *, everyone: bool = False) -> None:
+        """Hold `limiter`'s endpoint — and, with `everyone` or a shared window, every endpoint."""
+        scopes = [limiter.name] + ([SHARED_SCOPE] if everyone or self.shared is not None else [])
         self.book.hold(scopes, seconds)
+        now = self.clock()
         with self.lock:
             limiter._cautious = True
+            limiter.hold_ends = max(limiter.hold_ends, now + seconds)
+            if SHARED_SCOPE in scopes:
+                for other in self._endpoints.values():
+                    other.hold_ends = max(other.hold_ends, now + seconds)
 
     # -- learning ---------------------------------------------------------------------------------
     def clean_answer(self, limiter: EndpointLimiter) -> None:
@@ -421,13 +429,12 @@ class RateLimiter:
 
     def refused(self, limiter: EndpointLimiter, retry_after: float | None) -> None:
         """A 429 on `limiter`: hold for its hint, and learn from what the server's window had served."""
-        seconds = self.limit.seconds
-        # The server's window began (window − Retry-After) ago, if the hint is a fixed window's reset.
-        fixed_reset = retry_after is not None and 0 < retry_after <= seconds
-        lookback = seconds - retry_after if retry_after is not None and fixed_reset else seconds
+        lookback = self._window_began(limiter, retry_after)
         served, total = self.book.served(limiter.name, lookback)
         if retry_after is not None:
-            self.hold(limiter, retry_after)
+            # Until 429s have shown that each endpoint has a window of its own, a Retry-After may be
+            # the organization's: nobody sends inside it.
+            self.hold(limiter, retry_after, everyone=not self.per_endpoint)
         with self.lock:
             limiter._cautious = True
             if served == 0:
@@ -437,9 +444,23 @@ class RateLimiter:
             if self.limit.auto and not limiter.settled:
                 # auto found the edge by growing: back off to it at once and stop growing.
                 limiter.allowance = min(limiter.allowance, with_margin(served))
+                limiter.proven = True
             limiter.settled = True
             self._refusals = [*self._refusals[-19:], refusal]
             self._relearn(limiter, refusal)
+
+    def _window_began(self, limiter: EndpointLimiter, retry_after: float | None) -> float:
+        """How long ago the server's window began, as well as this 429 and the last hold tell."""
+        seconds = self.limit.seconds
+        now = self.clock()
+        if 0 < now - limiter.hold_ends < seconds:
+            # A hold ended inside this window: the server's window cannot have begun before it did.
+            return now - limiter.hold_ends
+        if retry_after is None or not 0 < retry_after <= seconds:
+            return seconds  # a sliding guess: may count some of the window before
+        # Retry-After in whole seconds may be up to one second longer than the wait to the reset.
+        rounded = float(retry_after).is_integer()
+        return min(seconds, seconds - retry_after + (1.0 if rounded else 0.0))
 
     def _relearn(self, limiter: EndpointLimiter, newest: _Refusal) -> None:
         """Learn what two 429s of different server windows agree on. One 429 alone teaches nothing (it
@@ -451,10 +472,12 @@ class RateLimiter:
             limiter.learned = with_margin(confirmed)
             limiter.allowance = min(self.ceiling, limiter.learned)
             changed[limiter.name] = RateLimit(limiter.learned, self.limit.seconds)
+            self.per_endpoint = self.shared is None
         if newest.total > newest.served:  # others were served in the same window: evidence of sharing
             shared = _confirmed([r for r in self._refusals if r.total > r.served], lambda r: r.total)
             if shared is not None and with_margin(shared) != self.shared:
                 self.shared = with_margin(shared)
+                self.per_endpoint = False
                 changed[SHARED_SCOPE] = RateLimit(self.shared, self.limit.seconds)
         if self.shared is not None and newest.total < self.shared - max(
             1, int(self.shared * RATE_LEARN_TOLERANCE)

@@ -94,7 +94,8 @@ class StoreRateBook:
 
         def work(conn: Connection) -> Taken:
             now = self._now(conn)
-            held_until = self._lock_scopes(conn, [scope for scope, _ in scopes])
+            # A hold on "*" holds every endpoint.
+            held_until = self._lock_scopes(conn, [scope for scope, _ in scopes] + [SHARED_SCOPE])
             if held_until > now:
                 return Taken(None, held_until - now, held=True)
             if sweep:
