@@ -288,11 +288,12 @@ class EndpointLimiter:
         with parent.lock:
             ticket = self._tickets.pop(0) if self._tickets else None
             self._in_flight = max(self._in_flight - 1, 0)
-        if ticket is not None:
-            parent.book.give_back(ticket, ok=answered and not rate_limited)
         if rate_limited:
-            parent.refused(self, retry_after)
-        elif answered:
+            parent.refused(self, ticket, retry_after)  # holds before the slot is given back
+            return
+        if ticket is not None:
+            parent.book.give_back(ticket, ok=answered)
+        if answered:
             parent.clean_answer(self)
 
     def acquire(self) -> None:
@@ -427,16 +428,19 @@ class RateLimiter:
                 limiter.allowance = min(limiter.allowance + 1, AUTO_RATE_CAP)
                 limiter._short = False
 
-    def refused(self, limiter: EndpointLimiter, retry_after: float | None) -> None:
+    def refused(self, limiter: EndpointLimiter, ticket: Ticket | None, retry_after: float | None) -> None:
         """A 429 on `limiter`: hold for its hint, and learn from what the server's window had served."""
+        with self.lock:
+            limiter._cautious = True
         lookback = self._window_began(limiter, retry_after)
-        served, total = self.book.served(limiter.name, lookback)
         if retry_after is not None:
             # Until 429s have shown that each endpoint has a window of its own, a Retry-After may be
             # the organization's: nobody sends inside it.
             self.hold(limiter, retry_after, everyone=not self.per_endpoint)
+        if ticket is not None:
+            self.book.give_back(ticket, ok=False)
+        served, total = self.book.served(limiter.name, lookback)
         with self.lock:
-            limiter._cautious = True
             if served == 0:
                 return  # nothing of ours was served: someone else spent the window; nothing to learn
             now = self.clock()

@@ -48,7 +48,11 @@ def send(limiter: RateLimiter, clock: VirtualClock, server: Server, endpoint: st
 
 def virtual(limit: str, clock: VirtualClock, book: object = None) -> RateLimiter:
     return RateLimiter(
-        RateLimit.parse(limit), clock=clock, sleep=clock.sleep, async_sleep=clock.async_sleep, book=book  # type: ignore[arg-type]
+        RateLimit.parse(limit),
+        clock=clock,
+        sleep=clock.sleep,
+        async_sleep=clock.async_sleep,
+        book=book,  # type: ignore[arg-type]
     )
 
 
