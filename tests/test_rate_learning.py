@@ -175,3 +175,29 @@ def test_runs_sharing_a_store_share_one_budget_and_what_was_learned(store_url: s
     finally:
         first.close()
         second.close()
+
+
+def test_a_run_learns_a_lower_limit_keeps_it_for_the_next_run_and_reports_it(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    """Against the sandbox over HTTP: a limit 4 per second behind a configured 20 per second."""
+    from tests.flow_helpers import messy_export, read_csv, run_flow
+
+    sandbox = make_sandbox(rate_limit=(4, 1.0), latency=0.05)
+    api_env(sandbox, rate_limit="20/1")
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    first = messy_export(tmp_path / "first.csv", unique=5000)  # 20 chunks: about 5 windows
+    state, summary = run_flow(source=str(first), output=str(tmp_path / "out.csv"), store=store)
+    assert state.is_completed(), state.message
+    assert summary["rate_limit"] == "20/1"
+    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1", summary["rate_limits_learned"]
+    assert len(read_csv(tmp_path / "out.csv")) == 5000
+    assert sandbox.counters()["contacts_accepted_more_than_once"] == 0
+
+    sandbox.reset()
+    second = messy_export(tmp_path / "second.csv", unique=2000, tag="b")
+    state, summary = run_flow(source=str(second), output=str(tmp_path / "out2.csv"), store=store)
+    assert state.is_completed(), state.message
+    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1"
+    bulk = sandbox.counters()["requests"]["enrich-bulk"]
+    assert bulk.get("429", 0) == 0, bulk  # the next run starts from what the first one learned

@@ -102,8 +102,8 @@ class EnrichOptions(BaseModel):
     )
     rate_limit: str | None = Field(
         default=None,
-        description="the organization's limit per endpoint, N/SECONDS "
-        "(default CLEANLIST_RATE_LIMIT, else 60/60)",
+        description="the organization's limit per endpoint: N/SECONDS, a ceiling learning only lowers, "
+        "or auto[/SECONDS], learned from 429s (default CLEANLIST_RATE_LIMIT, else 60/60)",
     )
 
     sheet: str | None = Field(
