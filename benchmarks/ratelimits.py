@@ -103,6 +103,12 @@ def _inside_retry_after(log: list[dict[str, Any]], organization_window: bool) ->
             same = organization_window or later["endpoint"] == entry["endpoint"]
             if same and later["endpoint"] != "validate-key" and start < later["t"] < end:
                 early += 1
+                if TIMELINE:
+                    print(
+                        f"  inside Retry-After: {later['endpoint']} {later['t'] - entry['t']:.3f} s after "
+                        f"a 429 of {entry['endpoint']} (Retry-After {entry['retry_after']})",
+                        file=sys.stderr,
+                    )
     return early
 
 
