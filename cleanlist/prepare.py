@@ -288,6 +288,8 @@ def registrable_domain(domain: str) -> str:
 
     A host under no known public suffix (`intranet.acme.internal`) is kept whole.
     """
+    if domain.count(".") == 1:  # the common `acme.com`: already registrable, or a bare suffix kept whole
+        return domain
     return _SUFFIXES.extract_str(domain).top_domain_under_public_suffix or domain
 
 
