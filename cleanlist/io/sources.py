@@ -955,9 +955,7 @@ def _iter_sql(
         engine.dispose()
 
 
-def _sql_past_mark(
-    connection: Any, query: str, cursor: CursorFilter, batch_rows: int
-) -> tuple[Any, int]:
+def _sql_past_mark(connection: Any, query: str, cursor: CursorFilter, batch_rows: int) -> tuple[Any, int]:
     """The query's rows past the cursor's mark (bound as a parameter), and how many it leaves out."""
     from sqlalchemy import text
 
