@@ -121,6 +121,15 @@ class EnrichOptions(BaseModel):
         gt=0,
         description="stop the run (results so far written, exit 1) after the API was unreachable this long",
     )
+    cursor: str | None = Field(
+        default=None,
+        min_length=1,
+        description="incremental: read only rows whose value in this column (e.g. updated_at) is past the "
+        "last completed run's mark for this source",
+    )
+    full_refresh: bool = Field(
+        default=False, description="with --cursor: read every row, ignoring the mark (then update it)"
+    )
 
     @field_validator("rate_limit")
     @classmethod

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from cleanlist.io.cursor import CursorFilter, Watermark
 from cleanlist.io.sources import iter_source
 from cleanlist.prepare import FIELDS, HeaderMapping, api_payload, prepare_row, resolve_mapping
 from cleanlist.run.states import Reject, RejectCode
@@ -29,6 +30,10 @@ class StageReport:
     # How text that is not UTF-8 was decoded ("cp1251 (detected)", "cp1251 (--encoding)", "utf-16");
     # None when the source is all UTF-8, or not text.
     encoding: str | None = None
+    # Rows left out because their cursor was not past the source's mark (handled by an earlier run).
+    skipped_by_cursor: int = 0
+    # The largest cursor value read: the source's next mark, once the run completes.
+    cursor_seen: Watermark | None = None
 
     @property
     def duplicates(self) -> int:
@@ -52,7 +57,7 @@ def _prepare_frame(
     return keys, rejects, contacts
 
 
-def stage_source(
+def stage_source(  # noqa: PLR0913 - keyword-only: the read options iter_source takes
     source: str,
     workspace: RunWorkspace,
     *,
@@ -61,17 +66,22 @@ def stage_source(
     batch_rows: int = 50_000,
     sheet: str | None = None,
     encoding: str | None = None,
+    cursor: CursorFilter | None = None,
 ) -> StageReport:
     """Read, prepare and stage every row of `source`; rejects are staged too, with their reason.
 
     `sheet` and `encoding` are iter_source's: the sheets of a workbook, the codec of a text file.
+    With `cursor`, only rows past its mark are read; it tracks the largest value read.
     """
     mapping: HeaderMapping | None = None
-    rows = rejected = valid = 0
+    rows = rejected = valid = skipped = 0
     decoded_as: str | None = None
-    batches = iter_source(source, batch_rows=batch_rows, sql_query=sql_query, sheet=sheet, encoding=encoding)
+    batches = iter_source(
+        source, batch_rows=batch_rows, sql_query=sql_query, sheet=sheet, encoding=encoding, cursor=cursor
+    )
     for batch in batches:
         decoded_as = batch.encoding or decoded_as
+        skipped += batch.skipped
         frame = batch.frame
         if mapping is None:
             mapping = resolve_mapping(list(frame.columns), mapping_overrides)
@@ -103,6 +113,8 @@ def stage_source(
         unique_contacts=workspace.count(),
         mapping=mapping.describe() if mapping else "(no rows)",
         encoding=decoded_as,
+        skipped_by_cursor=skipped,
+        cursor_seen=cursor.new_mark if cursor is not None else None,
     )
 
 

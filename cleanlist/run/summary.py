@@ -74,6 +74,12 @@ class RunSummary(_Report):
     output: str = ""
     rejects: str = ""
     seconds: float = 0.0
+    # Incremental sources (`cursor`): the mark this run read past (None: every row was read), the mark
+    # after it (advanced only when the run completed), and the rows left out because a previous
+    # completed run already handled them (they are in neither this run's output nor its rejects).
+    cursor_mark_used: str | None = None
+    cursor_mark_new: str | None = None
+    skipped_by_cursor: int = 0
 
     _parse_nested = field_validator(
         "row_statuses", "rejects_by_reason", "rate_limits_learned", mode="before"
@@ -109,6 +115,13 @@ class RunSummary(_Report):
         ranked = sorted(self.rejects_by_reason.items(), key=lambda kv: -kv[1])
         lines += [f"- {count:,} × {code.replace('_', ' ')}" for code, count in ranked] or ["none"]
         lines += ["", f"Output: `{self.output}` — rejects: `{self.rejects}`"]
+        if self.cursor_mark_new is not None or self.cursor_mark_used is not None:
+            lines += [
+                "",
+                f"Incremental: read past `{self.cursor_mark_used or '(every row)'}`; "
+                f"{self.skipped_by_cursor:,} rows handled by earlier runs were left out; "
+                f"mark now `{self.cursor_mark_new}`",
+            ]
         return "\n".join(lines)
 
     def _rate_limits(self) -> str:

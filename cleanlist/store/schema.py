@@ -151,3 +151,17 @@ rate_slots = Table(
     Column("ok", Boolean, nullable=False),
     Index("cleanlist_rate_slots_scope_idx", "organization", "scope", "stamp"),
 )
+
+# Incremental sources (cleanlist/store/marks.py): the cursor's high-water mark of each source, as of the
+# last completed run that read it. Added without a version bump: create_all adds it to older stores.
+source_marks = Table(
+    "cleanlist_source_marks",
+    metadata,
+    Column("source_id", String(64), primary_key=True),  # sha256 of (source, query, cursor column)
+    Column("source", Text, nullable=False),  # as shown: no password, no URL query
+    Column("cursor_column", String, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("mark", Text, nullable=False),
+    Column("run_id", String, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
