@@ -37,7 +37,7 @@ RATE_WINDOW_MARGIN_CAP = 1.0
 # before several 429s "agree" within RATE_LEARN_TOLERANCE (10 %, at least 1). `auto` never grows past
 # AUTO_RATE_CAP per window. Learned limits are kept in the store for LEARNED_RATE_TTL seconds: limits
 # change, and a stale low guess must not slow every run forever.
-PROBE_IN_FLIGHT = 2
+PROBE_IN_FLIGHT = 1
 RATE_LEARN_TOLERANCE = 0.1
 AUTO_RATE_CAP = 10_000
 LEARNED_RATE_TTL = 24 * 3600.0

@@ -21,7 +21,7 @@ The API does not publish its limits ("back off on 429"), so the configured limit
   from the documented 60 per minute and grows — one slot per clean answer while the endpoint is short of
   slots — until the first 429, then settles on what was learned. Until an endpoint has either been
   refused once or proven a full window clean, at most PROBE_IN_FLIGHT of its requests are in flight, so
-  a wrong guess costs a couple of 429s, not a burst of them.
+  a wrong guess costs one 429, not a burst of them.
 * **Books.** Slots, holds and learned limits live in a `SlotBook`: `MemoryBook` shares them between the
   threads and coroutines of one process; the store's book (cleanlist/store/ratebook.py) shares them
   between every process and machine that uses the same store, so runs of one organization together

@@ -261,6 +261,7 @@ def test_a_slot_counts_from_the_answer_of_its_request() -> None:
     limit = RateLimit(2, 1.0)
     clock = VirtualClock()
     limiter = virtual_limiter(limit, clock)
+    limiter.proven = True  # past probing: several requests may be in flight at once
     limiter.acquire()
     limiter.acquire()
     clock.advance(0.4)  # both requests sat 0.4 s before the server counted and answered them
