@@ -34,6 +34,7 @@ Transact = Callable[[Callable[[Connection], T]], T]
 # A slot still "in flight" after this long belongs to a process that died mid-request.
 STALE_IN_FLIGHT = 300.0
 _SWEEP_EVERY = 64  # takes between deletions of long-expired slots
+_HELD_READING_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class StoreRateBook:
         self.organization = organization
         self._takes = itertools.count()
         self._used: dict[str, int] = {}  # live slots per scope at the last take: a hint for `used`
+        self._held_seen: dict[str, tuple[float, float]] = {}  # scope -> (read at, seconds held then)
 
     def __repr__(self) -> str:
         return f"StoreRateBook({self._dialect})"
@@ -165,8 +167,15 @@ class StoreRateBook:
             )
 
         self._transact(work)
+        for scope in scopes:
+            self._held_seen.pop(scope, None)
 
     def held_for(self, scope: str) -> float:
+        # Asked often (the poller reads `usage` after every answer): a reading stays good for a moment.
+        seen = self._held_seen.get(scope)
+        if seen is not None and time.monotonic() - seen[0] < _HELD_READING_SECONDS:
+            return max(seen[1] - (time.monotonic() - seen[0]), 0.0)
+
         def work(conn: Connection) -> float:
             held = conn.execute(
                 select(rate_scopes.c.held_until).where(
@@ -176,6 +185,7 @@ class StoreRateBook:
             return max(float(held or 0.0) - self._now(conn), 0.0)
 
         result: float = self._transact(work)
+        self._held_seen[scope] = (time.monotonic(), result)
         return result
 
     def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
