@@ -34,9 +34,9 @@ RATE_WINDOW_MARGIN_FRACTION = 0.002
 RATE_WINDOW_MARGIN_CAP = 1.0
 # Learning the API's unpublished limits (cleanlist/ratelimit.py). Until an endpoint has been refused once
 # or served a full window clean, at most PROBE_IN_FLIGHT of its requests are in flight. The counts served
-# before several 429s "agree" within RATE_LEARN_TOLERANCE (10 %, at least 1). `auto` never grows past
-# AUTO_RATE_CAP per window. Learned limits are kept in the store for LEARNED_RATE_TTL seconds: limits
-# change, and a stale low guess must not slow every run forever.
+# before several 429s "agree" within RATE_LEARN_TOLERANCE (10 %, rounded down: exactly below ten).
+# `auto` never grows past AUTO_RATE_CAP per window. Learned limits are kept in the store for
+# LEARNED_RATE_TTL seconds: limits change, and a stale low guess must not slow every run forever.
 PROBE_IN_FLIGHT = 1
 RATE_LEARN_TOLERANCE = 0.1
 AUTO_RATE_CAP = 10_000

@@ -53,6 +53,9 @@ Sleep = Callable[[float], None]
 AsyncSleep = Callable[[float], Awaitable[None]]
 
 SHARED_SCOPE = "*"  # the organization-wide window, when the 429s say there is one
+# Counting what a window served reaches this much further back than its start: the limiter and the book
+# read their clocks a moment apart, and no slot is taken during the hold that precedes a window anyway.
+_COUNT_SLACK = 0.05
 
 
 def with_margin(served: int) -> int:
@@ -204,8 +207,9 @@ class MemoryBook:
 
 
 def _agree(counts: Sequence[int]) -> bool:
-    """Whether the counts served before several 429s tell one limit (within the tolerance)."""
-    return max(counts) - min(counts) <= max(1, int(min(counts) * RATE_LEARN_TOLERANCE))
+    """Whether the counts served before several 429s tell one limit (within the tolerance; exactly,
+    below ten)."""
+    return max(counts) - min(counts) <= int(min(counts) * RATE_LEARN_TOLERANCE)
 
 
 @dataclass
@@ -268,12 +272,13 @@ class EndpointLimiter:
             if self.learned is None and not self.proven and self._in_flight >= PROBE_IN_FLIGHT:
                 return 0.01
             scopes = parent.scopes_for(self)
+            self._in_flight += 1  # counted before asking the book, so no other thread slips past the caps
         taken = parent.book.take(self.name, scopes, self.window)
         with parent.lock:
             if taken.ticket is not None:
                 self._tickets.append(taken.ticket)
-                self._in_flight += 1
                 return 0.0
+            self._in_flight -= 1
             if not taken.held:
                 self._short = True
                 if not counted:
@@ -432,19 +437,20 @@ class RateLimiter:
         """A 429 on `limiter`: hold for its hint, and learn from what the server's window had served."""
         with self.lock:
             limiter._cautious = True
-        lookback = self._window_began(limiter, retry_after)
+        began = self._window_began(limiter, retry_after)  # before this 429's own hold moves hold_ends
         if retry_after is not None:
             # Until 429s have shown that each endpoint has a window of its own, a Retry-After may be
             # the organization's: nobody sends inside it.
             self.hold(limiter, retry_after, everyone=not self.per_endpoint)
         if ticket is not None:
             self.book.give_back(ticket, ok=False)
+        lookback = self.clock() - began + _COUNT_SLACK  # measured now: the book counts back from its now
         served, total = self.book.served(limiter.name, lookback)
         with self.lock:
             if served == 0:
                 return  # nothing of ours was served: someone else spent the window; nothing to learn
             now = self.clock()
-            refusal = _Refusal(limiter.name, served, total, window_start=now - lookback, at=now)
+            refusal = _Refusal(limiter.name, served, total, window_start=began, at=now)
             if self.limit.auto and not limiter.settled:
                 # auto found the edge by growing: back off to it at once and stop growing.
                 limiter.allowance = min(limiter.allowance, with_margin(served))
@@ -454,17 +460,18 @@ class RateLimiter:
             self._relearn(limiter, refusal)
 
     def _window_began(self, limiter: EndpointLimiter, retry_after: float | None) -> float:
-        """How long ago the server's window began, as well as this 429 and the last hold tell."""
+        """When the server's window began (the limiter's clock), as well as this 429 and the last hold
+        tell."""
         seconds = self.limit.seconds
         now = self.clock()
         if 0 < now - limiter.hold_ends < seconds:
             # A hold ended inside this window: the server's window cannot have begun before it did.
-            return now - limiter.hold_ends
+            return limiter.hold_ends
         if retry_after is None or not 0 < retry_after <= seconds:
-            return seconds  # a sliding guess: may count some of the window before
+            return now - seconds  # a sliding guess: may count some of the window before
         # Retry-After in whole seconds may be up to one second longer than the wait to the reset.
         rounded = float(retry_after).is_integer()
-        return min(seconds, seconds - retry_after + (1.0 if rounded else 0.0))
+        return now - min(seconds, seconds - retry_after + (1.0 if rounded else 0.0))
 
     def _relearn(self, limiter: EndpointLimiter, newest: _Refusal) -> None:
         """Learn what two 429s of different server windows agree on. One 429 alone teaches nothing (it
