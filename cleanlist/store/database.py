@@ -7,16 +7,18 @@ import errno
 import os
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from cleanlist.dburl import display_url, to_sqlalchemy_url
 from cleanlist.errors import InputError
+from cleanlist.store.migrations import upgrade
 from cleanlist.store.schema import SCHEMA_COMPONENT, SCHEMA_VERSION, metadata, schema_info
 
 DEFAULT_STORE_PATH: Final = Path("~/.cleanlist/store.db")
@@ -121,27 +123,57 @@ def open_engine(url: URL) -> Engine:
 
 
 def ensure_schema(writer: Engine) -> None:
-    """Create the tables on first use; refuse a store written by a newer schema version."""
+    """Create the tables on first use, migrate an older store; refuse one of a newer schema version."""
     display = display_url(writer.url)
     try:
-        with writer.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # Two workers starting on an empty database would otherwise race on CREATE TABLE.
-                conn.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": _SCHEMA_LOCK_ID})
-            schema_info.create(conn, checkfirst=True)
-            found = conn.execute(
-                select(schema_info.c.version).where(schema_info.c.component == SCHEMA_COMPONENT)
-            ).scalar_one_or_none()
-            if found is not None and found > SCHEMA_VERSION:
-                raise InputError(
-                    f"store at {display} has schema version {found}, newer than {SCHEMA_VERSION} "
-                    "that this cleanlist understands: upgrade cleanlist"
-                )
-            metadata.create_all(conn, checkfirst=True)
-            if found is None:
-                conn.execute(insert(schema_info).values(component=SCHEMA_COMPONENT, version=SCHEMA_VERSION))
+        with writer.connect() as conn, _schema_lock(conn):
+            with conn.begin():
+                schema_info.create(conn, checkfirst=True)
+                found = conn.execute(
+                    select(schema_info.c.version).where(schema_info.c.component == SCHEMA_COMPONENT)
+                ).scalar_one_or_none()
+                if found is not None and found > SCHEMA_VERSION:
+                    raise InputError(
+                        f"store at {display} has schema version {found}, newer than {SCHEMA_VERSION} "
+                        "that this cleanlist understands: upgrade cleanlist"
+                    )
+                metadata.create_all(conn, checkfirst=True)
+                if found is None:
+                    conn.execute(
+                        insert(schema_info).values(component=SCHEMA_COMPONENT, version=SCHEMA_VERSION)
+                    )
+            if found is not None and found < SCHEMA_VERSION:
+                # In batches, one write transaction each (SQLite: BEGIN IMMEDIATE); the version moves
+                # only once a step is complete, so a killed migration runs again on the next open.
+                upgrade(conn, found)
     except DBAPIError as exc:
         raise InputError(f"cannot open the store at {display}: {describe(exc, writer.url)}") from None
+
+
+@contextlib.contextmanager
+def _schema_lock(conn: Connection) -> Iterator[None]:
+    """On PostgreSQL, hold the schema's advisory lock for the session: creating tables and migrating
+    (many transactions) happen in one process at a time; the others wait, then find the work done.
+
+    SQLite needs none: each step takes the write lock, and a migration repeated by a second process
+    finds nothing left to do.
+    """
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    conn.execute(text("SELECT pg_advisory_lock(:lock_id)"), {"lock_id": _SCHEMA_LOCK_ID})
+    conn.commit()
+    try:
+        yield
+    finally:
+        try:
+            conn.rollback()
+            conn.execute(text("SELECT pg_advisory_unlock(:lock_id)"), {"lock_id": _SCHEMA_LOCK_ID})
+            conn.commit()
+        except SQLAlchemyError:
+            # A session lock outlives its transactions: a connection that cannot say unlock is closed
+            # rather than pooled (closing the session releases the lock).
+            conn.invalidate()
 
 
 def describe(exc: DBAPIError, url: URL) -> str:

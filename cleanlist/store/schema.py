@@ -20,7 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-SCHEMA_VERSION: Final = 1
+# 2: company domains keyed by their registrable part (migrations.rekey_registrable_domains).
+SCHEMA_VERSION: Final = 2
 SCHEMA_COMPONENT: Final = "enrichment_store"
 
 
