@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from cleanlist.errors import InputError
 from cleanlist.store import ClaimOutcome, ContactResult, EnrichmentStore, StoredResult, WorkflowRecord
+from cleanlist.store.schema import SCHEMA_VERSION
 
 FULL = "full"
 LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
@@ -132,7 +133,7 @@ def enrich(
 # Schema and opening
 
 
-def test_first_open_creates_the_tables_and_records_schema_version_1(store_url: str) -> None:
+def test_first_open_creates_the_tables_and_records_the_schema_version(store_url: str) -> None:
     EnrichmentStore(store_url).close()
     engine = raw_engine(store_url)
     tables = set(sa.inspect(engine).get_table_names())
@@ -140,7 +141,7 @@ def test_first_open_creates_the_tables_and_records_schema_version_1(store_url: s
         version = conn.execute(sa.text("SELECT version FROM cleanlist_schema_info")).scalar_one()
     engine.dispose()
     assert {"cleanlist_runs", "cleanlist_contacts", "cleanlist_workflows", "cleanlist_schema_info"} <= tables
-    assert version == 1
+    assert version == SCHEMA_VERSION
     # Reopening an existing store neither fails nor duplicates the version row.
     with EnrichmentStore(store_url) as again:
         again.start_run("r1", {})
@@ -150,9 +151,9 @@ def test_store_written_by_a_newer_schema_is_refused_in_one_line(store_url: str) 
     EnrichmentStore(store_url).close()
     engine = raw_engine(store_url)
     with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE cleanlist_schema_info SET version = 2"))
+        conn.execute(sa.text(f"UPDATE cleanlist_schema_info SET version = {SCHEMA_VERSION + 1}"))
     engine.dispose()
-    with pytest.raises(InputError, match="schema version 2") as caught:
+    with pytest.raises(InputError, match=f"schema version {SCHEMA_VERSION + 1}") as caught:
         EnrichmentStore(store_url)
     assert "\n" not in str(caught.value)
 

@@ -372,11 +372,6 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AcceptanceJournal.replay records the keys as the old version wrote them (cleanlist/run/journal.py"
-    " would have to pass them through migrations.upgraded_key, merging any that become one)",
-)
 def test_an_acceptance_journalled_before_the_upgrade_is_replayed_under_the_new_key(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     build_version_1_store(url, [])

@@ -33,6 +33,7 @@ from cleanlist.models import worst_case_credits
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.database import make_private_dirs
 from cleanlist.store.liveness import pid_is_alive
+from cleanlist.store.migrations import upgraded_key
 
 JOURNAL_DIR = Path("~/.cleanlist/journal")
 
@@ -161,13 +162,14 @@ class AcceptanceJournal:
                     in_doubt_contacts += len(entry["keys"])
                 if entry["kind"] != "accepted" or store.workflow(entry["workflow"]) is not None:
                     continue
+                keys, task_ids = _current_keys(entry)
                 store.record_accepted(
                     entry["run"],
                     workflow_id=entry["workflow"],
                     chunk_key=entry["chunk"],
                     enrichment_type=entry["type"],
-                    keys=entry["keys"],
-                    task_ids=_task_ids(entry),
+                    keys=keys,
+                    task_ids=task_ids,
                     worst_case_credits=worst_case_credits(entry["type"], len(entry["keys"])),
                 )
                 recorded += 1
@@ -180,6 +182,15 @@ class AcceptanceJournal:
         with self._locked(fcntl.LOCK_EX):
             if any(entry.get("run") == run_id for _, entry in self._entries()):
                 self._keep_only(lambda entry: entry.get("run") != run_id)
+
+
+def _current_keys(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The entry's keys as this version builds them (a journal written before the store's key migration
+    holds full-host keys), each with its task id; keys that became one keep the first's task id."""
+    merged: dict[str, str] = {}
+    for key, task_id in zip(entry["keys"], _task_ids(entry), strict=True):
+        merged.setdefault(upgraded_key(key), task_id)
+    return list(merged), list(merged.values())
 
 
 def _task_ids(entry: dict[str, Any]) -> list[str]:
