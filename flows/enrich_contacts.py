@@ -47,6 +47,7 @@ from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
+from cleanlist.webhooks.listen import receiving_webhooks
 from flows.secrets import resolve_api_key
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
@@ -137,8 +138,10 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     store.start_run(run_id, params, flow_run_id=str(flow_run_id) if flow_run_id else None)
     quiet = _ReportedByTheRun()
     _TASK_RUN_LOGGER.addFilter(quiet)
+    run.on_delivery = _delivery_event
     try:
-        yield run
+        with receiving_webhooks(run):
+            yield run
     except STORE_ERRORS as exc:  # the store failed in the flow body: one line, not a traceback
         raise RunFailed(f"run stopped: {run.lose_store(exc)}") from None
     finally:
@@ -153,6 +156,11 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
         workspace.cleanup()
         client.close()
         store.close()
+
+
+def _delivery_event(workflow_id: str, results: int) -> None:
+    """One event per webhook delivery the run picked up, for automations."""
+    _emit("cleanlist.webhook.received", {"workflow_id": workflow_id, "results": results})
 
 
 def _shown(value: Any) -> Any:
@@ -245,6 +253,8 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     encoding: str | None = None,
     raw_csv: bool = False,
     api_outage_seconds: float = 300.0,
+    webhook_listen: str | None = None,
+    webhook_grace_seconds: float = 1.0,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 
@@ -418,6 +428,7 @@ def write_and_report(run: RunContext, submission: Submission, started: float) ->
         output=_shown(options.output if options.table is None else f"{options.output}#{options.table}"),
         rejects=_shown(options.rejects_target),
         seconds=round(time.monotonic() - started, 3),
+        **_webhook_counts(run),
     )
     run.outcome = (status, summary.as_dict())
     _hint_if_paced(run)
@@ -426,6 +437,17 @@ def write_and_report(run: RunContext, submission: Submission, started: float) ->
     _raise_unless_completed(summary, fatal, unknown_to_api=counters.unknown_to_api)
     get_run_logger().info("done: %s", summary.as_dict())
     return summary
+
+
+def _webhook_counts(run: RunContext) -> dict[str, int]:
+    stats = run.poller.stats if run.poller is not None else None
+    if stats is None:
+        return {}
+    return {
+        "webhook_deliveries": stats.deliveries,
+        "status_calls_saved": stats.status_calls_saved,
+        "webhook_fallbacks": stats.fallbacks,
+    }
 
 
 def _hint_if_paced(run: RunContext) -> None:

@@ -73,6 +73,9 @@ class RunSummary(_Report):
     output: str = ""
     rejects: str = ""
     seconds: float = 0.0
+    webhook_deliveries: int = 0  # workflows settled from a webhook delivery
+    status_calls_saved: int = 0  # status calls those deliveries made unnecessary
+    webhook_fallbacks: int = 0  # workflows whose delivery was overdue, polled instead
 
     _parse_nested = field_validator("row_statuses", "rejects_by_reason", mode="before")(_json_text)
 

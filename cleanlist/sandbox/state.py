@@ -39,7 +39,10 @@ Behaviour the contract leaves open ([assumed]) and how this world settles it:
   field-rule items, one per contact.
 - Webhooks: 5 attempts; the waits between them are 1, 2, 4, 8 s × `webhook_backoff_scale` (the
   documented 16 s step would only precede a sixth attempt). Any 2xx is delivered; a non-2xx, timeout
-  or connection error is a failed attempt.
+  or connection error is a failed attempt. Test facilities (defaults: the documented behaviour):
+  `webhook_drop_rate` never sends that share of webhooks (seeded per workflow, no attempt recorded),
+  `webhook_results_limit` carries fewer than 250 results (the rest in `results_truncated`),
+  `webhook_delay` waits that long after completion before the first attempt.
 - Error bodies the docs do not give: injected 500 `Internal server error`, 502 `Bad gateway`,
   503 `Service temporarily unavailable`, 504 `Gateway timeout` (all as `{"detail": …}`); only 429s
   carry Retry-After. A deliveries call without workflow_id gets FastAPI's missing-query 422.
@@ -150,7 +153,6 @@ FAULT_DETAILS: dict[int, str] = {
     503: "Service temporarily unavailable",
     504: "Gateway timeout",
 }
-WEBHOOK_RESULTS_LIMIT = 250
 RESULTS_ENDPOINT = "/api/v1/public/enrich/status?workflow_id="
 # A task id's index inside its workflow fits in 8 bits: batches hold at most 250 contacts.
 _INDEX_BITS = 8
@@ -567,9 +569,16 @@ class SandboxState:
             "workflow_id": workflow.workflow_id,
         }
 
+    def webhook_dropped(self, workflow: Workflow) -> bool:
+        """Whether this workflow's webhook is never sent (`webhook_drop_rate`, seeded per workflow)."""
+        rate = self.config.webhook_drop_rate
+        return rate > 0 and random.Random(f"{self.config.seed}:drop:{workflow.serial}").random() < rate
+
     def webhook_payload(self, workflow: Workflow) -> dict[str, Any]:
-        """The `enrichment.completed` body: at most 250 results, the rest left to the status endpoint."""
-        view = self.workflow_view(workflow, WEBHOOK_RESULTS_LIMIT)
+        """The `enrichment.completed` body: at most `webhook_results_limit` (250) results, the rest left
+        to the status endpoint."""
+        limit = self.config.webhook_results_limit
+        view = self.workflow_view(workflow, limit)
         return {
             "event": "enrichment.completed",
             "workflow_id": workflow.workflow_id,
@@ -578,8 +587,8 @@ class SandboxState:
             "status": view["status"],
             "summary": view["summary"],
             "results": view["results"],
-            "results_limit": WEBHOOK_RESULTS_LIMIT,
-            "results_truncated": max(0, workflow.total - WEBHOOK_RESULTS_LIMIT),
+            "results_limit": limit,
+            "results_truncated": max(0, workflow.total - limit),
             "results_endpoint": RESULTS_ENDPOINT + workflow.workflow_id,
             "completed_at": view["completed_at"],
         }

@@ -1,0 +1,206 @@
+"""Webhooks end to end: the sandbox POSTs deliveries over HTTP to the receiver, which writes them to a real
+store; runs pick them up instead of polling, and fall back to polling when a delivery never comes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cleanlist.sandbox import SandboxServer
+from cleanlist.store import EnrichmentStore
+from cleanlist.store.schema import contacts, webhook_deliveries
+from cleanlist.webhooks import hook_url, register_run
+from cleanlist.webhooks.server import ReceiverServer
+from tests.conftest import postgres_database
+from tests.flow_helpers import messy_export, read_csv, run_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _task_result(sandbox: SandboxServer, task_id: str) -> dict[str, Any]:
+    response = httpx.get(
+        f"{sandbox.public_url}/enrich/status",
+        params={"task_id": task_id},
+        headers={"Authorization": f"Bearer {sandbox.api_key}"},
+    )
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _assert_every_row_right(
+    sandbox: SandboxServer, out_path: Path, summary: dict[str, Any], unique: int
+) -> None:
+    out = read_csv(out_path)
+    assert len(out) == unique
+    assert set(out["cleanlist_status"]) <= {"enriched", "not_found"}
+    for _, row in out.iterrows():
+        assert row["cleanlist_email"] == (
+            _task_result(sandbox, row["cleanlist_task_id"])["primary_email"] or ""
+        )
+    counters = sandbox.counters()
+    assert counters["contacts_accepted"] == unique
+    assert counters["contacts_accepted_more_than_once"] == 0
+    assert summary["credits_spent"] == pytest.approx(counters["credits_charged"])
+
+
+def _status_calls(sandbox: SandboxServer) -> int:
+    return sum(sandbox.counters()["requests"].get("enrich-status", {}).values())
+
+
+def test_deliveries_replace_polling_and_every_row_is_right(tmp_path: Path, make_sandbox, api_env) -> None:
+    sandbox = make_sandbox(rate_limit=None, latency=0.2)
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=600)
+    state, summary = run_flow(
+        source=str(source),
+        output=str(tmp_path / "out.csv"),
+        store=f"sqlite:///{tmp_path / 'store.db'}",
+        webhook_listen="127.0.0.1:0",
+        webhook_grace_seconds=5.0,
+    )
+
+    assert state.is_completed(), state.message
+    assert summary["workflows"] == 3
+    assert summary["webhook_deliveries"] == 3 and summary["status_calls_saved"] == 3
+    assert summary["webhook_fallbacks"] == 0 and summary["status_calls"] == 0
+    status_calls_before_checks = _status_calls(sandbox)
+    assert status_calls_before_checks == 0
+    _assert_every_row_right(sandbox, tmp_path / "out.csv", summary, 600)
+
+
+def test_truncated_deliveries_fetch_the_rest_and_every_row_is_right(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    sandbox = make_sandbox(rate_limit=None, latency=0.2, webhook_results_limit=100)
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=600)
+    state, summary = run_flow(
+        source=str(source),
+        output=str(tmp_path / "out.csv"),
+        store=f"sqlite:///{tmp_path / 'store.db'}",
+        webhook_listen="127.0.0.1:0",
+        webhook_grace_seconds=5.0,
+    )
+
+    assert state.is_completed(), state.message
+    assert summary["webhook_deliveries"] == 3 and summary["webhook_fallbacks"] == 0
+    # Chunks of 250, 250 and 100: one status call for each of the two truncated deliveries (the results
+    # past the first 100), none for the last.
+    assert summary["status_calls"] == 2 and summary["status_calls_saved"] == 1
+    assert summary["task_lookups"] == 0 and summary["unresolved"] == 0
+    _assert_every_row_right(sandbox, tmp_path / "out.csv", summary, 600)
+
+
+def test_a_receiver_that_hears_nothing_completes_by_polling(tmp_path: Path, make_sandbox, api_env) -> None:
+    sandbox = make_sandbox(rate_limit=None, latency=0.2, webhook_drop_rate=1.0)
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=600)
+    state, summary = run_flow(
+        source=str(source),
+        output=str(tmp_path / "out.csv"),
+        store=f"sqlite:///{tmp_path / 'store.db'}",
+        webhook_listen="127.0.0.1:0",
+        webhook_grace_seconds=0.2,
+    )
+
+    assert state.is_completed(), state.message
+    assert summary["webhook_deliveries"] == 0 and summary["status_calls_saved"] == 0
+    assert summary["webhook_fallbacks"] == 3 and summary["status_calls"] >= 3
+    _assert_every_row_right(sandbox, tmp_path / "out.csv", summary, 600)
+
+
+def _post(url: str, body: bytes | dict[str, Any]) -> int:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(
+        url, content=content, headers={"Content-Type": "application/json"}, timeout=10
+    ).status_code
+
+
+def _rows(store_url: str) -> list[tuple[Any, ...]]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(store_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        found = [tuple(row) for row in conn.execute(sa.select(contacts).order_by(contacts.c.contact_key))]
+        found += [tuple(row) for row in conn.execute(sa.select(webhook_deliveries).order_by("workflow_id"))]
+    engine.dispose()
+    return found
+
+
+@pytest.mark.postgres
+def test_forged_deliveries_to_a_shared_receiver_change_no_row(tmp_path: Path, make_sandbox, api_env) -> None:
+    sandbox = make_sandbox(rate_limit=None, latency=0.2)
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=300)
+    with postgres_database() as store_url, EnrichmentStore(store_url) as store:
+        receiver = ReceiverServer(store, "127.0.0.1", 0).start()
+        try:
+            state, summary = run_flow(
+                source=str(source),
+                output=str(tmp_path / "out.csv"),
+                store=store_url,
+                webhook_url=receiver.base_url,  # a long-lived receiver shared through the store
+                webhook_grace_seconds=5.0,
+            )
+            assert state.is_completed(), state.message
+            assert summary["webhook_deliveries"] == 2 and summary["status_calls"] == 0
+            _assert_every_row_right(sandbox, tmp_path / "out.csv", summary, 300)
+
+            workflow_id = next(iter(sandbox.state._workflows_by_id))  # the test fake's own record
+            real_url = sandbox.state._workflows_by_id[workflow_id].webhook_url
+            assert real_url is not None and real_url.startswith(receiver.base_url + "/hooks/")
+            real = sandbox.state.webhook_payload(sandbox.state._workflows_by_id[workflow_id])
+            # Another run on the same store, with a ledger entry whose delivery has not come yet.
+            store.start_run("other-run", {})
+            other_url = hook_url(receiver.base_url, register_run(store, "other-run"))
+            store.record_accepted(
+                "other-run",
+                workflow_id="public_bulk_other",
+                chunk_key="0",
+                enrichment_type="partial",
+                keys=["nm:a|b|c.example"],
+                task_ids=["task-owned"],
+                worst_case_credits=1.0,
+            )
+            before = _rows(store_url)
+
+            answers = {
+                "guessed path": _post(f"{receiver.base_url}/hooks/guessed-token", real),
+                "unknown workflow id": _post(real_url, {**real, "workflow_id": "public_bulk_unknown"}),
+                "wrong token (another run's)": _post(other_url, real),
+                "duplicated real delivery": _post(real_url, real),
+                "not a payload": _post(real_url, b"{not json"),
+                "oversized body": _post(real_url, b"x" * (5 * 2**20)),
+                "no token": _post(f"{receiver.base_url}/hooks/", real),
+            }
+            after_forgeries = _rows(store_url)
+            foreign = {
+                **real,
+                "workflow_id": "public_bulk_other",
+                "results": [{**real["results"][0], "task_id": "task-owned"}]
+                + [{**r, "task_id": f"foreign-{i}"} for i, r in enumerate(real["results"][1:4])],
+                "results_truncated": 0,
+            }
+            answers["foreign task ids (3 of 4)"] = _post(other_url, foreign)
+            kept = json.loads(store.delivered(["public_bulk_other"])["public_bulk_other"])
+        finally:
+            receiver.stop()
+
+    print("forged deliveries:", answers)
+    assert answers == {
+        "guessed path": 404,
+        "unknown workflow id": 404,
+        "wrong token (another run's)": 404,
+        "duplicated real delivery": 200,  # idempotent: the API must not retry it, nothing changes
+        "not a payload": 422,
+        "oversized body": 413,
+        "no token": 404,
+        "foreign task ids (3 of 4)": 200,
+    }
+    assert after_forgeries == before
+    assert [r["task_id"] for r in kept["results"]] == ["task-owned"]
