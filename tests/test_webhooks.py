@@ -204,3 +204,30 @@ def test_forged_deliveries_to_a_shared_receiver_change_no_row(tmp_path: Path, ma
     }
     assert after_forgeries == before
     assert [r["task_id"] for r in kept["results"]] == ["task-owned"]
+
+
+def test_receiver_command_serves_until_stopped(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "receiver", "--port", "0", "--store", store_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("receiving webhooks on http://127.0.0.1:"), line
+        base = line.split()[3].removesuffix("/hooks/<token>")
+        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        assert _post(f"{base}/hooks/{'x' * 43}", {"workflow_id": "w", "status": "completed"}) == 404
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert "Traceback" not in stderr

@@ -44,9 +44,14 @@ def _server(store: EnrichmentStore) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
-def serve_forever(store: EnrichmentStore, host: str, port: int) -> None:
-    """Serve in this thread until interrupted (the `cleanlist-enrich receiver` command)."""
-    _server(store).run(sockets=[_bind(host, port)])
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound and listening on host:port (0 = a free port); one InputError line if it cannot be."""
+    return _bind(host, port)
+
+
+def serve_forever(store: EnrichmentStore, sock: socket.socket) -> None:
+    """Serve on a listening socket in this thread until interrupted (`cleanlist-enrich receiver`)."""
+    _server(store).run(sockets=[sock])
 
 
 class ReceiverServer:
