@@ -196,8 +196,8 @@ class WorkflowPoller:
         retry: RetryPolicy | None = None,
         inbox: Inbox | None = None,
         on_delivery: OnResult | None = None,
-        delivery_grace: float = 1.0,
-        inbox_interval: float = 0.2,
+        delivery_grace: float = 0.5,
+        inbox_interval: float = 0.1,
     ) -> None:
         self._client = client
         self._retry = retry or RetryPolicy()

@@ -254,7 +254,7 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     raw_csv: bool = False,
     api_outage_seconds: float = 300.0,
     webhook_listen: str | None = None,
-    webhook_grace_seconds: float = 1.0,
+    webhook_grace_seconds: float = 0.5,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 

@@ -231,3 +231,41 @@ def test_receiver_command_serves_until_stopped(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=20)
     assert "Traceback" not in stderr
+
+
+def _wait_for(condition: Any, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sandbox_drops_truncates_and_delays_deliveries_on_request(make_sandbox) -> None:
+    from datetime import datetime
+
+    from tests.sandbox_helpers import WebhookReceiver, api, bulk, people
+
+    sandbox = make_sandbox(rate_limit=None, latency=0.05, webhook_drop_rate=0.5, webhook_results_limit=100)
+    delayed = make_sandbox(rate_limit=None, latency=0.05, webhook_delay=0.4)
+    receiver = WebhookReceiver([])
+    with receiver.running(), api(sandbox) as client, api(delayed) as late_client:
+        ids = [
+            bulk(client, people(150, tag=f"w{n}"), webhook_url=receiver.url).json()["workflow_id"]
+            for n in range(8)
+        ]
+        dropped = {wid for wid in ids if sandbox.state.webhook_dropped(sandbox.state._workflows_by_id[wid])}
+        assert 0 < len(dropped) < len(ids)  # seeded: the same share on every run
+        _wait_for(lambda: len(receiver.bodies) == len(ids) - len(dropped))
+        late_id = bulk(late_client, people(3), webhook_url=receiver.url).json()["workflow_id"]
+        _wait_for(lambda: any(body["workflow_id"] == late_id for body in receiver.bodies))
+        late = late_client.get("/webhooks/deliveries", params={"workflow_id": late_id}).json()
+        late_status = late_client.get("/enrich/status", params={"workflow_id": late_id}).json()
+
+    delivered = {body["workflow_id"]: body for body in receiver.bodies if body["workflow_id"] != late_id}
+    assert set(delivered) == set(ids) - dropped
+    assert all(len(b["results"]) == 100 and b["results_truncated"] == 50 for b in delivered.values())
+    assert all(b["results_limit"] == 100 for b in delivered.values())
+    first = datetime.fromisoformat(late["deliveries"][0]["delivered_at"])
+    assert (first - datetime.fromisoformat(late_status["completed_at"])).total_seconds() >= 0.4

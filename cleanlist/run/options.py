@@ -129,7 +129,7 @@ class EnrichOptions(BaseModel):
         "unless webhook_url is given); workflows are then polled only when their delivery is overdue",
     )
     webhook_grace_seconds: float = Field(
-        default=1.0,
+        default=0.5,
         ge=0,
         description="with webhooks: how long past a workflow's expected completion to wait for its delivery "
         "before polling it",

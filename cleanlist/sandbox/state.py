@@ -326,6 +326,8 @@ class SandboxState:
         # identity digest -> serial of the last batch that carried it; -1 once counted as a repeat.
         self._seen: dict[int, int] = {}
         self._repeated = 0
+        self._webhooks_delivered = 0
+        self._last_webhook_t: float | None = None  # request-log time of the last delivered webhook
 
     # --- the request path -------------------------------------------------------------------------
 
@@ -597,6 +599,9 @@ class SandboxState:
         """Remember one webhook attempt."""
         with self._lock:
             workflow.deliveries.append(attempt)
+            if attempt.status == "delivered":
+                self._webhooks_delivered += 1
+                self._last_webhook_t = self.clock() - self.started_at
 
     def deliveries_view(self, workflow: Workflow) -> dict[str, Any]:
         """The webhook-deliveries body."""
@@ -639,6 +644,8 @@ class SandboxState:
                 "bulk_accepted": self._bulk_accepted,
                 "credits_charged": self._credits_charged,
                 "balance": self.organization.credits,
+                "webhooks_delivered": self._webhooks_delivered,
+                "last_webhook_delivered_t": self._last_webhook_t,
             }
 
     def request_log(self) -> list[dict[str, Any]]:
