@@ -223,6 +223,9 @@ class WorkflowPoller:
         # here instead of piling fetched results up in memory (250 parsed results per workflow).
         self._deliveries: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=POLL_PENDING_RESULTS)
         self._delivery_thread: threading.Thread | None = None
+        # Deliveries picked up while that queue is full: already in memory (one per workflow in flight),
+        # and the inbox must not stall behind the store, or waiting deliveries turn overdue and get polled.
+        self._overflow: deque[Callable[[], None]] = deque()
         self._inbox = inbox
         self._on_delivery = on_delivery or on_result
         self.delivery_grace = delivery_grace
@@ -338,7 +341,9 @@ class WorkflowPoller:
         return max(workflow.submitted_at + after, workflow.not_before)
 
     def _worker_free(self) -> bool:
-        limit = self.workers if self._estimate.calibrated else 1
+        # With deliveries expected, polls go only to overdue workflows (most likely done): nothing to
+        # search for, and holding them to one at a time would stretch the end of the run.
+        limit = self.workers if self._estimate.calibrated or self._inbox is not None else 1
         return self._polling < limit
 
     def _next_due(self) -> TrackedWorkflow | None:
@@ -493,7 +498,7 @@ class WorkflowPoller:
         )
 
     # -- callbacks -------------------------------------------------------------------------------
-    def _deliver(self, workflow: TrackedWorkflow, callback: Callable[[], None]) -> None:
+    def _deliver(self, workflow: TrackedWorkflow, callback: Callable[[], None], *, wait: bool = True) -> None:
         """Run `callback` on the results thread; the workflow stays outstanding until it has run."""
 
         def run() -> None:
@@ -511,11 +516,24 @@ class WorkflowPoller:
                 return
             self._finished()
 
-        self._deliveries.put(run)
+        if wait:
+            self._deliveries.put(run)
+            return
+        try:
+            self._deliveries.put_nowait(run)
+        except queue.Full:
+            with self._cv:
+                self._overflow.append(run)
 
     def _deliver_forever(self) -> None:
         while (job := self._deliveries.get()) is not None:
             job()
+            while True:  # the overflow only fills while the queue is full, so a queued job comes first
+                with self._cv:
+                    if not self._overflow:
+                        break
+                    extra = self._overflow.popleft()
+                extra()
 
     # -- webhook deliveries ----------------------------------------------------------------------
     def note_results_fetch(self) -> None:
@@ -555,4 +573,4 @@ class WorkflowPoller:
                 self.stats.status_calls_saved += 1
                 if not workflow.resumed:
                     self._delivery_lags.append(time.monotonic() - workflow.submitted_at)
-        self._deliver(workflow, lambda: self._on_delivery(workflow, status))
+        self._deliver(workflow, lambda: self._on_delivery(workflow, status), wait=False)

@@ -269,3 +269,47 @@ def test_sandbox_drops_truncates_and_delays_deliveries_on_request(make_sandbox) 
     assert all(b["results_limit"] == 100 for b in delivered.values())
     first = datetime.fromisoformat(late["deliveries"][0]["delivered_at"])
     assert (first - datetime.fromisoformat(late_status["completed_at"])).total_seconds() >= 0.4
+
+
+@pytest.mark.postgres
+def test_receiver_killed_mid_run_the_run_completes_by_polling(tmp_path: Path, make_sandbox, api_env) -> None:
+    import threading
+
+    sandbox = make_sandbox(rate_limit=(2, 1.0), latency=0.2)
+    api_env(sandbox, rate_limit="2/1")
+    source = messy_export(tmp_path / "crm.csv", unique=1500)
+    with postgres_database() as store_url, EnrichmentStore(store_url) as store:
+        receiver = ReceiverServer(store, "127.0.0.1", 0).start()
+        killed = threading.Event()
+
+        def kill_after_first_delivery() -> None:
+            import sqlalchemy as sa
+
+            engine = sa.create_engine(store_url.replace("postgresql://", "postgresql+psycopg://"))
+            count = sa.select(sa.func.count()).select_from(webhook_deliveries)
+            with engine.connect() as conn:
+                _wait_for(lambda: conn.execute(count).scalar_one() > 0, timeout=60)
+            engine.dispose()
+            receiver.stop()
+            killed.set()
+
+        watcher = threading.Thread(target=kill_after_first_delivery, daemon=True)
+        watcher.start()
+        try:
+            state, summary = run_flow(
+                source=str(source),
+                output=str(tmp_path / "out.csv"),
+                store=store_url,
+                webhook_url=receiver.base_url,
+                webhook_grace_seconds=0.2,
+            )
+        finally:
+            watcher.join(timeout=60)
+            receiver.stop()
+
+    assert killed.is_set()
+    assert state.is_completed(), state.message
+    assert summary["workflows"] == 6
+    assert 1 <= summary["webhook_deliveries"] < 6
+    assert summary["webhook_deliveries"] + summary["webhook_fallbacks"] >= 6
+    _assert_every_row_right(sandbox, tmp_path / "out.csv", summary, 1500)
