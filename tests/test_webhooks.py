@@ -309,3 +309,61 @@ def test_receiver_killed_mid_run_the_run_completes_by_polling(tmp_path: Path, ma
     assert 1 <= summary["webhook_deliveries"] < 6
     assert summary["webhook_deliveries"] + summary["webhook_fallbacks"] >= 6
     _assert_every_row_right(sandbox, tmp_path / "out.csv", summary, 1500)
+
+
+def test_a_rerun_takes_a_delivery_a_shared_receiver_kept_for_a_dead_run(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    import csv
+
+    from cleanlist.prepare import prepare_row
+    from tests.sandbox_helpers import api, bulk, people
+
+    sandbox = make_sandbox(rate_limit=None, latency=0.1, webhook_backoff_scale=0.05)
+    api_env(sandbox)
+    contacts = people(40, tag="dead")
+    source = tmp_path / "people.csv"
+    with source.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["first_name", "last_name", "company_domain"])
+        writer.writeheader()
+        writer.writerows(contacts)
+    keys = [prepare_row(contact).key for contact in contacts]
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    with EnrichmentStore(store_url) as store:
+        receiver = ReceiverServer(store, "127.0.0.1", 0).start()
+        try:
+            # A run that submitted, was told its workflow, and died before any result came.
+            store.start_run("dead-run", {})
+            url = hook_url(receiver.base_url, register_run(store, "dead-run"))
+            with api(sandbox) as client:
+                accepted = bulk(client, contacts, webhook_url=url).json()
+            store.record_accepted(
+                "dead-run",
+                workflow_id=accepted["workflow_id"],
+                chunk_key="0",
+                enrichment_type="partial",
+                keys=[key for key in keys if key],
+                task_ids=accepted["task_ids"],
+                worst_case_credits=40.0,
+            )
+            store.finish_run("dead-run", "crashed", {})
+            _wait_for(lambda: bool(store.delivered([accepted["workflow_id"]])))
+        finally:
+            receiver.stop()
+    status_calls_before = _status_calls(sandbox)
+
+    state, summary = run_flow(
+        source=str(source), output=str(tmp_path / "out.csv"), store=store_url, webhook_listen="127.0.0.1:0"
+    )
+
+    assert state.is_completed(), state.message
+    assert summary["resumed_in_flight"] == 40 and summary["submitted"] == 0
+    assert summary["webhook_deliveries"] == 1 and summary["status_calls"] == 0
+    assert _status_calls(sandbox) == status_calls_before  # the delivery answered for the dead run
+    out = read_csv(tmp_path / "out.csv")
+    assert len(out) == 40
+    for _, row in out.iterrows():
+        assert row["cleanlist_email"] == (
+            _task_result(sandbox, row["cleanlist_task_id"])["primary_email"] or ""
+        )
+    assert sandbox.counters()["contacts_accepted_more_than_once"] == 0
