@@ -367,3 +367,14 @@ def test_a_rerun_takes_a_delivery_a_shared_receiver_kept_for_a_dead_run(
             _task_result(sandbox, row["cleanlist_task_id"])["primary_email"] or ""
         )
     assert sandbox.counters()["contacts_accepted_more_than_once"] == 0
+
+
+@pytest.mark.parametrize("value", ["8088", "host:", ":8088", "host:99999", "host:port"])
+def test_a_bad_webhook_listen_is_one_line(value: str) -> None:
+    from cleanlist.errors import InputError
+    from cleanlist.run.options import EnrichOptions
+
+    with pytest.raises(InputError) as caught:
+        EnrichOptions.from_parameters({"source": "in.csv", "output": "out.csv", "webhook_listen": value})
+    assert "\n" not in str(caught.value) and "webhook_listen" in str(caught.value)
+    assert "HOST:PORT" in str(caught.value)
