@@ -67,6 +67,26 @@ def test_deliveries_replace_polling_and_every_row_is_right(tmp_path: Path, make_
     status_calls_before_checks = _status_calls(sandbox)
     assert status_calls_before_checks == 0
     _assert_every_row_right(sandbox, tmp_path / "out.csv", summary, 600)
+    # One `cleanlist.webhook.received` event per delivery picked up, about the flow run.
+    events = _events(state.state_details.flow_run_id, "cleanlist.webhook.", expected=3)
+    assert sorted(e.payload["results"] for e in events) == [100, 250, 250]
+    assert len({e.payload["workflow_id"] for e in events}) == 3
+
+
+def _events(flow_run_id: Any, prefix: str, expected: int) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    def ours() -> EventFilter:  # its time window ends when it is made
+        return EventFilter(
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+            event=EventNameFilter(prefix=[prefix]),
+        )
+
+    with get_client(sync_client=True) as client:
+        _wait_for(lambda: len(client.read_events(filter=ours(), limit=50).events) >= expected, timeout=20)
+        events: list[Any] = client.read_events(filter=ours(), limit=50).events
+    return events
 
 
 def test_truncated_deliveries_fetch_the_rest_and_every_row_is_right(
