@@ -67,11 +67,15 @@ def api_phase(sandbox: SandboxProcess) -> ApiPhase:
     counters = sandbox.counters()
     bulk = [e for e in log if e["endpoint"] == "enrich-bulk"]
     status_ok = [e for e in log if e["endpoint"] == "enrich-status" and e["status"] == 200]
-    if not bulk or not status_ok:
-        raise RuntimeError("the run sent no bulk request or got no status answer")
+    # With webhooks, a run's last result may come by delivery rather than by a status answer.
+    ends = [float(status_ok[-1]["t"])] if status_ok else []
+    if counters.get("last_webhook_delivered_t") is not None:
+        ends.append(float(counters["last_webhook_delivered_t"]))
+    if not bulk or not ends:
+        raise RuntimeError("the run sent no bulk request and got no status answer or delivery")
     return ApiPhase(
         start=float(bulk[0]["t"]),
-        end=float(status_ok[-1]["t"]),
+        end=max(ends),
         contacts=int(counters["contacts_accepted"]),
         workflows=int(counters["bulk_accepted"]),
         requests=counters["requests"],
@@ -250,6 +254,52 @@ def throughput(args: argparse.Namespace, stand: Stand, report: dict[str, Any]) -
         report["throughput"]["speedup_vs_documented_loop"] = round(median / row["contacts_per_s"], 1)
 
 
+def webhooks(args: argparse.Namespace, stand: Stand, report: dict[str, Any]) -> None:
+    """Polling only beside webhooks (issue 14), against a sandbox that never sends a share of deliveries."""
+    requests_per_window, _, window = args.rate_limit.partition("/")
+    ceiling = int(requests_per_window) * CHUNK / float(window)
+    data = cached_dataset(args.data_dir, DatasetSpec(args.contacts), "csv")
+    chunks = -(-args.contacts // CHUNK)
+    common = ["--initial-poll-seconds", str(args.initial_poll_seconds)]
+    report["webhooks"] = {
+        "contacts": args.contacts,
+        "rate_limit": args.rate_limit,
+        "latency": args.webhooks_latency,
+        "drop_rate": args.webhook_drop_rate,
+        "ceiling_contacts_per_s": ceiling,
+        "runs": {},
+    }
+    variants = [("polling only", common), ("webhooks", [*common, "--webhook-listen", "127.0.0.1:0"])]
+    for label, extra in variants:
+        print(f"… {label}: {args.contacts} contacts", flush=True)
+        slug = label.replace(" ", "-")
+        out, store = stand.workdir / f"wh-{slug}.csv", stand.workdir / f"store-wh-{slug}.db"
+        row, measured, _ = measure_api_run(
+            stand,
+            pipeline_cmd(data, out, store, extra),
+            pipeline_env(stand, args.rate_limit),
+            chunks,
+            ceiling,
+        )
+        summary = last_json_line(measured.stdout)
+        rows_out, rows_rej = count_rows(out), count_rows(Path(summary["rejects"]))
+        row.update(
+            {
+                "options": " ".join(extra),
+                "flow_seconds": summary.get("seconds"),
+                "rows_out": rows_out,
+                "all_rows_written": rows_out + rows_rej == args.contacts,
+                "webhook_deliveries": summary.get("webhook_deliveries", 0),
+                "status_calls_saved": summary.get("status_calls_saved", 0),
+                "webhook_fallbacks": summary.get("webhook_fallbacks", 0),
+                "credits_match": summary["credits_spent"] == stand.sandbox.counters()["credits_charged"],
+                "summary": summary,
+            }
+        )
+        report["webhooks"]["runs"][label] = row
+        print(_brief(label, row), flush=True)
+
+
 def _brief(label: str, row: dict[str, Any]) -> str:
     return (
         f"  {label}: {row['contacts_per_s']:.0f} contacts/s = {row['ceiling_ratio']:.3f} of the ceiling, "
@@ -351,6 +401,26 @@ def table(report: dict[str, Any]) -> str:
         if "speedup_vs_documented_loop" in tp:
             lines.append(f"pipeline / documented loop: {tp['speedup_vs_documented_loop']}×")
         lines.append("")
+    wh = report.get("webhooks")
+    if wh:
+        lines.append(
+            f"Webhooks: {wh['contacts']:,} contacts, sandbox {wh['rate_limit']} per endpoint, workflows "
+            f"{wh['latency']} s, {100 * wh['drop_rate']:.0f} % of deliveries never sent, ceiling "
+            f"{wh['ceiling_contacts_per_s']:,.0f} contacts/s"
+        )
+        head = (
+            f"{'run':<16}{'contacts/s':>11}{'ceiling':>9}{'status/wf':>10}{'delivered':>10}"
+            f"{'polled':>8}{'429s':>7}{'API s':>8}{'flow s':>8}{'rows ok':>9}"
+        )
+        lines += [head, "-" * len(head)]
+        for name, row in wh["runs"].items():
+            lines.append(
+                f"{name:<16}{row['contacts_per_s']:>11,.0f}{row['ceiling_ratio']:>9.3f}"
+                f"{row['status_calls_per_workflow']:>10.3f}{row['webhook_deliveries']:>10}"
+                f"{row['webhook_fallbacks']:>8}{100 * row['share_429']:>6.2f}%{row['api_seconds']:>8.1f}"
+                f"{row['flow_seconds']:>8}{row['all_rows_written'] and row['credits_match']!s:>9}"
+            )
+        lines.append("")
     sc = report.get("scale")
     if sc:
         lines.append(f"Scale: sandbox {sc['rate_limit']}, workflows {sc['latency']} s")
@@ -381,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["throughput", "scale", "all"])
+    parser.add_argument("mode", choices=["throughput", "scale", "webhooks", "all"])
     parser.add_argument("--contacts", type=int, default=40_000, help="throughput: unique contacts")
     parser.add_argument("--rate-limit", default="20/2", help="throughput: the sandbox's limit per endpoint")
     parser.add_argument("--latency", default="0.5-1.5", help="throughput: workflow duration, seconds")
@@ -389,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--initial-poll-seconds", type=float, default=6.0)
     parser.add_argument("--max-concurrent-chunks", type=int, default=8, help="throughput (CLI default 8)")
     parser.add_argument("--scale-concurrent-chunks", type=int, default=24)
+    parser.add_argument("--webhooks-latency", default="0.9-1.1", help="webhooks: workflow duration, seconds")
+    parser.add_argument(
+        "--webhook-drop-rate", type=float, default=0.1, help="webhooks: deliveries never sent"
+    )
     parser.add_argument(
         "--scale-cli-defaults",
         action="store_true",
@@ -427,6 +501,17 @@ def main(argv: list[str] | None = None) -> int:
                 sandbox = SandboxProcess(rate_limit=args.rate_limit, latency=args.latency, log_dir=workdir)
                 try:
                     throughput(args, Stand(prefect, sandbox, workdir), report)
+                finally:
+                    sandbox.stop()
+            if args.mode == "webhooks":
+                sandbox = SandboxProcess(
+                    rate_limit=args.rate_limit,
+                    latency=args.webhooks_latency,
+                    log_dir=workdir,
+                    extra=["--webhook-drop-rate", str(args.webhook_drop_rate)],
+                )
+                try:
+                    webhooks(args, Stand(prefect, sandbox, workdir), report)
                 finally:
                     sandbox.stop()
             if args.mode in ("scale", "all"):

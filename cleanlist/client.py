@@ -317,6 +317,25 @@ class CleanlistClient(_ClientCore):
         payload = self._request("webhook-deliveries", params={"workflow_id": workflow_id})
         return self._model("webhook-deliveries", WebhookDeliveries.parse, payload)
 
+    def results_from_endpoint(self, workflow_id: str, endpoint: str | None = None) -> WorkflowStatus:
+        """A delivered workflow's full answer from its webhook's `results_endpoint`: a status call.
+
+        The endpoint comes from an unsigned payload, so it is only followed when it is this workflow's
+        status endpoint (on this API, or a bare path); anything else is refused, never requested.
+        """
+        path = API_PREFIX + ENDPOINTS["enrich-status"][1]
+        if endpoint is not None:
+            url = httpx.URL(endpoint)
+            same_host = not url.host or url.host == httpx.URL(self.base_url).host
+            if not (same_host and url.path == path and dict(url.params) == {"workflow_id": workflow_id}):
+                raise APIResponseValidationError(
+                    f"results_endpoint of workflow {workflow_id} is not its status endpoint; not followed"
+                )
+        status = self.enrich_status(workflow_id=workflow_id)
+        if not isinstance(status, WorkflowStatus):
+            raise APIResponseValidationError(f"GET {path} answered a task, not workflow {workflow_id}")
+        return status
+
 
 class AsyncCleanlistClient(_ClientCore):
     """Asyncio client; shares the process-wide limiter with blocking clients of the same key."""

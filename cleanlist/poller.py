@@ -12,6 +12,11 @@ endpoint for everybody. A few worker threads make the calls, so a burst of workf
 together is fetched together; results are handed to callbacks on one separate thread, so result
 handling (store writes) does not delay the next poll, up to a few results waiting: beyond that the
 workers wait for the callbacks, so memory stays bounded when the store is slower than the API.
+
+With webhooks (an `inbox`: the deliveries a receiver wrote to the store), a workflow whose delivery is
+expected is not polled at all until a grace period past its expected completion (the slowest recent
+delivery, else the poll estimate); an inbox thread looks for its delivery meanwhile, a cheap local
+read, and hands it over like a polled answer. An overdue workflow falls back to polling as above.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cleanlist.client import CleanlistClient
@@ -64,6 +69,7 @@ class TrackedWorkflow:
     urgent: bool = field(default=False, repr=False)  # poll as soon as the budget allows (resumed)
     running_at: float = field(default=0.0, repr=False)  # elapsed seconds of the last "not yet"
     not_before: float = field(default=0.0, repr=False)  # monotonic time before which not to poll
+    expect_delivery: bool = False  # a webhook should bring its results: poll only once it is overdue
 
 
 @dataclass
@@ -75,6 +81,9 @@ class PollerStats:
     errors: int = 0
     early_first_polls: int = 0  # first polls answered "not yet"
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    deliveries: int = 0  # workflows settled from a webhook delivery
+    status_calls_saved: int = 0  # of those, never polled (less the calls fetching truncated results)
+    fallbacks: int = 0  # workflows whose delivery was expected but which had to be polled (overdue)
 
     @property
     def calls_per_workflow(self) -> float:
@@ -152,9 +161,15 @@ class CompletionEstimate:
         self.value = self._clamp(self.value)
 
 
+class PollAgain(Exception):
+    """Raised by a result callback: this answer settles nothing; poll the workflow as usual (no traceback)."""
+
+
 OnResult = Callable[[TrackedWorkflow, WorkflowStatus], None]
 OnGone = Callable[[TrackedWorkflow, str], None]
 OnFatal = Callable[[APIError], None]
+# Workflow ids → the delivered final status of those a receiver has delivered (a local store read).
+Inbox = Callable[[Sequence[str]], Mapping[str, WorkflowStatus]]
 
 
 class WorkflowPoller:
@@ -179,6 +194,10 @@ class WorkflowPoller:
         max_interval: float = 60.0,
         workers: int = POLL_WORKERS,
         retry: RetryPolicy | None = None,
+        inbox: Inbox | None = None,
+        on_delivery: OnResult | None = None,
+        delivery_grace: float = 0.5,
+        inbox_interval: float = 0.1,
     ) -> None:
         self._client = client
         self._retry = retry or RetryPolicy()
@@ -204,6 +223,16 @@ class WorkflowPoller:
         # here instead of piling fetched results up in memory (250 parsed results per workflow).
         self._deliveries: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=POLL_PENDING_RESULTS)
         self._delivery_thread: threading.Thread | None = None
+        # Deliveries picked up while that queue is full: already in memory (one per workflow in flight),
+        # and the inbox must not stall behind the store, or waiting deliveries turn overdue and get polled.
+        self._overflow: deque[Callable[[], None]] = deque()
+        self._inbox = inbox
+        self._on_delivery = on_delivery or on_result
+        self.delivery_grace = delivery_grace
+        self.inbox_interval = inbox_interval
+        self._delivery_lags: deque[float] = deque(maxlen=50)
+        self._inbox_thread: threading.Thread | None = None
+        self._inbox_stop = threading.Event()
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -233,14 +262,25 @@ class WorkflowPoller:
             target=contextvars.copy_context().run, args=(self._run,), name="cleanlist-poller", daemon=True
         )
         self._thread.start()
+        if self._inbox is not None:
+            self._inbox_thread = threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(self._watch_inbox,),
+                name="cleanlist-poller-inbox",
+                daemon=True,
+            )
+            self._inbox_thread.start()
 
     def stop(self) -> None:
         """Stop polling; answers already received are still handed over before this returns."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
+        self._inbox_stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._inbox_thread is not None:
+            self._inbox_thread.join(timeout=30)
         for worker in self._worker_threads:
             if worker.is_alive():
                 self._work.put(None)
@@ -291,6 +331,9 @@ class WorkflowPoller:
     def _due(self, workflow: TrackedWorkflow) -> float:
         if workflow.urgent:
             return workflow.not_before
+        if workflow.expect_delivery and not workflow.answered:
+            expected = max(self._delivery_lags) if self._delivery_lags else self._estimate.value
+            return max(workflow.submitted_at + expected + self.delivery_grace, workflow.not_before)
         after = max(self._estimate.value, workflow.running_at * (1 + POLL_RETRY_GROWTH))
         if workflow.answered:
             # A workflow still running past the estimate is polled at growing intervals, capped.
@@ -298,7 +341,9 @@ class WorkflowPoller:
         return max(workflow.submitted_at + after, workflow.not_before)
 
     def _worker_free(self) -> bool:
-        limit = self.workers if self._estimate.calibrated else 1
+        # With deliveries expected, polls go only to overdue workflows (most likely done): nothing to
+        # search for, and holding them to one at a time would stretch the end of the run.
+        limit = self.workers if self._estimate.calibrated or self._inbox is not None else 1
         return self._polling < limit
 
     def _next_due(self) -> TrackedWorkflow | None:
@@ -363,6 +408,8 @@ class WorkflowPoller:
             self._count("timed_out")
             self._deliver(workflow, lambda: self._on_gone(workflow, "timed_out"))
             return
+        if workflow.expect_delivery and workflow.polls == 0:
+            self._count("fallbacks")
         workflow.polls += 1
         self._count("status_calls")
         try:
@@ -451,12 +498,17 @@ class WorkflowPoller:
         )
 
     # -- callbacks -------------------------------------------------------------------------------
-    def _deliver(self, workflow: TrackedWorkflow, callback: Callable[[], None]) -> None:
+    def _deliver(self, workflow: TrackedWorkflow, callback: Callable[[], None], *, wait: bool = True) -> None:
         """Run `callback` on the results thread; the workflow stays outstanding until it has run."""
 
         def run() -> None:
             try:
                 callback()
+            except PollAgain as again:
+                logger.warning("workflow %s: %s; polling it", workflow.workflow_id, again)
+                workflow.expect_delivery = False
+                self._requeue(workflow, 0.0)
+                return
             except Exception:  # a callback bug must not lose the workflow: poll it again later
                 logger.exception("handling the result of workflow %s failed", workflow.workflow_id)
                 self._count("errors")
@@ -464,8 +516,61 @@ class WorkflowPoller:
                 return
             self._finished()
 
-        self._deliveries.put(run)
+        if wait:
+            self._deliveries.put(run)
+            return
+        try:
+            self._deliveries.put_nowait(run)
+        except queue.Full:
+            with self._cv:
+                self._overflow.append(run)
 
     def _deliver_forever(self) -> None:
         while (job := self._deliveries.get()) is not None:
             job()
+            while True:  # the overflow only fills while the queue is full, so a queued job comes first
+                with self._cv:
+                    if not self._overflow:
+                        break
+                    extra = self._overflow.popleft()
+                extra()
+
+    # -- webhook deliveries ----------------------------------------------------------------------
+    def note_results_fetch(self) -> None:
+        """A status call made for a delivery (the rest of truncated results): it saved nothing."""
+        with self._cv:
+            self.stats.status_calls += 1
+            self.stats.status_calls_saved -= 1
+
+    def _watch_inbox(self) -> None:
+        assert self._inbox is not None
+        while not self._inbox_stop.wait(self.inbox_interval):
+            now = time.monotonic()
+            with self._cv:
+                if self._fatal is not None:
+                    return
+                # Not those waiting out a failed attempt (not_before in the future): they are polled.
+                ids = [w.workflow_id for w in self._waiting if w.expect_delivery and w.not_before <= now]
+            if not ids:
+                continue
+            try:
+                found = self._inbox(ids)
+            except Exception:  # a bug must not stop the inbox: overdue workflows are polled anyway
+                logger.exception("reading webhook deliveries failed")
+                continue
+            for workflow_id, status in found.items():
+                self._take_delivery(workflow_id, status)
+
+    def _take_delivery(self, workflow_id: str, status: WorkflowStatus) -> None:
+        with self._cv:
+            index = next((i for i, w in enumerate(self._waiting) if w.workflow_id == workflow_id), None)
+            if index is None:  # being polled right now, or settled: the poll's answer is the one used
+                return
+            workflow = self._waiting.pop(index)
+            self._busy += 1
+            self.stats.deliveries += 1
+            if workflow.polls == 0:
+                self.stats.status_calls_saved += 1
+                if not workflow.resumed:
+                    self._delivery_lags.append(time.monotonic() - workflow.submitted_at)
+        self._deliver(workflow, lambda: self._on_delivery(workflow, status), wait=False)

@@ -150,6 +150,7 @@ def cmd_automation(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cleanlist.sandbox.cli import add_sandbox_parser
+    from deployments.receiver import add_receiver_parser
 
     parser = argparse.ArgumentParser(prog="cleanlist-enrich", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     automation.set_defaults(func=cmd_automation)
 
     add_sandbox_parser(sub)
+    add_receiver_parser(sub)
     return parser
 
 

@@ -50,6 +50,7 @@ from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
+from cleanlist.webhooks.listen import receiving_webhooks
 from flows.secrets import resolve_api_key
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
@@ -142,8 +143,10 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     store.start_run(run_id, params, flow_run_id=str(flow_run_id) if flow_run_id else None)
     quiet = _ReportedByTheRun()
     _TASK_RUN_LOGGER.addFilter(quiet)
+    run.on_delivery = _delivery_event
     try:
-        yield run
+        with receiving_webhooks(run):
+            yield run
     except STORE_ERRORS as exc:  # the store failed in the flow body: one line, not a traceback
         raise RunFailed(f"run stopped: {run.lose_store(exc)}") from None
     finally:
@@ -158,6 +161,11 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
         workspace.cleanup()
         client.close()
         store.close()
+
+
+def _delivery_event(workflow_id: str, results: int) -> None:
+    """One event per webhook delivery the run picked up, for automations."""
+    _emit("cleanlist.webhook.received", {"workflow_id": workflow_id, "results": results})
 
 
 def _shown(value: Any) -> Any:
@@ -252,6 +260,8 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     api_outage_seconds: float = 300.0,
     cursor: str | None = None,
     full_refresh: bool = False,
+    webhook_listen: str | None = None,
+    webhook_grace_seconds: float = 0.5,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 
@@ -440,6 +450,7 @@ def write_and_report(
         rejects=_shown(options.rejects_target),
         seconds=round(time.monotonic() - started, 3),
         **(incremental.summary_fields(completed=status is RunStatus.COMPLETED) if incremental else {}),
+        **_webhook_counts(run),
     )
     run.outcome = (status, summary.as_dict())
     _hint_if_paced(run)
@@ -450,6 +461,17 @@ def write_and_report(
         incremental.advance(run.store, run.run_id)
     get_run_logger().info("done: %s", summary.as_dict())
     return summary
+
+
+def _webhook_counts(run: RunContext) -> dict[str, int]:
+    stats = run.poller.stats if run.poller is not None else None
+    if stats is None:
+        return {}
+    return {
+        "webhook_deliveries": stats.deliveries,
+        "status_calls_saved": stats.status_calls_saved,
+        "webhook_fallbacks": stats.fallbacks,
+    }
 
 
 def _hint_if_paced(run: RunContext) -> None:

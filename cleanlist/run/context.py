@@ -29,7 +29,7 @@ from typing import Any
 from cleanlist.client import CleanlistClient
 from cleanlist.errors import Action, APIConnectionError, APIError, CleanlistError, NotFoundError
 from cleanlist.models import IN_PROGRESS_WORDS, TaskResult, WorkflowStatus, credits_for, worst_case_credits
-from cleanlist.poller import TrackedWorkflow, WorkflowPoller
+from cleanlist.poller import PollAgain, TrackedWorkflow, WorkflowPoller
 from cleanlist.prepare import prepare_row
 from cleanlist.retry import RetryPolicy
 from cleanlist.run.journal import AcceptanceJournal, Replay
@@ -39,6 +39,7 @@ from cleanlist.run.states import ContactState, RunStatus
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import ContactResult, EnrichmentStore
 from cleanlist.store.records import WORKFLOW_UNRESOLVED
+from cleanlist.webhooks.payload import WebhookPayload
 
 logger = logging.getLogger("cleanlist.run")
 
@@ -205,6 +206,11 @@ class RunContext:
         self._on_progress = on_progress
         self._lock = threading.Lock()
         self._open: dict[str, _OpenWorkflow] = {}
+        # Webhooks (cleanlist/webhooks/): the URL given to the API (with the run's token), whether a
+        # receiver writes deliveries to the store for the poller to pick up, and who hears of each.
+        self.webhook_url: str | None = options.webhook_url
+        self.expect_deliveries = False
+        self.on_delivery: Callable[[str, int], None] | None = None
 
     def __repr__(self) -> str:
         return f"RunContext({self.run_id})"
@@ -220,6 +226,9 @@ class RunContext:
             initial_estimate=self.options.initial_poll_seconds,
             timeout=self.options.poll_timeout_seconds,
             retry=self.retry,
+            inbox=self._delivered if self.expect_deliveries else None,
+            on_delivery=self._store_guarded(self._on_delivery),
+            delivery_grace=self.options.webhook_grace_seconds,
         )
         self.outage.arm()
         self.poller.start()
@@ -302,7 +311,7 @@ class RunContext:
             self._open[workflow_id] = _OpenWorkflow(tuple(keys), tuple(task_ids), worst)
             self.counters.submitted += len(keys)
             self.counters.workflows_accepted += 1
-        self._track(workflow_id, len(keys), tag=chunk_no, poll_now=False)
+        self._track(workflow_id, len(keys), tag=chunk_no, poll_now=False, expect=self.expect_deliveries)
 
     def resume(self, workflow_id: str) -> bool:
         """Poll a workflow an earlier run left in flight; False if the store does not know it."""
@@ -314,14 +323,19 @@ class RunContext:
             if workflow_id in self._open:
                 return True
             self._open[workflow_id] = _OpenWorkflow(tuple(owed), tuple(owed.values()), 0.0)
-        self._track(workflow_id, len(owed), tag="resumed", poll_now=True)
+        # A receiver may have its delivery already: then the inbox hands it over, no status call.
+        delivered = self.expect_deliveries and bool(self.store.delivered([workflow_id]))
+        self._track(workflow_id, len(owed), tag="resumed", poll_now=not delivered, expect=delivered)
         return True
 
-    def _track(self, workflow_id: str, contacts: int, *, tag: object, poll_now: bool) -> None:
+    def _track(
+        self, workflow_id: str, contacts: int, *, tag: object, poll_now: bool, expect: bool = False
+    ) -> None:
         assert self.poller is not None, "start_poller() before submitting"
-        self.poller.track(
-            TrackedWorkflow(workflow_id, time.monotonic(), contacts, tag=tag), poll_now=poll_now
+        workflow = TrackedWorkflow(
+            workflow_id, time.monotonic(), contacts, tag=tag, resumed=tag == "resumed", expect_delivery=expect
         )
+        self.poller.track(workflow, poll_now=poll_now)
 
     def _close(self, workflow_id: str, charged: float) -> None:
         with self._lock:
@@ -360,6 +374,44 @@ class RunContext:
         self._settle(
             workflow, entry, answers, ledger_state=None, note=note, unanswered=ContactState.UNRESOLVED
         )
+
+    def _delivered(self, workflow_ids: Sequence[str]) -> dict[str, WorkflowStatus]:
+        """The poller's inbox: deliveries a receiver wrote to the store for these workflows."""
+        if self.store_lost is not None:
+            return {}
+        with self.store_guard():
+            found = self.store.delivered(workflow_ids)
+            return {wid: WebhookPayload.model_validate_json(text) for wid, text in found.items()}
+        return {}
+
+    def _on_delivery(self, workflow: TrackedWorkflow, delivered: WorkflowStatus) -> None:
+        """A workflow's delivery, picked up from the store: completed it for the polled path (`_on_result`).
+
+        The receiver kept only results for tasks this workflow owns. A delivery is trusted to say
+        "completed" with results, not to free contacts: any other word, or a workflow whose tasks the bulk
+        answer did not name (its results cannot be checked), is asked of the API itself, as is the rest
+        of a truncated delivery (`results_endpoint`, a status call through the rate limiter).
+        """
+        entry = self._open.get(workflow.workflow_id)
+        if entry is None:
+            return
+        status = delivered
+        truncated = delivered.results_truncated if isinstance(delivered, WebhookPayload) else 0
+        verify = delivered.status.lower() != "completed" or not all(entry.task_ids)
+        if verify or truncated:
+            endpoint = delivered.results_endpoint if isinstance(delivered, WebhookPayload) else None
+            try:
+                fetched = self.client.results_from_endpoint(workflow.workflow_id, endpoint)
+            except APIError as exc:
+                raise PollAgain(f"its delivery could not be completed ({exc})") from None
+            if self.poller is not None:
+                self.poller.note_results_fetch()
+            status = fetched if verify else _merged(delivered, fetched)
+            if not status.is_terminal:
+                raise PollAgain(f"delivered, but the API answers {status.status!r}")
+        if self.on_delivery is not None:
+            self.on_delivery(workflow.workflow_id, len(status.results))
+        self._on_result(workflow, status)
 
     def ask_tasks(self, tasks: Mapping[str, str]) -> dict[str, TaskResult]:
         """Ask the API for single tasks by id (key → task id); returns the final answers by key.
@@ -599,3 +651,10 @@ def identity_keys(result: TaskResult) -> list[str]:
         if prepared.key is not None and prepared.key not in keys:
             keys.append(prepared.key)
     return keys
+
+
+def _merged(delivered: WorkflowStatus, fetched: WorkflowStatus) -> WorkflowStatus:
+    """A truncated delivery's results completed by a status answer (each task once, delivered first)."""
+    seen = {result.task_id for result in delivered.results}
+    rest = [result for result in fetched.results if result.task_id not in seen]
+    return delivered.model_copy(update={"results": [*delivered.results, *rest]})

@@ -65,7 +65,9 @@ class EnrichOptions(BaseModel):
     )
     dry_run: bool = Field(default=False, description="read, prepare and plan; submit nothing")
     webhook_url: str | None = Field(
-        default=None, description="ask the API to POST results here too (polling stays the truth)"
+        default=None,
+        description="public base URL of a cleanlist webhook receiver (the run's own with webhook_listen, "
+        "else a shared `cleanlist-enrich receiver` on the same store); the API POSTs to <url>/hooks/<token>",
     )
     credit_recheck_seconds: float = Field(
         default=60.0, gt=0, description="while paused on 402, how often to re-check the balance"
@@ -130,6 +132,30 @@ class EnrichOptions(BaseModel):
     full_refresh: bool = Field(
         default=False, description="with --cursor: read every row, ignoring the mark (then update it)"
     )
+
+    webhook_listen: str | None = Field(
+        default=None,
+        description="HOST:PORT: receive webhooks for the run's duration (sent as http://HOST:PORT/hooks/… "
+        "unless webhook_url is given); workflows are then polled only when their delivery is overdue",
+    )
+    webhook_grace_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        description="with webhooks: how long past a workflow's expected completion to wait for its delivery "
+        "before polling it",
+    )
+
+    @field_validator("webhook_listen")
+    @classmethod
+    def _listen_parses(cls, value: str | None) -> str | None:
+        if value:
+            from cleanlist.webhooks.server import parse_listen
+
+            try:
+                parse_listen(value)
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        return value or None
 
     @field_validator("rate_limit")
     @classmethod

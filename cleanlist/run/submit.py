@@ -46,7 +46,7 @@ def _send(run: RunContext, chunk_no: int, attempt: int, contacts: list[StagedCon
         run.count(chunk_attempts=1)
         request = run.journal.intent(run.run_id, str(chunk_no), keys) if run.journal else ""
         try:
-            response = run.client.enrich_bulk(payloads, options.enrichment_type, options.webhook_url)
+            response = run.client.enrich_bulk(payloads, options.enrichment_type, run.webhook_url)
         except APIError as exc:
             if _maybe_accepted(exc):
                 run.count(ambiguous_submissions=1, ambiguous_contacts=len(contacts))

@@ -80,6 +80,9 @@ class RunSummary(_Report):
     cursor_mark_used: str | None = None
     cursor_mark_new: str | None = None
     skipped_by_cursor: int = 0
+    webhook_deliveries: int = 0  # workflows settled from a webhook delivery
+    status_calls_saved: int = 0  # status calls those deliveries made unnecessary
+    webhook_fallbacks: int = 0  # workflows whose delivery was overdue, polled instead
 
     _parse_nested = field_validator(
         "row_statuses", "rejects_by_reason", "rate_limits_learned", mode="before"

@@ -85,6 +85,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _results_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 250:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 250, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -238,6 +248,27 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="multiply the 1, 2, 4, 8 s webhook retry waits by F (default: 1)",
     )
     parser.add_argument(
+        "--webhook-drop-rate",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="test facility: never send this share of webhooks (seeded per workflow; default: 0)",
+    )
+    parser.add_argument(
+        "--webhook-results-limit",
+        type=_results_limit,
+        default=250,
+        metavar="N",
+        help="test facility: carry at most N results per webhook, the rest truncated (default: 250)",
+    )
+    parser.add_argument(
+        "--webhook-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="test facility: wait S seconds after completion before the first webhook attempt (default: 0)",
+    )
+    parser.add_argument(
         "--fault", type=_fault, action="append", default=[], metavar="ENDPOINT=SPEC", help=FAULT_HELP
     )
     _add_variation_options(
@@ -337,6 +368,9 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         revoke_after_batches=args.revoke_after_batches,
         refuse_contacts_containing=tuple(args.refuse_contacts_containing),
         webhook_backoff_scale=args.webhook_backoff_scale,
+        webhook_drop_rate=args.webhook_drop_rate,
+        webhook_results_limit=args.webhook_results_limit,
+        webhook_delay=args.webhook_delay,
         results_order=args.results_order,
         omit_task_rate=args.omit_task_rate,
         unknown_task_rate=args.unknown_task_rate,

@@ -21,6 +21,8 @@ API_KEY_PREFIX = "clapi_"
 DEFAULT_SANDBOX_KEY = API_KEY_PREFIX + "sandbox0" * 8
 
 # Statuses a fault may answer with; each has a fixed body in app.py.
+# Results a webhook carries at most [doc]; more are counted in results_truncated.
+WEBHOOK_RESULTS_LIMIT = 250
 FAULT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 ResultsOrder = Literal["input", "shuffled"]
@@ -97,6 +99,13 @@ class SandboxConfig(BaseModel):
     """Multiplies the documented 1, 2, 4, 8 s webhook retry backoff (tests compress it)."""
     webhook_timeout: float = Field(default=10.0, gt=0.0)
     """Seconds a webhook receiver has to answer."""
+    webhook_drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of workflows (seeded, stable per workflow) whose webhook is never sent: no attempt at all,
+    as if lost on the way. Default 0: every workflow with a webhook_url is delivered."""
+    webhook_results_limit: int = Field(default=WEBHOOK_RESULTS_LIMIT, ge=0, le=WEBHOOK_RESULTS_LIMIT)
+    """Results carried by a webhook (the rest counted in `results_truncated`); the documented 250."""
+    webhook_delay: float = Field(default=0.0, ge=0.0)
+    """Seconds between a workflow's completion and its first webhook attempt."""
     request_log_limit: int = Field(default=200_000, ge=1)
     """Most recent public-API requests kept for `/_sandbox/requests`."""
 

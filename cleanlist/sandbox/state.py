@@ -39,7 +39,10 @@ Behaviour the contract leaves open ([assumed]) and how this world settles it:
   field-rule items, one per contact.
 - Webhooks: 5 attempts; the waits between them are 1, 2, 4, 8 s × `webhook_backoff_scale` (the
   documented 16 s step would only precede a sixth attempt). Any 2xx is delivered; a non-2xx, timeout
-  or connection error is a failed attempt.
+  or connection error is a failed attempt. Test facilities (defaults: the documented behaviour):
+  `webhook_drop_rate` never sends that share of webhooks (seeded per workflow, no attempt recorded),
+  `webhook_results_limit` carries fewer than 250 results (the rest in `results_truncated`),
+  `webhook_delay` waits that long after completion before the first attempt.
 - Error bodies the docs do not give: injected 500 `Internal server error`, 502 `Bad gateway`,
   503 `Service temporarily unavailable`, 504 `Gateway timeout` (all as `{"detail": …}`); only 429s
   carry Retry-After. A deliveries call without workflow_id gets FastAPI's missing-query 422.
@@ -150,7 +153,6 @@ FAULT_DETAILS: dict[int, str] = {
     503: "Service temporarily unavailable",
     504: "Gateway timeout",
 }
-WEBHOOK_RESULTS_LIMIT = 250
 RESULTS_ENDPOINT = "/api/v1/public/enrich/status?workflow_id="
 # A task id's index inside its workflow fits in 8 bits: batches hold at most 250 contacts.
 _INDEX_BITS = 8
@@ -324,6 +326,8 @@ class SandboxState:
         # identity digest -> serial of the last batch that carried it; -1 once counted as a repeat.
         self._seen: dict[int, int] = {}
         self._repeated = 0
+        self._webhooks_delivered = 0
+        self._last_webhook_t: float | None = None  # request-log time of the last delivered webhook
 
     # --- the request path -------------------------------------------------------------------------
 
@@ -567,9 +571,16 @@ class SandboxState:
             "workflow_id": workflow.workflow_id,
         }
 
+    def webhook_dropped(self, workflow: Workflow) -> bool:
+        """Whether this workflow's webhook is never sent (`webhook_drop_rate`, seeded per workflow)."""
+        rate = self.config.webhook_drop_rate
+        return rate > 0 and random.Random(f"{self.config.seed}:drop:{workflow.serial}").random() < rate
+
     def webhook_payload(self, workflow: Workflow) -> dict[str, Any]:
-        """The `enrichment.completed` body: at most 250 results, the rest left to the status endpoint."""
-        view = self.workflow_view(workflow, WEBHOOK_RESULTS_LIMIT)
+        """The `enrichment.completed` body: at most `webhook_results_limit` (250) results, the rest left
+        to the status endpoint."""
+        limit = self.config.webhook_results_limit
+        view = self.workflow_view(workflow, limit)
         return {
             "event": "enrichment.completed",
             "workflow_id": workflow.workflow_id,
@@ -578,8 +589,8 @@ class SandboxState:
             "status": view["status"],
             "summary": view["summary"],
             "results": view["results"],
-            "results_limit": WEBHOOK_RESULTS_LIMIT,
-            "results_truncated": max(0, workflow.total - WEBHOOK_RESULTS_LIMIT),
+            "results_limit": limit,
+            "results_truncated": max(0, workflow.total - limit),
             "results_endpoint": RESULTS_ENDPOINT + workflow.workflow_id,
             "completed_at": view["completed_at"],
         }
@@ -588,6 +599,9 @@ class SandboxState:
         """Remember one webhook attempt."""
         with self._lock:
             workflow.deliveries.append(attempt)
+            if attempt.status == "delivered":
+                self._webhooks_delivered += 1
+                self._last_webhook_t = self.clock() - self.started_at
 
     def deliveries_view(self, workflow: Workflow) -> dict[str, Any]:
         """The webhook-deliveries body."""
@@ -630,6 +644,8 @@ class SandboxState:
                 "bulk_accepted": self._bulk_accepted,
                 "credits_charged": self._credits_charged,
                 "balance": self.organization.credits,
+                "webhooks_delivered": self._webhooks_delivered,
+                "last_webhook_delivered_t": self._last_webhook_t,
             }
 
     def request_log(self) -> list[dict[str, Any]]:

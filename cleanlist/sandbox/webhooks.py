@@ -46,9 +46,10 @@ class WebhookDispatcher:
 
     async def _deliver(self, workflow: Workflow) -> None:
         url = workflow.webhook_url
-        if url is None:
+        if url is None or self._state.webhook_dropped(workflow):
             return
-        await asyncio.sleep(max(0.0, workflow.ready_at - self._state.clock()))
+        delay = self._state.config.webhook_delay
+        await asyncio.sleep(max(0.0, workflow.ready_at - self._state.clock()) + delay)
         payload = self._state.webhook_payload(workflow)
         scale = self._state.config.webhook_backoff_scale
         for attempt in range(1, MAX_ATTEMPTS + 1):

@@ -61,6 +61,7 @@ from cleanlist.store.records import (
     WorkflowRecord,
 )
 from cleanlist.store.schema import contacts, runs, workflows
+from cleanlist.store.webhooks import delivered_payloads, insert_delivery, insert_token, run_of_token
 
 T = TypeVar("T")
 TransactionKind = Literal["read", "write", "durable"]
@@ -355,6 +356,37 @@ class EnrichmentStore:
             return {key: found[key] for key in wanted if key in found}
 
         return self._transact(work, "read")
+
+    # Webhooks (cleanlist/store/webhooks.py)
+
+    def register_webhook_token(self, run_id: str, digest: str) -> None:
+        """Deliveries to the receiver URL with this token's digest belong to `run_id`."""
+        self._transact(lambda conn: insert_token(conn, digest, run_id, utc_now()), "durable")
+
+    def webhook_token_run(self, digest: str) -> str | None:
+        """The run a receiver token belongs to, if any."""
+        return self._transact(lambda conn: run_of_token(conn, digest), "read")
+
+    def record_delivery(
+        self, workflow_id: str, run_id: str, status: str, truncated: int, payload: str
+    ) -> bool:
+        """Keep a workflow's delivered payload (JSON) once; True if it was not delivered before."""
+        now = utc_now()
+        return self._transact(
+            lambda conn: insert_delivery(
+                conn,
+                workflow_id=workflow_id,
+                run_id=run_id,
+                status=status,
+                results_truncated=truncated,
+                payload=payload,
+                at=now,
+            )
+        )
+
+    def delivered(self, workflow_ids: Sequence[str]) -> dict[str, str]:
+        """Workflow id → delivered payload (JSON), for those of `workflow_ids` a receiver has accepted."""
+        return self._transact(lambda conn: delivered_payloads(conn, workflow_ids), "read")
 
     # Plumbing
 

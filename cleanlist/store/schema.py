@@ -166,3 +166,24 @@ source_marks = Table(
     Column("run_id", String, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
 )
+
+# Webhooks (cleanlist/store/webhooks.py): the tokens runs register for their receiver URL, and the
+# deliveries a receiver accepted, one per workflow, for the run (or a rerun) to pick up.
+webhook_tokens = Table(
+    "cleanlist_webhook_tokens",
+    metadata,
+    Column("token_digest", String, primary_key=True),
+    Column("run_id", String, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+webhook_deliveries = Table(
+    "cleanlist_webhook_deliveries",
+    metadata,
+    Column("workflow_id", String, primary_key=True),
+    Column("run_id", String, nullable=False),
+    Column("status", String, nullable=False),
+    Column("results_truncated", Integer, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+)
