@@ -45,9 +45,8 @@ from cleanlist.run.stage import StageReport
 from cleanlist.run.states import ContactState, RunStatus, StopReason
 from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
-from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
-from flows.secrets import resolve_api_key
+from flows.secrets import run_credentials
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
 from tasks.prefect_types import sync_result, thread_pool
@@ -105,12 +104,9 @@ def _failures_as_states(
 @contextmanager
 def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     """The run's context: settings, client, store, workspace; recorded in the store, closed at the end."""
-    settings = CleanlistSettings()
-    if options.base_url:
-        settings.base_url = options.base_url
-    if options.rate_limit:
-        settings.rate_limit = options.rate_limit
-    api_key = resolve_api_key(settings)
+    settings, api_key = run_credentials(
+        options.credentials, base_url=options.base_url, rate_limit=options.rate_limit
+    )
     flow_run_id = _flow_run_id()
     run_id = str(flow_run_id or uuid.uuid4())
     store = EnrichmentStore(options.store or settings.store_url)
@@ -245,6 +241,7 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     encoding: str | None = None,
     raw_csv: bool = False,
     api_outage_seconds: float = 300.0,
+    credentials: str | None = None,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 

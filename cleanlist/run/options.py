@@ -9,6 +9,7 @@ parameters it hands to each shard through it. `tests/test_options.py` proves the
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from cleanlist.settings import RateLimit
 
 # Threads of the flow's task runner: every chunk task in flight holds one while it waits in the limiter.
 TASK_RUNNER_WORKERS = 32
+# Prefect's rule for block document names.
+_BLOCK_NAME = re.compile(r"[a-z0-9-]+")
 
 
 class EnrichOptions(BaseModel):
@@ -121,6 +124,11 @@ class EnrichOptions(BaseModel):
         gt=0,
         description="stop the run (results so far written, exit 1) after the API was unreachable this long",
     )
+    credentials: str | None = Field(
+        default=None,
+        description="name of the CleanlistCredentials block (API key, base URL, rate limit) to run with "
+        "(default: the Secret block cleanlist-api-key, else CLEANLIST_API_KEY)",
+    )
 
     @field_validator("rate_limit")
     @classmethod
@@ -128,6 +136,12 @@ class EnrichOptions(BaseModel):
         if value:
             RateLimit.parse(value)
         return value or None
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials_is_a_block_name(cls, value: str | None) -> str | None:
+        # "" is what prefect.yaml deploys for a Variable that is not set: no block, as for `store`.
+        return check_block_name(value) if value else None
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, Any]) -> EnrichOptions:
@@ -206,6 +220,19 @@ class EnrichOptions(BaseModel):
         return datetime.now(UTC) - timedelta(days=self.refresh_days)
 
 
+def check_block_name(value: str) -> str:
+    """A Prefect block name (lowercase letters, digits, dashes), else ValueError.
+
+    The message never echoes the value: a key pasted in its place by mistake must not reach a log line.
+    """
+    if not _BLOCK_NAME.fullmatch(value):
+        raise ValueError(
+            "must be the name of a CleanlistCredentials block (lowercase letters, digits, dashes), "
+            "never the key itself"
+        )
+    return value
+
+
 def _same_file(one: Path, other: Path) -> bool:
     """Whether two local paths name one file: the same real path (symlinks followed) or, when both
     exist, the same inode (hard links, case-insensitive filesystems)."""
@@ -246,7 +273,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         name = ".".join(str(part) for part in error["loc"]) or "options"
-        message = error["msg"]
+        message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "is not an option"
         elif error["type"] == "missing":
