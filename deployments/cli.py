@@ -109,6 +109,8 @@ def _check_before_prefect_starts(kwargs: dict[str, Any]) -> None:
     from cleanlist.run.options import EnrichOptions
 
     options = EnrichOptions.from_parameters(kwargs)
+    if any(str(kwargs.get(name, "")).startswith("block:") for name in ("source", "output", "store")):
+        return  # a database block is read inside the run, where Prefect is
     options.check_destinations()
     # Calling (not iterating) makes the up-front checks; nothing is read.
     iter_source(

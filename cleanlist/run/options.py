@@ -34,11 +34,14 @@ class EnrichOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = Field(
-        description="path or fsspec URL (.csv .tsv .parquet .jsonl .xlsx), or a SQLAlchemy URL",
+        description="path or fsspec URL (.csv .tsv .parquet .jsonl .xlsx), or a SQLAlchemy URL "
+        "(or block:sqlalchemy-connector/NAME)",
         min_length=1,
     )
     output: str = Field(
-        description="path/URL ending .csv .parquet .jsonl, or a database URL (with table)", min_length=1
+        description="path/URL ending .csv .parquet .jsonl, or a database URL (with table; or "
+        "block:sqlalchemy-connector/NAME)",
+        min_length=1,
     )
     enrichment_type: EnrichmentType = Field(
         default="partial", description="what to look up (and pay for): none, partial, phone_only, full, …"
@@ -56,7 +59,9 @@ class EnrichOptions(BaseModel):
         default=None, description="with a SQLAlchemy URL as source: the query to read"
     )
     store: str | None = Field(
-        default=None, description="SQLAlchemy URL of the enrichment store (default ~/.cleanlist/store.db)"
+        default=None,
+        description="SQLAlchemy URL (or block:sqlalchemy-connector/NAME) of the enrichment store "
+        "(default ~/.cleanlist/store.db)",
     )
     refresh_days: float = Field(
         default=30.0,
