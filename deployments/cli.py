@@ -78,7 +78,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         else:
             kinds = [t for t in (get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
             kind = kinds[0] if kinds and kinds[0] in (int, float) else str
-            metavar = "N/SECONDS" if name == "rate_limit" else None
+            metavar = {"rate_limit": "N/SECONDS", "storage_options": "JSON"}.get(name)
             parser.add_argument(*flags, type=kind, metavar=metavar, **common)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
 
@@ -90,7 +90,23 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     given = {name: getattr(args, name) for name in EnrichOptions.model_fields if hasattr(args, name)}
     if "mapping" in given:
         given["mapping"] = _parse_map(given["mapping"])
+    if "storage_options" in given:
+        given["storage_options"] = _parse_json_object("--storage-options", given["storage_options"])
     return given
+
+
+def _parse_json_object(flag: str, text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise SystemExit(
+            f'cleanlist-enrich: {flag} expects a JSON object, e.g. {{"endpoint_url": "http://…"}}'
+        )
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ from cleanlist.run.states import ContactState, RunStatus, StopReason
 from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
-from flows.database_blocks import resolve_database_blocks
+from flows.blocks import resolve_blocks
 from flows.secrets import run_credentials
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
@@ -243,6 +243,8 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     raw_csv: bool = False,
     api_outage_seconds: float = 300.0,
     credentials: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    storage_credentials: str | None = None,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 
@@ -252,7 +254,7 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     Every parameter is described in `cleanlist.run.options.EnrichOptions`.
     """
     options = EnrichOptions.from_parameters(dict(locals()))
-    options = resolve_database_blocks(options)  # block:sqlalchemy-connector/NAME → its URL, in memory only
+    options = resolve_blocks(options)  # database URLs and storage credentials from blocks, in memory only
     options.check_destinations()
     started = time.monotonic()
     with open_run(options) as run:

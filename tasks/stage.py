@@ -23,4 +23,5 @@ def stage_source_task(run: RunContext) -> StageReport:
         batch_rows=options.batch_rows,
         sheet=options.sheet,
         encoding=options.encoding,
+        storage_options=options.storage_options,
     )

@@ -63,7 +63,7 @@ import os
 import re
 import zipfile
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -228,7 +228,7 @@ def _kind_of(source: str) -> tuple[str, str, str | None]:
     return kind, f".{ext}", compression
 
 
-def _opener(source: str, compression: str | None) -> Opener:
+def _opener(source: str, compression: str | None, storage_options: Mapping[str, Any] | None = None) -> Opener:
     shown = display_source(source)
     local = "://" not in source
     if local:
@@ -244,7 +244,8 @@ def _opener(source: str, compression: str | None) -> Opener:
             if local and compression is None:
                 stream: IO[bytes] = open(source, "rb")  # noqa: SIM115 - closed below
             else:
-                stream = fsspec.open(source, "rb", compression=compression).open()
+                options = dict(storage_options or {}) if not local else {}
+                stream = fsspec.open(source, "rb", compression=compression, **options).open()
         except FileNotFoundError:
             raise InputError(f"source '{shown}' not found") from None
         except (ImportError, ValueError) as exc:  # fsspec: unknown protocol or its package missing
@@ -951,6 +952,7 @@ def iter_source(
     sql_query: str | None = None,
     sheet: str | None = None,
     encoding: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Generator[SourceBatch, None, None]:
     """Stream `source` as SourceBatches of `batch_rows` input rows each (see the module docstring).
 
@@ -960,7 +962,7 @@ def iter_source(
     source or these options (missing, unsupported, empty, unreadable, failing query, unknown sheet or
     codec) raise InputError; this happens on the call for what can be checked up front, else on the
     first batch (or, for a file damaged further in, where the damage is). Memory is bounded by the batch
-    size, not the source.
+    size, not the source. `storage_options` go to fsspec for a URL source (s3fs's `key`, `endpoint_url`…).
     """
     if batch_rows < 1:
         raise InputError(f"batch_rows must be at least 1, got {batch_rows}")
@@ -983,7 +985,7 @@ def iter_source(
                 f"--encoding applies to text files (.csv .tsv .txt .jsonl .ndjson) only, not to '{shown}'"
             )
         encoding = _resolve_codec(encoding)
-    open_source = _opener(source, compression)
+    open_source = _opener(source, compression, storage_options)
     if kind == "delimited":
         return _iter_delimited(open_source, shown, batch_rows, extension == ".tsv", encoding)
     if kind == "jsonl":

@@ -26,6 +26,21 @@ from cleanlist.settings import RateLimit
 TASK_RUNNER_WORKERS = 32
 # Prefect's rule for block document names.
 _BLOCK_NAME = re.compile(r"[a-z0-9-]+")
+# fsspec storage options (s3fs, gcsfs, adlfs) that carry a secret: they come from blocks, not parameters.
+_SECRET_STORAGE_OPTIONS = frozenset(
+    {
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "credentials",
+    }
+)
 
 
 class EnrichOptions(BaseModel):
@@ -134,6 +149,16 @@ class EnrichOptions(BaseModel):
         description="name of the CleanlistCredentials block (API key, base URL, rate limit) to run with "
         "(default: the Secret block cleanlist-api-key, else CLEANLIST_API_KEY)",
     )
+    storage_options: dict[str, Any] | None = Field(
+        default=None,
+        description="fsspec options for a source or output URL (s3://, gs://…), e.g. endpoint_url, "
+        "region_name, anon; credentials go in a block (storage_credentials), never here",
+    )
+    storage_credentials: str | None = Field(
+        default=None,
+        description="object storage credentials from a Prefect block: block:aws-credentials/NAME "
+        "(pip install .[s3]) or block:gcp-credentials/NAME (.[gcs])",
+    )
 
     @field_validator("rate_limit")
     @classmethod
@@ -147,6 +172,17 @@ class EnrichOptions(BaseModel):
     def _credentials_is_a_block_name(cls, value: str | None) -> str | None:
         # "" is what prefect.yaml deploys for a Variable that is not set: no block, as for `store`.
         return check_block_name(value) if value else None
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets_in_storage_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        secret = sorted(_SECRET_STORAGE_OPTIONS & set(value or {}))
+        if secret:
+            raise ValueError(
+                f"must not hold credentials ({', '.join(secret)}): flow parameters are shown in the UI; "
+                "give them as a block with storage_credentials (block:aws-credentials/NAME)"
+            )
+        return value or None
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, Any]) -> EnrichOptions:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -52,7 +53,7 @@ def _prepare_frame(
     return keys, rejects, contacts
 
 
-def stage_source(
+def stage_source(  # noqa: PLR0913 - iter_source's reading options, keyword-only
     source: str,
     workspace: RunWorkspace,
     *,
@@ -61,6 +62,7 @@ def stage_source(
     batch_rows: int = 50_000,
     sheet: str | None = None,
     encoding: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> StageReport:
     """Read, prepare and stage every row of `source`; rejects are staged too, with their reason.
 
@@ -69,7 +71,14 @@ def stage_source(
     mapping: HeaderMapping | None = None
     rows = rejected = valid = 0
     decoded_as: str | None = None
-    batches = iter_source(source, batch_rows=batch_rows, sql_query=sql_query, sheet=sheet, encoding=encoding)
+    batches = iter_source(
+        source,
+        batch_rows=batch_rows,
+        sql_query=sql_query,
+        sheet=sheet,
+        encoding=encoding,
+        storage_options=storage_options,
+    )
     for batch in batches:
         decoded_as = batch.encoding or decoded_as
         frame = batch.frame
