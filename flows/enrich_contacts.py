@@ -47,6 +47,7 @@ from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
 from flows.blocks import resolve_blocks
+from flows.run_names import enrich_run_name
 from flows.secrets import run_credentials
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
@@ -207,6 +208,7 @@ def _error_of(record: logging.LogRecord) -> BaseException | None:
 
 @flow(
     name="enrich-contacts",
+    flow_run_name=enrich_run_name,  # `enrich crm.csv 2026-11-30`
     # At least max_concurrent_chunks: submit tasks wait in the rate limiter, and a window's worth of
     # them waiting there is what lets a window's requests go out together.
     task_runner=thread_pool(TASK_RUNNER_WORKERS),
