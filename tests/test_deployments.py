@@ -491,6 +491,7 @@ def test_prefect_yaml_deploys_nightly_adhoc_and_backfill_non_interactively(stack
         "source": str(stack.root / "nightly" / "contacts.csv"),
         "output": str(stack.root / "nightly" / "enriched.csv"),
         "store": f"sqlite:///{stack.root / 'nightly' / 'store.db'}",
+        "credentials": "",  # cleanlist_nightly_credentials is not set: the key comes from the Secret or env
     }
     assert deployments["adhoc"]["schedules"] == [] and deployments["adhoc"]["parameters"] == {}
     assert deployments["backfill"]["schedules"] == []
