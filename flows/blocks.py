@@ -62,14 +62,13 @@ def database_url_of(reference: str, *, what: str) -> str:
         ) from None
     try:
         block = sync_result(SqlAlchemyConnector.load(name, _sync=True))
-    except ValueError as exc:
-        # Never quote the exception: a validation error of a malformed block carries its field values.
-        missing = "Unable to find block document" in str(exc)
+    except Exception as exc:  # never quoted: a validation error of a malformed block carries its values
         raise InputError(
             f"{what}: no SqlAlchemyConnector block named {name!r} (create it in the UI, Blocks → SQLAlchemy "
             "Connector, or with SqlAlchemyConnector(...).save(NAME))"
-            if missing
-            else f"{what}: the SqlAlchemyConnector block {name!r} could not be loaded (check its fields)"
+            if _is_missing(exc)
+            else f"{what}: the SqlAlchemyConnector block {name!r} could not be loaded "
+            f"({type(exc).__name__}; check its fields and that the Prefect API is reachable)"
         ) from None
     info = block.connection_info
     url = info.create_url() if isinstance(info, ConnectionComponents) else make_url(str(info))
@@ -102,14 +101,19 @@ def storage_options_of(reference: str) -> dict[str, Any]:
         )
     try:
         block = sync_result(block_class.load(name, _sync=True))  # type: ignore[call-arg]
-    except ValueError as exc:
-        missing = "Unable to find block document" in str(exc)
+    except Exception as exc:  # never quoted, as above
         raise InputError(
             f"storage_credentials: no {slug} block named {name!r}"
-            if missing
-            else f"storage_credentials: the {slug} block {name!r} could not be loaded (check its fields)"
+            if _is_missing(exc)
+            else f"storage_credentials: the {slug} block {name!r} could not be loaded "
+            f"({type(exc).__name__}; check its fields and that the Prefect API is reachable)"
         ) from None
     return _s3fs_options(block) if slug == "aws-credentials" else _gcsfs_options(block)
+
+
+def _is_missing(exc: Exception) -> bool:
+    """Prefect's Block.load answer for a name it does not know (a ValueError)."""
+    return isinstance(exc, ValueError) and "Unable to find block document" in str(exc)
 
 
 def _secret(value: Any) -> Any:

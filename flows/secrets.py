@@ -57,10 +57,21 @@ def load_credentials(name: str) -> CleanlistCredentials:
 
     try:
         block = sync_result(CleanlistCredentials.load(name, _sync=True))  # type: ignore[call-arg]
-    except ValueError:
+    except ValueError:  # Prefect's "Unable to find block document"
         raise InputError(
             f"no CleanlistCredentials block named {name!r}: create it with "
             f"`cleanlist-enrich set-key --credentials {name}` (the key is read from standard input)"
+        ) from None
+    except Exception as exc:  # never quoted: a pydantic error under it carries the block's field values
+        if isinstance(exc, RuntimeError) and "failed validation" in str(exc):  # Prefect 3.9's wording
+            raise InputError(
+                f"the CleanlistCredentials block {name!r} is not valid (check its base URL and rate "
+                f"limit, or save it again with `cleanlist-enrich set-key --credentials {name}`)"
+            ) from None
+        # The Prefect API is unreachable: fail rather than fall back to another organization's key.
+        raise InputError(
+            f"could not read the CleanlistCredentials block {name!r} ({type(exc).__name__}); "
+            "is the Prefect API reachable?"
         ) from None
     assert isinstance(block, CleanlistCredentials)
     return block

@@ -86,6 +86,21 @@ def test_a_missing_block_fails_the_run_in_one_line(tmp_path: Path, make_sandbox,
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_a_malformed_block_is_one_line_without_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import SecretStr
+
+    from cleanlist.errors import InputError
+    from flows.secrets import load_credentials
+
+    # Saved around the block's own validation, as an edited document in the UI could be.
+    broken = CleanlistCredentials.model_construct(api_key=SecretStr(KEY_A), base_url=None, rate_limit="fast")
+    broken.save("org-broken", overwrite=True, _sync=True)
+    with pytest.raises(InputError) as raised:
+        load_credentials("org-broken")
+    assert "block 'org-broken' is not valid" in str(raised.value)
+    assert KEY_A not in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_a_key_given_as_the_block_name_is_refused_without_echoing_it(tmp_path: Path, capsys) -> None:
     from deployments.cli import main
 
