@@ -95,7 +95,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def emails_written(rows: list[dict[str, str]]) -> int:
-    return len({r["cleanlist_task_id"] for r in rows if r.get("cleanlist_email") and r.get("cleanlist_task_id")})
+    return len(
+        {r["cleanlist_task_id"] for r in rows if r.get("cleanlist_email") and r.get("cleanlist_task_id")}
+    )
 
 
 TIMEOUT = 120.0  # seconds a run may take here; one that takes longer is stopped and shown as "hung"
@@ -112,7 +114,9 @@ def run_cli(checkout: Path, source: Path, output: Path, store: str, env: dict[st
     return done.returncode
 
 
-def measure(name: str, flags: list[str], checkout: Path, unique: int, work: Path, prefect: PrefectServer) -> Row:
+def measure(
+    name: str, flags: list[str], checkout: Path, unique: int, work: Path, prefect: PrefectServer
+) -> Row:
     server_limit, client_limit = TIGHT.get(name, ("100000/1", "100000/1"))
     sandbox = SandboxProcess(rate_limit=server_limit, latency="0.2-0.6", extra=flags, log_dir=work)
     try:
@@ -159,7 +163,9 @@ def _progress(row: Row) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkout", type=Path, default=ROOT, help="run the CLI of this checkout")
     parser.add_argument("--contacts", type=int, default=1_000)
     parser.add_argument("--only", nargs="*", help="variation names to run (default: all)")
@@ -179,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             prefect.stop()
     print(f"\nVariation matrix, CLI of {args.checkout.resolve()}, {args.contacts:,} contacts\n")
-    print("| variation | exit (run/rerun) | rows out/in | `missing` rows | unresolved rows | emails written / credits charged | rerun: contacts sent | paid, not in rerun output | accepted twice |")
+    print(
+        "| variation | exit (run/rerun) | rows out/in | `missing` rows | unresolved rows | emails written / credits charged | rerun: contacts sent | paid, not in rerun output | accepted twice |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.variation} | {_code(r.exit_code)}/{_code(r.rerun_exit_code)} | {r.rows_out}/{r.rows_in} | {r.missing_rows} | "

@@ -24,8 +24,8 @@ from cleanlist.errors import (
     APIResponseValidationError,
     APITimeoutError,
     MissingAPIKeyError,
-    RateLimitError,
     make_status_error,
+    parse_retry_after,
 )
 from cleanlist.models import (
     BulkEnrichRequest,
@@ -38,7 +38,7 @@ from cleanlist.models import (
     WebhookDeliveries,
     WorkflowStatus,
 )
-from cleanlist.ratelimit import RateLimiter, shared_limiter
+from cleanlist.ratelimit import EndpointLimiter, RateLimiter, shared_limiter
 from cleanlist.settings import CleanlistSettings, RateLimit, host_of
 
 logger = logging.getLogger("cleanlist.client")
@@ -70,6 +70,16 @@ def redact_json(value: Any, secret: SecretStr | None) -> Any:
     if isinstance(value, dict):
         return {redact(str(k), secret): redact_json(v, secret) for k, v in value.items()}
     return value
+
+
+def key_fingerprint(key: SecretStr) -> str:
+    """A short, one-way name for an API key: how limiters and the store tell organizations apart."""
+    return hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:16]
+
+
+def organization_of(base_url: str, key: SecretStr) -> str:
+    """Whose rate budget a request spends: one API host and key."""
+    return f"{host_of(base_url)}|{key_fingerprint(key)}"
 
 
 class _ClientCore:
@@ -104,8 +114,7 @@ class _ClientCore:
             write=WRITE_TIMEOUT,
             pool=POOL_TIMEOUT,
         )
-        key_id = hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:16]
-        self.limiter = limiter or shared_limiter(self.base_url, key_id, self.rate_limit)
+        self.limiter = limiter or shared_limiter(self.base_url, key_fingerprint(key), self.rate_limit)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, rate_limit='{self.rate_limit}')"
@@ -135,9 +144,23 @@ class _ClientCore:
             body=body,
             headers=response.headers,
         )
-        if isinstance(error, RateLimitError) and error.retry_after is not None:
-            self.limiter.endpoint(endpoint).hold(error.retry_after)
         return error
+
+    @staticmethod
+    def _release(limiter: EndpointLimiter, response: httpx.Response | None) -> None:
+        """Give the request's slot back with its outcome; a 429's Retry-After holds the endpoint (the
+        limiter learns from it too), so nobody sends again inside the window the server named."""
+        if response is None:
+            limiter.release(rate_limited=False, answered=False)
+            return
+        retry_after = None
+        if response.status_code == 429:
+            try:
+                hint_body: Any = response.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                hint_body = None
+            retry_after = parse_retry_after(response.headers, body=hint_body)
+        limiter.release(rate_limited=response.status_code == 429, retry_after=retry_after)
 
     def _key_validation(self, payload: Any) -> KeyValidation:
         """A 200 `{"valid": false}` [doc: troubleshooting] is a rejected key: raise what a 401 raises."""
@@ -255,16 +278,15 @@ class CleanlistClient(_ClientCore):
         limiter = self.limiter.endpoint(endpoint)
         limiter.acquire()
         method = ENDPOINTS[endpoint][0]
-        status: int | None = None
+        response: httpx.Response | None = None
         try:
             response = self._http.request(
                 method, self._url(endpoint), params=params, json=body, headers=self._headers
             )
-            status = response.status_code
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
         finally:
-            limiter.release(rate_limited=status == 429, answered=status is not None)
+            self._release(limiter, response)
         self._log(endpoint, response)
         return self._parse(endpoint, response)
 
@@ -323,16 +345,15 @@ class AsyncCleanlistClient(_ClientCore):
         limiter = self.limiter.endpoint(endpoint)
         await limiter.acquire_async()
         method = ENDPOINTS[endpoint][0]
-        status: int | None = None
+        response: httpx.Response | None = None
         try:
             response = await self._http.request(
                 method, self._url(endpoint), params=params, json=body, headers=self._headers
             )
-            status = response.status_code
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
         finally:
-            limiter.release(rate_limited=status == 429, answered=status is not None)
+            self._release(limiter, response)
         self._log(endpoint, response)
         return self._parse(endpoint, response)
 

@@ -32,6 +32,15 @@ INLINE_RATE_LIMIT_WAITS = 3
 # different rates (0.2 % of the window, capped at 1 s; it was 2 % while slots counted from the send).
 RATE_WINDOW_MARGIN_FRACTION = 0.002
 RATE_WINDOW_MARGIN_CAP = 1.0
+# Learning the API's unpublished limits (cleanlist/ratelimit.py). Until an endpoint has been refused once
+# or served a full window clean, at most PROBE_IN_FLIGHT of its requests are in flight. The counts served
+# before several 429s "agree" within RATE_LEARN_TOLERANCE (10 %, at least 1). `auto` never grows past
+# AUTO_RATE_CAP per window. Learned limits are kept in the store for LEARNED_RATE_TTL seconds: limits
+# change, and a stale low guess must not slow every run forever.
+PROBE_IN_FLIGHT = 2
+RATE_LEARN_TOLERANCE = 0.1
+AUTO_RATE_CAP = 10_000
+LEARNED_RATE_TTL = 24 * 3600.0
 
 # The status poller (cleanlist/poller.py). Its estimate of when a workflow is done settles where
 # POLL_SHRINK / (POLL_SHRINK + POLL_GROW) ≈ 5 % of first polls come too early (about 1.05 status calls

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
 
+import tldextract
+
 from cleanlist.errors import InputError
 from cleanlist.run.states import Reject, RejectCode
 
@@ -269,11 +271,34 @@ def _bare_domain(host: str) -> str:
     return host
 
 
+# The bundled Public Suffix List snapshot only: no suffix_list_urls means nothing is fetched, and no
+# cache_dir means nothing is written to ~/.cache (tldextract's loader then falls back to the snapshot
+# shipped in the wheel). Private suffixes count, so `acme.github.io` stays a company of its own.
+def bundled_suffix_extractor() -> tldextract.TLDExtract:
+    """A suffix extractor that reads only the Public Suffix List snapshot shipped with tldextract."""
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, include_psl_private_domains=True)
+
+
+_SUFFIXES = bundled_suffix_extractor()
+
+
+@lru_cache(maxsize=65536)
+def registrable_domain(domain: str) -> str:
+    """`domain` (as `_bare_domain` returns it) cut to its registrable part: `blog.acme.co.uk` → `acme.co.uk`.
+
+    A host under no known public suffix (`intranet.acme.internal`) is kept whole.
+    """
+    if domain.count(".") == 1:  # the common `acme.com`: already registrable, or a bare suffix kept whole
+        return domain
+    return _SUFFIXES.extract_str(domain).top_domain_under_public_suffix or domain
+
+
 @lru_cache(maxsize=65536)
 def normalize_domain(value: str) -> str:
-    """Company domain from a URL, an email address or a bare domain; "" when it is not a domain."""
+    """Registrable company domain from a URL, an email address or a bare domain; "" when not a domain."""
     parts = _URL_HOST.match(value.strip().lower())
-    return _bare_domain(parts.group(1)) if parts else ""
+    domain = _bare_domain(parts.group(1)) if parts else ""
+    return registrable_domain(domain) if domain else ""
 
 
 def is_free_mail(domain: str) -> bool:
@@ -379,6 +404,7 @@ def _normalize(values: Mapping[str, object]) -> tuple[dict[str, str], list[str]]
         if email:
             contact["email"] = email
             if "company_domain" not in contact:
+                domain = registrable_domain(domain)
                 if is_free_mail(domain):
                     notes.append(f"email domain {domain} is free mail, not a company")
                 else:

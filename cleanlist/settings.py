@@ -19,25 +19,43 @@ from cleanlist.errors import InputError
 
 @dataclass(frozen=True)
 class RateLimit:
-    """At most `requests` per `seconds`, per endpoint (the API's documented unit)."""
+    """At most `requests` per `seconds`, per endpoint (the API's documented unit).
+
+    `auto` limits start at `requests` (the documented 60 per minute, scaled to the window) and grow
+    until the API's first 429 tells the real limit; `N/SECONDS` is a ceiling learning only lowers.
+    """
 
     requests: int
     seconds: float
+    auto: bool = False
 
     @classmethod
     def parse(cls, text: str) -> RateLimit:
-        """Parse `N/SECONDS`, e.g. `60/60` or `20/2`."""
+        """Parse `N/SECONDS` (e.g. `60/60`, `20/2`), `auto` or `auto/SECONDS` (e.g. `auto/2`)."""
+        count, slash, window = str(text).strip().lower().partition("/")
+        if count.strip() == "auto":
+            return cls._auto(text, window if slash else "60")
         try:
-            count, _, window = str(text).strip().partition("/")
             limit = cls(int(count), float(window))
         except ValueError:
-            raise InputError(f"rate limit {text!r} is not N/SECONDS (e.g. 60/60)") from None
-        if limit.requests < 1 or not limit.seconds > 0:
+            raise InputError(f"rate limit {text!r} is not N/SECONDS (e.g. 60/60) or auto[/SECONDS]") from None
+        if limit.requests < 1 or not limit.seconds > 0 or limit.seconds == float("inf"):
             raise InputError(f"rate limit {text!r} must have N >= 1 and SECONDS > 0")
         return limit
 
+    @classmethod
+    def _auto(cls, text: str, window: str) -> RateLimit:
+        try:
+            seconds = float(window)
+        except ValueError:
+            raise InputError(f"rate limit {text!r} is not auto/SECONDS (e.g. auto/60)") from None
+        if not 0 < seconds < float("inf"):
+            raise InputError(f"rate limit {text!r} must have SECONDS > 0")
+        # The documented 60 requests per minute, in this window.
+        return cls(max(1, round(60 * seconds / 60)), seconds, auto=True)
+
     def __str__(self) -> str:
-        return f"{self.requests}/{self.seconds:g}"
+        return f"auto/{self.seconds:g}" if self.auto else f"{self.requests}/{self.seconds:g}"
 
 
 def host_of(base_url: str) -> str:
@@ -63,7 +81,8 @@ class CleanlistSettings(BaseSettings):
         description="Host of the API (or the documented base ending in /api/v1/public).",
     )
     rate_limit: str = Field(
-        default=DEFAULT_RATE_LIMIT, description="Client-side limit per endpoint, `N/SECONDS`."
+        default=DEFAULT_RATE_LIMIT,
+        description="Client-side limit per endpoint: `N/SECONDS` (a ceiling) or `auto[/SECONDS]` (learned).",
     )
     store_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the enrichment store (default ~/.cleanlist/store.db)."

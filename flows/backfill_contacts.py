@@ -7,12 +7,10 @@ enrichment store (PostgreSQL when workers sit on several machines) makes the rer
 already holds. Each shard's rows end in `<output>/shard-NNNNN.<fmt>` or its `shard-NNNNN.rejects.csv`
 (rows the parser could not read in `shard-NNNNN.unparsed.csv`), or in a database table with `table`.
 
-Rate budget: the organization's limit (`org_rate_limit`, else CLEANLIST_RATE_LIMIT, else 60/60) is
-split evenly: each child gets `rate_limit = org / max_parallel_shards`, and at most
-`max_parallel_shards` children run at once, so together they stay under the API's limit on every
-endpoint. A static split needs no coordination between machines; a Prefect global concurrency limit
-would adapt when fewer shards run, but its acquisition is poll-based and too slow for a per-request
-limiter (README, "Shared rate budget").
+Rate budget: every child gets the organization's whole limit (`org_rate_limit`, else
+CLEANLIST_RATE_LIMIT, else 60/60) and takes each request's slot from the rate book in the shared store
+(cleanlist/store/ratebook.py), so the shards together — and any other run of the organization on that
+store — never exceed it, and a lone last shard gets all of it (README, "Shared rate budget").
 """
 
 from __future__ import annotations
@@ -53,14 +51,13 @@ from cleanlist.io.shards import (
     absolute_location,
     join_location,
     remove_stale,
-    shard_rate_limit,
     split_source,
     sql_windows,
 )
 from cleanlist.models import EnrichmentType
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
-from cleanlist.settings import CleanlistSettings
+from cleanlist.settings import CleanlistSettings, RateLimit
 from flows.enrich_contacts import SUMMARY_KEY
 from flows.run_names import backfill_run_name
 from tasks.prefect_types import sync_result
@@ -241,8 +238,9 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     `window_start`/`window_end` the query runs per sub-window of `window_days` (binds :window_start and
     :window_end). `output`: a directory receiving `shard-NNNNN.<output_format>` + rejects per shard, or
     with `table` a database URL every shard upserts into. Use a `store` every worker reaches (PostgreSQL
-    across machines). At most `max_parallel_shards` children run at once, each limited to that share of
-    `org_rate_limit` (default CLEANLIST_RATE_LIMIT, else 60/60). `child_parameters` go to every child
+    across machines): it also holds the rate budget the children share. At most `max_parallel_shards`
+    children run at once; together they stay within `org_rate_limit` (default CLEANLIST_RATE_LIMIT,
+    else 60/60), which a lone shard gets all of. `child_parameters` go to every child
     as-is. The run fails, after all shards finished, when any shard failed; a rerun redoes only what the
     store does not already hold.
     """
@@ -269,8 +267,7 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
         unknown = sorted(set(child_parameters or {}) - set(EnrichOptions.model_fields))
         if unknown:
             raise InputError(f"child_parameters: {', '.join(unknown)} not an enrich-contacts parameter")
-        org_limit = org_rate_limit or CleanlistSettings().rate_limit
-        per_shard = shard_rate_limit(org_limit, max_parallel_shards)
+        org_limit = str(RateLimit.parse(org_rate_limit or CleanlistSettings().rate_limit))
     except CleanlistError as exc:
         log.error("%s", exc)
         return Failed(message=str(exc), data={"status": "failed", "error": str(exc)})
@@ -285,12 +282,11 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
         if stale:
             log.info("removed %d output files of shards this split no longer has", len(stale))
     log.info(
-        "%d shards of ≤ %d rows staged in %s; up to %d at a time, each at %s (organization: %s)",
+        "%d shards of ≤ %d rows staged in %s; up to %d at a time, sharing %s through the store",
         len(shards),
         shard_rows,
         staging,
         max_parallel_shards,
-        per_shard,
         org_limit,
     )
 
@@ -305,7 +301,7 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
             "store": store,
             "refresh_days": refresh_days,
             "max_credits": max_credits_per_shard,
-            "rate_limit": per_shard,
+            "rate_limit": org_limit,
         }
         given = {key: value for key, value in params.items() if value is not None}
         return EnrichOptions.from_parameters({**given, **(child_parameters or {})}).as_parameters()
@@ -332,7 +328,7 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
             for metric in SHARD_METRICS
         },
         "failed_shards": [r.shard.name for r in failed],
-        "rate_limit_per_shard": per_shard,
+        "rate_limit": org_limit,
         "output": f"{output}#{table}" if to_table else out_dir,
         "shard_runs": [
             {"shard": r.shard.name, "flow_run": r.flow_run_name, "state": r.state, **asdict(r.shard)}
@@ -362,4 +358,4 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     return totals
 
 
-__all__ = ["Shard", "backfill_contacts", "shard_rate_limit", "split_source", "sql_windows"]
+__all__ = ["Shard", "backfill_contacts", "split_source", "sql_windows"]

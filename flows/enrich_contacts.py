@@ -23,6 +23,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed
 
+from cleanlist.client import organization_of
 from cleanlist.dburl import hide_passwords
 from cleanlist.errors import (
     Action,
@@ -34,8 +35,10 @@ from cleanlist.errors import (
     policy_for,
 )
 from cleanlist.models import EnrichmentType
+from cleanlist.ratelimit import RateLimiter
 from cleanlist.retry import RetryPolicy
 from cleanlist.run.context import RunContext
+from cleanlist.run.incremental import IncrementalRead
 from cleanlist.run.journal import AcceptanceJournal
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
 from cleanlist.run.outage import STORE_ERRORS, APIOutage, WatchedClient
@@ -113,7 +116,9 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     run_id = str(flow_run_id or uuid.uuid4())
     store = EnrichmentStore(options.store or settings.store_url)
     journal = AcceptanceJournal(store.url_display)
-    client = WatchedClient(api_key, settings=settings)  # its outage watch is the run's (RunContext.outage)
+    # The rate budget is the organization's, shared through the store with every run that uses it.
+    limiter = RateLimiter(settings.rate, book=store.rate_book(organization_of(settings.base_url, api_key)))
+    client = WatchedClient(api_key, settings=settings, limiter=limiter)  # its outage watch is the run's
     workspace = RunWorkspace()
     retry = RetryPolicy(
         retries=options.retries, initial_delay=options.retry_delay_seconds, quiet_connection_errors=True
@@ -244,6 +249,8 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     encoding: str | None = None,
     raw_csv: bool = False,
     api_outage_seconds: float = 300.0,
+    cursor: str | None = None,
+    full_refresh: bool = False,
     credentials: str | None = None,
     storage_options: dict[str, Any] | None = None,
     storage_credentials: str | None = None,
@@ -261,13 +268,14 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     started = time.monotonic()
     with open_run(options) as run:
         check_key(run)
-        stage = read(run)
+        incremental = IncrementalRead.open(run.store, options)
+        stage = read(run, incremental)
         plan = plan_submissions(run)
         if options.dry_run:
             return report_dry_run(run, stage, plan)
         submission = submit(run, plan)
         wait_for_results(run)
-        return write_and_report(run, submission, started)
+        return write_and_report(run, submission, started, incremental)
 
 
 def check_key(run: RunContext) -> None:
@@ -287,9 +295,18 @@ def check_key(run: RunContext) -> None:
         get_run_logger().warning("could not validate the API key (%s); going on", exc)
 
 
-def read(run: RunContext) -> StageReport:
-    """Read, prepare and stage the source (the stage-source task)."""
-    stage: StageReport = result_or_input_error(stage_source_task(run, return_state=True))
+def read(run: RunContext, incremental: IncrementalRead | None = None) -> StageReport:
+    """Read, prepare and stage the source (the stage-source task); with a cursor, only rows past its mark."""
+    cursor = incremental.cursor_filter() if incremental is not None else None
+    stage: StageReport = result_or_input_error(stage_source_task(run, cursor, return_state=True))
+    if incremental is not None:
+        incremental.read(stage.cursor_seen, stage.skipped_by_cursor)
+        get_run_logger().info(
+            "cursor %s: read rows past %s; %d rows left out (handled by earlier runs)",
+            incremental.column,
+            incremental.used.text if incremental.used is not None else "(no mark: every row)",
+            stage.skipped_by_cursor,
+        )
     counters = run.counters
     counters.rows_read, counters.duplicates = stage.rows_read, stage.duplicates
     counters.unique_contacts = stage.unique_contacts
@@ -371,10 +388,13 @@ def wait_for_results(run: RunContext) -> None:
     run.stop_poller(drain=run.gate.fatal is None)
 
 
-def write_and_report(run: RunContext, submission: Submission, started: float) -> RunSummary:
+def write_and_report(
+    run: RunContext, submission: Submission, started: float, incremental: IncrementalRead | None = None
+) -> RunSummary:
     """Write output and rejects, build the summary, report it; raise RunFailed for a failed run.
 
-    Without its store (lost mid-run) the run can write nothing: it stops with that one line.
+    Without its store (lost mid-run) the run can write nothing: it stops with that one line. The
+    source's cursor mark advances only here, after a run that completed.
     """
     options = run.options
     if run.store_lost is not None:
@@ -411,6 +431,7 @@ def write_and_report(run: RunContext, submission: Submission, started: float) ->
         retries=counters.retries,
         rate_limited=counters.rate_limited,
         rate_limit=str(run.client.rate_limit),
+        rate_limits_learned=run.client.limiter.learned_limits(),
         pauses=counters.pauses,
         unresolved=run.workspace.count(ContactState.UNRESOLVED),
         task_lookups=counters.task_lookups,
@@ -421,12 +442,15 @@ def write_and_report(run: RunContext, submission: Submission, started: float) ->
         output=_shown(options.output if options.table is None else f"{options.output}#{options.table}"),
         rejects=_shown(options.rejects_target),
         seconds=round(time.monotonic() - started, 3),
+        **(incremental.summary_fields(completed=status is RunStatus.COMPLETED) if incremental else {}),
     )
     run.outcome = (status, summary.as_dict())
     _hint_if_paced(run)
     create_table_artifact(summary.table_rows(), key=SUMMARY_KEY, description=f"enrich-contacts: {status}")
     create_markdown_artifact(summary.markdown(), key="cleanlist-run-report", description="Run report")
     _raise_unless_completed(summary, fatal, unknown_to_api=counters.unknown_to_api)
+    if incremental is not None and status is RunStatus.COMPLETED:
+        incremental.advance(run.store, run.run_id)
     get_run_logger().info("done: %s", summary.as_dict())
     return summary
 

@@ -34,7 +34,7 @@ import pytest
 import sqlalchemy as sa
 
 from cleanlist.errors import InputError
-from cleanlist.io.shards import shard_rate_limit, split_source, sql_windows
+from cleanlist.io.shards import split_source, sql_windows
 from cleanlist.run.summary import RunSummary
 from cleanlist.sandbox import SandboxConfig, SandboxServer
 from tests.conftest import postgres_database
@@ -84,22 +84,6 @@ def ids_in(paths: Iterable[Path]) -> Counter[str]:
 
 
 # ------------------------------------------------------------------------------ fast: no server at all
-
-
-@pytest.mark.parametrize(
-    ("org", "parallel", "per_shard"),
-    [
-        ("60/60", 2, "30/60"),
-        ("60/60", 1, "60/60"),
-        ("60/60", 7, "8/60"),
-        ("1/60", 3, "1/180"),
-        ("2/1", 4, "1/2"),
-    ],
-)
-def test_each_shard_gets_its_share_of_the_organization_rate_limit(
-    org: str, parallel: int, per_shard: str
-) -> None:
-    assert shard_rate_limit(org, parallel) == per_shard
 
 
 def test_a_date_window_is_cut_into_half_open_sub_windows() -> None:

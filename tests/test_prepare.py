@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from cleanlist.prepare import (
     FIELDS,
     HeaderMapping,
     api_payload,
+    bundled_suffix_extractor,
     contact_key,
     normalize_contact,
     normalize_domain,
@@ -252,7 +255,7 @@ def test_headers_seen_are_truncated_in_the_message() -> None:
         ("  www.acme.com  ", "acme.com"),
         ("https://www.acme.com/", "acme.com"),
         ("http://acme.com/about/team?ref=x#top", "acme.com"),
-        ("https://shop.acme.co.uk:8443/path", "shop.acme.co.uk"),
+        ("https://shop.acme.co.uk:8443/path", "acme.co.uk"),
         ("acme.com:80", "acme.com"),
         ("https://user:secret@acme.io/", "acme.io"),
         ("jane.doe@Acme.com", "acme.com"),
@@ -357,7 +360,7 @@ def test_non_string_values_become_text() -> None:
 
 def test_company_domain_derived_from_work_email() -> None:
     contact = normalize_contact({"first_name": "Jane", "last_name": "Doe", "email": "Jane@Sub.Acme.com"})
-    assert contact["company_domain"] == "sub.acme.com"
+    assert contact["company_domain"] == "acme.com"
     assert contact["email"] == "jane@sub.acme.com"
 
 
@@ -531,3 +534,56 @@ def test_a_name_without_a_letter_is_not_sent(value: object) -> None:
 def test_names_in_any_script_are_names() -> None:
     row = prepare_row({"first_name": "Иван", "last_name": "李", "company_name": "3M"})
     assert row.key is not None and row.contact["first_name"] == "Иван"
+
+
+# ------------------------------------------------------------------------------ registrable domains
+
+
+@pytest.mark.parametrize(
+    ("raw", "domain"),
+    [
+        ("https://blog.acme.co.uk/about", "acme.co.uk"),
+        ("jane@mail.acme.com", "acme.com"),
+        ("eu.shop.acme.com.au", "acme.com.au"),
+        ("www.blog.acme.de", "acme.de"),
+        ("acme.github.io", "acme.github.io"),  # a private suffix: each tenant is a company of its own
+        ("docs.acme.github.io", "acme.github.io"),
+        ("intranet.acme.internal", "intranet.acme.internal"),  # no known suffix: kept whole
+        ("co.uk", "co.uk"),  # a bare suffix has no registrable part: kept as given
+    ],
+)
+def test_company_domain_is_cut_to_its_registrable_part(raw: str, domain: str) -> None:
+    assert normalize_domain(raw) == domain
+
+
+def test_email_domain_is_cut_before_the_free_mail_check() -> None:
+    contact = normalize_contact({"first_name": "Jane", "last_name": "Doe", "email": "jane@mail.yahoo.co.uk"})
+    assert "company_domain" not in contact
+    contact = normalize_contact({"first_name": "Jane", "last_name": "Doe", "email": "jane@eu.mail.acme.com"})
+    assert contact["company_domain"] == "acme.com"
+    assert contact["email"] == "jane@eu.mail.acme.com"  # the address itself is kept whole
+
+
+def test_subdomains_of_one_company_share_a_contact_key() -> None:
+    keys = {
+        contact_key(normalize_contact({"first_name": "Jane", "last_name": "Doe", "company_domain": raw}))
+        for raw in ("https://blog.acme.co.uk/about", "acme.co.uk", "www.shop.acme.co.uk")
+    }
+    assert keys == {"nm:jane|doe|acme.co.uk"}
+
+
+def test_suffix_list_is_read_without_network_or_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The extractor prepare.py builds loads the bundled list: no socket is opened, no cache written."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the suffix list tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("TLDEXTRACT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fresh = bundled_suffix_extractor()
+    assert fresh.extract_str("blog.acme.co.uk").top_domain_under_public_suffix == "acme.co.uk"
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from cleanlist.client import CleanlistClient
+from cleanlist.constants import PROBE_IN_FLIGHT
 from cleanlist.ratelimit import EndpointLimiter, RateLimiter
 from cleanlist.sandbox import SandboxServer
 from cleanlist.settings import RateLimit
@@ -235,8 +236,9 @@ def test_after_a_429_one_request_probes_at_a_time_until_another_answer() -> None
     assert second_sent.wait(2)
     waiter.join(timeout=2)
     waited = len(clock.sleeps)
-    for _ in range(5):
-        limiter.acquire()  # no release: several in flight at once is fine again
+    for _ in range(PROBE_IN_FLIGHT):
+        limiter.acquire()  # no release: several in flight at once is fine again (as many as an endpoint
+        # not yet proven may have)
     assert len(clock.sleeps) == waited
 
 
@@ -244,10 +246,9 @@ def test_each_endpoint_has_its_own_budget() -> None:
     clock = VirtualClock()
     limiter = RateLimiter(RateLimit(2, 30.0), clock=clock, sleep=clock.sleep, async_sleep=clock.async_sleep)
     assert limiter.endpoint("enrich-bulk") is limiter.endpoint("enrich-bulk")
-    for _ in range(2):
-        limiter.endpoint("enrich-bulk").acquire()
-    limiter.endpoint("enrich-status").acquire()
-    limiter.endpoint("enrich-status").acquire()
+    for name in ("enrich-bulk", "enrich-bulk", "enrich-status", "enrich-status"):
+        limiter.endpoint(name).acquire()
+        limiter.endpoint(name).release(rate_limited=False)
     assert clock.sleeps == []  # the full bulk window kept nobody on the status endpoint waiting
     limiter.endpoint("enrich-bulk").acquire()  # the third bulk send waits out the bulk window
     assert clock.sleeps == [pytest.approx(limiter.endpoint("enrich-bulk").window)]

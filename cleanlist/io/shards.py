@@ -6,7 +6,6 @@ Plain functions used by the `backfill-contacts` flow.
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import re
 from collections.abc import Iterator
@@ -21,7 +20,6 @@ import pyarrow.parquet as pq
 from cleanlist.errors import InputError
 from cleanlist.io.sources import SourceBatch, display_source, iter_source
 from cleanlist.run.summary import RunSummary
-from cleanlist.settings import RateLimit
 
 SHARD_DIR_NAME = "_shards"
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})(\..+)?$")
@@ -62,20 +60,6 @@ class ShardRun:
 
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}"
-
-
-def shard_rate_limit(org_limit: str, parallel_shards: int) -> str:
-    """Each concurrent shard's share of the organization's `N/SECONDS` limit, itself `N/SECONDS`.
-
-    Requests are split, the window kept (30/60 for 60/60 over 2 shards): stretching the window instead
-    (60/120) would let every shard spend a whole window's requests in one burst. With fewer requests than
-    shards, each shard gets one request per proportionally longer window.
-    """
-    limit = RateLimit.parse(org_limit)
-    parallel = max(1, parallel_shards)
-    if limit.requests >= parallel:
-        return str(RateLimit(limit.requests // parallel, limit.seconds))
-    return str(RateLimit(1, limit.seconds * math.ceil(parallel / limit.requests)))
 
 
 def _parse_moment(text: str, name: str) -> dt.date | dt.datetime:

@@ -77,6 +77,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cleanlist.errors import InputError
+from cleanlist.io.cursor import CursorFilter, sql_past_mark
 
 logger = logging.getLogger("cleanlist.sources")
 
@@ -177,6 +178,9 @@ class SourceBatch:
     # How text that is not UTF-8 was decoded so far ("cp1251 (detected)", "cp1251 (--encoding)",
     # "utf-16"); None while all of it was UTF-8, and for Parquet, XLSX and SQL.
     encoding: str | None = None
+    # Rows of [first_row, end_row) left out because their cursor is not past the mark (see io/cursor.py):
+    # with a cursor, len(frame) + len(bad_rows) + skipped == end_row - first_row.
+    skipped: int = 0
 
 
 def display_source(source: str) -> str:
@@ -892,7 +896,9 @@ def _xlsx_batches(sheets: list[_Sheet], batch_rows: int) -> Generator[SourceBatc
 # ----------------------------------------------------------------------------------------------- SQL
 
 
-def _iter_sql(url: str, query: str, batch_rows: int) -> Generator[SourceBatch, None, None]:
+def _iter_sql(
+    url: str, query: str, batch_rows: int, cursor: CursorFilter | None = None
+) -> Generator[SourceBatch, None, None]:
     from sqlalchemy import create_engine
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
@@ -923,23 +929,48 @@ def _iter_sql(url: str, query: str, batch_rows: int) -> Generator[SourceBatch, N
             raise failure("cannot connect to", exc) from None
         with connection:
             try:
-                # exec_driver_sql: the query goes to the database as written (":x" and "%" stay literal).
-                result = connection.execution_options(
-                    stream_results=True, max_row_buffer=batch_rows, no_parameters=True
-                ).exec_driver_sql(query)
+                skipped = 0
+                if cursor is not None and cursor.after is not None:
+                    result, skipped = _sql_past_mark(connection, query, cursor, batch_rows)
+                else:
+                    # exec_driver_sql: the query goes to the database as written (":x" and "%" stay literal).
+                    result = connection.execution_options(
+                        stream_results=True, max_row_buffer=batch_rows, no_parameters=True
+                    ).exec_driver_sql(query)
                 columns = _unique_names(list(result.keys()))
                 first_row = 0
                 for part in result.partitions(batch_rows):
                     frame = _frame_without_nul(pd.DataFrame(part, columns=columns))
                     frame.index = pd.RangeIndex(first_row, first_row + len(frame))
-                    yield SourceBatch(frame, first_row, first_row + len(frame))
+                    if cursor is not None:
+                        cursor.apply(frame, filtered_already=True)
+                    # The rows the database left out are counted once, on the first batch.
+                    yield SourceBatch(frame, first_row, first_row + len(frame), skipped=skipped)
+                    skipped = 0
                     first_row += len(frame)
             except SQLAlchemyError as exc:
                 raise failure("SQL query failed on", exc) from None
             if first_row == 0:
-                yield SourceBatch(pd.DataFrame(columns=columns), 0, 0)
+                yield SourceBatch(pd.DataFrame(columns=columns), 0, 0, skipped=skipped)
     finally:
         engine.dispose()
+
+
+def _sql_past_mark(connection: Any, query: str, cursor: CursorFilter, batch_rows: int) -> tuple[Any, int]:
+    """The query's rows past the cursor's mark (bound as a parameter), and how many it leaves out."""
+    from sqlalchemy import text
+
+    assert cursor.after is not None
+    select_past, count_not_past = sql_past_mark(
+        query, cursor.column, connection.dialect.identifier_preparer.quote
+    )
+    mark = {"cleanlist_mark": cursor.after.value()}
+    skipped = int(connection.execute(text(count_not_past), mark).scalar_one())
+    cursor.skipped += skipped
+    result = connection.execution_options(stream_results=True, max_row_buffer=batch_rows).execute(
+        text(select_past), mark
+    )
+    return result, skipped
 
 
 # -------------------------------------------------------------------------------------------- public
@@ -952,6 +983,7 @@ def iter_source(
     sql_query: str | None = None,
     sheet: str | None = None,
     encoding: str | None = None,
+    cursor: CursorFilter | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Generator[SourceBatch, None, None]:
     """Stream `source` as SourceBatches of `batch_rows` input rows each (see the module docstring).
@@ -962,7 +994,9 @@ def iter_source(
     source or these options (missing, unsupported, empty, unreadable, failing query, unknown sheet or
     codec) raise InputError; this happens on the call for what can be checked up front, else on the
     first batch (or, for a file damaged further in, where the damage is). Memory is bounded by the batch
-    size, not the source. `storage_options` go to fsspec for a URL source (s3fs's `key`, `endpoint_url`…).
+    size, not the source. With `cursor`, only rows past its mark are read (`SourceBatch.skipped` counts
+    the others) and the largest cursor value read is tracked (see cleanlist/io/cursor.py).
+    `storage_options` go to fsspec for a URL source (s3fs's `key`, `endpoint_url`…).
     """
     if batch_rows < 1:
         raise InputError(f"batch_rows must be at least 1, got {batch_rows}")
@@ -974,7 +1008,29 @@ def iter_source(
             raise InputError("--sheet and --encoding apply to file sources, not to a SQL query")
         if not sql_query.strip():
             raise InputError("the SQL query is empty")
-        return _iter_sql(source, sql_query, batch_rows)
+        return _iter_sql(source, sql_query, batch_rows, cursor)
+    batches = _iter_file(source, batch_rows, sheet, encoding, storage_options)
+    return batches if cursor is None else _past_mark(batches, cursor)
+
+
+def _past_mark(
+    batches: Generator[SourceBatch, None, None], cursor: CursorFilter
+) -> Generator[SourceBatch, None, None]:
+    with closing(batches):
+        for batch in batches:
+            kept = cursor.apply(batch.frame)
+            batch.skipped += len(batch.frame) - len(kept)
+            batch.frame = kept
+            yield batch
+
+
+def _iter_file(
+    source: str,
+    batch_rows: int,
+    sheet: str | None,
+    encoding: str | None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Generator[SourceBatch, None, None]:
     shown = display_source(source)
     kind, extension, compression = _kind_of(source)
     if sheet is not None and kind != "xlsx":

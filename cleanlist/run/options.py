@@ -125,8 +125,8 @@ class EnrichOptions(BaseModel):
     )
     rate_limit: str | None = Field(
         default=None,
-        description="the organization's limit per endpoint, N/SECONDS "
-        "(default CLEANLIST_RATE_LIMIT, else 60/60)",
+        description="the organization's limit per endpoint: N/SECONDS, a ceiling learning only lowers, "
+        "or auto[/SECONDS], learned from 429s (default CLEANLIST_RATE_LIMIT, else 60/60)",
     )
 
     sheet: str | None = Field(
@@ -143,6 +143,15 @@ class EnrichOptions(BaseModel):
         default=300.0,
         gt=0,
         description="stop the run (results so far written, exit 1) after the API was unreachable this long",
+    )
+    cursor: str | None = Field(
+        default=None,
+        min_length=1,
+        description="incremental: read only rows whose value in this column (e.g. updated_at) is past the "
+        "last completed run's mark for this source",
+    )
+    full_refresh: bool = Field(
+        default=False, description="with --cursor: read every row, ignoring the mark (then update it)"
     )
     credentials: str | None = Field(
         default=None,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from cleanlist.io.cursor import CursorFilter, Watermark
 from cleanlist.io.sources import iter_source
 from cleanlist.prepare import FIELDS, HeaderMapping, api_payload, prepare_row, resolve_mapping
 from cleanlist.run.states import Reject, RejectCode
@@ -30,6 +31,10 @@ class StageReport:
     # How text that is not UTF-8 was decoded ("cp1251 (detected)", "cp1251 (--encoding)", "utf-16");
     # None when the source is all UTF-8, or not text.
     encoding: str | None = None
+    # Rows left out because their cursor was not past the source's mark (handled by an earlier run).
+    skipped_by_cursor: int = 0
+    # The largest cursor value read: the source's next mark, once the run completes.
+    cursor_seen: Watermark | None = None
 
     @property
     def duplicates(self) -> int:
@@ -53,7 +58,7 @@ def _prepare_frame(
     return keys, rejects, contacts
 
 
-def stage_source(  # noqa: PLR0913 - iter_source's reading options, keyword-only
+def stage_source(  # noqa: PLR0913 - keyword-only: the read options iter_source takes
     source: str,
     workspace: RunWorkspace,
     *,
@@ -62,14 +67,16 @@ def stage_source(  # noqa: PLR0913 - iter_source's reading options, keyword-only
     batch_rows: int = 50_000,
     sheet: str | None = None,
     encoding: str | None = None,
+    cursor: CursorFilter | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> StageReport:
     """Read, prepare and stage every row of `source`; rejects are staged too, with their reason.
 
     `sheet` and `encoding` are iter_source's: the sheets of a workbook, the codec of a text file.
+    With `cursor`, only rows past its mark are read; it tracks the largest value read.
     """
     mapping: HeaderMapping | None = None
-    rows = rejected = valid = 0
+    rows = rejected = valid = skipped = 0
     decoded_as: str | None = None
     batches = iter_source(
         source,
@@ -77,10 +84,12 @@ def stage_source(  # noqa: PLR0913 - iter_source's reading options, keyword-only
         sql_query=sql_query,
         sheet=sheet,
         encoding=encoding,
+        cursor=cursor,
         storage_options=storage_options,
     )
     for batch in batches:
         decoded_as = batch.encoding or decoded_as
+        skipped += batch.skipped
         frame = batch.frame
         if mapping is None:
             mapping = resolve_mapping(list(frame.columns), mapping_overrides)
@@ -112,6 +121,8 @@ def stage_source(  # noqa: PLR0913 - iter_source's reading options, keyword-only
         unique_contacts=workspace.count(),
         mapping=mapping.describe() if mapping else "(no rows)",
         encoding=decoded_as,
+        skipped_by_cursor=skipped,
+        cursor_seen=cursor.new_mark if cursor is not None else None,
     )
 
 

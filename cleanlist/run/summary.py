@@ -63,6 +63,7 @@ class RunSummary(_Report):
     retries: int = 0
     rate_limited: int = 0
     rate_limit: str = ""
+    rate_limits_learned: dict[str, str] = {}  # what the limiter went by at the end, where it differs
     pauses: int = 0
     unresolved: int = 0  # contacts paid for whose answer has not come: a rerun asks for them by task id
     task_lookups: int = 0  # status calls by task id, for tasks a workflow answer left out
@@ -73,8 +74,16 @@ class RunSummary(_Report):
     output: str = ""
     rejects: str = ""
     seconds: float = 0.0
+    # Incremental sources (`cursor`): the mark this run read past (None: every row was read), the mark
+    # after it (advanced only when the run completed), and the rows left out because a previous
+    # completed run already handled them (they are in neither this run's output nor its rejects).
+    cursor_mark_used: str | None = None
+    cursor_mark_new: str | None = None
+    skipped_by_cursor: int = 0
 
-    _parse_nested = field_validator("row_statuses", "rejects_by_reason", mode="before")(_json_text)
+    _parse_nested = field_validator(
+        "row_statuses", "rejects_by_reason", "rate_limits_learned", mode="before"
+    )(_json_text)
 
     def markdown(self) -> str:
         """The human-readable end-of-run report shown in the Prefect UI."""
@@ -97,6 +106,7 @@ class RunSummary(_Report):
             f"| tasks asked for by id | {self.task_lookups:,} |",
             f"| ambiguous submissions (answer lost after sending) | {self.ambiguous_submissions:,} |",
             f"| retries (429: {self.rate_limited}) | {self.retries} |",
+            f"| rate limit | {self._rate_limits()} |",
             f"| duration | {self.seconds:,.1f} s |",
             "",
             "## Rejects by reason",
@@ -105,7 +115,18 @@ class RunSummary(_Report):
         ranked = sorted(self.rejects_by_reason.items(), key=lambda kv: -kv[1])
         lines += [f"- {count:,} × {code.replace('_', ' ')}" for code, count in ranked] or ["none"]
         lines += ["", f"Output: `{self.output}` — rejects: `{self.rejects}`"]
+        if self.cursor_mark_new is not None or self.cursor_mark_used is not None:
+            lines += [
+                "",
+                f"Incremental: read past `{self.cursor_mark_used or '(every row)'}`; "
+                f"{self.skipped_by_cursor:,} rows handled by earlier runs were left out; "
+                f"mark now `{self.cursor_mark_new}`",
+            ]
         return "\n".join(lines)
+
+    def _rate_limits(self) -> str:
+        learned = ", ".join(f"{scope} {limit}" for scope, limit in self.rate_limits_learned.items())
+        return f"configured {self.rate_limit}" + (f"; learned: {learned}" if learned else "")
 
 
 class DryRunReport(_Report):

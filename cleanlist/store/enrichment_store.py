@@ -16,6 +16,7 @@ from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import DBAPIError
 
 from cleanlist.dburl import hide_passwords
+from cleanlist.io.cursor import Watermark
 from cleanlist.store.claims import (
     MAX_CLAIM_PASSES,
     ClaimSplit,
@@ -48,6 +49,8 @@ from cleanlist.store.ledger import (
     write_accepted,
     write_results,
 )
+from cleanlist.store.marks import read_mark, write_mark
+from cleanlist.store.ratebook import StoreRateBook
 from cleanlist.store.records import (
     ACCEPTED,
     RUN_RUNNING,
@@ -99,6 +102,11 @@ class EnrichmentStore:
 
     def __repr__(self) -> str:
         return f"EnrichmentStore({self.url_display!r})"
+
+    def rate_book(self, organization: str) -> StoreRateBook:
+        """The rate limiter's book for one organization (an API key's fingerprint), shared through this
+        store by every process and machine that uses it."""
+        return StoreRateBook(self._transact, self._engine.dialect.name, organization)
 
     def __enter__(self) -> Self:
         return self
@@ -349,6 +357,19 @@ class EnrichmentStore:
         return self._transact(work, "read")
 
     # Plumbing
+
+    # Incremental sources
+
+    def source_mark(self, source_id: str) -> Watermark | None:
+        """The high-water mark of a source's cursor, as of its last completed run (None before one)."""
+        return self._transact(lambda conn: read_mark(conn, source_id), "read")
+
+    def advance_source_mark(
+        self, source_id: str, *, source: str, cursor_column: str, mark: Watermark, run_id: str
+    ) -> None:
+        """Record the mark a completed run reached (call only once the run has completed)."""
+        row = {"source_id": source_id, "source": source, "cursor_column": cursor_column, "run_id": run_id}
+        self._transact(lambda conn: write_mark(conn, mark=mark, **row))
 
     def _touch_run(self, conn: Connection, run_id: str, now: datetime) -> None:
         touched = conn.execute(update(runs).where(runs.c.run_id == run_id).values(heartbeat_at=now))

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -121,4 +122,46 @@ workflows = Table(
     Column("completed_at", UtcDateTime),
     Index("cleanlist_workflows_state_idx", "state"),
     Index("cleanlist_workflows_run_idx", "run_id"),
+)
+
+# The rate limiter's shared book (cleanlist/store/ratebook.py): one row per organization and scope (an
+# endpoint, or "*" for an organization-wide window) with its Retry-After hold and what its 429s taught,
+# and one row per request slot. Times are epoch seconds on the book's clock.
+rate_scopes = Table(
+    "cleanlist_rate_scopes",
+    metadata,
+    Column("organization", String, primary_key=True),
+    Column("scope", String, primary_key=True),
+    Column("held_until", Float, nullable=False),
+    Column("learned_requests", Integer),
+    Column("learned_seconds", Float),
+    Column("learned_at", Float),
+)
+
+rate_slots = Table(
+    "cleanlist_rate_slots",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("organization", String, nullable=False),
+    Column("scope", String, nullable=False),
+    Column("endpoint", String, nullable=False),
+    Column("taken", Float, nullable=False),
+    Column("stamp", Float, nullable=False),
+    Column("in_flight", Boolean, nullable=False),
+    Column("ok", Boolean, nullable=False),
+    Index("cleanlist_rate_slots_scope_idx", "organization", "scope", "stamp"),
+)
+
+# Incremental sources (cleanlist/store/marks.py): the cursor's high-water mark of each source, as of the
+# last completed run that read it. Added without a version bump: create_all adds it to older stores.
+source_marks = Table(
+    "cleanlist_source_marks",
+    metadata,
+    Column("source_id", String(64), primary_key=True),  # sha256 of (source, query, cursor column)
+    Column("source", Text, nullable=False),  # as shown: no password, no URL query
+    Column("cursor_column", String, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("mark", Text, nullable=False),
+    Column("run_id", String, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
 )

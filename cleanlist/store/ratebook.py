@@ -1,0 +1,233 @@
+"""The rate limiter's book in the store: one budget per organization for every process that shares it.
+
+Runs of one organization that use the same store — the nightly run, an ad-hoc run, every shard of a
+backfill, on one machine (SQLite) or several (PostgreSQL) — take their slots from the same tables, so
+together they never send more than the organization's limit, and a lone run gets all of it. A grant is
+one short transaction: lock the scope rows (`FOR UPDATE` on PostgreSQL, the write lock on SQLite), check
+the hold, count the live slots, insert one. A few requests a second need nothing faster.
+
+Time is the database's clock on PostgreSQL (machines' clocks may disagree; the server's is one clock)
+and this machine's on SQLite (one machine). A slot of a process that died in flight stops counting
+after STALE_IN_FLIGHT seconds. Learned limits are kept per organization and scope, and expire after
+LEARNED_RATE_TTL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from cleanlist.constants import LEARNED_RATE_TTL
+from cleanlist.ratelimit import SHARED_SCOPE, Taken, Ticket
+from cleanlist.settings import RateLimit
+from cleanlist.store.schema import rate_scopes, rate_slots
+
+T = TypeVar("T")
+Transact = Callable[[Callable[[Connection], T]], T]
+
+# A slot still "in flight" after this long belongs to a process that died mid-request.
+STALE_IN_FLIGHT = 300.0
+_SWEEP_EVERY = 64  # takes between deletions of long-expired slots
+
+
+@dataclass(frozen=True)
+class _StoreTicket:
+    ids: tuple[int, ...]
+
+
+class StoreRateBook:
+    """A `cleanlist.ratelimit.SlotBook` in the enrichment store's database."""
+
+    def __init__(self, transact: Transact[Any], dialect: str, organization: str) -> None:
+        self._transact = transact
+        self._dialect = dialect
+        self.organization = organization
+        self._takes = itertools.count()
+        self._used: dict[str, int] = {}  # live slots per scope at the last take: a hint for `used`
+
+    def __repr__(self) -> str:
+        return f"StoreRateBook({self._dialect})"
+
+    def _now(self, conn: Connection) -> float:
+        if self._dialect == "postgresql":
+            return float(conn.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar_one())
+        return time.time()
+
+    def _lock_scopes(self, conn: Connection, scopes: Sequence[str]) -> float:
+        """Lock the scopes' rows (created on first use) in a fixed order; return the longest hold."""
+        wanted = sorted(set(scopes))
+        where = and_(rate_scopes.c.organization == self.organization, rate_scopes.c.scope.in_(wanted))
+        query = (
+            select(rate_scopes.c.scope, rate_scopes.c.held_until).where(where).order_by(rate_scopes.c.scope)
+        )
+        if self._dialect == "postgresql":
+            query = query.with_for_update()
+        rows = conn.execute(query).all()
+        if len(rows) < len(wanted):
+            dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+            conn.execute(
+                dialect_insert(rate_scopes)
+                .values([{"organization": self.organization, "scope": s, "held_until": 0.0} for s in wanted])
+                .on_conflict_do_nothing()
+            )
+            rows = conn.execute(query).all()
+        return max((float(row.held_until or 0.0) for row in rows), default=0.0)
+
+    def _live(self, scope: str, now: float, window: float) -> Any:
+        return and_(
+            rate_slots.c.organization == self.organization,
+            rate_slots.c.scope == scope,
+            or_(
+                and_(rate_slots.c.in_flight.is_(True), rate_slots.c.stamp > now - STALE_IN_FLIGHT),
+                rate_slots.c.stamp > now - window,
+            ),
+        )
+
+    def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
+        sweep = next(self._takes) % _SWEEP_EVERY == 0
+
+        def work(conn: Connection) -> Taken:
+            now = self._now(conn)
+            # A hold on "*" holds every endpoint.
+            held_until = self._lock_scopes(conn, [scope for scope, _ in scopes] + [SHARED_SCOPE])
+            if held_until > now:
+                return Taken(None, held_until - now, held=True)
+            if sweep:
+                old = now - 2 * max(window, STALE_IN_FLIGHT)
+                conn.execute(
+                    delete(rate_slots).where(
+                        rate_slots.c.organization == self.organization, rate_slots.c.stamp < old
+                    )
+                )
+            for scope, allowance in scopes:
+                live = self._live(scope, now, window)
+                count = conn.execute(select(func.count()).select_from(rate_slots).where(live)).scalar_one()
+                self._used[scope] = int(count)
+                if count >= allowance:
+                    oldest = conn.execute(
+                        select(func.min(rate_slots.c.stamp)).where(live, rate_slots.c.in_flight.is_(False))
+                    ).scalar_one()
+                    wait = float(oldest) + window - now if oldest is not None else 0.01
+                    return Taken(None, max(wait, 0.001))
+            ids = []
+            for scope, _ in scopes:
+                ids.append(
+                    conn.execute(
+                        insert(rate_slots)
+                        .values(
+                            organization=self.organization,
+                            scope=scope,
+                            endpoint=endpoint,
+                            taken=now,
+                            stamp=now,
+                            in_flight=True,
+                            ok=False,
+                        )
+                        .returning(rate_slots.c.id)
+                    ).scalar_one()
+                )
+                self._used[scope] = self._used.get(scope, 0) + 1
+            return Taken(_StoreTicket(tuple(ids)))
+
+        result: Taken = self._transact(work)
+        return result
+
+    def give_back(self, ticket: Ticket, *, ok: bool) -> None:
+        assert isinstance(ticket, _StoreTicket)
+
+        def work(conn: Connection) -> None:
+            conn.execute(
+                update(rate_slots)
+                .where(rate_slots.c.id.in_(ticket.ids))
+                .values(stamp=self._now(conn), in_flight=False, ok=ok)
+            )
+
+        self._transact(work)
+
+    def hold(self, scopes: Sequence[str], seconds: float) -> None:
+        def work(conn: Connection) -> None:
+            self._lock_scopes(conn, scopes)
+            until = self._now(conn) + seconds
+            conn.execute(
+                update(rate_scopes)
+                .where(
+                    rate_scopes.c.organization == self.organization,
+                    rate_scopes.c.scope.in_(list(scopes)),
+                    rate_scopes.c.held_until < until,
+                )
+                .values(held_until=until)
+            )
+
+        self._transact(work)
+
+    def held_for(self, scope: str) -> float:
+        def work(conn: Connection) -> float:
+            held = conn.execute(
+                select(rate_scopes.c.held_until).where(
+                    rate_scopes.c.organization == self.organization, rate_scopes.c.scope == scope
+                )
+            ).scalar_one_or_none()
+            return max(float(held or 0.0) - self._now(conn), 0.0)
+
+        result: float = self._transact(work)
+        return result
+
+    def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
+        def work(conn: Connection) -> tuple[int, int]:
+            since = self._now(conn) - lookback
+            rows = conn.execute(
+                select(rate_slots.c.endpoint, func.count())
+                .where(
+                    rate_slots.c.organization == self.organization,
+                    rate_slots.c.scope != SHARED_SCOPE,
+                    rate_slots.c.ok.is_(True),
+                    rate_slots.c.taken >= since,
+                )
+                .group_by(rate_slots.c.endpoint)
+            ).all()
+            counts = {row[0]: int(row[1]) for row in rows}
+            return counts.get(endpoint, 0), sum(counts.values())
+
+        result: tuple[int, int] = self._transact(work)
+        return result
+
+    def used(self, scope: str, window: float) -> int:
+        return self._used.get(scope, 0)
+
+    def learned(self) -> dict[str, RateLimit]:
+        def work(conn: Connection) -> dict[str, RateLimit]:
+            fresh = self._now(conn) - LEARNED_RATE_TTL
+            rows = conn.execute(
+                select(
+                    rate_scopes.c.scope, rate_scopes.c.learned_requests, rate_scopes.c.learned_seconds
+                ).where(
+                    rate_scopes.c.organization == self.organization,
+                    rate_scopes.c.learned_requests.is_not(None),
+                    rate_scopes.c.learned_at > fresh,
+                )
+            ).all()
+            return {row[0]: RateLimit(int(row[1]), float(row[2])) for row in rows}
+
+        result: dict[str, RateLimit] = self._transact(work)
+        return result
+
+    def learn(self, scope: str, limit: RateLimit | None) -> None:
+        def work(conn: Connection) -> None:
+            self._lock_scopes(conn, [scope])
+            conn.execute(
+                update(rate_scopes)
+                .where(rate_scopes.c.organization == self.organization, rate_scopes.c.scope == scope)
+                .values(
+                    learned_requests=limit.requests if limit else None,
+                    learned_seconds=limit.seconds if limit else None,
+                    learned_at=self._now(conn),
+                )
+            )
+
+        self._transact(work)

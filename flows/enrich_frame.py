@@ -1,0 +1,248 @@
+"""The `enrich-dataframe` flow: the Python API for a frame already in memory (pandas or Arrow).
+
+It runs the very steps of the file flow (`flows/enrich_contacts.py`: same store, retry policy, credit
+pause, budget, artifacts) on a private temporary workspace: the frame is written there as Parquet (0600
+in a 0700 directory), enriched, and the output and rejects are read back; the folder is removed at the
+end, whatever happens. The rows come back as the caller gave them (their own values, dtypes and index),
+with the `cleanlist_*` columns added to the output and `reject_code`/`reject_reason` to the rejects:
+every row is in one of the two.
+
+The frame never reaches the Prefect database: Prefect stores a flow run's parameters, and would have
+stored every contact of a DataFrame, so this flow's parameters are stored with the frame replaced by
+its shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import Flow, get_run_logger
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
+
+from cleanlist.errors import CleanlistError, InputError
+from cleanlist.models import EnrichmentType
+from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
+from cleanlist.run.states import RunStatus
+from cleanlist.run.summary import RunSummary
+from flows.blocks import resolve_blocks
+from flows.enrich_contacts import (
+    RunFailed,
+    check_key,
+    open_run,
+    plan_submissions,
+    read,
+    submit,
+    wait_for_results,
+    write_and_report,
+)
+from tasks.prefect_types import thread_pool
+
+P = ParamSpec("P")
+# The row's position in the caller's frame, carried through the run to put each row back in its place.
+ROW_POSITION = "__cleanlist_row_position__"
+
+
+@dataclass(frozen=True)
+class EnrichedFrame:
+    """What `enrich_dataframe` returns: the caller's rows split in two, and the run's summary.
+
+    `output` holds the valid rows (duplicates included) with the `cleanlist_*` columns; `rejects` the
+    rows that could not be sent, with `reject_code` and `reject_reason`. Both keep the caller's index;
+    `len(output) + len(rejects)` is the number of rows given.
+    """
+
+    output: pd.DataFrame
+    rejects: pd.DataFrame
+    summary: RunSummary
+
+
+def _frame_shown(value: Any) -> Any:
+    if isinstance(value, pd.DataFrame | pa.Table):
+        return f"<{type(value).__name__}: {value.shape[0]} rows x {value.shape[1]} columns>"
+    return value
+
+
+class _FrameFlow(Flow[P, EnrichedFrame]):
+    """A flow whose frame parameter is stored by the Prefect server as its shape, not its contents."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        return super().serialize_parameters({key: _frame_shown(v) for key, v in parameters.items()})
+
+
+def _failures_as_states(body: Callable[P, EnrichedFrame]) -> Callable[P, EnrichedFrame | State]:
+    """A run that cannot finish ends Failed with one line (no traceback) and its summary as data."""
+
+    @functools.wraps(body)
+    def run(*args: P.args, **kwargs: P.kwargs) -> EnrichedFrame | State:
+        try:
+            return body(*args, **kwargs)
+        except RunFailed as exc:
+            get_run_logger().error("%s", exc)
+            data = exc.summary.as_dict() if exc.summary is not None else {"status": RunStatus.FAILED.value}
+            return Failed(message=str(exc), data={**data, "exit_code": exc.exit_code, "error": str(exc)})
+        except CleanlistError as exc:
+            get_run_logger().error("%s", exc)
+            return Failed(message=str(exc), data={"status": "failed", "exit_code": 1, "error": str(exc)})
+
+    return run
+
+
+@contextmanager
+def private_folder() -> Iterator[Path]:
+    """A temporary folder only its owner can enter (mkdtemp makes it 0700); removed at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="cleanlist-frame-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_arrow(frame: pd.DataFrame | pa.Table) -> pa.Table:
+    """The frame as an Arrow table with the row-position column; one InputError line if it cannot be."""
+    if isinstance(frame, pa.Table):
+        table = frame
+    elif isinstance(frame, pd.DataFrame):
+        if not frame.columns.is_unique:
+            repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+            raise InputError(f"the frame has repeated column names: {', '.join(repeated)}; rename them")
+        try:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            # A column mixing kinds (numbers and text): send it as text, as a CSV would have it.
+            mixed = {c: "string" for c in frame.columns if frame[c].dtype == object}
+            table = pa.Table.from_pandas(frame.astype(mixed), preserve_index=False)
+    else:
+        raise InputError(f"enrich_dataframe takes a pandas DataFrame or a pyarrow Table, not {type(frame)}")
+    if ROW_POSITION in table.column_names:
+        raise InputError(f"the frame already has a column named {ROW_POSITION}; rename it")
+    return table.append_column(ROW_POSITION, pa.array(range(table.num_rows), type=pa.int64()))
+
+
+def write_private_parquet(table: pa.Table, path: Path) -> Path:
+    """`table` as Parquet at `path`, created 0600 (it holds contacts' personal data)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        pq.write_table(table, fh)
+    return path
+
+
+def rows_back(original: pd.DataFrame, written: Path) -> pd.DataFrame:
+    """The caller's own rows named by the written file's positions, with the columns the run added.
+
+    Only the positions and the added columns are read back (the rejects file is CSV, written raw): the
+    caller's own columns come from the caller's frame, values and dtypes untouched.
+    """
+    if written.suffix == ".parquet":
+        names = pq.read_schema(written).names
+        added = names[names.index(ROW_POSITION) + 1 :]
+        result = pq.read_table(written, columns=[ROW_POSITION, *added]).to_pandas()
+    else:
+        names = list(pd.read_csv(written, nrows=0).columns)
+        added = names[names.index(ROW_POSITION) + 1 :]
+        result = pd.read_csv(
+            written, usecols=[ROW_POSITION, *added], dtype=dict.fromkeys(added, str), keep_default_na=False
+        )
+    positions = pd.to_numeric(result[ROW_POSITION]).astype("int64").to_numpy()
+    rows: pd.DataFrame = original.iloc[positions].copy()
+    for name in added:
+        rows[name] = result[name].to_numpy()
+    return rows
+
+
+def run_frame(frame: pd.DataFrame | pa.Table, parameters: dict[str, Any]) -> EnrichedFrame:
+    """Enrich `frame` with the file flow's steps in a private folder; raise RunFailed if it cannot."""
+    table = as_arrow(frame)
+    started = time.monotonic()
+    with private_folder() as folder:
+        output, rejects = folder / "output.parquet", folder / "rejects.csv"  # rejects are always CSV
+        source = write_private_parquet(table, folder / "input.parquet")
+        del table
+        options = EnrichOptions.from_parameters(
+            {
+                **parameters,
+                "source": str(source),
+                "output": str(output),
+                "rejects": str(rejects),
+                "raw_csv": True,  # read back by this module, not opened in a spreadsheet
+            }
+        )
+        options = resolve_blocks(options)  # a store given as block:sqlalchemy-connector/NAME
+        options.check_destinations()
+        with open_run(options) as run:
+            check_key(run)
+            read(run)
+            plan = plan_submissions(run)
+            submission = submit(run, plan)
+            wait_for_results(run)
+            summary = write_and_report(run, submission, started)
+        shown = _frame_shown(frame)
+        original: pd.DataFrame = frame if isinstance(frame, pd.DataFrame) else frame.to_pandas()
+        return EnrichedFrame(
+            output=rows_back(original, output),
+            rejects=rows_back(original, rejects),
+            summary=summary.model_copy(update={"output": shown, "rejects": shown}),
+        )
+
+
+@_failures_as_states
+# Every option of EnrichOptions that is not about files or tables, with the same literal default
+# (tests/test_enrich_frame.py checks that they agree).
+def _enrich_dataframe(  # noqa: PLR0913
+    frame: pd.DataFrame | pa.Table,
+    *,
+    enrichment_type: EnrichmentType = "partial",
+    mapping: dict[str, str] | None = None,
+    store: str | None = None,
+    refresh_days: float = 30.0,
+    max_credits: float | None = None,
+    webhook_url: str | None = None,
+    credit_recheck_seconds: float = 60.0,
+    pause_timeout_seconds: int = 7 * 24 * 3600,
+    poll_timeout_seconds: float = 6 * 3600.0,
+    initial_poll_seconds: float = 5.0,
+    max_concurrent_chunks: int = 8,
+    retries: int = 5,
+    retry_delay_seconds: float = 2.0,
+    batch_rows: int = 50_000,
+    base_url: str | None = None,
+    rate_limit: str | None = None,
+    api_outage_seconds: float = 300.0,
+    credentials: str | None = None,
+) -> EnrichedFrame:
+    """Enrich every contact of a pandas DataFrame (or pyarrow Table) through Cleanlist.
+
+    Returns an `EnrichedFrame`: `output` (valid rows + `cleanlist_*` columns), `rejects` (rows that
+    could not be sent + `reject_reason`) and `summary` (the `RunSummary`). Contacts already enriched
+    within `refresh_days` come from the store and cost nothing. A run that cannot finish ends Failed
+    with one line (calling the flow raises it). Options are described in `EnrichOptions`.
+    """
+    parameters = dict(locals())
+    del parameters["frame"]
+    return run_frame(frame, parameters)
+
+
+enrich_dataframe: Flow[..., EnrichedFrame] = _FrameFlow(
+    _enrich_dataframe,  # type: ignore[arg-type]  # a Failed state is returned only to fail the run
+    name="enrich-dataframe",
+    task_runner=thread_pool(TASK_RUNNER_WORKERS),
+    log_prints=True,
+    persist_result=False,
+    # The frame is checked by as_arrow and the options by EnrichOptions: each an InputError line.
+    # Prefect's own validation would log the parameters (the frame) when a type does not match.
+    validate_parameters=False,
+)
+
+__all__ = ["EnrichedFrame", "enrich_dataframe"]

@@ -1,0 +1,203 @@
+"""The limiter learns limits the API does not publish, from its 429s, and shares one budget per
+organization through the store. Requests go to a fixed-window server (the sandbox's own limiter) in
+virtual time, one at a time, so every count is exact and nothing sleeps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cleanlist.ratelimit import SHARED_SCOPE, RateLimiter, with_margin
+from cleanlist.sandbox.ratelimit import FixedWindowLimiter
+from cleanlist.settings import RateLimit
+from cleanlist.store import EnrichmentStore
+from tests.conftest import postgres_database
+from tests.test_ratelimit import VirtualClock
+
+WINDOW = 2.0
+
+
+class Server:
+    """A fixed-window API: per endpoint, or one window for the organization (`shared`)."""
+
+    def __init__(self, limit: int, *, shared: bool = False) -> None:
+        self.windows = FixedWindowLimiter(limit, WINDOW)
+        self.shared = shared
+        self.answers: list[tuple[str, float, int]] = []
+        self.holds_broken = 0
+
+    def answer(self, endpoint: str, now: float) -> float | None:
+        wait = self.windows.admit("org", "*" if self.shared else endpoint, now)
+        self.answers.append((endpoint, now, 429 if wait is not None else 200))
+        return wait
+
+    def share_429(self) -> float:
+        return sum(1 for a in self.answers if a[2] == 429) / len(self.answers)
+
+
+def send(limiter: RateLimiter, clock: VirtualClock, server: Server, endpoint: str) -> bool:
+    gate = limiter.endpoint(endpoint)
+    gate.acquire()
+    wait = server.answer(endpoint, clock())
+    clock.advance(0.02)
+    gate.release(rate_limited=wait is not None, retry_after=wait)
+    return wait is None
+
+
+def virtual(limit: str, clock: VirtualClock, book: object = None) -> RateLimiter:
+    return RateLimiter(
+        RateLimit.parse(limit),
+        clock=clock,
+        sleep=clock.sleep,
+        async_sleep=clock.async_sleep,
+        book=book,  # type: ignore[arg-type]
+    )
+
+
+def served_per_window(server: Server, start: float, end: float) -> float:
+    ok = [a for a in server.answers if a[2] == 200]
+    return len(ok) / ((end - start) / WINDOW)
+
+
+def test_a_limit_five_times_lower_than_configured_is_learned_with_few_429s() -> None:
+    clock = VirtualClock(start=1000.3)
+    server = Server(4)
+    limiter = virtual("20/2", clock)
+    for _ in range(60):
+        send(limiter, clock, server, "enrich-bulk")
+    bulk = limiter.endpoint("enrich-bulk")
+    assert bulk.learned == with_margin(4) == 4
+    assert bulk.allowance == 4
+    assert server.share_429() <= 0.10, server.answers
+    # Once learned, 4 per window: the real ceiling, less the window margin.
+    late = [a for a in server.answers if a[1] > clock.start + 10]
+    assert all(a[2] == 200 for a in late)
+    assert limiter.learned_limits() == {"enrich-bulk": "4/2"}
+
+
+def test_one_429_alone_teaches_nothing() -> None:
+    clock = VirtualClock()
+    limiter = virtual("60/60", clock)
+    gate = limiter.endpoint("enrich-status")
+    for _ in range(3):
+        gate.acquire()
+        gate.release(rate_limited=False)
+    gate.acquire()
+    gate.release(rate_limited=True, retry_after=1.0)  # a fault, or another client: not a window's edge
+    assert gate.learned is None
+    assert gate.allowance == 60
+    assert gate.held_for == pytest.approx(1.0, abs=0.05)
+
+
+def test_an_organization_wide_window_is_recognized_and_shared() -> None:
+    clock = VirtualClock(start=1000.7)
+    server = Server(20, shared=True)
+    limiter = virtual("20/2", clock)
+    for i in range(240):
+        send(limiter, clock, server, "enrich-bulk" if i % 3 else "enrich-status")
+    assert limiter.shared == with_margin(20) == 19
+    assert server.share_429() <= 0.10
+    late = [a for a in server.answers if a[1] > clock.start + 12]
+    assert late and all(a[2] == 200 for a in late)
+    assert limiter.learned_limits()["organization"] == "19/2"
+
+
+def test_auto_discovers_a_higher_limit_and_settles() -> None:
+    clock = VirtualClock(start=1000.1)
+    server = Server(20)
+    limiter = virtual("auto/2", clock)
+    assert limiter.endpoint("enrich-bulk").allowance == 2  # the documented 60 per minute, in 2 s
+    for _ in range(320):
+        send(limiter, clock, server, "enrich-bulk")
+    bulk = limiter.endpoint("enrich-bulk")
+    assert 18 <= bulk.allowance <= 20
+    assert server.share_429() <= 0.05
+    # 320 requests at 20 per 2 s take 32 s at best.
+    assert clock.elapsed <= 32 / 0.8
+
+
+def test_a_configured_limit_is_a_ceiling_learning_never_raises() -> None:
+    clock = VirtualClock()
+    server = Server(50)
+    limiter = virtual("10/2", clock)
+    for _ in range(40):
+        send(limiter, clock, server, "enrich-bulk")
+    assert server.share_429() == 0
+    assert limiter.endpoint("enrich-bulk").allowance == 10
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+def test_runs_sharing_a_store_share_one_budget_and_what_was_learned(store_url: str) -> None:
+    """Two limiters (two runs, or two machines) on one store never send more than N per window together,
+    and a limit one of them learned is the other's too — and the next run's."""
+    limit = RateLimit(3, 1.0)
+    first, second = EnrichmentStore(store_url), EnrichmentStore(store_url)
+    try:
+        a = RateLimiter(limit, book=first.rate_book("host|org"))
+        b = RateLimiter(limit, book=second.rate_book("host|org"))
+        other_org = RateLimiter(limit, book=second.rate_book("host|other"))
+        sent: list[float] = []
+        import time
+
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            for limiter in (a, b):
+                gate = limiter.endpoint("enrich-bulk")
+                gate.acquire()
+                sent.append(time.monotonic())
+                gate.release(rate_limited=False)
+        other = other_org.endpoint("enrich-bulk")
+        other.acquire()  # another organization's budget is untouched
+        other.release(rate_limited=False)
+        window = a.endpoint("enrich-bulk").window
+        busiest = max(sum(1 for t in sent if s <= t < s + window) for s in sent)
+        assert busiest <= 3, sent
+        assert len(sent) >= 6  # about three a second between them, not three each
+
+        a.book.learn("enrich-bulk", RateLimit(2, 1.0))
+        a.book.learn(SHARED_SCOPE, RateLimit(5, 1.0))
+        nxt = RateLimiter(limit, book=second.rate_book("host|org"))
+        assert nxt.endpoint("enrich-bulk").allowance == 2
+        assert nxt.shared == 5
+        assert nxt.learned_limits() == {"enrich-bulk": "2/1", "organization": "5/1"}
+        b.endpoint("enrich-bulk").hold(0.5)
+        assert a.endpoint("enrich-bulk").held_for > 0.3  # a Retry-After one process read holds the other
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_run_learns_a_lower_limit_keeps_it_for_the_next_run_and_reports_it(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    """Against the sandbox over HTTP: a limit 4 per second behind a configured 20 per second."""
+    from tests.flow_helpers import messy_export, read_csv, run_flow
+
+    sandbox = make_sandbox(rate_limit=(4, 1.0), latency=0.05)
+    api_env(sandbox, rate_limit="20/1")
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    first = messy_export(tmp_path / "first.csv", unique=5000)  # 20 chunks: about 5 windows
+    state, summary = run_flow(source=str(first), output=str(tmp_path / "out.csv"), store=store)
+    assert state.is_completed(), state.message
+    assert summary["rate_limit"] == "20/1"
+    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1", summary["rate_limits_learned"]
+    assert len(read_csv(tmp_path / "out.csv")) == 5000
+    assert sandbox.counters()["contacts_accepted_more_than_once"] == 0
+
+    sandbox.reset()
+    second = messy_export(tmp_path / "second.csv", unique=2000, tag="b")
+    state, summary = run_flow(source=str(second), output=str(tmp_path / "out2.csv"), store=store)
+    assert state.is_completed(), state.message
+    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1"
+    bulk = sandbox.counters()["requests"]["enrich-bulk"]
+    assert bulk.get("429", 0) == 0, bulk  # the next run starts from what the first one learned
