@@ -78,7 +78,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         else:
             kinds = [t for t in (get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
             kind = kinds[0] if kinds and kinds[0] in (int, float) else str
-            metavar = "N/SECONDS" if name == "rate_limit" else None
+            metavar = {"rate_limit": "N/SECONDS", "storage_options": "JSON"}.get(name)
             parser.add_argument(*flags, type=kind, metavar=metavar, **common)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
 
@@ -90,7 +90,23 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     given = {name: getattr(args, name) for name in EnrichOptions.model_fields if hasattr(args, name)}
     if "mapping" in given:
         given["mapping"] = _parse_map(given["mapping"])
+    if "storage_options" in given:
+        given["storage_options"] = _parse_json_object("--storage-options", given["storage_options"])
     return given
+
+
+def _parse_json_object(flag: str, text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise SystemExit(
+            f'cleanlist-enrich: {flag} expects a JSON object, e.g. {{"endpoint_url": "http://…"}}'
+        )
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -109,6 +125,8 @@ def _check_before_prefect_starts(kwargs: dict[str, Any]) -> None:
     from cleanlist.run.options import EnrichOptions
 
     options = EnrichOptions.from_parameters(kwargs)
+    if any(str(kwargs.get(name, "")).startswith("block:") for name in ("source", "output", "store")):
+        return  # a database block is read inside the run, where Prefect is
     options.check_destinations()
     # Calling (not iterating) makes the up-front checks; nothing is read.
     iter_source(
@@ -123,15 +141,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_set_key(args: argparse.Namespace) -> int:
-    from flows.secrets import SECRET_BLOCK, save_api_key
+    from flows.secrets import SECRET_BLOCK, save_api_key, save_credentials
 
-    value = sys.stdin.readline().strip()
-    if not value:
-        _error('no key on standard input (usage: echo "$KEY" | cleanlist-enrich set-key)')
+    if args.credentials is None and (args.base_url or args.rate_limit):
+        _error(
+            "--base-url and --rate-limit are saved in a CleanlistCredentials block: add --credentials NAME"
+        )
         return EXIT_FAILED
-    save_api_key(value)
-    print(f"saved the API key in the Prefect Secret block {SECRET_BLOCK!r}")
+    value = _read_key()
+    if not value:
+        _error(
+            'no key on standard input (usage: echo "$KEY" | cleanlist-enrich set-key [--credentials NAME])'
+        )
+        return EXIT_FAILED
+    if args.credentials is None:
+        save_api_key(value)
+        print(f"saved the API key in the Prefect Secret block {SECRET_BLOCK!r}")
+        return EXIT_OK
+    block = save_credentials(args.credentials, value, base_url=args.base_url, rate_limit=args.rate_limit)
+    where = f"base URL {block.base_url or 'from CLEANLIST_BASE_URL'}, "
+    where += f"rate limit {block.rate_limit or 'from CLEANLIST_RATE_LIMIT'}"
+    print(f"saved the CleanlistCredentials block {args.credentials!r} ({where})")
     return EXIT_OK
+
+
+def _read_key() -> str:
+    """The key from a hidden prompt on a terminal, else the first line of standard input; never argv."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("Cleanlist API key: ").strip()
+    return sys.stdin.readline().strip()
+
+
+def _block_name(value: str) -> str:
+    from cleanlist.run.options import check_block_name
+
+    try:
+        return check_block_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -165,7 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    key = sub.add_parser("set-key", help="store the API key (read from stdin) in the Prefect Secret block")
+    key = sub.add_parser(
+        "set-key",
+        help="store the API key (from stdin, or a hidden prompt) in a CleanlistCredentials block "
+        "(--credentials NAME) or the Secret block cleanlist-api-key",
+    )
+    key.add_argument(
+        "--credentials",
+        "--name",
+        metavar="NAME",
+        type=_block_name,
+        help="create or update the CleanlistCredentials block NAME (runs pick it with --credentials NAME)",
+    )
+    key.add_argument("--base-url", help="with --credentials: the organization's API host")
+    key.add_argument("--rate-limit", metavar="N/SECONDS", help="with --credentials: its limit per endpoint")
     key.set_defaults(func=cmd_set_key)
 
     serve = sub.add_parser("serve", help="serve the enrich-contacts and backfill-contacts deployments")

@@ -24,6 +24,7 @@ NIGHTLY_SETTINGS = {
     "source": ("cleanlist_nightly_source", "CLEANLIST_NIGHTLY_SOURCE"),
     "output": ("cleanlist_nightly_output", "CLEANLIST_NIGHTLY_OUTPUT"),
     "store": ("cleanlist_nightly_store", "CLEANLIST_NIGHTLY_STORE"),
+    "credentials": ("cleanlist_nightly_credentials", "CLEANLIST_NIGHTLY_CREDENTIALS"),
 }
 JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "cleanlist"}
 

@@ -59,6 +59,7 @@ from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings, RateLimit
 from flows.enrich_contacts import SUMMARY_KEY
+from flows.run_names import backfill_run_name
 from tasks.prefect_types import sync_result
 from tasks.shards import split_source_task
 
@@ -111,7 +112,7 @@ def _run_shards(
             while pending or running:
                 while pending and len(running) < max_parallel:
                     shard = pending.popleft()
-                    name = f"{parent_name}-{shard.name}"
+                    name = f"{parent_name} {shard.name}"  # `backfill crm.csv 2026-11-30 shard-00003`
                     try:
                         child = sync_result(
                             run_deployment(
@@ -207,7 +208,7 @@ def _report(runs: list[ShardRun], totals: dict[str, Any]) -> None:
     )
 
 
-@flow(name="backfill-contacts", log_prints=True, persist_result=False)
+@flow(name="backfill-contacts", flow_run_name=backfill_run_name, log_prints=True, persist_result=False)
 # The parameters are the deployment's form in the Prefect UI; validation comes first, then the story.
 def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     source: str,

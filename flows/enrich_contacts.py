@@ -48,10 +48,11 @@ from cleanlist.run.stage import StageReport
 from cleanlist.run.states import ContactState, RunStatus, StopReason
 from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
-from cleanlist.settings import CleanlistSettings
 from cleanlist.store import EnrichmentStore
 from cleanlist.webhooks.listen import receiving_webhooks
-from flows.secrets import resolve_api_key
+from flows.blocks import resolve_blocks
+from flows.run_names import enrich_run_name
+from flows.secrets import run_credentials
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
 from tasks.prefect_types import sync_result, thread_pool
@@ -109,12 +110,9 @@ def _failures_as_states(
 @contextmanager
 def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     """The run's context: settings, client, store, workspace; recorded in the store, closed at the end."""
-    settings = CleanlistSettings()
-    if options.base_url:
-        settings.base_url = options.base_url
-    if options.rate_limit:
-        settings.rate_limit = options.rate_limit
-    api_key = resolve_api_key(settings)
+    settings, api_key = run_credentials(
+        options.credentials, base_url=options.base_url, rate_limit=options.rate_limit
+    )
     flow_run_id = _flow_run_id()
     run_id = str(flow_run_id or uuid.uuid4())
     store = EnrichmentStore(options.store or settings.store_url)
@@ -223,6 +221,7 @@ def _error_of(record: logging.LogRecord) -> BaseException | None:
 
 @flow(
     name="enrich-contacts",
+    flow_run_name=enrich_run_name,  # `enrich crm.csv 2026-11-30`
     # At least max_concurrent_chunks: submit tasks wait in the rate limiter, and a window's worth of
     # them waiting there is what lets a window's requests go out together.
     task_runner=thread_pool(TASK_RUNNER_WORKERS),
@@ -262,6 +261,9 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     full_refresh: bool = False,
     webhook_listen: str | None = None,
     webhook_grace_seconds: float = 0.5,
+    credentials: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    storage_credentials: str | None = None,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 
@@ -271,6 +273,7 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     Every parameter is described in `cleanlist.run.options.EnrichOptions`.
     """
     options = EnrichOptions.from_parameters(dict(locals()))
+    options = resolve_blocks(options)  # database URLs and storage credentials from blocks, in memory only
     options.check_destinations()
     started = time.monotonic()
     with open_run(options) as run:

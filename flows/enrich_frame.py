@@ -37,6 +37,7 @@ from cleanlist.models import EnrichmentType
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
 from cleanlist.run.states import RunStatus
 from cleanlist.run.summary import RunSummary
+from flows.blocks import resolve_blocks
 from flows.enrich_contacts import (
     RunFailed,
     check_key,
@@ -178,6 +179,7 @@ def run_frame(frame: pd.DataFrame | pa.Table, parameters: dict[str, Any]) -> Enr
                 "raw_csv": True,  # read back by this module, not opened in a spreadsheet
             }
         )
+        options = resolve_blocks(options)  # a store given as block:sqlalchemy-connector/NAME
         options.check_destinations()
         with open_run(options) as run:
             check_key(run)
@@ -218,6 +220,7 @@ def _enrich_dataframe(  # noqa: PLR0913
     base_url: str | None = None,
     rate_limit: str | None = None,
     api_outage_seconds: float = 300.0,
+    credentials: str | None = None,
 ) -> EnrichedFrame:
     """Enrich every contact of a pandas DataFrame (or pyarrow Table) through Cleanlist.
 

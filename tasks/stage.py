@@ -25,4 +25,5 @@ def stage_source_task(run: RunContext, cursor: CursorFilter | None = None) -> St
         sheet=options.sheet,
         encoding=options.encoding,
         cursor=cursor,
+        storage_options=options.storage_options,
     )

@@ -19,6 +19,11 @@ def write_output_task(run: RunContext, output: str, rejects: str, table: str | N
     workspace, so a killed run's are removed with it.
     """
     out_sink, rej_sink = open_sinks(
-        output, rejects, table, raw_csv=run.options.raw_csv, scratch_dir=run.workspace.root
+        output,
+        rejects,
+        table,
+        raw_csv=run.options.raw_csv,
+        scratch_dir=run.workspace.root,
+        storage_options=run.options.storage_options,
     )
     return write_rows(run.workspace, run.store, run.options.enrichment_type, out_sink, rej_sink)

@@ -319,9 +319,9 @@ class PrefectStack:
     def summary(self, flow_run_id: str) -> RunSummary:
         return RunSummary.from_table(self.artifact(flow_run_id, "cleanlist-run-summary")["data"])
 
-    def ran_on(self, flow_run_name: str) -> list[str]:
-        """The workers whose logs say they started this flow run."""
-        line = f"Flow run '{flow_run_name}' submitted to infrastructure"
+    def ran_on(self, flow_run_id: str) -> list[str]:
+        """The workers whose logs say they took this flow run (by id: a run is renamed once it starts)."""
+        line = f"submitting flow run '{flow_run_id}'"
         return [w for w in self.workers if line in (self.procs.logs / f"{w}.log").read_text(errors="replace")]
 
 
@@ -475,6 +475,7 @@ def test_prefect_yaml_deploys_nightly_adhoc_and_backfill_non_interactively(stack
         "source": str(stack.root / "nightly" / "contacts.csv"),
         "output": str(stack.root / "nightly" / "enriched.csv"),
         "store": f"sqlite:///{stack.root / 'nightly' / 'store.db'}",
+        "credentials": "",  # cleanlist_nightly_credentials is not set: the key comes from the Secret or env
     }
     assert deployments["adhoc"]["schedules"] == [] and deployments["adhoc"]["parameters"] == {}
     assert deployments["backfill"]["schedules"] == []
@@ -492,7 +493,8 @@ def test_adhoc_run_on_a_worker_completes_with_every_row_in_the_output(
     assert adhoc.command.returncode == 0, f"{adhoc.command.stdout}\n{stack.diagnostics()}"
     run = stack.flow_run(adhoc.flow_run_id)
     assert run["state"]["type"] == "COMPLETED"
-    assert any(stack.ran_on(run["name"])), "no worker log shows the run"
+    assert any(stack.ran_on(run["id"])), "no worker log shows the run"
+    assert run["name"] == f"enrich adhoc.csv {run['expected_start_time'][:10]}"
     rejects = adhoc.output.with_name(adhoc.output.name.replace(".csv", ".rejects.csv"))
     assert ids_in([adhoc.output, rejects]) == Counter(adhoc.ids)
     enriched = pd.read_csv(adhoc.output, dtype=str)
@@ -541,7 +543,10 @@ def test_backfill_runs_three_shards_over_two_workers_and_a_rerun_pays_nothing(
         assert {c["parameters"]["rate_limit"] for c in children} == {"30/60"}  # 60/60 over 2 shards
         assert {c["parameters"]["store"] for c in children} == {store}
         parent = stack.flow_run(parent_id)
-        workers = {w for run in [parent, *children] for w in stack.ran_on(run["name"])}
+        run_date = parent["expected_start_time"][:10]
+        assert parent["name"] == f"backfill crm-3000.csv {run_date}"  # readable names in the runs list
+        assert sorted(c["name"] for c in children) == [f"{parent['name']} shard-0000{i}" for i in range(3)]
+        workers = {w for run in [parent, *children] for w in stack.ran_on(run["id"])}
         assert workers == {"worker-1", "worker-2"}, "the shards did not spread over both workers"
 
         counters = sandbox.counters()

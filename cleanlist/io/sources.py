@@ -63,7 +63,7 @@ import os
 import re
 import zipfile
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -232,7 +232,7 @@ def _kind_of(source: str) -> tuple[str, str, str | None]:
     return kind, f".{ext}", compression
 
 
-def _opener(source: str, compression: str | None) -> Opener:
+def _opener(source: str, compression: str | None, storage_options: Mapping[str, Any] | None = None) -> Opener:
     shown = display_source(source)
     local = "://" not in source
     if local:
@@ -248,7 +248,8 @@ def _opener(source: str, compression: str | None) -> Opener:
             if local and compression is None:
                 stream: IO[bytes] = open(source, "rb")  # noqa: SIM115 - closed below
             else:
-                stream = fsspec.open(source, "rb", compression=compression).open()
+                options = dict(storage_options or {}) if not local else {}
+                stream = fsspec.open(source, "rb", compression=compression, **options).open()
         except FileNotFoundError:
             raise InputError(f"source '{shown}' not found") from None
         except (ImportError, ValueError) as exc:  # fsspec: unknown protocol or its package missing
@@ -983,6 +984,7 @@ def iter_source(
     sheet: str | None = None,
     encoding: str | None = None,
     cursor: CursorFilter | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Generator[SourceBatch, None, None]:
     """Stream `source` as SourceBatches of `batch_rows` input rows each (see the module docstring).
 
@@ -994,6 +996,7 @@ def iter_source(
     first batch (or, for a file damaged further in, where the damage is). Memory is bounded by the batch
     size, not the source. With `cursor`, only rows past its mark are read (`SourceBatch.skipped` counts
     the others) and the largest cursor value read is tracked (see cleanlist/io/cursor.py).
+    `storage_options` go to fsspec for a URL source (s3fs's `key`, `endpoint_url`…).
     """
     if batch_rows < 1:
         raise InputError(f"batch_rows must be at least 1, got {batch_rows}")
@@ -1006,7 +1009,7 @@ def iter_source(
         if not sql_query.strip():
             raise InputError("the SQL query is empty")
         return _iter_sql(source, sql_query, batch_rows, cursor)
-    batches = _iter_file(source, batch_rows, sheet, encoding)
+    batches = _iter_file(source, batch_rows, sheet, encoding, storage_options)
     return batches if cursor is None else _past_mark(batches, cursor)
 
 
@@ -1022,7 +1025,11 @@ def _past_mark(
 
 
 def _iter_file(
-    source: str, batch_rows: int, sheet: str | None, encoding: str | None
+    source: str,
+    batch_rows: int,
+    sheet: str | None,
+    encoding: str | None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Generator[SourceBatch, None, None]:
     shown = display_source(source)
     kind, extension, compression = _kind_of(source)
@@ -1034,7 +1041,7 @@ def _iter_file(
                 f"--encoding applies to text files (.csv .tsv .txt .jsonl .ndjson) only, not to '{shown}'"
             )
         encoding = _resolve_codec(encoding)
-    open_source = _opener(source, compression)
+    open_source = _opener(source, compression, storage_options)
     if kind == "delimited":
         return _iter_delimited(open_source, shown, batch_rows, extension == ".tsv", encoding)
     if kind == "jsonl":

@@ -25,10 +25,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import fsspec
 import pandas as pd
@@ -145,9 +145,16 @@ class FileSink:
     """
 
     def __init__(
-        self, destination: str, fmt: str, *, raw_csv: bool = False, scratch_dir: Path | None = None
+        self,
+        destination: str,
+        fmt: str,
+        *,
+        raw_csv: bool = False,
+        scratch_dir: Path | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.destination = destination
+        self.storage_options = dict(storage_options or {})
         self.fmt = fmt
         self.raw_csv = raw_csv
         handle, name = tempfile.mkstemp(prefix="cleanlist-", suffix=f".{fmt}.partial", dir=scratch_dir)
@@ -198,7 +205,7 @@ class FileSink:
                 self._tmp.write_text("", encoding="utf-8")
         if self._parquet is not None:
             self._parquet.close()
-        _move_into_place(self._tmp, self.destination)
+        _move_into_place(self._tmp, self.destination, self.storage_options)
 
     def abort(self) -> None:
         if self._parquet is not None:
@@ -206,9 +213,12 @@ class FileSink:
         self._tmp.unlink(missing_ok=True)
 
 
-def _move_into_place(tmp: Path, destination: str) -> None:
+def _move_into_place(tmp: Path, destination: str, storage_options: Mapping[str, Any] | None = None) -> None:
     fs, path = fsspec.core.url_to_fs(destination)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    local = fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol
+    if not local and storage_options:  # s3fs's key/secret/endpoint_url…: never for the local disk
+        fs, path = fsspec.core.url_to_fs(destination, **storage_options)
+    if local:
         target = Path(path)
         make_private_dirs(target.parent)
         staging = target.with_name(f".{target.name}.partial")
@@ -350,11 +360,13 @@ def open_sinks(
     *,
     raw_csv: bool = False,
     scratch_dir: Path | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[RowSink, RowSink]:
     """Sinks for the output and the rejects: files by extension, or with `table` two database tables.
 
     `raw_csv` turns off the spreadsheet-safe prefix of CSV files; `scratch_dir` holds their temporary
-    files (default: the system's temp directory). Neither applies to database tables.
+    files (default: the system's temp directory); `storage_options` go to fsspec for remote URLs. None
+    of them applies to database tables.
     """
     if table is not None:
         from cleanlist.io.dbsink import DatabaseSink, SharedTransaction
@@ -362,8 +374,14 @@ def open_sinks(
         transaction = SharedTransaction(output, members=2)
         return DatabaseSink(transaction, table), DatabaseSink(transaction, rejects, kind="rejects")
     return (
-        FileSink(output, output_format(output), raw_csv=raw_csv, scratch_dir=scratch_dir),
-        FileSink(rejects, "csv", raw_csv=raw_csv, scratch_dir=scratch_dir),
+        FileSink(
+            output,
+            output_format(output),
+            raw_csv=raw_csv,
+            scratch_dir=scratch_dir,
+            storage_options=storage_options,
+        ),
+        FileSink(rejects, "csv", raw_csv=raw_csv, scratch_dir=scratch_dir, storage_options=storage_options),
     )
 
 

@@ -9,6 +9,7 @@ parameters it hands to each shard through it. `tests/test_options.py` proves the
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,23 @@ from cleanlist.settings import RateLimit
 
 # Threads of the flow's task runner: every chunk task in flight holds one while it waits in the limiter.
 TASK_RUNNER_WORKERS = 32
+# Prefect's rule for block document names.
+_BLOCK_NAME = re.compile(r"[a-z0-9-]+")
+# fsspec storage options (s3fs, gcsfs, adlfs) that carry a secret: they come from blocks, not parameters.
+_SECRET_STORAGE_OPTIONS = frozenset(
+    {
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "credentials",
+    }
+)
 
 
 class EnrichOptions(BaseModel):
@@ -31,11 +49,14 @@ class EnrichOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = Field(
-        description="path or fsspec URL (.csv .tsv .parquet .jsonl .xlsx), or a SQLAlchemy URL",
+        description="path or fsspec URL (.csv .tsv .parquet .jsonl .xlsx), or a SQLAlchemy URL "
+        "(or block:sqlalchemy-connector/NAME)",
         min_length=1,
     )
     output: str = Field(
-        description="path/URL ending .csv .parquet .jsonl, or a database URL (with table)", min_length=1
+        description="path/URL ending .csv .parquet .jsonl, or a database URL (with table; or "
+        "block:sqlalchemy-connector/NAME)",
+        min_length=1,
     )
     enrichment_type: EnrichmentType = Field(
         default="partial", description="what to look up (and pay for): none, partial, phone_only, full, …"
@@ -53,7 +74,9 @@ class EnrichOptions(BaseModel):
         default=None, description="with a SQLAlchemy URL as source: the query to read"
     )
     store: str | None = Field(
-        default=None, description="SQLAlchemy URL of the enrichment store (default ~/.cleanlist/store.db)"
+        default=None,
+        description="SQLAlchemy URL (or block:sqlalchemy-connector/NAME) of the enrichment store "
+        "(default ~/.cleanlist/store.db)",
     )
     refresh_days: float = Field(
         default=30.0,
@@ -132,6 +155,21 @@ class EnrichOptions(BaseModel):
     full_refresh: bool = Field(
         default=False, description="with --cursor: read every row, ignoring the mark (then update it)"
     )
+    credentials: str | None = Field(
+        default=None,
+        description="name of the CleanlistCredentials block (API key, base URL, rate limit) to run with "
+        "(default: the Secret block cleanlist-api-key, else CLEANLIST_API_KEY)",
+    )
+    storage_options: dict[str, Any] | None = Field(
+        default=None,
+        description="fsspec options for a source or output URL (s3://, gs://…), e.g. endpoint_url, "
+        "region_name, anon; credentials go in a block (storage_credentials), never here",
+    )
+    storage_credentials: str | None = Field(
+        default=None,
+        description="object storage credentials from a Prefect block: block:aws-credentials/NAME "
+        "(pip install .[s3]) or block:gcp-credentials/NAME (.[gcs])",
+    )
 
     webhook_listen: str | None = Field(
         default=None,
@@ -162,6 +200,23 @@ class EnrichOptions(BaseModel):
     def _rate_limit_parses(cls, value: str | None) -> str | None:
         if value:
             RateLimit.parse(value)
+        return value or None
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials_is_a_block_name(cls, value: str | None) -> str | None:
+        # "" is what prefect.yaml deploys for a Variable that is not set: no block, as for `store`.
+        return check_block_name(value) if value else None
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets_in_storage_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        secret = sorted(_SECRET_STORAGE_OPTIONS & set(value or {}))
+        if secret:
+            raise ValueError(
+                f"must not hold credentials ({', '.join(secret)}): flow parameters are shown in the UI; "
+                "give them as a block with storage_credentials (block:aws-credentials/NAME)"
+            )
         return value or None
 
     @classmethod
@@ -241,6 +296,19 @@ class EnrichOptions(BaseModel):
         return datetime.now(UTC) - timedelta(days=self.refresh_days)
 
 
+def check_block_name(value: str) -> str:
+    """A Prefect block name (lowercase letters, digits, dashes), else ValueError.
+
+    The message never echoes the value: a key pasted in its place by mistake must not reach a log line.
+    """
+    if not _BLOCK_NAME.fullmatch(value):
+        raise ValueError(
+            "must be the name of a CleanlistCredentials block (lowercase letters, digits, dashes), "
+            "never the key itself"
+        )
+    return value
+
+
 def _same_file(one: Path, other: Path) -> bool:
     """Whether two local paths name one file: the same real path (symlinks followed) or, when both
     exist, the same inode (hard links, case-insensitive filesystems)."""
@@ -281,7 +349,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         name = ".".join(str(part) for part in error["loc"]) or "options"
-        message = error["msg"]
+        message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "is not an option"
         elif error["type"] == "missing":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -67,6 +68,7 @@ def stage_source(  # noqa: PLR0913 - keyword-only: the read options iter_source 
     sheet: str | None = None,
     encoding: str | None = None,
     cursor: CursorFilter | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> StageReport:
     """Read, prepare and stage every row of `source`; rejects are staged too, with their reason.
 
@@ -77,7 +79,13 @@ def stage_source(  # noqa: PLR0913 - keyword-only: the read options iter_source 
     rows = rejected = valid = skipped = 0
     decoded_as: str | None = None
     batches = iter_source(
-        source, batch_rows=batch_rows, sql_query=sql_query, sheet=sheet, encoding=encoding, cursor=cursor
+        source,
+        batch_rows=batch_rows,
+        sql_query=sql_query,
+        sheet=sheet,
+        encoding=encoding,
+        cursor=cursor,
+        storage_options=storage_options,
     )
     for batch in batches:
         decoded_as = batch.encoding or decoded_as
