@@ -432,6 +432,15 @@ class RateLimiter:
                 # slow start does) until the first 429.
                 limiter.allowance = min(limiter.allowance + 1, AUTO_RATE_CAP)
                 limiter._short = False
+                self._lift_unsettled(limiter.allowance)
+
+    def _lift_unsettled(self, allowance: int) -> None:
+        """auto: what one endpoint has been served clean, the others may start from. The documented limit
+        is the same for every endpoint, and the status endpoint must keep up with the bulk one (each
+        accepted workflow needs a status call), though it only presses its limit later."""
+        for other in self._endpoints.values():
+            if not other.settled and other.allowance < allowance:
+                other.allowance = allowance
 
     def refused(self, limiter: EndpointLimiter, ticket: Ticket | None, retry_after: float | None) -> None:
         """A 429 on `limiter`: hold for its hint, and learn from what the server's window had served."""
@@ -455,6 +464,7 @@ class RateLimiter:
                 # auto found the edge by growing: back off to it at once and stop growing.
                 limiter.allowance = min(limiter.allowance, with_margin(served))
                 limiter.proven = True
+                self._lift_unsettled(limiter.allowance)
             limiter.settled = True
             self._refusals = [*self._refusals[-19:], refusal]
             self._relearn(limiter, refusal)
