@@ -221,6 +221,8 @@ def _enrich_dataframe(  # noqa: PLR0913
     rate_limit: str | None = None,
     api_outage_seconds: float = 300.0,
     credentials: str | None = None,
+    webhook_listen: str | None = None,
+    webhook_grace_seconds: float = 0.5,
 ) -> EnrichedFrame:
     """Enrich every contact of a pandas DataFrame (or pyarrow Table) through Cleanlist.
 
