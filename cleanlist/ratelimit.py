@@ -263,13 +263,21 @@ class EndpointLimiter:
     def __repr__(self) -> str:
         return f"EndpointLimiter({self.name}: {self.allowance}/{self.limit.seconds:g})"
 
+    @property
+    def _probing(self) -> bool:
+        """Probing an unknown limit: auto until it has found its edge; a configured limit once the API
+        has refused it, until the 429s agree on the real one (or a full window went clean)."""
+        if self.learned is not None or self.proven:
+            return False
+        return self.limit.auto or self.settled
+
     def _reserve(self, counted: list[bool]) -> float:
         """Take a slot now and return 0, or return how long to wait before asking again."""
         parent = self._parent
         with parent.lock:
             if self._cautious and self._in_flight > 0:
                 return 0.01
-            if self.learned is None and not self.proven and self._in_flight >= PROBE_IN_FLIGHT:
+            if self._probing and self._in_flight >= PROBE_IN_FLIGHT:
                 return 0.01
             scopes = parent.scopes_for(self)
             self._in_flight += 1  # counted before asking the book, so no other thread slips past the caps
