@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -258,6 +259,7 @@ class EndpointLimiter:
         self._cautious = False
         self._short = False  # a request waited for a slot since the last clean answer (auto grows on it)
         self._tickets: list[Ticket] = []
+        self._clean: deque[float] = deque()  # this process's clean answers in the last window
         self.paced = 0  # requests that had to wait for a slot (not for a Retry-After hold)
 
     def __repr__(self) -> str:
@@ -430,8 +432,13 @@ class RateLimiter:
     def clean_answer(self, limiter: EndpointLimiter) -> None:
         """An answer that was not a 429: the endpoint is open; auto grows; a clean full window proves it."""
         if not (limiter.proven or self.limit.auto):
-            served, _ = self.book.served(limiter.name, limiter.window)
-            limiter.proven = served >= limiter.allowance
+            # Counted here, not in the book: one more transaction per answer is too dear for a hint.
+            now = self.clock()
+            clean = limiter._clean
+            clean.append(now)
+            while clean and clean[0] <= now - limiter.window:
+                clean.popleft()
+            limiter.proven = len(clean) >= limiter.allowance
         full = self.limit.auto and self.book.used(limiter.name, limiter.window) >= limiter.allowance
         with self.lock:
             limiter._cautious = False
