@@ -424,7 +424,8 @@ class RateLimiter:
         with self.lock:
             limiter._cautious = True
             limiter.hold_ends = max(limiter.hold_ends, now + seconds)
-            if SHARED_SCOPE in scopes:
+            if self.shared is not None:  # one window: it began anew for every endpoint (a hold only to be
+                # safe says nothing of the other endpoints' windows)
                 for other in self._endpoints.values():
                     other.hold_ends = max(other.hold_ends, now + seconds)
 
