@@ -322,7 +322,10 @@ def test_a_real_window_429_carries_its_integer_retry_after(start_sandbox: StartS
         assert client.limiter.endpoint("credits-balance").held_for == pytest.approx(
             error.retry_after, abs=0.5
         )
-        assert client.limiter.endpoint("enrich-status").held_for == 0.0
+        # Until 429s have shown a window per endpoint, the window may be the organization's: the
+        # Retry-After holds the other endpoints too.
+        assert client.limiter.endpoint("enrich-status").held_for == pytest.approx(error.retry_after, abs=0.5)
+        assert not client.limiter.per_endpoint
 
 
 def test_a_429_holds_the_endpoint_for_every_other_caller_until_retry_after(
@@ -344,9 +347,8 @@ def test_a_429_holds_the_endpoint_for_every_other_caller_until_retry_after(
 
         waiter = threading.Thread(target=poll)
         waiter.start()
-        started = time.monotonic()
-        other.credits_balance()  # another endpoint is not held
-        assert time.monotonic() - started < 0.5
+        other.credits_balance()  # the window may be the organization's: another endpoint waits it out too
+        assert time.monotonic() - limited_at >= 0.9
         waiter.join(timeout=5)
     assert answered_at and answered_at[0] - limited_at >= 0.9
     assert sandbox.counters()["requests"]["enrich-status"] == {"429": 1, "200": 1}
