@@ -50,7 +50,7 @@ from cleanlist.store.ledger import (
     write_results,
 )
 from cleanlist.store.marks import read_mark, write_mark
-from cleanlist.store.ratebook import StoreRateBook
+from cleanlist.store.ratebook import FallbackRateBook, StoreRateBook
 from cleanlist.store.records import (
     ACCEPTED,
     RUN_RUNNING,
@@ -104,10 +104,10 @@ class EnrichmentStore:
     def __repr__(self) -> str:
         return f"EnrichmentStore({self.url_display!r})"
 
-    def rate_book(self, organization: str) -> StoreRateBook:
+    def rate_book(self, organization: str) -> FallbackRateBook:
         """The rate limiter's book for one organization (an API key's fingerprint), shared through this
-        store by every process and machine that uses it."""
-        return StoreRateBook(self._transact, self._engine.dialect.name, organization)
+        store by every process and machine that uses it (in memory once the store fails)."""
+        return FallbackRateBook(StoreRateBook(self._transact, self._engine.dialect.name, organization))
 
     def __enter__(self) -> Self:
         return self

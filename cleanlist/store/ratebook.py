@@ -15,6 +15,7 @@ LEARNED_RATE_TTL.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,11 +23,15 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from cleanlist.constants import LEARNED_RATE_TTL
-from cleanlist.ratelimit import SHARED_SCOPE, Taken, Ticket
+from cleanlist.ratelimit import SHARED_SCOPE, MemoryBook, Taken, Ticket
 from cleanlist.settings import RateLimit
 from cleanlist.store.schema import rate_scopes, rate_slots
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Transact = Callable[[Callable[[Connection], T]], T]
@@ -241,3 +246,88 @@ class StoreRateBook:
             )
 
         self._transact(work)
+
+
+class FallbackRateBook:
+    """The store's book while the store answers; this process's memory once it does not.
+
+    A store that dies mid-run must end the run through the run's own store guard (one line, within its
+    bound), not turn every request into an error: pacing goes on in memory meanwhile.
+    """
+
+    def __init__(self, store_book: StoreRateBook, memory: MemoryBook | None = None) -> None:
+        self._store = store_book
+        self._memory = memory or MemoryBook()
+        self._failed = False
+
+    def __repr__(self) -> str:
+        return f"FallbackRateBook({'memory' if self._failed else self._store!r})"
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._failed:
+            self._failed = True
+            logger.warning(
+                "rate book: the store failed (%s); pacing in memory from now on", type(exc).__name__
+            )
+
+    def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
+        if not self._failed:
+            try:
+                return self._store.take(endpoint, scopes, window)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                self._fail(exc)
+        return self._memory.take(endpoint, scopes, window)
+
+    def give_back(self, ticket: Ticket, *, ok: bool) -> None:
+        if isinstance(ticket, _StoreTicket):
+            if self._failed:
+                return
+            try:
+                self._store.give_back(ticket, ok=ok)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                self._fail(exc)
+            return
+        self._memory.give_back(ticket, ok=ok)
+
+    def hold(self, scopes: Sequence[str], seconds: float) -> None:
+        self._memory.hold(scopes, seconds)
+        if not self._failed:
+            try:
+                self._store.hold(scopes, seconds)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                self._fail(exc)
+
+    def held_for(self, scope: str) -> float:
+        if not self._failed:
+            try:
+                return self._store.held_for(scope)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                self._fail(exc)
+        return self._memory.held_for(scope)
+
+    def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
+        if not self._failed:
+            try:
+                return self._store.served(endpoint, lookback)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                self._fail(exc)
+        return self._memory.served(endpoint, lookback)
+
+    def used(self, scope: str, window: float) -> int:
+        return self._memory.used(scope, window) if self._failed else self._store.used(scope, window)
+
+    def learned(self) -> dict[str, RateLimit]:
+        if not self._failed:
+            try:
+                return self._store.learned()
+            except (DBAPIError, PoolTimeoutError) as exc:
+                self._fail(exc)
+        return self._memory.learned()
+
+    def learn(self, scope: str, limit: RateLimit | None) -> None:
+        self._memory.learn(scope, limit)
+        if not self._failed:
+            try:
+                self._store.learn(scope, limit)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                self._fail(exc)
