@@ -259,11 +259,11 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     api_outage_seconds: float = 300.0,
     cursor: str | None = None,
     full_refresh: bool = False,
-    webhook_listen: str | None = None,
-    webhook_grace_seconds: float = 0.5,
     credentials: str | None = None,
     storage_options: dict[str, Any] | None = None,
     storage_credentials: str | None = None,
+    webhook_listen: str | None = None,
+    webhook_grace_seconds: float = 0.5,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 
