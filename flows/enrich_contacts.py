@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -60,6 +60,7 @@ from tasks.stage import stage_source_task
 from tasks.write import write_output_task
 
 P = ParamSpec("P")
+R = TypeVar("R")
 SUMMARY_KEY = "cleanlist-run-summary"
 
 
@@ -83,9 +84,7 @@ def _emit(event: str, payload: dict[str, Any]) -> None:
     emit_event(event=event, resource=resource, payload=payload)
 
 
-def _failures_as_states(
-    body: Callable[P, RunSummary | DryRunReport],
-) -> Callable[P, RunSummary | DryRunReport | State]:
+def failures_as_states(body: Callable[P, R]) -> Callable[P, R | State]:
     """A run that cannot finish returns a Failed state with one line and its summary as data.
 
     Returning the state, rather than raising, is what keeps Prefect from logging a traceback for a
@@ -93,7 +92,7 @@ def _failures_as_states(
     """
 
     @functools.wraps(body)
-    def run(*args: P.args, **kwargs: P.kwargs) -> RunSummary | DryRunReport | State:
+    def run(*args: P.args, **kwargs: P.kwargs) -> R | State:
         try:
             return body(*args, **kwargs)
         except RunFailed as exc:
@@ -228,7 +227,7 @@ def _error_of(record: logging.LogRecord) -> BaseException | None:
     log_prints=True,
     persist_result=False,
 )
-@_failures_as_states
+@failures_as_states
 # The parameters are the deployment's form in the Prefect UI and `--param` names: one per EnrichOptions field.
 def enrich_contacts(  # noqa: PLR0913, PLR0917
     source: str,

@@ -14,12 +14,11 @@ its shape.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +27,16 @@ from typing import Any, ParamSpec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import Flow, get_run_logger
-from prefect.client.schemas.objects import State
-from prefect.states import Failed
+from prefect import Flow
 
-from cleanlist.errors import CleanlistError, InputError
+from cleanlist.errors import InputError
 from cleanlist.models import EnrichmentType
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
-from cleanlist.run.states import RunStatus
 from cleanlist.run.summary import RunSummary
 from flows.blocks import resolve_blocks
 from flows.enrich_contacts import (
-    RunFailed,
     check_key,
+    failures_as_states,
     open_run,
     plan_submissions,
     read,
@@ -80,24 +76,6 @@ class _FrameFlow(Flow[P, EnrichedFrame]):
 
     def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
         return super().serialize_parameters({key: _frame_shown(v) for key, v in parameters.items()})
-
-
-def _failures_as_states(body: Callable[P, EnrichedFrame]) -> Callable[P, EnrichedFrame | State]:
-    """A run that cannot finish ends Failed with one line (no traceback) and its summary as data."""
-
-    @functools.wraps(body)
-    def run(*args: P.args, **kwargs: P.kwargs) -> EnrichedFrame | State:
-        try:
-            return body(*args, **kwargs)
-        except RunFailed as exc:
-            get_run_logger().error("%s", exc)
-            data = exc.summary.as_dict() if exc.summary is not None else {"status": RunStatus.FAILED.value}
-            return Failed(message=str(exc), data={**data, "exit_code": exc.exit_code, "error": str(exc)})
-        except CleanlistError as exc:
-            get_run_logger().error("%s", exc)
-            return Failed(message=str(exc), data={"status": "failed", "exit_code": 1, "error": str(exc)})
-
-    return run
 
 
 @contextmanager
@@ -197,7 +175,7 @@ def run_frame(frame: pd.DataFrame | pa.Table, parameters: dict[str, Any]) -> Enr
         )
 
 
-@_failures_as_states
+@failures_as_states
 # Every option of EnrichOptions that is not about files or tables, with the same literal default
 # (tests/test_enrich_frame.py checks that they agree).
 def _enrich_dataframe(  # noqa: PLR0913

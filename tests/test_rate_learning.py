@@ -4,7 +4,6 @@ virtual time, one at a time, so every count is exact and nothing sleeps."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from cleanlist.ratelimit import SHARED_SCOPE, RateLimiter, with_margin
 from cleanlist.sandbox.ratelimit import FixedWindowLimiter
 from cleanlist.settings import RateLimit
 from cleanlist.store import EnrichmentStore
-from tests.conftest import postgres_database
 from tests.test_ratelimit import VirtualClock
 
 WINDOW = 2.0
@@ -126,15 +124,6 @@ def test_a_configured_limit_is_a_ceiling_learning_never_raises() -> None:
         send(limiter, clock, server, "enrich-bulk")
     assert server.share_429() == 0
     assert limiter.endpoint("enrich-bulk").allowance == 10
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
 
 
 def test_runs_sharing_a_store_share_one_budget_and_what_was_learned(store_url: str) -> None:
