@@ -290,3 +290,29 @@ def test_marks_stored_by_the_previous_version_are_still_read(
 
     state, _ = run_flow(**run, cursor_type="number")
     assert state.is_failed() and "is a timestamp, not a number" in (state.message or "")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_cli_refuses_an_old_text_mark_in_one_line(tmp_path: Path, make_sandbox: Any) -> None:
+    from tests.test_cli import _cli, _no_traceback
+
+    sandbox = make_sandbox(rate_limit=None)
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    url = _sqlite_source(tmp_path / "crm.db", [_contact(i, i) for i in range(1, 21)] + [_contact(21, "n/a")])
+    with EnrichmentStore(store) as opened:
+        source_id, shown = source_identity(url, "SELECT * FROM crm", "seq")
+        text_mark = Watermark(CursorKind.TEXT, "n/a")  # what the previous version stored for this source
+        opened.advance_source_mark(source_id, source=shown, cursor_column="seq", mark=text_mark, run_id="old")
+    args = ["run", url, "--sql", "SELECT * FROM crm", "-o", str(tmp_path / "out.csv"), "--store", store]
+    env = {"CLEANLIST_API_KEY": sandbox.api_key, "CLEANLIST_BASE_URL": sandbox.base_url}
+
+    refused = _cli([*args, "--cursor", "seq"], env)
+    assert refused.returncode != 0 and "--full-refresh" in refused.stderr
+    _no_traceback(refused)
+
+    fixed = _cli([*args, "--cursor", "seq", "--full-refresh"], env)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    _no_traceback(fixed)
+    assert _ids(tmp_path / "out.csv") == list(range(1, 21)) and _mark(
+        store, url, "seq", "SELECT * FROM crm"
+    ) == (Watermark(CursorKind.NUMBER, "20"))

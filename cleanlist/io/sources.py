@@ -16,8 +16,10 @@ reason, after a colon (and under "_raw"), so the rejects show what was there.
 
 Text formats (delimited, JSONL, XLSX) give every column the pandas `str` dtype: values are never
 type-inferred (leading zeros stay) and an empty value is a missing value (NaN). Parquet and SQL keep
-their native dtypes. Header names are made unique the way pandas does ("Email", "Email.1") and an empty
-one becomes `column_<n>`; whether two similar columns are ambiguous is for header mapping to decide.
+their native dtypes, except a SQL column whose values Arrow cannot hold as one type (ints and 'n/a' from
+a SQLite column, a JSON field of numbers and strings, UUIDs): it is read as text (`_storable`). Header
+names are made unique the way pandas does ("Email", "Email.1") and an empty one becomes `column_<n>`;
+whether two similar columns are ambiguous is for header mapping to decide.
 NUL characters are removed from text values of every format at read time (they break CSV tools and
 databases; an .xlsx cannot hold them).
 
