@@ -195,7 +195,7 @@ def test_sql_table_second_run_reads_only_changed_rows(
                 )
             )
         # Colons and a cast in the user's query stay theirs: only the mark is a bound parameter.
-        query = "SELECT *, 'a:b' AS note FROM crm WHERE first_name::text <> ''"
+        query = "SELECT *, 'a:b' AS note FROM crm WHERE first_name::text <> '' AND last_name LIKE 'Lee%'"
         output = tmp_path / "out.csv"
         run = {"source": url, "sql_query": query, "output": str(output), "store": url, "cursor": "updated_at"}
 

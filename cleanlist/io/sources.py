@@ -1008,7 +1008,8 @@ def _can_push_mark(connection: Any, query: str, cursor: CursorFilter) -> bool:
     if connection.dialect.name != "postgresql" or cursor.after.kind not in _PUSHABLE_TYPES:
         return False
     probe = sql_column_type(query, cursor.column, connection.dialect.identifier_preparer.quote)
-    described = connection.exec_driver_sql(probe.replace("%", "%%")).cursor.description
+    # As the user wrote it: no parameters, so "%" and ":x" stay literal (as for the unfiltered read).
+    described = connection.execution_options(no_parameters=True).exec_driver_sql(probe).cursor.description
     if not described:
         return False
     type_name = connection.execute(
