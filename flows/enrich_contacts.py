@@ -40,7 +40,7 @@ from cleanlist.retry import RetryPolicy
 from cleanlist.run.context import RunContext
 from cleanlist.run.incremental import IncrementalRead
 from cleanlist.run.journal import AcceptanceJournal
-from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
+from cleanlist.run.options import TASK_RUNNER_WORKERS, CursorType, EnrichOptions
 from cleanlist.run.outage import STORE_ERRORS, APIOutage, WatchedClient
 from cleanlist.run.plan import Plan, plan_run
 from cleanlist.run.progress import progress_listener
@@ -258,6 +258,7 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     api_outage_seconds: float = 300.0,
     cursor: str | None = None,
     full_refresh: bool = False,
+    cursor_type: CursorType = "auto",
     credentials: str | None = None,
     storage_options: dict[str, Any] | None = None,
     storage_credentials: str | None = None,

@@ -27,7 +27,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # return no frames; a frame has no identity to keep a cursor mark under).
 NOT_FOR_FRAMES = {
     *("source", "output", "rejects", "table", "sql_query", "sheet", "encoding", "raw_csv"),
-    *("dry_run", "cursor", "full_refresh", "storage_options", "storage_credentials"),
+    *("dry_run", "cursor", "full_refresh", "cursor_type", "storage_options", "storage_credentials"),
 }
 
 

@@ -50,8 +50,16 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
         (["1", "2", "10", "3"], Watermark(CursorKind.NUMBER, "2"), ["10", "3"]),  # numbers, not text order
         (
             ["2026-01-02", "2026-01-01T12:00", "2026-01-03"],
-            Watermark(CursorKind.TIMESTAMP, "2026-01-02T00:00:00"),
+            Watermark(CursorKind.TIMESTAMP, "2026-01-02T00:00:00"),  # an old mark: no offset = UTC
             ["2026-01-03"],
+        ),
+        (
+            [
+                "2026-01-02T01:00:00+02:00",
+                "2026-01-01T23:30:00-01:00",
+            ],  # 2026-01-01T23:00Z, 2026-01-02T00:30Z
+            Watermark(CursorKind.TIMESTAMP, "2026-01-02T00:00:00+00:00"),
+            ["2026-01-01T23:30:00-01:00"],
         ),
         (["b", "a", "c"], Watermark(CursorKind.TEXT, "b"), ["c"]),
         ([None, "5", ""], Watermark(CursorKind.NUMBER, "7"), [None, ""]),  # no value: always read
@@ -60,7 +68,7 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
 def test_rows_past_the_mark_are_kept(values: list[Any], mark: Watermark, kept: list[Any]) -> None:
     frame = pd.DataFrame({"updated_at": pd.Series(values, dtype=object), "x": range(len(values))})
     cursor = CursorFilter("updated_at", after=mark)
-    result = cursor.apply(frame)
+    result = cursor.apply(frame).kept
     assert result["updated_at"].tolist() == kept
     assert cursor.skipped == len(values) - len(kept)
 
@@ -74,7 +82,7 @@ def test_the_new_mark_is_the_largest_value_read() -> None:
     stamps.apply(
         pd.DataFrame({"t": pd.to_datetime(["2026-11-30 10:00:00.5", "2026-01-01"], format="ISO8601")})
     )
-    assert stamps.new_mark == Watermark(CursorKind.TIMESTAMP, "2026-11-30T10:00:00.500000")
+    assert stamps.new_mark == Watermark(CursorKind.TIMESTAMP, "2026-11-30T10:00:00.500000+00:00")
     assert stamps.new_mark.value() > Watermark(CursorKind.TIMESTAMP, "2026-11-30T10:00:00").value()
 
 
@@ -104,6 +112,10 @@ def test_cli_flags() -> None:
         "cursor": "updated_at",
         "full_refresh": True,
     }
+    args = build_parser().parse_args(
+        ["run", "in.csv", "-o", "o.csv", "--cursor", "n", "--cursor-type", "number"]
+    )
+    assert _flow_kwargs(args)["cursor_type"] == "number"
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -134,7 +146,7 @@ def test_csv_second_run_reads_only_changed_rows(tmp_path: Path, make_sandbox: An
     assert state.is_completed(), state.message
     assert first["rows_read"] == 300 and first["skipped_by_cursor"] == 0
     assert first["cursor_mark_used"] is None
-    assert first["cursor_mark_new"] == "2026-11-01T00:04:59" == _mark(store_url, source).text  # type: ignore[union-attr]
+    assert first["cursor_mark_new"] == "2026-11-01T00:04:59+00:00" == _mark(store_url, source).text  # type: ignore[union-attr]
 
     # Three rows change, two are added, one loses its date: only those six are read.
     for i in (3, 150, 299):
@@ -146,8 +158,8 @@ def test_csv_second_run_reads_only_changed_rows(tmp_path: Path, make_sandbox: An
     state, second = run_flow(**run)
     assert state.is_completed(), state.message
     assert second["rows_read"] == 6 and second["skipped_by_cursor"] == 296
-    assert second["cursor_mark_used"] == "2026-11-01T00:04:59"
-    assert second["cursor_mark_new"] == "2026-11-30T10:00:00"
+    assert second["cursor_mark_used"] == "2026-11-01T00:04:59+00:00"
+    assert second["cursor_mark_new"] == "2026-11-30T10:00:00+00:00"
     assert sorted(read_csv(output)["id"].astype(int)) == [3, 7, 150, 299, 300, 301]
     assert second["submitted"] == 5  # the row without a date was answered already: from the store
 
@@ -155,7 +167,7 @@ def test_csv_second_run_reads_only_changed_rows(tmp_path: Path, make_sandbox: An
     state, full = run_flow(**run, full_refresh=True)
     assert state.is_completed(), state.message
     assert full["rows_read"] == 302 and full["skipped_by_cursor"] == 0 and full["submitted"] == 0
-    assert full["cursor_mark_used"] is None and full["cursor_mark_new"] == "2026-11-30T10:00:00"
+    assert full["cursor_mark_used"] is None and full["cursor_mark_new"] == "2026-11-30T10:00:00+00:00"
     assert len(read_csv(output)) == 302
     assert sandbox.counters()["contacts_accepted_more_than_once"] == 0
 
@@ -183,7 +195,7 @@ def test_sql_table_second_run_reads_only_changed_rows(
                 )
             )
         # Colons and a cast in the user's query stay theirs: only the mark is a bound parameter.
-        query = "SELECT *, 'a:b' AS note FROM crm WHERE first_name::text <> ''"
+        query = "SELECT *, 'a:b' AS note FROM crm WHERE first_name::text <> '' AND last_name LIKE 'Lee%'"
         output = tmp_path / "out.csv"
         run = {"source": url, "sql_query": query, "output": str(output), "store": url, "cursor": "updated_at"}
 
@@ -194,7 +206,7 @@ def test_sql_table_second_run_reads_only_changed_rows(
         sandbox.restore_key()
         state, first = run_flow(**run)
         assert state.is_completed(), state.message
-        assert first["rows_read"] == 300 and first["cursor_mark_new"] == "2026-11-01T00:04:59"
+        assert first["rows_read"] == 300 and first["cursor_mark_new"] == "2026-11-01T00:04:59+00:00"
 
         with engine.begin() as conn:
             conn.execute(
@@ -206,13 +218,13 @@ def test_sql_table_second_run_reads_only_changed_rows(
         state, second = run_flow(**run)
         assert state.is_completed(), state.message
         assert second["rows_read"] == 3 and second["skipped_by_cursor"] == 297
-        assert second["cursor_mark_used"] == "2026-11-01T00:04:59"
-        assert second["cursor_mark_new"] == "2026-11-30T08:04:10" == _mark(url, url, query).text  # type: ignore[union-attr]
+        assert second["cursor_mark_used"] == "2026-11-01T00:04:59+00:00"
+        assert second["cursor_mark_new"] == "2026-11-30T08:04:10+00:00" == _mark(url, url, query).text  # type: ignore[union-attr]
         written = read_csv(output)
         assert sorted(written["id"].astype(int)) == [5, 6, 250] and set(written["note"]) == {"a:b"}
 
         state, full = run_flow(**run, full_refresh=True)
         assert state.is_completed(), state.message
         assert full["rows_read"] == 300 and full["submitted"] == 0
-        assert full["cursor_mark_new"] == "2026-11-30T08:04:10"
+        assert full["cursor_mark_new"] == "2026-11-30T08:04:10+00:00"
         engine.dispose()

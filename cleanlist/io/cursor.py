@@ -1,14 +1,28 @@
 """Incremental reads: a source's cursor column, its high-water mark, and which rows are past it.
 
 A mark is the largest cursor value a completed run read from a source. The next run reads only rows
-whose cursor is strictly greater (a `WHERE` with a bound parameter for SQL, a row filter for files);
-rows whose cursor is empty or cannot be compared are always read (a row is never dropped for having no
-date), and their contacts come from the store without cost if nothing changed.
+whose cursor is strictly greater (a `WHERE` with a bound parameter for a PostgreSQL column of a matching
+type, a row filter otherwise); rows whose cursor is empty are always read (a row is never dropped for
+having no date), and their contacts come from the store without cost if nothing changed.
 
-Values compare as one of three kinds, fixed by the first values seen and kept in the mark:
-numbers, timestamps (ISO 8601 text, or a database/Parquet date or time column) and text. A text
-column is a number column when every value parses as one, else a timestamp column when every value
-parses as ISO 8601, else text (compared as strings).
+A cursor has a kind, kept with the mark:
+- **number**: integers or decimals (text that parses as one, or a numeric column); `inf` and `nan` are
+  not numbers here.
+- **timestamp**: ISO 8601 text, or a date/time column. Every value is normalized to UTC, so offsets mixed
+  in one column (an export spanning a DST change) compare by the instant they name. A value without an
+  offset (and a database `timestamp without time zone`) is taken as UTC; marks stored by earlier versions
+  without an offset are read the same way.
+- **text**: compared as strings, only when chosen explicitly (`cursor_type="text"`): a numeric or date
+  column read as text compares "9" above "10" and "n/a" above every number, so one odd value would hide
+  every later row.
+
+The kind is the stored mark's, or the one chosen explicitly; without either ("auto") it is inferred from
+the first values read: a date/time or numeric column keeps its type; text values are numbers when at
+least as many parse as numbers as parse as timestamps, else timestamps. Inference never falls back to
+text: a column where no value parses as either stops the run with one line.
+
+A non-empty value that does not fit the kind (`n/a` in a numeric cursor) is a *misfit*: its row goes to
+the rejects with the reason (code `bad_cursor_value`), it is never compared and never becomes a mark.
 """
 
 from __future__ import annotations
@@ -19,8 +33,8 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any
 
 import numpy as np
@@ -28,27 +42,42 @@ import pandas as pd
 
 from cleanlist.errors import InputError
 
+# Misfit values quoted in a reason are cut to this length (a reason is one line).
+_SHOWN_VALUE_CHARS = 60
+
 
 class CursorKind(enum.StrEnum):
     NUMBER = "number"
     TIMESTAMP = "timestamp"
     TEXT = "text"
 
+    @property
+    def noun(self) -> str:
+        return {"number": "a number", "timestamp": "an ISO 8601 timestamp", "text": "text"}[self.value]
+
 
 @dataclass(frozen=True)
 class Watermark:
-    """A cursor value as the store keeps it: its kind and its canonical text."""
+    """A cursor value as the store keeps it: its kind and its canonical text (timestamps in UTC)."""
 
     kind: CursorKind
     text: str
 
-    def value(self) -> int | float | datetime | str:
-        """The mark as a Python value (what is bound to the SQL parameter)."""
+    def value(self) -> int | float | pd.Timestamp | str:
+        """The mark as a comparable value (timestamps: aware, UTC; an old mark without offset is UTC)."""
         if self.kind is CursorKind.NUMBER:
             return int(self.text) if re.fullmatch(r"-?\d+", self.text) else float(self.text)
         if self.kind is CursorKind.TIMESTAMP:
-            return datetime.fromisoformat(self.text)
+            return _utc(pd.Timestamp(self.text))
         return self.text
+
+    def sql_value(self, *, naive: bool = False) -> int | float | datetime | str:
+        """The mark as a bound SQL parameter; `naive`: for a `timestamp without time zone` column (UTC)."""
+        value = self.value()
+        if isinstance(value, pd.Timestamp):
+            moment: datetime = value.to_pydatetime(warn=False)
+            return moment.replace(tzinfo=None) if naive else moment
+        return value
 
     @classmethod
     def of(cls, kind: CursorKind, value: Any) -> Watermark:
@@ -58,83 +87,197 @@ class Watermark:
             number = float(value)
             return cls(kind, str(int(number)) if number.is_integer() else repr(number))
         if kind is CursorKind.TIMESTAMP:
-            return cls(kind, pd.Timestamp(value).isoformat())
+            return cls(kind, _utc(pd.Timestamp(value)).isoformat())
         return cls(kind, str(value))
 
 
-def _typed(values: pd.Series, kind: CursorKind | None) -> tuple[CursorKind, pd.Series]:
-    """The non-empty values as comparable numbers, timestamps or text (NaN/NaT where one does not parse).
-
-    With `kind` None the kind is chosen from the values (see the module docstring).
-    """
-    if kind is None:
-        if pd.api.types.is_datetime64_any_dtype(values.dtype):
-            kind = CursorKind.TIMESTAMP
-        elif pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
-            kind = CursorKind.NUMBER
-        else:
-            present = values.dropna()
-            if len(present) and pd.to_numeric(present, errors="coerce").notna().all():
-                kind = CursorKind.NUMBER
-            elif len(present) and _timestamps(present).notna().all():
-                kind = CursorKind.TIMESTAMP
-            else:
-                kind = CursorKind.TEXT
-    if kind is CursorKind.NUMBER:
-        return kind, pd.to_numeric(values, errors="coerce")
-    if kind is CursorKind.TIMESTAMP:
-        return kind, _timestamps(values)
-    return kind, values.where(values.isna(), values.astype(str))
+def _utc(moment: pd.Timestamp) -> pd.Timestamp:
+    return moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
 
 
-def _timestamps(values: pd.Series) -> pd.Series:
+@dataclass(frozen=True)
+class _Typed:
+    """A column's values under a kind: `fit` holds the comparable values of the rows that have one (its
+    index is theirs), `misfit` the rows whose value is present but does not fit; other rows are empty."""
+
+    fit: pd.Series
+    misfit: pd.Index
+
+
+def _present(values: pd.Series) -> pd.Series:
+    """True where a value is given: not missing, and not blank text."""
+    present = values.notna()
+    if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
+        blank = values.map(lambda v: isinstance(v, str) and not v.strip())
+        present &= ~blank.astype(bool)
+    return present
+
+
+def _is_native_number(values: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype)
+
+
+def _numbers(values: pd.Series, column: str) -> _Typed:
+    present = values[_present(values)]
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
-        return values
-    try:
-        return pd.to_datetime(values, errors="coerce", format="ISO8601")
-    except (TypeError, ValueError):  # naive and aware values mixed in one column
-        return pd.Series(pd.NaT, index=values.index)
+        raise InputError(
+            f"cursor {column!r} is a date/time column, not numbers: use --cursor-type timestamp "
+            "(with --full-refresh once, to replace a numeric mark)"
+        )
+    if _is_native_number(values):
+        parsed = present
+    else:
+        text = present.map(lambda v: v.strip() if isinstance(v, str) else v)
+        # Booleans and dates are not numbers, whatever pandas would make of them.
+        text = text.map(lambda v: None if isinstance(v, bool | np.bool_ | date) else v)
+        parsed = pd.to_numeric(text, errors="coerce")
+    finite = parsed.notna() & np.isfinite(parsed.astype("float64"))
+    fit = parsed[finite]
+    if not _is_native_number(values) and len(fit):
+        # Parsed again on its own: one misfit made the whole column float (ids past 2**53 lose digits).
+        fit = pd.to_numeric(present[finite].map(lambda v: v.strip() if isinstance(v, str) else v))
+    return _Typed(fit, present.index[~finite.to_numpy()])
+
+
+def _timestamps(values: pd.Series, column: str) -> _Typed:
+    present = values[_present(values)]
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        stamps = present.dt.tz_localize("UTC") if present.dt.tz is None else present.dt.tz_convert("UTC")
+        return _Typed(stamps, pd.Index([]))
+    if _is_native_number(values):
+        raise InputError(
+            f"cursor {column!r} is a numeric column, not timestamps: use --cursor-type number "
+            "(with --full-refresh once, to replace a timestamp mark)"
+        )
+    # Only text and date/time objects can be timestamps (pandas would read a number as nanoseconds).
+    candidates = present.map(
+        lambda v: v.strip() if isinstance(v, str) else v if isinstance(v, datetime | date) else None
+    )
+    parsed = pd.Series(pd.NaT, index=present.index, dtype="datetime64[us, UTC]")
+    texts = candidates.map(lambda v: isinstance(v, str)).astype(bool)
+    objects = candidates.map(lambda v: isinstance(v, datetime | date)).astype(bool)
+    if texts.any():
+        parsed[texts] = pd.to_datetime(candidates[texts], utc=True, format="ISO8601", errors="coerce")
+    if objects.any():
+        parsed[objects] = pd.to_datetime(candidates[objects], utc=True, errors="coerce")
+    fits = parsed.notna()
+    return _Typed(parsed[fits], present.index[~fits.to_numpy()])
+
+
+def _texts(values: pd.Series) -> _Typed:
+    present = values[_present(values)]
+    return _Typed(present.astype(str), pd.Index([]))
+
+
+def _typed(values: pd.Series, kind: CursorKind, column: str) -> _Typed:
+    if kind is CursorKind.NUMBER:
+        return _numbers(values, column)
+    if kind is CursorKind.TIMESTAMP:
+        return _timestamps(values, column)
+    return _texts(values)
+
+
+def infer_kind(values: pd.Series, column: str) -> CursorKind | None:
+    """The kind of a cursor column from its first values (module docstring); None while none is given.
+
+    Never text: a column where no value is a number or a timestamp is one InputError line.
+    """
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        return CursorKind.TIMESTAMP
+    if _is_native_number(values):
+        return CursorKind.NUMBER
+    present = values[_present(values)]
+    if not len(present):
+        return None
+    numbers = _numbers(present, column)
+    stamps = _timestamps(present.drop(numbers.fit.index), column)
+    if len(numbers.fit) == 0 and len(stamps.fit) == 0:
+        examples = ", ".join(_shown(v) for v in present.drop_duplicates().head(3))
+        raise InputError(
+            f"cursor {column!r} holds neither numbers nor ISO 8601 timestamps (e.g. {examples}): "
+            "choose --cursor-type text to compare it as text, or another column"
+        )
+    return CursorKind.NUMBER if len(numbers.fit) >= len(stamps.fit) else CursorKind.TIMESTAMP
+
+
+def _shown(value: object) -> str:
+    text = str(value)
+    return repr(text if len(text) <= _SHOWN_VALUE_CHARS else text[:_SHOWN_VALUE_CHARS] + "…")
+
+
+@dataclass(frozen=True)
+class CursorSplit:
+    """One batch through the cursor: the rows to read, and the rows whose value does not fit the kind
+    (each with its reason; they belong in the rejects). Rows not past the mark are in neither."""
+
+    kept: pd.DataFrame
+    misfits: pd.DataFrame
+    reasons: list[str] = field(default_factory=list)
 
 
 @dataclass
 class CursorFilter:
-    """Keeps the rows of each batch whose `column` is past `after`, and tracks the largest value seen."""
+    """Keeps the rows of each batch whose `column` is past `after`, and tracks the largest value seen.
+
+    `kind`: the cursor's kind (module docstring); None = inferred from the first values read. With a
+    mark, the mark's kind (the caller checks that an explicit choice agrees).
+    """
 
     column: str
     after: Watermark | None = None
     kind: CursorKind | None = None
     seen: Any = None
     skipped: int = 0
+    # Set by the SQL reader when the database applies the mark to a `timestamp without time zone` column.
+    naive_sql: bool = False
 
     def __post_init__(self) -> None:
         if self.after is not None:
             self.kind = self.after.kind
 
-    def apply(self, frame: pd.DataFrame, *, filtered_already: bool = False) -> pd.DataFrame:
-        """The rows of `frame` to read; the others are counted in `skipped`.
+    def apply(self, frame: pd.DataFrame, *, filtered_already: bool = False) -> CursorSplit:
+        """The rows of `frame` to read and its misfits; rows not past the mark are counted in `skipped`.
 
-        `filtered_already`: the database applied the mark (SQL); only the largest value is tracked.
+        `filtered_already`: the database applied the mark (SQL); only misfits and the largest value count.
         """
         if self.column not in frame.columns:
             raise InputError(
                 f"the cursor column {self.column!r} is not in the source (columns: "
                 f"{', '.join(map(str, frame.columns[:12]))})"
             )
-        self.kind, values = _typed(frame[self.column], self.kind)
+        values = frame[self.column]
+        if isinstance(values, pd.DataFrame):  # repeated names are made unique by the readers; be safe
+            values = values.iloc[:, 0]
+        if self.kind is None:
+            self.kind = infer_kind(values, self.column)
+            if self.kind is None:
+                return CursorSplit(frame, frame.iloc[0:0])
+        typed = _typed(values, self.kind, self.column)
+        fit = typed.fit
+        dropped = frame.index.isin(typed.misfit)
         if self.after is not None and not filtered_already:
+            mark = self.after.value()
             try:
-                past = ~(values <= self.after.value())  # empty or unparsable values are read
+                not_past = fit[~(fit > mark)].index
             except TypeError:
                 raise InputError(
                     f"cursor {self.column!r}: the values no longer compare with the mark {self.after.text} "
-                    "(a time zone or type change?); run once with --full-refresh"
+                    "(a type change?); run once with --full-refresh"
                 ) from None
-            self.skipped += int((~past).sum())
-            frame, values = frame.loc[past], values.loc[past]
-        top = values.max() if values.notna().any() else None
-        if top is not None and (self.seen is None or top > self.seen):
-            self.seen = top
-        return frame
+            self.skipped += len(not_past)
+            dropped |= frame.index.isin(not_past)
+            fit = fit.drop(not_past)
+        if len(fit):
+            top = fit.max()
+            if self.seen is None or top > self.seen:
+                self.seen = top
+        misfits = frame.loc[frame.index.isin(typed.misfit)]
+        reasons = [
+            f"cursor {self.column!r}: {_shown(value)} is not {self.kind.noun} (the cursor's values are "
+            f"{self.kind.value}s)"
+            for value in values.loc[misfits.index]
+        ]
+        return CursorSplit(frame.loc[~dropped], misfits, reasons)
 
     @property
     def new_mark(self) -> Watermark | None:
@@ -158,6 +301,12 @@ def sql_past_mark(query: str, column: str, quote: Callable[[str], str]) -> tuple
         f"SELECT * {source} WHERE {name} > :cleanlist_mark OR {name} IS NULL",
         f"SELECT COUNT(*) {source} WHERE {name} <= :cleanlist_mark",
     )
+
+
+def sql_column_type(query: str, column: str, quote: Callable[[str], str]) -> str:
+    """A query that returns no row and whose one column is `column` of `query` (its type, to probe)."""
+    inner = query.strip().rstrip(";").strip()
+    return f"SELECT {quote(column)} FROM ({inner}) AS cleanlist_source WHERE 1 = 0"
 
 
 def source_identity(source: str, sql_query: str | None, cursor: str) -> tuple[str, str]:

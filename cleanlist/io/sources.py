@@ -16,8 +16,10 @@ reason, after a colon (and under "_raw"), so the rejects show what was there.
 
 Text formats (delimited, JSONL, XLSX) give every column the pandas `str` dtype: values are never
 type-inferred (leading zeros stay) and an empty value is a missing value (NaN). Parquet and SQL keep
-their native dtypes. Header names are made unique the way pandas does ("Email", "Email.1") and an empty
-one becomes `column_<n>`; whether two similar columns are ambiguous is for header mapping to decide.
+their native dtypes, except a SQL column whose values Arrow cannot hold as one type (ints and 'n/a' from
+a SQLite column, a JSON field of numbers and strings, UUIDs): it is read as text (`_storable`). Header
+names are made unique the way pandas does ("Email", "Email.1") and an empty one becomes `column_<n>`;
+whether two similar columns are ambiguous is for header mapping to decide.
 NUL characters are removed from text values of every format at read time (they break CSV tools and
 databases; an .xlsx cannot hold them).
 
@@ -77,7 +79,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cleanlist.errors import InputError
-from cleanlist.io.cursor import CursorFilter, sql_past_mark
+from cleanlist.io.cursor import CursorFilter, CursorKind, CursorSplit, sql_column_type, sql_past_mark
+from cleanlist.run.states import RejectCode
 
 logger = logging.getLogger("cleanlist.sources")
 
@@ -165,6 +168,8 @@ class BadRow:
     row_number: int
     values: dict[str, object]
     reason: str
+    # Why it is rejected: unreadable, or a cursor value that does not fit the cursor's kind.
+    code: RejectCode = RejectCode.UNPARSABLE
 
 
 @dataclass
@@ -930,9 +935,11 @@ def _iter_sql(
         with connection:
             try:
                 skipped = 0
-                if cursor is not None and cursor.after is not None:
+                pushed = cursor is not None and cursor.after is not None
+                if cursor is not None and pushed and _can_push_mark(connection, query, cursor):
                     result, skipped = _sql_past_mark(connection, query, cursor, batch_rows)
                 else:
+                    pushed = False
                     # exec_driver_sql: the query goes to the database as written (":x" and "%" stay literal).
                     result = connection.execution_options(
                         stream_results=True, max_row_buffer=batch_rows, no_parameters=True
@@ -940,20 +947,84 @@ def _iter_sql(
                 columns = _unique_names(list(result.keys()))
                 first_row = 0
                 for part in result.partitions(batch_rows):
-                    frame = _frame_without_nul(pd.DataFrame(part, columns=columns))
-                    frame.index = pd.RangeIndex(first_row, first_row + len(frame))
+                    frame = _storable(_frame_without_nul(pd.DataFrame(part, columns=columns)))
+                    end_row = first_row + len(frame)
+                    frame.index = pd.RangeIndex(first_row, end_row)
+                    batch = SourceBatch(frame, first_row, end_row, skipped=skipped)
                     if cursor is not None:
-                        cursor.apply(frame, filtered_already=True)
-                    # The rows the database left out are counted once, on the first batch.
-                    yield SourceBatch(frame, first_row, first_row + len(frame), skipped=skipped)
-                    skipped = 0
-                    first_row += len(frame)
+                        _cursor_batch(batch, cursor, filtered_already=pushed)
+                    yield batch
+                    skipped = 0  # the rows the database left out are counted once, on the first batch
+                    first_row = end_row
             except SQLAlchemyError as exc:
                 raise failure("SQL query failed on", exc) from None
             if first_row == 0:
                 yield SourceBatch(pd.DataFrame(columns=columns), 0, 0, skipped=skipped)
     finally:
         engine.dispose()
+
+
+def _storable(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with every object column Arrow cannot type (a number column holding 'n/a' in SQLite,
+    datetimes with mixed offsets, UUIDs, JSON documents) turned into text, so it can be staged; the
+    cursor logic then types the cursor column itself (io/cursor.py)."""
+    for name in frame.select_dtypes(include="object").columns:
+        column = frame[name]
+        try:
+            pa.array(column, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            frame[name] = column.map(_as_text).astype(STRING_DTYPE)
+    return frame
+
+
+def _as_text(value: object) -> object:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+# PostgreSQL column types that compare with a bound mark of each kind the way io/cursor.py compares
+# values. For any other column (text holding numbers or ISO timestamps, SQLite's untyped columns, where
+# '100' < '20' as text) the mark is applied while reading, never in a WHERE that could leave rows out.
+_PUSHABLE_TYPES = {
+    CursorKind.NUMBER: {"smallint", "integer", "bigint", "numeric", "real", "double precision"},
+    CursorKind.TIMESTAMP: {"timestamp without time zone", "timestamp with time zone", "date"},
+}
+_NAIVE_TYPES = {"timestamp without time zone", "date"}
+
+
+def _can_push_mark(connection: Any, query: str, cursor: CursorFilter) -> bool:
+    """Whether the database can apply the cursor's mark itself (a PostgreSQL column of a matching type);
+    remembers whether the mark is bound without a time zone."""
+    from sqlalchemy import text
+
+    assert cursor.after is not None
+    if connection.dialect.name != "postgresql" or cursor.after.kind not in _PUSHABLE_TYPES:
+        return False
+    probe = sql_column_type(query, cursor.column, connection.dialect.identifier_preparer.quote)
+    # As the user wrote it: no parameters, so "%" and ":x" stay literal (as for the unfiltered read).
+    described = connection.execution_options(no_parameters=True).exec_driver_sql(probe).cursor.description
+    if not described:
+        return False
+    type_name = connection.execute(
+        text("SELECT format_type(:oid, NULL)"), {"oid": int(described[0].type_code)}
+    ).scalar_one()
+    type_name = re.sub(r"\(.*?\)", "", str(type_name)).strip()  # numeric(10,2), timestamp(3) …
+    if type_name not in _PUSHABLE_TYPES[cursor.after.kind]:
+        logger.info(
+            "cursor %r is a %s column: the mark is applied while reading (every row is read)",
+            cursor.column,
+            type_name,
+        )
+        return False
+    cursor.naive_sql = type_name in _NAIVE_TYPES
+    return True
 
 
 def _sql_past_mark(connection: Any, query: str, cursor: CursorFilter, batch_rows: int) -> tuple[Any, int]:
@@ -964,7 +1035,7 @@ def _sql_past_mark(connection: Any, query: str, cursor: CursorFilter, batch_rows
     select_past, count_not_past = sql_past_mark(
         query, cursor.column, connection.dialect.identifier_preparer.quote
     )
-    mark = {"cleanlist_mark": cursor.after.value()}
+    mark = {"cleanlist_mark": cursor.after.sql_value(naive=cursor.naive_sql)}
     skipped = int(connection.execute(text(count_not_past), mark).scalar_one())
     cursor.skipped += skipped
     result = connection.execution_options(stream_results=True, max_row_buffer=batch_rows).execute(
@@ -1018,10 +1089,29 @@ def _past_mark(
 ) -> Generator[SourceBatch, None, None]:
     with closing(batches):
         for batch in batches:
-            kept = cursor.apply(batch.frame)
-            batch.skipped += len(batch.frame) - len(kept)
-            batch.frame = kept
-            yield batch
+            yield _cursor_batch(batch, cursor)
+
+
+def _cursor_batch(batch: SourceBatch, cursor: CursorFilter, *, filtered_already: bool = False) -> SourceBatch:
+    """`batch` through the cursor: rows not past the mark counted in `skipped`, misfits as BadRows."""
+    split: CursorSplit = cursor.apply(batch.frame, filtered_already=filtered_already)
+    batch.skipped += len(batch.frame) - len(split.kept) - len(split.misfits)
+    batch.frame = split.kept
+    rows = split.misfits.to_dict("records")
+    for number, row, reason in zip(split.misfits.index, rows, split.reasons, strict=True):
+        values = {str(k): (None if _missing(v) else v) for k, v in row.items()}
+        reason = f"row {number}: {reason}"
+        batch.bad_rows.append(BadRow(int(number), values, reason, RejectCode.BAD_CURSOR_VALUE))
+    if len(split.misfits):
+        batch.bad_rows.sort(key=lambda bad: bad.row_number)
+    return batch
+
+
+def _missing(value: object) -> bool:
+    try:
+        return bool(pd.isna(value))  # type: ignore[call-overload]
+    except (TypeError, ValueError):  # array-like values (JSON lists): present
+        return False
 
 
 def _iter_file(

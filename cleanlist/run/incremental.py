@@ -3,13 +3,19 @@
 The mark is read from the store when the run opens (ignored with `full_refresh`) and advanced to the
 largest cursor value read only once the run has completed; a failed, paused-out, budget-capped or
 partly failed run leaves it where it was, so the next run reads those rows again.
+
+The cursor's kind (number, timestamp, text: cleanlist/io/cursor.py) is the stored mark's; `cursor_type`
+may name it, and must then agree with the mark (else one line: `--full-refresh` replaces the mark). A
+text mark is used only with `cursor_type="text"`: earlier versions fell back to text when one value was
+not a number (`n/a`), and such a mark hides every later number, so "auto" refuses it with one line.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cleanlist.io.cursor import CursorFilter, Watermark, source_identity
+from cleanlist.errors import InputError
+from cleanlist.io.cursor import CursorFilter, CursorKind, Watermark, source_identity
 from cleanlist.run.options import EnrichOptions
 from cleanlist.store import EnrichmentStore
 
@@ -21,6 +27,7 @@ class IncrementalRead:
     column: str
     stored: Watermark | None  # the mark in the store when the run opened
     used: Watermark | None  # the mark this run reads past (None with full_refresh or before any)
+    kind: CursorKind | None = None  # chosen with cursor_type; None = the mark's, else inferred
     seen: Watermark | None = None
     skipped: int = 0
 
@@ -31,10 +38,14 @@ class IncrementalRead:
             return None
         source_id, shown = source_identity(options.source, options.sql_query, options.cursor)
         stored = store.source_mark(source_id)
-        return cls(source_id, shown, options.cursor, stored, None if options.full_refresh else stored)
+        kind = None if options.cursor_type == "auto" else CursorKind(options.cursor_type)
+        used = None if options.full_refresh else stored
+        if used is not None:
+            _check_mark_kind(options.cursor, used, kind)
+        return cls(source_id, shown, options.cursor, stored, used, kind)
 
     def cursor_filter(self) -> CursorFilter:
-        return CursorFilter(self.column, after=self.used)
+        return CursorFilter(self.column, after=self.used, kind=self.kind)
 
     def read(self, seen: Watermark | None, skipped: int) -> None:
         """What staging reported: the largest value read and the rows left out."""
@@ -59,3 +70,18 @@ class IncrementalRead:
             store.advance_source_mark(
                 self.source_id, source=self.source, cursor_column=self.column, mark=self.seen, run_id=run_id
             )
+
+
+def _check_mark_kind(column: str, mark: Watermark, kind: CursorKind | None) -> None:
+    """One line, before anything is read, when the stored mark cannot be used as `kind` asks."""
+    if kind is None and mark.kind is CursorKind.TEXT:
+        raise InputError(
+            f"cursor {column!r}: the stored mark {mark.text!r} compares as text (an earlier version fell "
+            "back to text when a value was not a number or timestamp, hiding later rows); run once with "
+            "--full-refresh to read every row and store a typed mark, or pass --cursor-type text"
+        )
+    if kind is not None and kind is not mark.kind:
+        raise InputError(
+            f"cursor {column!r}: the stored mark {mark.text!r} is a {mark.kind.value}, not a {kind.value}; "
+            f"run once with --full-refresh --cursor-type {kind.value} to replace it"
+        )

@@ -12,7 +12,7 @@ import os
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -21,6 +21,10 @@ from cleanlist.dburl import is_database_url
 from cleanlist.errors import InputError
 from cleanlist.models import EnrichmentType
 from cleanlist.settings import RateLimit
+
+# How a cursor column's values compare (cleanlist/io/cursor.py): "auto" infers number or timestamp and
+# never falls back to text.
+CursorType = Literal["auto", "number", "timestamp", "text"]
 
 # Threads of the flow's task runner: every chunk task in flight holds one while it waits in the limiter.
 TASK_RUNNER_WORKERS = 32
@@ -154,6 +158,11 @@ class EnrichOptions(BaseModel):
     )
     full_refresh: bool = Field(
         default=False, description="with --cursor: read every row, ignoring the mark (then update it)"
+    )
+    cursor_type: CursorType = Field(
+        default="auto",
+        description="with --cursor: how its values compare: auto (the stored mark's kind, else number or "
+        "timestamp as the values show, never text), number, timestamp (UTC; no offset = UTC) or text",
     )
     credentials: str | None = Field(
         default=None,

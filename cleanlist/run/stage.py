@@ -15,7 +15,7 @@ import pandas as pd
 from cleanlist.io.cursor import CursorFilter, Watermark
 from cleanlist.io.sources import iter_source
 from cleanlist.prepare import FIELDS, HeaderMapping, api_payload, prepare_row, resolve_mapping
-from cleanlist.run.states import Reject, RejectCode
+from cleanlist.run.states import Reject
 from cleanlist.run.workspace import KEY, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
 
 logger = logging.getLogger("cleanlist.stage")
@@ -105,7 +105,7 @@ def stage_source(  # noqa: PLR0913 - keyword-only: the read options iter_source 
             bad[ROW] = [row.row_number for row in batch.bad_rows]
             bad[KEY] = None
             bad[REJECT] = [row.reason for row in batch.bad_rows]
-            bad[REJECT_CODE] = RejectCode.UNPARSABLE.value
+            bad[REJECT_CODE] = [row.code.value for row in batch.bad_rows]
             staged = pd.concat([staged, bad], ignore_index=True).sort_values(ROW, kind="stable")
         staged = staged.reset_index(drop=True)
         workspace.add_part(staged, contacts)

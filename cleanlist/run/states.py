@@ -83,6 +83,8 @@ class RejectCode(enum.StrEnum):
     FIELD_TOO_LONG = "field_too_long"  # a field longer than the API takes
     UNPARSABLE = "unparsable"  # the parser could not read the row (wrong field count, bad JSON)
     REFUSED_BY_API = "refused_by_api"  # the API answered 422 for this contact
+    # The row's cursor value does not fit the cursor's kind (`n/a` in a numeric cursor): never a mark.
+    BAD_CURSOR_VALUE = "bad_cursor_value"
 
     @property
     def label(self) -> str:

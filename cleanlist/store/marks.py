@@ -1,4 +1,9 @@
-"""High-water marks of incremental sources: read before a run, advanced only when a run completed."""
+"""High-water marks of incremental sources: read before a run, advanced only when a run completed.
+
+A mark is stored with its kind (number, timestamp, text; cleanlist/io/cursor.py). Timestamps are written
+in UTC with their offset; marks of earlier versions (no offset, or another offset) are read as they are
+and compared as UTC instants (no offset = UTC), so no migration is needed.
+"""
 
 from __future__ import annotations
 
