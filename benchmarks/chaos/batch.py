@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.chaos.invariants import Violation
+from benchmarks.chaos.invariants import Violation, last_line
 from benchmarks.chaos.runner import Played, World, api_key_for, play
 from benchmarks.chaos.schedule import draw
 from benchmarks.procs import ROOT, PrefectServer
@@ -38,7 +38,9 @@ def _prefect_records_leaks(home: Path, seeds: list[int]) -> list[tuple[int, str]
     blob = b""
     for path in sorted(home.glob("*.db*")):
         blob += path.read_bytes()
-    return [(seed, "the shared Prefect server's records") for seed in seeds if api_key_for(seed).encode() in blob]
+    return [
+        (seed, "the shared Prefect server's records") for seed in seeds if api_key_for(seed).encode() in blob
+    ]
 
 
 def run_batch(
@@ -76,6 +78,7 @@ def run_batch(
             mark = "VIOLATION" if result.violations else "ok"
             runs = "; ".join(
                 f"{r.label}: {r.exit_code} {r.status} {((r.ended_at or r.started_at) - r.started_at):.0f}s"
+                + (f" ({last_line(r.stderr)})" if r.status is None and (r.exit_code or 0) > 0 else "")
                 for r in result.facts.runs
             )
             print(f"  seed {seed}: {mark} ({result.seconds:.0f} s, {schedule.event}/{schedule.moment}) [{runs}]"
@@ -121,7 +124,9 @@ def _entry(seed: int, violation: Violation) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.chaos", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--schedules", type=int, default=30, help="how many schedules (default 30)")
     parser.add_argument("--seed", type=int, default=23, help="the batch seed (default 23)")

@@ -108,7 +108,9 @@ class ScheduleFacts:
     def death_moments(self) -> list[float]:
         """When a run was signalled or ended killed (the moments an answer in transit could be lost)."""
         moments = [run.signalled_at for run in self.runs if run.signalled_at is not None]
-        moments += [run.ended_at for run in self.runs if run.ended_at is not None and (run.exit_code or 0) < 0]
+        moments += [
+            run.ended_at for run in self.runs if run.ended_at is not None and (run.exit_code or 0) < 0
+        ]
         return moments
 
 
@@ -134,10 +136,14 @@ def rows_accounted(facts: ScheduleFacts) -> list[str]:
         ids = [row.get(ROW_ID, "") for row in rows]
         repeated = {i for i in ids if ids.count(i) > 1}
         if repeated:
-            problems.append(f"{run.label}: {len(repeated)} row(s) written more than once, e.g. {sorted(repeated)[0]}")
+            problems.append(
+                f"{run.label}: {len(repeated)} row(s) written more than once, e.g. {sorted(repeated)[0]}"
+            )
         unknown = set(ids) - set(facts.input_rows)
         if unknown:
-            problems.append(f"{run.label}: {len(unknown)} row(s) not in the source, e.g. {sorted(unknown)[0]}")
+            problems.append(
+                f"{run.label}: {len(unknown)} row(s) not in the source, e.g. {sorted(unknown)[0]}"
+            )
         if not run.completed:
             continue
         skipped = int((run.summary or {}).get("skipped_by_cursor") or 0)
@@ -183,7 +189,9 @@ def paid_at_most_in_doubt(facts: ScheduleFacts) -> list[str]:
     deaths = facts.death_moments
 
     def in_transit(request: BulkRequest) -> bool:
-        return any(request.started <= moment <= request.ended + ANSWER_IN_TRANSIT_SECONDS for moment in deaths)
+        return any(
+            request.started <= moment <= request.ended + ANSWER_IN_TRANSIT_SECONDS for moment in deaths
+        )
 
     accepted = sum(1 for r in facts.bulk_requests if r.status == 200)
     other = sum(1 for r in facts.bulk_requests if r.status not in (200, 429, None))
@@ -303,17 +311,19 @@ def runs_end(facts: ScheduleFacts) -> list[str]:
             if took > SIGNAL_BOUND_SECONDS:
                 problems.append(f"{run.label}: ended {took:.0f} s after {run.signal} (bound 30 s)")
             if run.exit_code not in DOCUMENTED_SIGNAL_EXIT_CODES:
-                problems.append(f"{run.label}: exit code {run.exit_code} after {run.signal} is not documented")
+                problems.append(
+                    f"{run.label}: exit code {run.exit_code} after {run.signal} is not documented"
+                )
         elif run.exit_code not in DOCUMENTED_EXIT_CODES:
             problems.append(f"{run.label}: exit code {run.exit_code} is not documented")
         if TRACEBACK in run.stderr:
-            problems.append(f"{run.label}: a traceback instead of one line: {_last_line(run.stderr)!r}")
+            problems.append(f"{run.label}: a traceback instead of one line: {last_line(run.stderr)!r}")
         if run.leftover_processes:
             problems.append(f"{run.label}: left {', '.join(run.leftover_processes)} running")
     return problems
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return re.sub(r"\s+", " ", lines[-1])[:160] if lines else ""
 

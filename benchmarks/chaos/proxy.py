@@ -43,7 +43,9 @@ class ApiProxy:
         self.first_request_at: float | None = None
         self._lock = threading.Lock()
         self._client: httpx.AsyncClient | None = None
-        app = Starlette(routes=[Route("/{path:path}", self._forward, methods=["GET", "POST", "PUT", "DELETE"])])
+        app = Starlette(
+            routes=[Route("/{path:path}", self._forward, methods=["GET", "POST", "PUT", "DELETE"])]
+        )
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"proxy-{self.port}", daemon=True)

@@ -31,6 +31,7 @@ MOMENTS: dict[str, float] = {
     "bulk_on_wire": 3.0,  # the moment a bulk request is forwarded and its answer held back
     "after_first_request": 1.0,  # a random delay after the run's first request (staging is done)
     "second_bulk": 1.0,  # once the second bulk request has started (chunks queued behind a limit)
+    "limiter_wait": 2.0,  # a little after the first answer, when the other chunks wait for a rate slot
 }
 
 
