@@ -31,8 +31,10 @@ MOMENTS: dict[str, float] = {
     "bulk_on_wire": 3.0,  # the moment a bulk request is forwarded and its answer held back
     "after_first_request": 1.0,  # a random delay after the run's first request (staging is done)
     "second_bulk": 1.0,  # once the second bulk request has started (chunks queued behind a limit)
-    "limiter_wait": 2.0,  # a little after the first answer, when the other chunks wait for a rate slot
 }
+# Drawn last (so the seeds recorded before it replay the same): a little after the first answer, when the
+# other chunks wait for a rate slot (kill -9 there is what overstated doubt needed).
+LIMITER_WAIT_SHARE = 0.3
 
 
 @dataclass
@@ -160,6 +162,8 @@ def draw(seed: int, *, temp_server_share: float = 0.1) -> Schedule:
         temp_server=rng.random() < temp_server_share,
         credits=credits,
     )
+    if event in ("kill9", "container", "sigterm") and rng.random() < LIMITER_WAIT_SHARE:
+        schedule.moment = "limiter_wait"
     if schedule.cursor:
         faults[f"cursor {schedule.cursor}" + (" with odd values" if schedule.odd_cursor_values else "")] = 1
     faults[f"source {schedule.source_format}"] = 1
