@@ -69,9 +69,10 @@ class SandboxProcess:
         seed: int = 7,
         log_dir: Path | None = None,
         extra: Sequence[str] = (),
+        api_key: str = SANDBOX_KEY,
     ) -> None:
         self.port = free_port()
-        self.api_key = SANDBOX_KEY
+        self.api_key = api_key
         self.rate_limit = rate_limit
         self.latency = latency
         log_dir = log_dir or Path(tempfile.gettempdir())

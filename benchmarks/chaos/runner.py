@@ -1,0 +1,465 @@
+"""Plays one schedule: the sandbox and the proxy up, the CLI run under the drawn event, reruns until the
+source is done, then every fact the invariants need gathered from outside the product.
+
+The CLI is always a subprocess of the checkout under test (its own venv, else this interpreter with the
+checkout first on PYTHONPATH), against one Prefect server shared by the batch, or (a share of schedules)
+its own temporary server. The sandbox always comes from this checkout: it is the yardstick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from benchmarks.chaos.invariants import RunFacts, ScheduleFacts, Violation, check
+from benchmarks.chaos.proxy import ApiProxy
+from benchmarks.chaos.schedule import Schedule
+from benchmarks.chaos.sources import Source, build_rows, write_source
+from benchmarks.procs import SandboxProcess, free_port
+
+POSTGRES_ADMIN = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+RUN_BOUND_SECONDS = 150.0  # a run of a few hundred rows that takes longer than this is stuck (loaded machine)
+SIGNAL_GRACE_SECONDS = 35.0  # the 30 s bound of invariant 6, plus the harness's own polling
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+SIGNALS = {
+    "sigterm": signal.SIGTERM,
+    "sigint": signal.SIGINT,
+    "kill9": signal.SIGKILL,
+    "container": signal.SIGKILL,
+}
+
+
+@dataclass
+class World:
+    """What a batch shares: the checkout under test, the Prefect server, a scratch root."""
+
+    checkout: Path
+    root: Path
+    prefect_api_url: str | None
+    prefect_env: dict[str, str]
+    keep_failed: bool = True
+    postgres: bool = True
+
+    @property
+    def python(self) -> str:
+        venv = self.checkout / ".venv" / "bin" / "python"
+        return str(venv) if venv.exists() else sys.executable
+
+
+@dataclass
+class Played:
+    """One schedule's outcome: the facts, the violations, how long it took."""
+
+    schedule: Schedule
+    facts: ScheduleFacts
+    violations: list[Violation]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def api_key_for(seed: int) -> str:
+    """A key of its own per schedule, so a leak found in a shared record names its schedule."""
+    return "clapi_" + hashlib.sha256(f"chaos-key-{seed}".encode()).hexdigest()[:64]
+
+
+def _password_for(seed: int) -> str:
+    return "pw" + hashlib.sha256(f"chaos-pw-{seed}".encode()).hexdigest()[:20]
+
+
+def _read_rows(path: Path) -> list[dict[str, str]] | None:
+    if not path.exists():
+        return None
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [dict(row) for row in csv.DictReader(handle)]
+
+
+def _summary(stdout: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and '"status"' in line:
+            with contextlib.suppress(json.JSONDecodeError):
+                parsed = json.loads(line)
+                if isinstance(parsed, dict):
+                    return parsed
+    return None
+
+
+class _Postgres:
+    """A fresh database per schedule (the store), dropped at the end."""
+
+    def __init__(self, seed: int) -> None:
+        import psycopg
+
+        self.name = f"chaos_{seed}_{os.getpid()}_{threading.get_ident() % 100000}"
+        self._admin = POSTGRES_ADMIN
+        with psycopg.connect(self._admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        base = self._admin.rsplit("/", 1)[0].replace("postgres@", f"postgres:{_password_for(seed)}@")
+        self.url = f"{base}/{self.name}"
+
+    def workflows(self) -> int:
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error), psycopg.connect(self.url, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM cleanlist_workflows").fetchone()
+            return int(row[0]) if row else 0
+        return 0
+
+    def drop(self) -> None:
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error), psycopg.connect(self._admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def _sqlite_workflows(path: Path) -> int:
+    if not path.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return int(conn.execute("SELECT count(*) FROM cleanlist_workflows").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+class _Run:
+    """One CLI process of a schedule, watched from outside: its descendants, its end, its files."""
+
+    def __init__(self, label: str, cmd: list[str], env: dict[str, str], cwd: Path, output: Path) -> None:
+        self.label = label
+        self.output = output
+        self.out = tempfile.TemporaryFile()
+        self.err = tempfile.TemporaryFile()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=self.out, stderr=self.err, start_new_session=True
+        )
+        self.descendants: dict[int, str] = {}
+        self.signal_name: str | None = None
+        self.signalled_at: float | None = None
+        self.ended_at: float | None = None
+
+    def watch(self) -> None:
+        """Remember every descendant (a temporary Prefect server, a receiver) while the run lives."""
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                if child.pid not in self.descendants:
+                    with contextlib.suppress(psutil.Error):
+                        self.descendants[child.pid] = " ".join(child.cmdline()[:4])[:80]
+
+    def target_pid(self) -> int:
+        """The process a signal goes to: in a container (unshare), its PID 1."""
+        if self.label.endswith("(container)"):
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(self.proc.pid).children()
+                if children:
+                    return int(children[0].pid)
+        return int(self.proc.pid)
+
+    def send(self, name: str, sig: signal.Signals) -> None:
+        self.signal_name = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGKILL: "SIGKILL"}[
+            sig
+        ]
+        self.signalled_at = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.target_pid(), sig)
+            if sig == signal.SIGKILL:
+                os.kill(self.proc.pid, sig)
+
+    def poll(self) -> bool:
+        if self.proc.poll() is not None:
+            if self.ended_at is None:
+                self.ended_at = time.monotonic()
+            return True
+        return False
+
+    def finish(self, deadline: float) -> RunFacts:
+        """Wait until `deadline`; then collect. A run still alive then is killed and reported hung."""
+        while not self.poll() and time.monotonic() < deadline:
+            self.watch()
+            time.sleep(0.1)
+        hung = not self.poll()
+        if hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        leftovers = self._leftovers(report=not hung and self.signal_name != "SIGKILL")
+        self.out.seek(0)
+        self.err.seek(0)
+        stdout = self.out.read().decode("utf-8", "replace")
+        stderr = self.err.read().decode("utf-8", "replace")
+        self.out.close()
+        self.err.close()
+        rejects = self.output.with_name(self.output.stem + ".rejects.csv")
+        self.output.with_suffix(".log").write_text(f"$ {' '.join(self.proc.args)}\n{stdout}\n{stderr}")  # type: ignore[arg-type]
+        return RunFacts(
+            label=self.label,
+            exit_code=None if hung else self.proc.returncode,
+            summary=_summary(stdout),
+            stderr=stderr + "\n" + stdout,
+            signal=self.signal_name,
+            signalled_at=self.signalled_at,
+            ended_at=self.ended_at,
+            started_at=self.started,
+            bound_seconds=RUN_BOUND_SECONDS,
+            leftover_processes=leftovers,
+            output_rows=_read_rows(self.output),
+            reject_rows=_read_rows(rejects),
+        )
+
+    def _leftovers(self, *, report: bool) -> list[str]:
+        """Descendants still alive a moment after the run ended; killed either way (we started them)."""
+        deadline = time.monotonic() + 3.0
+        alive: list[psutil.Process] = []
+        while time.monotonic() < deadline:
+            alive = []
+            for pid in self.descendants:
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(pid)
+                    if proc.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(proc)
+            if not alive:
+                break
+            time.sleep(0.2)
+        names = [f"{self.descendants[p.pid]} (pid {p.pid})" for p in alive]
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        return names if report else []
+
+
+class SchedulePlayer:
+    """Everything one schedule starts, and the order it happens in."""
+
+    def __init__(self, schedule: Schedule, world: World) -> None:
+        self.schedule = schedule
+        self.world = world
+        self.work = world.root / f"s{schedule.seed}"
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.home = self.work / "home"
+        self.home.mkdir(parents=True)
+        self.key = api_key_for(schedule.seed)
+        self.notes: list[str] = []
+        self.runs: list[RunFacts] = []
+        self.pg: _Postgres | None = None
+        self.sandbox: SandboxProcess | None = None
+        self.proxy: ApiProxy | None = None
+        self.source: Source | None = None
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        s = self.schedule
+        rows = build_rows(s)
+        self.source = write_source(s, rows, self.work)
+        n, window = s.server_rate
+        self.sandbox = SandboxProcess(
+            rate_limit=f"{n}/{window:g}", latency=f"{s.latency[0]}-{s.latency[1]}", credits=s.credits,
+            seed=s.seed, log_dir=self.work, extra=s.sandbox_flags, api_key=self.key,
+        )  # fmt: skip
+        self.proxy = ApiProxy(self.sandbox.base_url, bulk_delay=s.bulk_delay, seed=s.seed)
+        if s.store == "postgres" and self.world.postgres:
+            self.pg = _Postgres(s.seed)
+            self.store_url = self.pg.url
+        else:
+            self.store_url = f"sqlite:///{self.work / 'store.db'}"
+
+    def _env(self) -> dict[str, str]:
+        s = self.schedule
+        assert self.proxy is not None
+        env = {
+            k: v for k, v in self.world.prefect_env.items() if not k.startswith(("CLEANLIST_", "PREFECT_API"))
+        }
+        env.update(
+            HOME=str(self.home),
+            CLEANLIST_API_KEY=self.key,
+            CLEANLIST_BASE_URL=self.proxy.base_url,
+            CLEANLIST_RATE_LIMIT=s.client_rate,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PYTHONPATH=str(self.world.checkout),
+        )
+        if s.temp_server or self.world.prefect_api_url is None:
+            env["PREFECT_HOME"] = str(self.work / "prefect")
+            # A loaded CI machine starts the temporary server slowly: that is not the run's fault.
+            env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+        else:
+            env["PREFECT_API_URL"] = self.world.prefect_api_url
+        return env
+
+    def _cmd(self, output: Path, container: bool) -> list[str]:
+        s = self.schedule
+        assert self.source is not None
+        cmd = [self.world.python, "-m", "deployments.cli", "run", self.source.argument, "--output", str(output),
+               "--store", self.store_url, "--enrichment-type", s.enrichment_type, "--json",
+               "--initial-poll-seconds", "1", "--retry-delay-seconds", "0.2", "--retries", "4",
+               "--api-outage-seconds", "20", "--max-concurrent-chunks", str(s.concurrency),
+               "--credit-recheck-seconds", "1", "--pause-timeout-seconds", "5",
+               "--poll-timeout-seconds", "40"]  # fmt: skip
+        if self.source.sql:
+            cmd += ["--sql", self.source.sql]
+        if s.cursor:
+            cmd += ["--cursor", "updated"]
+        if s.webhooks:
+            cmd += ["--webhook-listen", f"127.0.0.1:{free_port()}", "--webhook-grace-seconds", "0.5"]
+        return [*UNSHARE, *cmd] if container else cmd
+
+    def _launch(self, label: str, container: bool = False) -> _Run:
+        output = self.work / f"out-{len(self.runs) + 1}-{len(label)}.csv"
+        label = label + (" (container)" if container else "")
+        return _Run(label, self._cmd(output, container), self._env(), self.world.checkout, output)
+
+    # --- events -----------------------------------------------------------------------------------
+
+    def _moment_reached(self, run: _Run) -> bool:
+        s = self.schedule
+        assert self.proxy is not None
+        seen = self.proxy.snapshot()
+        if s.moment == "bulk_on_wire":
+            return bool(seen["bulk_on_wire"] > 0)
+        if s.moment == "second_bulk":
+            return bool(seen["bulk"] + seen["bulk_on_wire"] >= 2)
+        if s.moment == "limiter_wait":
+            # The first answer is in: with a tight window the other chunks now wait for a rate slot.
+            done = self.proxy.bulk
+            return bool(done) and time.monotonic() >= done[0].ended + s.event_delay * 0.4
+        first = self.proxy.first_request_at
+        return first is not None and first >= run.started and time.monotonic() >= first + s.event_delay
+
+    def _with_event(self, run: _Run, sig: signal.Signals) -> RunFacts:
+        deadline = run.started + RUN_BOUND_SECONDS
+        fired = False
+        while not run.poll() and time.monotonic() < deadline:
+            run.watch()
+            if self._moment_reached(run):
+                if self.schedule.moment in ("bulk_on_wire", "second_bulk"):
+                    time.sleep(min(self.schedule.event_delay * 0.02, 0.05))
+                run.send(self.schedule.event, sig)
+                fired = True
+                break
+            time.sleep(0.01)
+        if not fired:
+            self.notes.append(f"{run.label}: ended before its {self.schedule.moment} moment")
+            return run.finish(deadline)
+        grace = SIGNAL_GRACE_SECONDS if sig != signal.SIGKILL else 10.0
+        return run.finish(time.monotonic() + grace)
+
+    def _heal(self) -> None:
+        """After the fault phase: faults cleared, the key restored, credits back; the API stays as drawn."""
+        assert self.sandbox is not None
+        admin = httpx.Client(base_url=self.sandbox.base_url + "/_sandbox", timeout=30,
+                             headers={"Authorization": f"Bearer {self.key}"})  # fmt: skip
+        with admin:
+            admin.delete("/faults")
+            admin.post("/keys/restore", json={"api_key": self.key})
+            admin.post("/credits", json={"add": 1e9})
+
+    # --- the schedule -----------------------------------------------------------------------------
+
+    def play(self) -> tuple[ScheduleFacts, list[str]]:
+        s = self.schedule
+        try:
+            self._start()
+            container = s.event == "container"
+            if s.event == "concurrent":
+                first = self._launch("run 1")
+                time.sleep(0.3 + s.event_delay)
+                second = self._launch("run 2 (at once)")
+                self.runs.append(first.finish(first.started + RUN_BOUND_SECONDS))
+                self.runs.append(second.finish(second.started + RUN_BOUND_SECONDS))
+            elif s.event in SIGNALS:
+                self.runs.append(self._with_event(self._launch("run 1", container), SIGNALS[s.event]))
+            else:
+                first = self._launch("run 1")
+                self.runs.append(first.finish(first.started + RUN_BOUND_SECONDS))
+            reruns = 0
+            while reruns < s.max_reruns and (s.event != "none" or not self.runs[-1].completed):
+                if (
+                    reruns >= 1
+                    or (self.runs[-1].exit_code or 0) == 2
+                    or self.runs[-1].status == "credits_exhausted"
+                ):
+                    self._heal()
+                reruns += 1
+                run = self._launch(f"rerun {reruns}", container)
+                self.runs.append(run.finish(run.started + RUN_BOUND_SECONDS))
+                if self.runs[-1].completed and reruns >= 1:
+                    break
+            return self._facts(), self.notes
+        finally:
+            self._stop()
+
+    def _facts(self) -> ScheduleFacts:
+        s = self.schedule
+        assert self.sandbox is not None and self.proxy is not None and self.source is not None
+        counters = self.sandbox.counters()
+        workflows = self.pg.workflows() if self.pg else _sqlite_workflows(self.work / "store.db")
+        email, phone = (1.0, 10.0) if s.enrichment_type == "full" else (1.0, 0.0)
+        texts: dict[str, str] = {}
+        for run in self.runs:
+            texts[f"{run.label} stdout/stderr"] = run.stderr
+        for path in sorted(self.work.rglob("*")):
+            if (
+                not path.is_file()
+                or path.name.startswith(("store.db", "sandbox-", "source"))
+                or path.suffix == ".log"
+            ):
+                continue
+            with contextlib.suppress(OSError):
+                texts[str(path.relative_to(self.work))] = path.read_bytes().decode("latin-1")
+        refused = (
+            not self.proxy.bulk
+            and all(r.exit_code == 1 for r in self.runs)
+            and all("Traceback" not in r.stderr for r in self.runs)
+        )
+        return ScheduleFacts(
+            seed=s.seed,
+            input_rows=dict(self.source.rows),
+            cursor_kind=s.cursor,
+            runs=self.runs,
+            bulk_requests=list(self.proxy.bulk),
+            workflows_recorded=workflows,
+            contacts_accepted_more_than_once=int(counters["contacts_accepted_more_than_once"]),
+            credits_charged=float(counters["credits_charged"]),
+            email_credit=email,
+            phone_credit=phone,
+            secrets=[self.key, *([_password_for(s.seed)] if self.pg else [])],
+            texts=texts,
+            source_refused=refused,
+        )
+
+    def _stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.sandbox is not None:
+            self.sandbox.stop()
+        if self.pg is not None:
+            self.pg.drop()
+
+
+def play(schedule: Schedule, world: World) -> Played:
+    """Play one schedule and check every invariant on what it left."""
+    started = time.monotonic()
+    player = SchedulePlayer(schedule, world)
+    facts, notes = player.play()
+    violations = check(facts)
+    if not violations or not world.keep_failed:
+        shutil.rmtree(player.work, ignore_errors=True)
+    return Played(schedule, facts, violations, time.monotonic() - started, notes)

@@ -1,0 +1,158 @@
+"""The fault-schedule harness (issue 23): each invariant can fail on synthetic facts, and the CI batch
+(30 schedules, fixed seed) holds every invariant on this checkout, or fails naming the seeds to replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.chaos.invariants import (
+    BulkRequest,
+    RunFacts,
+    ScheduleFacts,
+    check,
+    mark_never_passes_unsettled,
+    no_secret_anywhere,
+    paid_at_most_in_doubt,
+    paid_is_written,
+    rows_accounted,
+    runs_end,
+)
+from benchmarks.chaos.schedule import draw
+
+ROOT = Path(__file__).resolve().parent.parent
+CI_SCHEDULES = 30
+CI_SEED = 23
+KEY = "clapi_" + "k" * 64
+
+
+def _row(row_id: str, status: str = "enriched", email: str = "a@x.example", task: str = "") -> dict[str, str]:
+    return {"Record ID": row_id, "cleanlist_status": status, "cleanlist_email": email,
+            "cleanlist_task_id": task or f"t-{row_id}", "cleanlist_phones": ""}  # fmt: skip
+
+
+def _completed(label: str, rows: list[dict[str, str]], **summary: object) -> RunFacts:
+    return RunFacts(label, 0, {"status": "completed", **summary}, output_rows=rows, reject_rows=[])
+
+
+def _facts(*runs: RunFacts, **fields: object) -> ScheduleFacts:
+    facts = ScheduleFacts(seed=1, input_rows={"r1": "1", "r2": "2"}, runs=list(runs))
+    for name, value in fields.items():
+        setattr(facts, name, value)
+    return facts
+
+
+def test_a_clean_schedule_holds_every_invariant() -> None:
+    facts = _facts(_completed("run 1", [_row("r1"), _row("r2")]), credits_charged=2.0, secrets=[KEY],
+                   texts={"log": "all good"})  # fmt: skip
+    assert check(facts) == []
+
+
+def test_rows_pending_in_a_completed_run_break_invariant_1() -> None:
+    facts = _facts(_completed("rerun 1", [_row("r1"), _row("r2", status="pending", email="")]))
+    assert any("says completed with 1 row(s) pending" in p for p in rows_accounted(facts))
+
+
+def test_a_row_missing_or_written_twice_breaks_invariant_1() -> None:
+    assert rows_accounted(_facts(_completed("run 1", [_row("r1")])))
+    assert rows_accounted(_facts(_completed("run 1", [_row("r1"), _row("r1"), _row("r2")])))
+
+
+def test_a_source_never_done_breaks_invariant_1() -> None:
+    failed = RunFacts(
+        "run 1", 1, {"status": "failed"}, output_rows=[_row("r1", "not_submitted")], reject_rows=[]
+    )
+    assert any("never settled" in p for p in rows_accounted(_facts(failed)))
+
+
+def test_paid_twice_beyond_reported_doubt_breaks_invariant_2() -> None:
+    rerun = _completed("rerun 1", [_row("r1"), _row("r2")], ambiguous_submissions=1, ambiguous_contacts=250)
+    facts = _facts(rerun, contacts_accepted_more_than_once=500)
+    assert any("accepted 500 contact(s) more than once" in p for p in paid_at_most_in_doubt(facts))
+    facts.contacts_accepted_more_than_once = 250
+    assert not any("more than once" in p for p in paid_at_most_in_doubt(facts))
+
+
+def test_doubt_above_the_requests_whose_answer_was_lost_breaks_invariant_2() -> None:
+    killed = RunFacts("run 1", -9, None, signal="SIGKILL", signalled_at=10.0, ended_at=10.1)
+    rerun = _completed("rerun 1", [_row("r1"), _row("r2")], ambiguous_submissions=3, ambiguous_contacts=750)
+    answered = [BulkRequest(1.0, 1.2, 200), BulkRequest(2.0, 2.2, 200), BulkRequest(3.0, 3.1, 429)]
+    facts = _facts(killed, rerun, bulk_requests=answered, workflows_recorded=2)
+    assert any("reported 3 request(s) in doubt; at most 0" in p for p in paid_at_most_in_doubt(facts))
+    # The same doubt is exact when the two accepted answers were never recorded and a third was in transit.
+    facts.workflows_recorded = 0
+    facts.bulk_requests = [*answered, BulkRequest(9.8, 10.5, None)]
+    assert paid_at_most_in_doubt(facts) == []
+
+
+def test_a_charge_without_an_output_row_breaks_invariant_3() -> None:
+    facts = _facts(
+        _completed("run 1", [_row("r1"), _row("r2", status="not_found", email="")]), credits_charged=2.0
+    )
+    assert any("1 paid and lost" in p for p in paid_is_written(facts))
+    facts.credits_charged = 1.0
+    assert paid_is_written(facts) == []
+
+
+def test_a_mark_past_an_unsettled_row_breaks_invariant_4() -> None:
+    run = _completed("run 1", [_row("r1"), _row("r2", status="pending")], cursor_mark_new="2")
+    facts = _facts(run, cursor_kind="int")
+    assert any("passes 1 row(s) not settled" in p for p in mark_never_passes_unsettled(facts))
+    # A mark that is not a number passes every row.
+    run.summary = {"status": "completed", "cursor_mark_new": "n/a"}
+    assert mark_never_passes_unsettled(facts)
+    run.output_rows = [_row("r1"), _row("r2")]
+    run.summary = {"status": "completed", "cursor_mark_new": "2"}
+    assert mark_never_passes_unsettled(facts) == []
+
+
+def test_a_key_in_any_text_breaks_invariant_5() -> None:
+    facts = _facts(secrets=[KEY + "\n"], texts={"prefect logs": f"Illegal header value b'Bearer {KEY}\\n'"})
+    assert no_secret_anywhere(facts) == ["a secret (clapi_…) appears in prefect logs"]
+    facts.texts = {"prefect logs": "Bearer clapi_…(redacted)"}
+    assert no_secret_anywhere(facts) == []
+
+
+def test_a_run_that_hangs_or_lingers_breaks_invariant_6() -> None:
+    hung = RunFacts("run 1", None, None)
+    slow = RunFacts("run 2", 130, None, signal="SIGTERM", signalled_at=0.0, ended_at=45.0)
+    orphan = RunFacts("run 3", 0, None, leftover_processes=["prefect server start (pid 7)"])
+    traceback = RunFacts("run 4", 1, None, stderr="Traceback (most recent call last):\n ArrowInvalid: x")
+    problems = runs_end(_facts(hung, slow, orphan, traceback))
+    assert len(problems) == 4
+    assert (
+        runs_end(_facts(RunFacts("run 5", 130, None, signal="SIGINT", signalled_at=0.0, ended_at=3.0))) == []
+    )
+    assert (
+        runs_end(_facts(RunFacts("run 6", -9, None, signal="SIGKILL", signalled_at=0.0, ended_at=0.1))) == []
+    )
+
+
+def test_a_schedule_is_the_same_for_the_same_seed() -> None:
+    assert draw(9216961).as_dict() == draw(9216961).as_dict()
+    assert draw(9216961).as_dict() != draw(9216962).as_dict()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_ci_batch_of_fault_schedules_holds_every_invariant() -> None:
+    """30 schedules with a fixed seed; a violation fails with the seeds to replay."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chaos", "--schedules", str(CI_SCHEDULES), "--seed", str(CI_SEED)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=880,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, done.stderr[-3000:]
+    report = json.loads(lines[-1])
+    assert report["schedules"] == CI_SCHEDULES, report["harness_errors"]
+    replay = " ".join(f"--replay {seed}" for seed in report["seeds_to_replay"])
+    assert done.returncode == 0, (
+        f"invariants violated; reproduce with: python -m benchmarks.chaos {replay}\n"
+        + "\n".join(f"seed {v['seed']} [{v['invariant']}] {v['message']}" for v in report["violations"])
+    )
