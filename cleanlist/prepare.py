@@ -246,7 +246,7 @@ def _text(value: object) -> str:  # noqa: PLR0911 - one return per kind of empty
     """Trimmed text of a cell without invisible characters; "" for null-likes (None, NaN, NaT, pandas NA,
     "n/a", "-", …)."""
     if value.__class__ is str:
-        text = visible(value).strip()  # type: ignore[arg-type]  # a str: checked just above
+        text = visible(value).strip()
         if len(text) > 4:  # the common case: no null token is this long
             return text
     elif value is None:

@@ -20,11 +20,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -53,6 +53,7 @@ from flows.enrich_contacts import (
 from tasks.prefect_types import thread_pool
 
 P = ParamSpec("P")
+R = TypeVar("R")
 # The row's position in the caller's frame, carried through the run to put each row back in its place.
 ROW_POSITION = "__cleanlist_row_position__"
 # Columns a run writes: a frame that has them (an earlier run's output or rejects) gets this run's.
@@ -215,7 +216,7 @@ def run_frame(frame: pd.DataFrame | pa.Table, parameters: dict[str, Any]) -> Enr
         )
 
 
-def _failures_as_exceptions(body: Any) -> Any:
+def _failures_as_exceptions(body: Callable[P, R]) -> Callable[P, R | State]:
     """`failures_as_states`, with the failure's exception as the Failed state's data.
 
     Calling a flow returns its result or raises the Failed state's exception; the file flow's Failed
@@ -226,7 +227,7 @@ def _failures_as_exceptions(body: Any) -> Any:
     wrapped = failures_as_states(body)
 
     @functools.wraps(body)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: P.args, **kwargs: P.kwargs) -> R | State:
         outcome = wrapped(*args, **kwargs)
         if isinstance(outcome, State) and outcome.is_failed() and isinstance(outcome.data, dict):
             message = outcome.message or "the run failed"

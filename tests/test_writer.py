@@ -310,7 +310,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount_point = tmp_path / "tiny-disk"
     mount_point.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True, check=False
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
     )
     if mounted.returncode != 0:
         pytest.skip("mounting a tmpfs is not permitted here")

@@ -22,6 +22,7 @@ What the files hold is personal data and is opened in spreadsheets:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -238,10 +239,10 @@ class FileSink:
 
     def abort(self) -> None:
         if self._parquet is not None:
-            try:
+            with contextlib.suppress(
+                OSError
+            ):  # its file is removed next: what it could not flush is not wanted
                 self._parquet.close()
-            except OSError:
-                pass  # its file is removed next: what it could not flush is not wanted
             self._parquet = None
         self._tmp.unlink(missing_ok=True)
 
