@@ -299,3 +299,31 @@ def test_a_credentials_block_with_a_control_character_is_one_line_naming_the_blo
     )
     assert _requests_seen(sandbox) == 0
     _assert_server_never_shows([bad, key[:30], key[30:]], state.state_details.flow_run_id)
+
+
+@pytest.mark.parametrize(
+    ("source", "fix"),
+    [
+        ("CLEANLIST_API_KEY", "set a valid CLEANLIST_API_KEY"),
+        ("the Secret block 'cleanlist-api-key'", "save a valid one with `cleanlist-enrich set-key`"),
+        ("the CleanlistCredentials block 'acme'", "`cleanlist-enrich set-key --credentials acme`"),
+    ],
+)
+def test_a_refused_key_names_its_source_and_the_fix_for_that_source(source: str, fix: str) -> None:
+    from cleanlist.errors import make_status_error
+    from flows.secrets import naming_key_source
+
+    refused = make_status_error(
+        status_code=401, method="GET", path="/auth/validate-key", body={"detail": "nope"}, headers={}
+    )
+    forbidden = make_status_error(
+        status_code=403, method="GET", path="/auth/validate-key", body={"detail": "no"}, headers={}
+    )
+    key = APIKey(GOOD, source)
+
+    line = naming_key_source(f"run stopped: {refused}", key)
+    assert f"the API key from {source} is missing, expired or revoked" in line
+    assert fix in line
+    if source != "CLEANLIST_API_KEY":
+        assert "set a valid CLEANLIST_API_KEY" not in line
+    assert naming_key_source(str(forbidden), key).endswith(f"(the API key came from {source})")
