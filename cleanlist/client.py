@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import SecretStr, ValidationError
@@ -53,12 +54,39 @@ ENDPOINTS: dict[str, tuple[str, str]] = {
 }
 
 
+def secret_spellings(value: str) -> list[str]:
+    """Every form `value` takes in text that may be shown, longest first: as it is, without surrounding
+    whitespace, and escaped as Python's repr of the str or of its bytes (`b'Bearer clapi_…\\n'`, as
+    h11's "Illegal header value" quotes it), JSON and percent-encoding write it."""
+    forms: set[str] = set()
+    for text in {value, value.strip()}:
+        if not text:
+            continue
+        forms.update(
+            {
+                text,
+                repr(text)[1:-1],
+                repr(text.encode("utf-8", "backslashreplace"))[2:-1],
+                json.dumps(text)[1:-1],
+                json.dumps(text, ensure_ascii=False)[1:-1],
+                quote(text, safe=""),
+            }
+        )
+    return sorted(forms, key=len, reverse=True)
+
+
 def redact(text: str, secret: SecretStr | None) -> str:
-    """Remove the key from any text that might be shown (error bodies can echo headers)."""
+    """Remove the key from any text that might be shown (error bodies can echo headers; an exception
+    can quote the header escaped), in every spelling `secret_spellings` knows."""
     if secret is None:
         return text
     value = secret.get_secret_value()
-    return text.replace(value, "[redacted]") if value else text
+    if not value:
+        return text
+    for form in secret_spellings(value):
+        if form in text:
+            text = text.replace(form, "[redacted]")
+    return text
 
 
 def redact_json(value: Any, secret: SecretStr | None) -> Any:

@@ -102,6 +102,25 @@ _URL_HOST = re.compile(
 _SLUG_FORBIDDEN = re.compile(r"[\s/?#@\ufffd]")
 # Member-id slugs (/in/ACoAAB…) are case-sensitive, unlike vanity slugs.
 _MEMBER_ID_PREFIXES = ("ACoAA", "ACwAA")
+# Characters that show nothing but make two spellings of one name differ: zero-width space, non-joiner
+# and joiner, word joiner, the byte-order mark (a BOM pasted into a cell, or left by a UTF-8-BOM export
+# in its first header), and the bidi controls (LRM/RLM, embeddings and overrides, isolates). A CRM
+# export carries them invisibly; the API would be sent (and charge for) each spelling as a new person.
+INVISIBLE_CHARACTERS = frozenset(
+    "\u200b\u200c\u200d\u2060\ufeff\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+_DROP_INVISIBLE = dict.fromkeys(map(ord, INVISIBLE_CHARACTERS))
+
+
+def visible(text: str) -> str:
+    """`text` without zero-width characters, the BOM and bidi controls (ASCII text is returned as is)."""
+    return text if text.isascii() else text.translate(_DROP_INVISIBLE)
+
+
+def fold_compatible(text: str) -> str:
+    """`text` with invisible characters dropped and compatibility forms folded (NFKC: full-width
+    letters, ligatures, composed accents), so every spelling a keyboard or an export makes is one."""
+    return text if text.isascii() else unicodedata.normalize("NFKC", visible(text))
 
 
 def canonical_header(header: str) -> str:
@@ -224,15 +243,16 @@ def resolve_mapping(  # noqa: C901
 
 
 def _text(value: object) -> str:  # noqa: PLR0911 - one return per kind of empty a cell can hold
-    """Trimmed text of a cell; "" for null-likes (None, NaN, NaT, pandas NA, "n/a", "-", …)."""
+    """Trimmed text of a cell without invisible characters; "" for null-likes (None, NaN, NaT, pandas NA,
+    "n/a", "-", …)."""
     if value.__class__ is str:
-        text = value.strip()
+        text = visible(value).strip()
         if len(text) > 4:  # the common case: no null token is this long
             return text
     elif value is None:
         return ""
     elif isinstance(value, str):
-        text = value.strip()
+        text = visible(value).strip()
     else:
         if isinstance(value, float) and math.isnan(value):
             return ""
@@ -241,16 +261,16 @@ def _text(value: object) -> str:  # noqa: PLR0911 - one return per kind of empty
                 return ""
         except (TypeError, ValueError):  # pandas NA and arrays refuse to be a bool
             return ""
-        text = str(value).strip()
+        text = visible(str(value)).strip()
     if len(text) <= 4 and (text in _NAN_SPELLINGS or text.lower() in _EMPTY_TOKENS):
         return ""
     return text
 
 
 def _collapse(text: str) -> str:
-    collapsed = " ".join(text.split())
-    # NFC so a name typed on macOS (decomposed é) keys the same as one typed elsewhere.
-    return collapsed if collapsed.isascii() else unicodedata.normalize("NFC", collapsed)
+    # NFKC (which composes, as NFC does) so a name typed on macOS (decomposed é) or in full-width letters
+    # is sent, and keyed, as the same name typed elsewhere.
+    return " ".join(fold_compatible(text).split())
 
 
 @lru_cache(maxsize=65536)
@@ -447,9 +467,9 @@ def validate_contact(contact: Mapping[str, str]) -> Reject | None:
 
 
 def _key_part(text: str) -> str:
-    part = " ".join(text.split()).casefold()
+    part = " ".join(fold_compatible(text).split()).casefold()
     if not part.isascii():
-        part = unicodedata.normalize("NFC", part)
+        part = unicodedata.normalize("NFKC", part)  # casefold can decompose (ǰ): composed again
     return part.replace("\\", "\\\\").replace("|", "\\|") if "|" in part or "\\" in part else part
 
 

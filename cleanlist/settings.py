@@ -1,7 +1,16 @@
-"""The one settings object: environment first (CLEANLIST_*), overridable per call."""
+"""The one settings object: environment first (CLEANLIST_*), overridable per call.
+
+Every API key is loaded through `checked_api_key`, whatever its source (CLEANLIST_API_KEY here, the
+Secret block and the CleanlistCredentials block in `flows/`): stripped of surrounding whitespace (a
+Kubernetes Secret made from a file, a `.env` line, a paste end in a newline) and refused, in one line
+naming its source, when it could not be sent as a header. httpx would refuse it on every request, and a
+refused header is a transport error: retried, taken for an outage, and quoted (escaped, so redaction
+missed it) in the log.
+"""
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 from pydantic import Field, SecretStr, field_validator
@@ -67,6 +76,49 @@ def host_of(base_url: str) -> str:
     return url
 
 
+ENV_KEY_SOURCE = "CLEANLIST_API_KEY"
+
+
+class APIKey(SecretStr):
+    """An API key (a `SecretStr`) that knows where it was configured, for every error that names it."""
+
+    def __init__(self, secret_value: str, source: str) -> None:
+        super().__init__(secret_value)
+        self.source = source
+
+
+def _unsendable(key: str) -> str | None:
+    """Why `key` cannot be an `Authorization: Bearer` value, or None. Never quotes the key."""
+    for position, char in enumerate(key, start=1):
+        if "!" <= char <= "~":
+            continue
+        if char.isspace() and char.isascii():
+            kind = "a control character" if char not in " " else "a space"
+        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Zs"):
+            kind = "a control character"
+        else:
+            return f"contains a non-ASCII character at position {position}"
+        return f"contains {kind} (U+{ord(char):04X}) at position {position}"
+    return None
+
+
+def checked_api_key(value: str | SecretStr, source: str) -> APIKey:
+    """`value` without surrounding whitespace, as an `APIKey` from `source`; one InputError line naming
+    `source` when it is empty or holds a character no HTTP header may carry (control, space, non-ASCII).
+
+    `source` says where the key was configured ("CLEANLIST_API_KEY", "the Secret block …"): the line
+    tells the user which one to fix.
+    """
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    key = text.strip()
+    if not key:
+        raise InputError(f"the API key from {source} is empty")
+    problem = _unsendable(key)
+    if problem is not None:
+        raise InputError(f"the API key from {source} {problem}; set it again without it")
+    return APIKey(key, source)
+
+
 class CleanlistSettings(BaseSettings):
     """Configuration of the Cleanlist client, read from `CLEANLIST_*` environment variables."""
 
@@ -89,6 +141,23 @@ class CleanlistSettings(BaseSettings):
     )
     connect_timeout: float = Field(default=CONNECT_TIMEOUT, description="Seconds to open a connection.")
     read_timeout: float = Field(default=READ_TIMEOUT, description="Seconds to wait for a response.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _check_api_key(cls, value: object) -> object:
+        # An InputError is not a ValueError: pydantic lets it through as it is, so the one line (and not
+        # a ValidationError quoting the input) is what the user gets.
+        if isinstance(value, APIKey):
+            return value  # checked where it was loaded (a block): keep its source
+        if isinstance(value, str | SecretStr):
+            return checked_api_key(value, ENV_KEY_SOURCE)
+        return value
+
+    @field_validator("store_url", mode="before")
+    @classmethod
+    def _strip_store_url(cls, value: object) -> object:
+        # A URL from a file or a .env line ends in a newline that would become part of the password.
+        return value.strip() or None if isinstance(value, str) else value
 
     @field_validator("rate_limit")
     @classmethod

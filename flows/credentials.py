@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from cleanlist.client import CleanlistClient
 from cleanlist.constants import DEFAULT_BASE_URL
 from cleanlist.errors import InputError
-from cleanlist.settings import CleanlistSettings, RateLimit, host_of
+from cleanlist.settings import APIKey, CleanlistSettings, RateLimit, checked_api_key, host_of
 
 
 class CleanlistCredentials(Block):
@@ -77,10 +77,19 @@ with CleanlistCredentials.load("BLOCK_NAME").get_client() as client:
             raise ValueError(str(exc)) from None
         return value.strip()
 
+    def checked_key(self) -> APIKey:
+        """The block's key, checked for header safety at load; an error names this block, not the
+        environment (a key saved before the check existed may hold a newline or a control character)."""
+        if isinstance(self.api_key, APIKey):
+            return self.api_key
+        name = self._block_document_name
+        source = f"the CleanlistCredentials block {name!r}" if name else "the CleanlistCredentials block"
+        return checked_api_key(self.api_key, source)
+
     def settings(self, base: CleanlistSettings | None = None) -> CleanlistSettings:
         """`base` (default: the environment's settings) with this block's key, host and rate limit."""
         settings = (base or CleanlistSettings()).model_copy()
-        settings.api_key = self.api_key
+        settings.api_key = self.checked_key()
         if self.base_url:
             settings.base_url = self.base_url
         if self.rate_limit:

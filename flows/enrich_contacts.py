@@ -52,7 +52,7 @@ from cleanlist.store import EnrichmentStore
 from cleanlist.webhooks.listen import receiving_webhooks
 from flows.blocks import resolve_blocks
 from flows.run_names import enrich_run_name
-from flows.secrets import run_credentials
+from flows.secrets import naming_key_source, run_credentials
 from flows.submission import CreditsToppedUp, Submission, SubmitLoop
 from tasks.outcomes import result_or_input_error
 from tasks.prefect_types import sync_result, thread_pool
@@ -144,6 +144,10 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     try:
         with receiving_webhooks(run):
             yield run
+    except RunFailed as exc:
+        if exc.exit_code != 2:  # 2: the API refused the key or its plan; say which configured key
+            raise
+        raise RunFailed(naming_key_source(str(exc), api_key), exit_code=2, summary=exc.summary) from None
     except STORE_ERRORS as exc:  # the store failed in the flow body: one line, not a traceback
         raise RunFailed(f"run stopped: {run.lose_store(exc)}") from None
     finally:

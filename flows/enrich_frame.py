@@ -5,7 +5,8 @@ pause, budget, artifacts) on a private temporary workspace: the frame is written
 in a 0700 directory), enriched, and the output and rejects are read back; the folder is removed at the
 end, whatever happens. The rows come back as the caller gave them (their own values, dtypes and index),
 with the `cleanlist_*` columns added to the output and `reject_code`/`reject_reason` to the rejects:
-every row is in one of the two.
+every row is in one of the two. Those columns always hold this run's results: a frame that has them
+already (an earlier output enriched again) has them replaced, and the run says so in one warning.
 
 The frame never reaches the Prefect database: Prefect stores a flow run's parameters, and would have
 stored every contact of a DataFrame, so this flow's parameters are stored with the frame replaced by
@@ -14,27 +15,32 @@ its shape.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import Flow
+from prefect import Flow, get_run_logger
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
 
 from cleanlist.errors import InputError
+from cleanlist.io.writer import REJECT_CODE_COLUMN, REJECT_REASON
 from cleanlist.models import EnrichmentType
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
 from cleanlist.run.summary import RunSummary
 from flows.blocks import resolve_blocks
 from flows.enrich_contacts import (
+    RunFailed,
     check_key,
     failures_as_states,
     open_run,
@@ -47,8 +53,12 @@ from flows.enrich_contacts import (
 from tasks.prefect_types import thread_pool
 
 P = ParamSpec("P")
+R = TypeVar("R")
 # The row's position in the caller's frame, carried through the run to put each row back in its place.
 ROW_POSITION = "__cleanlist_row_position__"
+# Columns a run writes: a frame that has them (an earlier run's output or rejects) gets this run's.
+RESULT_PREFIX = "cleanlist_"
+RUN_COLUMNS = frozenset({REJECT_CODE_COLUMN, REJECT_REASON})
 
 
 @dataclass(frozen=True)
@@ -88,24 +98,46 @@ def private_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def earlier_results(frame: pd.DataFrame | pa.Table) -> list[str]:
+    """The frame's columns that a run writes (`cleanlist_*`, `reject_code`, `reject_reason`)."""
+    names = frame.column_names if isinstance(frame, pa.Table) else [str(c) for c in frame.columns]
+    return [name for name in names if name.startswith(RESULT_PREFIX) or name in RUN_COLUMNS]
+
+
+def without_earlier_results(frame: pd.DataFrame | pa.Table, names: list[str]) -> pd.DataFrame | pa.Table:
+    """`frame` without the columns `names`: this run's results take their place."""
+    if not names:
+        return frame
+    if isinstance(frame, pa.Table):
+        return frame.drop_columns(names)
+    return frame.drop(columns=[c for c in frame.columns if str(c) in names])
+
+
+def _check_shape(frame: pd.DataFrame | pa.Table) -> None:
+    names = [str(c) for c in (frame.column_names if isinstance(frame, pa.Table) else frame.columns)]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"the frame has repeated column names: {', '.join(repeated)}; rename them")
+    if not names:
+        raise InputError("the frame has no columns: nothing to enrich")
+    if ROW_POSITION in names:
+        raise InputError(f"the frame already has a column named {ROW_POSITION}; rename it")
+
+
 def as_arrow(frame: pd.DataFrame | pa.Table) -> pa.Table:
     """The frame as an Arrow table with the row-position column; one InputError line if it cannot be."""
+    if not isinstance(frame, pd.DataFrame | pa.Table):
+        raise InputError(f"enrich_dataframe takes a pandas DataFrame or a pyarrow Table, not {type(frame)}")
+    _check_shape(frame)
     if isinstance(frame, pa.Table):
         table = frame
-    elif isinstance(frame, pd.DataFrame):
-        if not frame.columns.is_unique:
-            repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
-            raise InputError(f"the frame has repeated column names: {', '.join(repeated)}; rename them")
+    else:
         try:
             table = pa.Table.from_pandas(frame, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             # A column mixing kinds (numbers and text): send it as text, as a CSV would have it.
             mixed = {c: "string" for c in frame.columns if frame[c].dtype == object}
             table = pa.Table.from_pandas(frame.astype(mixed), preserve_index=False)
-    else:
-        raise InputError(f"enrich_dataframe takes a pandas DataFrame or a pyarrow Table, not {type(frame)}")
-    if ROW_POSITION in table.column_names:
-        raise InputError(f"the frame already has a column named {ROW_POSITION}; rename it")
     return table.append_column(ROW_POSITION, pa.array(range(table.num_rows), type=pa.int64()))
 
 
@@ -142,6 +174,16 @@ def rows_back(original: pd.DataFrame, written: Path) -> pd.DataFrame:
 
 def run_frame(frame: pd.DataFrame | pa.Table, parameters: dict[str, Any]) -> EnrichedFrame:
     """Enrich `frame` with the file flow's steps in a private folder; raise RunFailed if it cannot."""
+    shown = _frame_shown(frame)
+    if isinstance(frame, pd.DataFrame | pa.Table):
+        _check_shape(frame)  # before dropping columns: a repeated name is the caller's to fix
+        replaced = earlier_results(frame)
+        if replaced:
+            get_run_logger().warning(
+                "the frame already has result columns (%s): replaced by this run's results",
+                ", ".join(replaced),
+            )
+            frame = without_earlier_results(frame, replaced)
     table = as_arrow(frame)
     started = time.monotonic()
     with private_folder() as folder:
@@ -166,7 +208,6 @@ def run_frame(frame: pd.DataFrame | pa.Table, parameters: dict[str, Any]) -> Enr
             submission = submit(run, plan)
             wait_for_results(run)
             summary = write_and_report(run, submission, started)
-        shown = _frame_shown(frame)
         original: pd.DataFrame = frame if isinstance(frame, pd.DataFrame) else frame.to_pandas()
         return EnrichedFrame(
             output=rows_back(original, output),
@@ -175,7 +216,29 @@ def run_frame(frame: pd.DataFrame | pa.Table, parameters: dict[str, Any]) -> Enr
         )
 
 
-@failures_as_states
+def _failures_as_exceptions(body: Callable[P, R]) -> Callable[P, R | State]:
+    """`failures_as_states`, with the failure's exception as the Failed state's data.
+
+    Calling a flow returns its result or raises the Failed state's exception; the file flow's Failed
+    state carries its summary as a dict (read by the CLI), which Prefect would raise as "TypeError:
+    Unexpected result for failed state: {...}". Here the caller gets the run's one line as a
+    `RunFailed`; the state keeps the line as its message.
+    """
+    wrapped = failures_as_states(body)
+
+    @functools.wraps(body)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R | State:
+        outcome = wrapped(*args, **kwargs)
+        if isinstance(outcome, State) and outcome.is_failed() and isinstance(outcome.data, dict):
+            message = outcome.message or "the run failed"
+            exit_code = int(outcome.data.get("exit_code", 1))
+            return Failed(message=message, data=RunFailed(message, exit_code=exit_code))
+        return outcome
+
+    return run
+
+
+@_failures_as_exceptions
 # Every option of EnrichOptions that is not about files or tables, with the same literal default
 # (tests/test_enrich_frame.py checks that they agree).
 def _enrich_dataframe(  # noqa: PLR0913

@@ -1,5 +1,10 @@
 """Where a run's API key comes from: a named `CleanlistCredentials` block, else the Prefect Secret block
-`cleanlist-api-key`, else CLEANLIST_API_KEY (`run_credentials` states the whole precedence)."""
+`cleanlist-api-key`, else CLEANLIST_API_KEY (`run_credentials` states the whole precedence).
+
+Every key is checked where it is loaded (`cleanlist.settings.checked_api_key`) and remembers its source
+(`APIKey.source`): a key error, at load or from the API (401/403), names the source to fix. A Secret
+block that wins over a different CLEANLIST_API_KEY says so in the log.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError
 
-from cleanlist.errors import InputError, MissingAPIKeyError
+from cleanlist.errors import POLICY, AuthenticationError, InputError, MissingAPIKeyError
 from cleanlist.run.options import describe_validation_error
-from cleanlist.settings import CleanlistSettings
+from cleanlist.settings import ENV_KEY_SOURCE, APIKey, CleanlistSettings, checked_api_key
 
 if TYPE_CHECKING:
     from flows.credentials import CleanlistCredentials
 
 SECRET_BLOCK = "cleanlist-api-key"
+SECRET_BLOCK_SOURCE = f"the Secret block {SECRET_BLOCK!r}"
 logger = logging.getLogger("cleanlist.secrets")
 
 
-def resolve_api_key(settings: CleanlistSettings) -> SecretStr:
-    """The key from the Secret block when one is saved, otherwise from the environment."""
+def _secret_block_value() -> str | None:
+    """The Secret block's value, None when there is none (or it cannot be read: said in the log)."""
     try:
         from prefect.blocks.system import Secret
 
@@ -28,26 +34,67 @@ def resolve_api_key(settings: CleanlistSettings) -> SecretStr:
 
         block = sync_result(Secret.load(SECRET_BLOCK, _sync=True))  # type: ignore[call-arg]
         value = block.get()
-        if isinstance(value, str) and value.strip():
-            return SecretStr(value.strip())
     except ValueError:
-        pass  # no such block: fall back to the environment
+        return None  # no such block: fall back to the environment
     except Exception as exc:  # the API is unreachable or the block is malformed
         logger.warning(
             "could not read the %s Secret block (%s); using CLEANLIST_API_KEY",
             SECRET_BLOCK,
             type(exc).__name__,
         )
-    if settings.api_key is None or not settings.api_key.get_secret_value().strip():
+        return None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def resolve_api_key(settings: CleanlistSettings) -> APIKey:
+    """The key from the Secret block when one is saved, otherwise from the environment."""
+    value = _secret_block_value()
+    from_env = settings.api_key
+    if value is not None:
+        key = checked_api_key(value, SECRET_BLOCK_SOURCE)
+        if from_env is not None and from_env.get_secret_value() != key.get_secret_value():
+            logger.warning(
+                "using the API key from %s; CLEANLIST_API_KEY is set to another key and is not used",
+                SECRET_BLOCK_SOURCE,
+            )
+            key.source = f"{SECRET_BLOCK_SOURCE} (used instead of CLEANLIST_API_KEY)"
+        return key
+    if from_env is None or not from_env.get_secret_value().strip():
         raise MissingAPIKeyError()
-    return settings.api_key
+    return checked_api_key(from_env, ENV_KEY_SOURCE)
+
+
+def _fix_for(source: str) -> str:
+    """What to do about a refused key, by where it came from."""
+    if source.startswith(SECRET_BLOCK_SOURCE):
+        return f"save a valid one with `cleanlist-enrich set-key` (it is {SECRET_BLOCK_SOURCE})"
+    if source.startswith("the CleanlistCredentials block "):
+        name = source.split("'")[1] if "'" in source else "NAME"
+        return f"save a valid one with `cleanlist-enrich set-key --credentials {name}`"
+    return "set a valid CLEANLIST_API_KEY"
+
+
+def naming_key_source(message: str, key: SecretStr) -> str:
+    """`message` (a key refused by the API, 401 or 403) saying which configured key it was and its fix.
+
+    The error table's own fix ("set a valid CLEANLIST_API_KEY") is the right one only for a key from the
+    environment: for a key from a block it sends the user to the wrong place.
+    """
+    source = key.source if isinstance(key, APIKey) else ENV_KEY_SOURCE
+    generic = POLICY[AuthenticationError].fix
+    if generic in message:
+        return message.replace(
+            generic, f"the API key from {source} is missing, expired or revoked: {_fix_for(source)}"
+        )
+    return f"{message} (the API key came from {source})"
 
 
 def save_api_key(value: str) -> None:
     """Store the key in the Secret block (overwriting), for deployments."""
     from prefect.blocks.system import Secret
 
-    Secret(value=SecretStr(value.strip())).save(SECRET_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
+    key = checked_api_key(value, "standard input")  # a key httpx would refuse is never saved
+    Secret(value=SecretStr(key.get_secret_value())).save(SECRET_BLOCK, overwrite=True, _sync=True)  # type: ignore[call-arg]
 
 
 def load_credentials(name: str) -> CleanlistCredentials:
@@ -74,6 +121,7 @@ def load_credentials(name: str) -> CleanlistCredentials:
             "is the Prefect API reachable?"
         ) from None
     assert isinstance(block, CleanlistCredentials)
+    block.checked_key()  # a key no header can carry: one line naming this block, before anything runs
     return block
 
 
@@ -96,7 +144,7 @@ def run_credentials(
     if rate_limit:
         settings.rate_limit = rate_limit
     if block is not None:
-        return settings, block.api_key
+        return settings, block.checked_key()
     return settings, resolve_api_key(settings)
 
 
@@ -111,8 +159,9 @@ def save_credentials(
         block = sync_result(CleanlistCredentials.load(name, _sync=True))  # type: ignore[call-arg]
     except ValueError:  # no such block yet
         block = None
+    key = checked_api_key(api_key, "standard input")
     fields: dict[str, Any] = {
-        "api_key": SecretStr(api_key.strip()),
+        "api_key": SecretStr(key.get_secret_value()),
         "base_url": base_url or (block.base_url if block is not None else None),
         "rate_limit": rate_limit or (block.rate_limit if block is not None else None),
     }

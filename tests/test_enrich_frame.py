@@ -17,6 +17,7 @@ from prefect.client.orchestration import get_client
 from cleanlist.run.options import EnrichOptions
 from cleanlist.store import EnrichmentStore
 from cleanlist_prefect import EnrichedFrame, enrich_dataframe
+from flows.enrich_contacts import RunFailed
 from flows.enrich_frame import _enrich_dataframe
 from tests.flow_helpers import FAST
 
@@ -155,3 +156,102 @@ def test_parameters_match_the_options_model() -> None:
     for name, parameter in parameters.items():
         if name != "frame":
             assert parameter.default == fields[name].default, name
+
+
+def test_a_frame_enriched_again_shows_this_runs_results(
+    tmp_path: Path, make_sandbox: Any, api_env: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox = make_sandbox(rate_limit=None)
+    api_env(sandbox)
+    # An earlier run's output, saved and enriched again (refresh_days=0: every contact is sent again).
+    earlier = pd.DataFrame(
+        {
+            "First Name": ["Jane", "Li"],
+            "Last Name": ["Doe", "Wei"],
+            "Website": ["acme.com", "initech.com"],
+            "cleanlist_status": ["stale-status", "stale-status"],
+            "cleanlist_email": ["old@nowhere.invalid", "old@nowhere.invalid"],
+            "cleanlist_legacy": ["x", "y"],
+            "reject_reason": ["old reason", None],
+        },
+        index=[7, 9],
+    )
+
+    with caplog.at_level("WARNING"):
+        enriched = enrich_dataframe(
+            earlier, store=f"sqlite:///{tmp_path / 'store.db'}", refresh_days=0, **FAST
+        )
+
+    assert sandbox.counters()["contacts_accepted"] == 2  # sent and paid for: the answers must show
+    assert list(enriched.output.index) == [7, 9]
+    assert set(enriched.output["cleanlist_status"]) <= {"enriched", "not_found"}
+    assert "old@nowhere.invalid" not in set(enriched.output["cleanlist_email"])
+    assert "cleanlist_legacy" not in enriched.output.columns
+    assert "reject_reason" not in enriched.output.columns
+    assert list(enriched.output["First Name"]) == ["Jane", "Li"]
+    warned = [r.getMessage() for r in caplog.records if "replaced by this run's results" in r.getMessage()]
+    assert len(warned) == 1
+    assert "cleanlist_status" in warned[0] and "reject_reason" in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("frame", "line"),
+    [
+        (
+            pd.DataFrame([["Jane", "Doe", "acme.com"]], columns=["First Name", "First Name", "Website"]),
+            "the frame has repeated column names: First Name; rename them",
+        ),
+        (pd.DataFrame(), "the frame has no columns: nothing to enrich"),
+        (
+            pa.table({"a": [1], "a ": [2]}).rename_columns(["a", "a"]),
+            "the frame has repeated column names: a",
+        ),
+    ],
+)
+def test_a_frame_that_cannot_be_read_fails_with_one_line(
+    tmp_path: Path, make_sandbox: Any, api_env: Any, frame: Any, line: str
+) -> None:
+    api_env(make_sandbox(rate_limit=None))
+    with pytest.raises(RunFailed) as raised:
+        enrich_dataframe(frame, store=f"sqlite:///{tmp_path / 'store.db'}", **FAST)
+    assert line in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert "Unexpected result" not in str(raised.value)
+
+
+def test_an_empty_frame_with_columns_fails_with_one_line_or_returns_nothing(
+    tmp_path: Path, make_sandbox: Any, api_env: Any
+) -> None:
+    sandbox = make_sandbox(rate_limit=None)
+    api_env(sandbox)
+    empty = pd.DataFrame({"First Name": [], "Last Name": [], "Website": []}, dtype="string")
+    state = enrich_dataframe(empty, store=f"sqlite:///{tmp_path / 'store.db'}", return_state=True, **FAST)
+    if state.is_failed():
+        assert state.message is not None and "\n" not in state.message
+        with pytest.raises(RunFailed):
+            state.result()
+    else:
+        enriched = state.result()
+        assert len(enriched.output) == len(enriched.rejects) == 0
+    assert sandbox.counters()["contacts_accepted"] == 0
+
+
+def test_the_jose_garcia_spellings_are_sent_and_charged_once(
+    tmp_path: Path, make_sandbox: Any, api_env: Any
+) -> None:
+    from tests.test_prepare import JOSE_SPELLINGS
+
+    sandbox = make_sandbox(rate_limit=None)
+    api_env(sandbox)
+    frame = pd.DataFrame(
+        {
+            "First Name": [v["first_name"] for v in JOSE_SPELLINGS],
+            "Last Name": [v["last_name"] for v in JOSE_SPELLINGS],
+            "Company": [v["company_name"] for v in JOSE_SPELLINGS],
+        }
+    )
+    enriched = enrich_dataframe(frame, store=f"sqlite:///{tmp_path / 'store.db'}", **FAST)
+    assert len(enriched.output) == len(JOSE_SPELLINGS)
+    assert sandbox.counters()["contacts_accepted"] == 1
+    assert enriched.summary.submitted == 1
+    assert enriched.output["cleanlist_status"].nunique() == 1

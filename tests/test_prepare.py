@@ -473,6 +473,38 @@ def test_decomposed_accents_key_like_composed() -> None:
     assert composed.key == decomposed.key
 
 
+# One José García as CRM exports and keyboards spell him: full-width letters, a zero-width space, a BOM,
+# a zero-width joiner, a right-to-left override, a word joiner, bidi isolates and marks.
+JOSE_SPELLINGS = [
+    {"first_name": "José", "last_name": "García", "company_name": "Acme"},
+    {"first_name": "Ｊｏｓé", "last_name": "Ｇａｒｃíａ", "company_name": "Ａｃｍｅ"},
+    {"first_name": "Jo\u200bsé", "last_name": "García", "company_name": "Acme"},
+    {"first_name": "\ufeffJosé", "last_name": "Garc\u200día", "company_name": "Acme\u2060"},
+    {"first_name": "\u202eJosé\u202c", "last_name": "\u2066García\u2069", "company_name": "\u200eAcme\u200f"},
+    {"first_name": "Jose\u0301", "last_name": "\u202aGARCÍA\u202c", "company_name": "\u200cAcme"},
+]
+
+
+def test_invisible_characters_and_full_width_letters_key_one_person() -> None:
+    rows = [prepare_row(values) for values in JOSE_SPELLINGS]
+    assert {row.key for row in rows} == {"nm:josé|garcía|acme"}
+    # What is sent is the visible name too: the API is not asked about "Jo\u200bsé".
+    assert {row.contact["first_name"] for row in rows} == {"José"}
+    assert {row.contact["company_name"] for row in rows} == {"Acme"}
+
+
+def test_full_width_and_invisible_characters_in_a_domain_key_one_company() -> None:
+    plain = prepare_row({"first_name": "Jane", "last_name": "Doe", "company_domain": "acme.com"})
+    wide = prepare_row({"first_name": "Jane", "last_name": "Doe", "company_domain": "ａｃｍｅ．ｃｏｍ"})
+    hidden = prepare_row({"first_name": "Jane", "last_name": "Doe", "company_domain": "\ufeffac\u200bme.com"})
+    assert plain.key == wide.key == hidden.key == "nm:jane|doe|acme.com"
+
+
+def test_a_name_of_invisible_characters_only_is_empty() -> None:
+    row = prepare_row({"first_name": "\u200b\ufeff", "last_name": "Doe", "company_name": "Acme"})
+    assert row.reject is not None and row.reject.code is RejectCode.MISSING_FIELDS
+
+
 def test_linkedin_key_ignores_url_spelling_and_other_fields() -> None:
     a = prepare_row({"linkedin_url": "de.linkedin.com/in/Jane-Doe/?trk=x", "first_name": "Jane"})
     b = prepare_row({"linkedin_url": "https://www.linkedin.com/in/jane-doe", "company_name": "Other"})

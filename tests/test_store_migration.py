@@ -21,7 +21,14 @@ from cleanlist.prepare import _bare_domain, _key_part, contact_key, normalize_co
 from cleanlist.run.journal import AcceptanceJournal
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.migrations import CONTACT_BATCH_ROWS, upgraded_key
-from cleanlist.store.schema import SCHEMA_COMPONENT, contacts, metadata, schema_info, workflows
+from cleanlist.store.schema import (
+    SCHEMA_COMPONENT,
+    SCHEMA_VERSION,
+    contacts,
+    metadata,
+    schema_info,
+    workflows,
+)
 from tests.flow_helpers import read_csv, run_flow
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -205,7 +212,7 @@ def test_opening_a_version_1_store_moves_subdomain_keys_and_merges_collisions(st
         wf1 = store.workflow("wf-1")
 
     rows, ledger, version = snapshot(store_url)
-    assert version == 2
+    assert version == SCHEMA_VERSION
     assert set(rows) == {
         ("nm:jane|doe|acme.co.uk", "partial"),
         ("nm:jane|doe|acme.co.uk", "full"),
@@ -238,7 +245,7 @@ def test_opening_a_version_1_store_moves_subdomain_keys_and_merges_collisions(st
 
     # A second open changes nothing.
     EnrichmentStore(store_url).close()
-    assert snapshot(store_url) == (rows, ledger, 2)
+    assert snapshot(store_url) == (rows, ledger, SCHEMA_VERSION)
 
 
 def many_old_rows(count: int) -> Iterator[dict[str, Any]]:
@@ -289,7 +296,7 @@ def test_a_migration_killed_half_way_finishes_on_the_next_open(store_url: str) -
     EnrichmentStore(store_url).close()
 
     final, _, version = snapshot(store_url)
-    assert version == 2
+    assert version == SCHEMA_VERSION
     expected = {(upgraded_key(row["contact_key"]), row["enrichment_type"]): row for row in rows}
     assert set(final) == set(expected)
     for key, row in expected.items():
@@ -304,16 +311,16 @@ def test_a_store_newer_than_this_cleanlist_is_refused_in_one_line(store_url: str
     EnrichmentStore(store_url).close()
     engine = raw_engine(store_url)
     with engine.begin() as conn:
-        conn.execute(sa.update(schema_info).values(version=3))
+        conn.execute(sa.update(schema_info).values(version=SCHEMA_VERSION + 1))
     engine.dispose()
-    with pytest.raises(InputError, match="schema version 3") as caught:
+    with pytest.raises(InputError, match=f"schema version {SCHEMA_VERSION + 1}") as caught:
         EnrichmentStore(store_url)
     assert "\n" not in str(caught.value)
 
 
-def test_a_new_store_starts_at_version_2(store_url: str) -> None:
+def test_a_new_store_starts_at_the_current_version(store_url: str) -> None:
     EnrichmentStore(store_url).close()
-    assert snapshot(store_url) == ({}, {}, 2)
+    assert snapshot(store_url) == ({}, {}, SCHEMA_VERSION)
     assert {table.name for table in metadata.sorted_tables} >= {"cleanlist_contacts"}
 
 
@@ -361,7 +368,7 @@ def test_two_processes_opening_a_version_1_store_at_once_both_find_it_migrated(s
 
     assert failures == []
     rows, ledger, version = snapshot(store_url)
-    assert version == 2
+    assert version == SCHEMA_VERSION
     assert {key for key, _ in rows} == {upgraded_key(row["contact_key"]) for row in old_rows()}
     assert ledger["wf-1"] == ["nm:carl|moe|delta.com", "nm:dina|fox|echo.io", "li:kim"]
 
@@ -396,3 +403,84 @@ def test_an_acceptance_journalled_before_the_upgrade_is_replayed_under_the_new_k
         outcome = store.peek(["nm:jane|doe|acme.co.uk"], "partial", fresh_after=None)
 
     assert outcome.in_flight == {"nm:jane|doe|acme.co.uk": ("wf-killed", "t-jane")}
+
+
+# --- version 2 → 3: folded spellings -------------------------------------------------------------------
+
+ZWSP_JOSE = "nm:jo\u200bsé|garcía|acme"
+WIDE_JOSE = "nm:ｊｏｓé|garcía|acme"
+JOSE = "nm:josé|garcía|acme"
+
+
+def build_version_2_store(
+    url: str, rows: Sequence[Mapping[str, Any]], ledger: Sequence[Mapping[str, Any]] = ()
+) -> None:
+    build_version_1_store(url, rows, ledger)
+    engine = raw_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(schema_info).where(schema_info.c.component == SCHEMA_COMPONENT).values(version=2)
+        )
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (ZWSP_JOSE, JOSE),
+        (WIDE_JOSE, JOSE),
+        ("nm:\ufeffjosé|garc\u200día|\u202eacme\u202c", JOSE),
+        ("nm:ｊａｎｅ\\|ｑ|doe|acme.com", "nm:jane\\|q|doe|acme.com"),  # an escaped separator stays escaped
+        ("li:jane\u200b-doe", "li:jane-doe"),
+        (JOSE, JOSE),
+        ("nm:jane|doe|blog.acme.co.uk", "nm:jane|doe|acme.co.uk"),  # version 1's step, composed
+    ],
+)
+def test_a_folded_key_is_the_key_prepare_gives_today(old: str, new: str) -> None:
+    assert upgraded_key(old) == new
+    assert upgraded_key(new) == new
+
+
+def test_opening_a_version_2_store_folds_keys_and_merges_spellings_of_one_contact(store_url: str) -> None:
+    day = timedelta(days=1)
+    build_version_2_store(
+        store_url,
+        [
+            with_result(ZWSP_JOSE, "t-zwsp", NOW - 2 * day),
+            with_result(WIDE_JOSE, "t-wide", NOW - day),  # the newest result wins
+            with_result("nm:bob|ray|acme", "t-bob", NOW - day),
+        ],
+        [workflow_row("wf-9", [ZWSP_JOSE, "nm:bob|ray|acme"], ["t-zwsp", "t-bob"])],
+    )
+
+    EnrichmentStore(store_url).close()
+
+    rows, ledger, version = snapshot(store_url)
+    assert version == SCHEMA_VERSION
+    assert {key for key, _ in rows} == {JOSE, "nm:bob|ray|acme"}
+    assert rows[(JOSE, "partial")]["result_task_id"] == "t-wide"
+    assert ledger == {"wf-9": [JOSE, "nm:bob|ray|acme"]}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_contact_stored_under_an_invisible_spelling_is_not_paid_for_again_after_the_upgrade(
+    tmp_path: Path, make_sandbox: Any, api_env: Any
+) -> None:
+    sandbox = make_sandbox(rate_limit=None)
+    api_env(sandbox)
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    source = tmp_path / "crm.csv"
+    with source.open("w", newline="", encoding="utf-8") as sheet:
+        writer = csv.writer(sheet)
+        writer.writerow(["Record ID", "First Name", "Last Name", "Company"])
+        writer.writerow(["r1", "José", "García", "Acme"])
+    build_version_2_store(
+        store_url, [with_result(ZWSP_JOSE, "t-jose", datetime.now(UTC) - timedelta(days=1))]
+    )
+
+    state, summary = run_flow(source=str(source), output=str(tmp_path / "out.csv"), store=store_url)
+
+    assert state.is_completed(), state.message
+    assert sandbox.counters()["contacts_accepted"] == 0
+    assert summary["fresh_in_store"] == 1
+    assert read_csv(tmp_path / "out.csv")["cleanlist_task_id"].tolist() == ["t-jose"]

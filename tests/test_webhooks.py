@@ -4,6 +4,8 @@ store; runs pick them up instead of polling, and fall back to polling when a del
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +400,52 @@ def test_a_bad_webhook_listen_is_one_line(value: str) -> None:
         EnrichOptions.from_parameters({"source": "in.csv", "output": "out.csv", "webhook_listen": value})
     assert "\n" not in str(caught.value) and "webhook_listen" in str(caught.value)
     assert "HOST:PORT" in str(caught.value)
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> tuple[bool, bytes]:
+    """Whether the server closed `sock` within `within` seconds, and what it sent before closing."""
+    sock.settimeout(within)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        return False, received
+    except ConnectionResetError:
+        pass
+    return True, received
+
+
+def test_half_sent_requests_are_closed_and_the_receiver_keeps_serving(tmp_path: Path) -> None:
+    with EnrichmentStore(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        receiver = ReceiverServer(store, "127.0.0.1", 0, header_timeout=0.5, body_timeout=0.5).start()
+        try:
+            address = ("127.0.0.1", receiver.port)
+            half_heads = [socket.create_connection(address) for _ in range(200)]
+            for n, sock in enumerate(half_heads):
+                sock.sendall(b"POST /hooks/tok HTTP/1.1\r\nHost: x\r\n" if n % 2 else b"PO")
+            silent = socket.create_connection(address)  # opened, never says a word
+            half_body = socket.create_connection(address)
+            half_body.sendall(b'POST /hooks/tok HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"a"')
+            trickle = socket.create_connection(address)  # a byte at a time never buys more time
+            for byte in b"POST /hooks/tok HTTP/1.1\r\n":
+                try:
+                    trickle.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.05)
+
+            still_open = [s for s in [*half_heads, silent] if not _closed_by_server(s, within=10)[0]]
+            body_closed, body_answer = _closed_by_server(half_body, within=10)
+            assert len(still_open) == 0
+            assert body_closed and body_answer.startswith(b"HTTP/1.1 408")
+            assert _closed_by_server(trickle, within=10)[0]
+            # A whole request is still answered, on a new connection and on a kept-alive one.
+            with httpx.Client(base_url=receiver.base_url) as client:
+                assert client.get("/healthz").status_code == 200
+                time.sleep(0.2)
+                assert client.get("/healthz").status_code == 200
+        finally:
+            for sock in [*half_heads, silent, half_body, trickle]:
+                sock.close()
+            receiver.stop()

@@ -4,13 +4,16 @@ atomically or not at all."""
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from cleanlist.errors import InputError
 from cleanlist.io.writer import RESULT_COLUMNS, FileSink, WriteReport, open_sinks, write_rows
 from cleanlist.models import worst_case_credits
 from cleanlist.run.stage import stage_source
@@ -299,3 +302,67 @@ def test_file_sink_only_shows_the_file_once_committed(tmp_path: Path, scratch: P
     assert read_back(destination)["a"].tolist() == ["1", "2", "3"]
     assert list(scratch.iterdir()) == []
     assert [p.name for p in destination.parent.iterdir()] == ["out.csv"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB file system (tmpfs) to fill; skipped where mounting is not permitted."""
+    mount_point = tmp_path / "tiny-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_full_disk_fails_with_one_line_naming_the_path_and_leaves_no_partial_file(
+    tmp_path: Path, scratch: Path, tiny_disk: Path
+) -> None:
+    destination = tiny_disk / "out.csv"
+    sink = FileSink(str(destination), "csv")
+    sink.write(pd.DataFrame({"a": [f"row {i} " + "x" * 100 for i in range(2000)]}))  # ~220 KB
+
+    with pytest.raises(InputError) as raised:
+        sink.commit(["a"])
+
+    assert str(raised.value) == f"no space left on device writing {destination}"
+    sink.abort()
+    assert list(tiny_disk.iterdir()) == []  # neither the output nor the hidden .out.csv.partial
+    assert list(scratch.iterdir()) == []
+    # The disk has its room back: the next, smaller output of that name is written.
+    small = FileSink(str(destination), "csv")
+    small.write(pd.DataFrame({"a": ["1"]}))
+    small.commit(["a"])
+    assert read_back(destination)["a"].tolist() == ["1"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_cli_on_a_full_disk_exits_1_with_one_line_and_the_next_run_succeeds(
+    tmp_path: Path, make_sandbox: Any, tiny_disk: Path
+) -> None:
+    from tests.flow_helpers import messy_export
+    from tests.test_cli import _cli, _no_traceback
+
+    sandbox = make_sandbox(rate_limit=None)
+    source = messy_export(tmp_path / "crm.csv", unique=1200)
+    env = {"CLEANLIST_API_KEY": sandbox.api_key, "CLEANLIST_BASE_URL": sandbox.base_url}
+    args = ["run", str(source), "--store", f"sqlite:///{tmp_path / 's.db'}", "--rate-limit", "100/1"]
+    output = tiny_disk / "out.csv"
+
+    full = _cli([*args, "--output", str(output), "--rejects", str(tmp_path / "rejects.csv")], env)
+
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert f"no space left on device writing {output}" in full.stdout + full.stderr
+    _no_traceback(full)
+    assert list(tiny_disk.iterdir()) == []  # no .out.csv.partial left to fill the disk
+    # The same run to a disk with room pays for nothing again and writes every row.
+    again = _cli([*args, "--output", str(tmp_path / "out.csv")], env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sandbox.counters()["contacts_accepted"] == 1200

@@ -22,6 +22,8 @@ What the files hold is personal data and is opened in spreadsheets:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -97,6 +99,21 @@ def output_format(output: str) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
+# A full disk or quota: the user's fix is room on that disk, not a bug report.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def write_failed(exc: OSError, path: str | Path, *, what: str = "writing") -> InputError:
+    """One line for an OSError while writing `path` ("no space left on device writing /x/out.csv")."""
+    if exc.errno in _NO_ROOM:
+        reason = "no space left on device" if exc.errno != errno.EDQUOT else "disk quota exceeded"
+        if exc.errno == errno.EFBIG:
+            reason = "file too large for its file system"
+    else:
+        reason = (exc.strerror or type(exc).__name__).lower()
+    return InputError(f"{reason} {what} {path}")
+
+
 class RowSink(Protocol):
     def write(self, frame: pd.DataFrame) -> None: ...
     def commit(self, columns: Sequence[str]) -> None: ...
@@ -167,6 +184,13 @@ class FileSink:
     def write(self, frame: pd.DataFrame) -> None:
         if frame.empty:
             return
+        try:
+            self._append(frame)
+        except OSError as exc:  # the scratch disk is full: name what was being written, and where
+            raise write_failed(exc, self._tmp, what=f"the temporary copy of {self.destination} at") from None
+        self._rows += len(frame)
+
+    def _append(self, frame: pd.DataFrame) -> None:
         if self.fmt == "csv":
             csv_safe(frame, raw=self.raw_csv).to_csv(
                 self._tmp, mode="a", header=self._rows == 0, index=False, lineterminator=CSV_LINE_TERMINATOR
@@ -178,7 +202,6 @@ class FileSink:
                     out.write("\n")
         else:
             self._write_parquet(frame)
-        self._rows += len(frame)
 
     def _write_parquet(self, frame: pd.DataFrame) -> None:
         table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -195,6 +218,13 @@ class FileSink:
         self._parquet.write_table(table)
 
     def commit(self, columns: Sequence[str]) -> None:
+        try:
+            self._finish(columns)
+        except OSError as exc:
+            raise write_failed(exc, self._tmp, what=f"the temporary copy of {self.destination} at") from None
+        _move_into_place(self._tmp, self.destination, self.storage_options)
+
+    def _finish(self, columns: Sequence[str]) -> None:
         if self._rows == 0:
             empty = pd.DataFrame({c: pd.Series(dtype="string") for c in columns})
             if self.fmt == "csv":
@@ -205,11 +235,15 @@ class FileSink:
                 self._tmp.write_text("", encoding="utf-8")
         if self._parquet is not None:
             self._parquet.close()
-        _move_into_place(self._tmp, self.destination, self.storage_options)
+            self._parquet = None
 
     def abort(self) -> None:
         if self._parquet is not None:
-            self._parquet.close()
+            with contextlib.suppress(
+                OSError
+            ):  # its file is removed next: what it could not flush is not wanted
+                self._parquet.close()
+            self._parquet = None
         self._tmp.unlink(missing_ok=True)
 
 
@@ -224,11 +258,17 @@ def _move_into_place(tmp: Path, destination: str, storage_options: Mapping[str, 
         staging = target.with_name(f".{target.name}.partial")
         # The staging file becomes the destination (os.replace keeps its inode, so its mode): 0600, even
         # when a staging file of an interrupted run is still there with another mode.
-        with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-            os.fchmod(out.fileno(), 0o600)
-            with tmp.open("rb") as src:
-                shutil.copyfileobj(src, out, 1024 * 1024)
-        os.replace(staging, target)
+        try:
+            with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+                os.fchmod(out.fileno(), 0o600)
+                with tmp.open("rb") as src:
+                    shutil.copyfileobj(src, out, 1024 * 1024)
+            os.replace(staging, target)
+        except OSError as exc:
+            # A full disk keeps the half-copied staging file otherwise: the next run would find no room
+            # either. The destination itself is untouched (an earlier output of that name stays whole).
+            staging.unlink(missing_ok=True)
+            raise write_failed(exc, target) from None
     else:
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
         if parent:

@@ -6,6 +6,14 @@ would not find it and would pay for it again; so its rows are rewritten under th
 table and in the ledger's `contact_keys`. Rows are rewritten in bounded batches, one transaction each,
 and every step only moves a key to its fixed point (a registrable domain is its own registrable domain),
 so a migration killed half-way and run again converges on the same store.
+
+Version 2 → 3: contact keys fold Unicode compatibility forms (NFKC: full-width letters) and drop
+zero-width characters, the BOM and bidi controls (`prepare.fold_compatible`), so a key stored with a
+zero-width space inside a name (`nm:jo\\u200bsé|…`) is `nm:josé|…` today. Only keys holding a
+non-ASCII character can change; they are rewritten (and merged with the row already under the new key,
+when a contact was stored under two spellings) the same way. SQL cannot pick out non-ASCII keys
+portably, so this step reads every key once, in the same bounded batches; a run opening the store
+waits for it once.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, Row, bindparam, delete, insert, select, tuple_, update
 
-from cleanlist.prepare import _bare_domain, _key_part, registrable_domain
+from cleanlist.prepare import _bare_domain, _key_part, registrable_domain, visible
 from cleanlist.store.bulk import execute_rows
 from cleanlist.store.codec import batches, dump_json, load_json
 from cleanlist.store.records import ACCEPTED
@@ -52,6 +60,47 @@ _RESULT_COLUMNS: Final = (
 
 
 def upgraded_key(key: str) -> str:
+    """The key `prepare.contact_key` gives today to a contact an older store (or journal) holds under
+    `key`: the registrable domain (version 2), then the folded spelling (version 3)."""
+    return folded_key(registrable_key(key))
+
+
+def folded_key(key: str) -> str:
+    """`key` with each part folded as `prepare._key_part` folds it today (NFKC, no invisible characters).
+
+    ASCII keys never change; nor does a key that is not `li:…` or a three-part `nm:…`.
+    """
+    if key.isascii():
+        return key
+    if key.startswith("li:"):
+        return "li:" + visible(key[3:])
+    parts = _name_parts(key)
+    if parts is None:
+        return key
+    return _NAME_PREFIX + "|".join(_key_part(part) for part in parts)
+
+
+def _name_parts(key: str) -> list[str] | None:
+    """The three parts of a name key, unescaped (`\\|` → `|`, `\\\\` → `\\`), or None."""
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in key[len(_NAME_PREFIX) :]:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "|":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts if len(parts) == 3 and key.startswith(_NAME_PREFIX) else None
+
+
+def registrable_key(key: str) -> str:
     """The key `prepare.contact_key` gives today to a contact a version-1 store holds under `key`.
 
     Only a name key whose org part is a domain as version 1 stored it (`_bare_domain`'s output: ASCII,
@@ -135,7 +184,23 @@ def rekey_registrable_domains(
     return count
 
 
-def _rekey_contacts(conn: Connection, batch_rows: int, count: MigrationCount) -> None:
+def rekey_folded_spellings(
+    conn: Connection,
+    *,
+    contact_batch: int = CONTACT_BATCH_ROWS,
+    workflow_batch: int = WORKFLOW_BATCH_ROWS,
+) -> MigrationCount:
+    """Version 2 → 3: move contact rows and ledger keys holding full-width letters or invisible
+    characters to the folded key."""
+    count = MigrationCount()
+    _rekey_contacts(conn, contact_batch, count, candidates=None)
+    _rekey_workflows(conn, workflow_batch, count, candidates=None)
+    return count
+
+
+def _rekey_contacts(
+    conn: Connection, batch_rows: int, count: MigrationCount, candidates: str | None = _CANDIDATE_KEY
+) -> None:
     # Keyset paging over the primary key: each batch is the next `batch_rows` rows in key order (an
     # index range), and of those only the candidates are read. A filter in the paging query itself
     # would let PostgreSQL scan the whole table for every batch. A moved row may come round again
@@ -148,7 +213,8 @@ def _rekey_contacts(conn: Connection, batch_rows: int, count: MigrationCount) ->
             if after is not None:
                 bounds = bounds.where(pk > tuple_(*after))
             last = conn.execute(bounds.order_by(*pk.clauses).offset(batch_rows - 1).limit(1)).one_or_none()
-            page = bounds.where(contacts.c.contact_key.like(_CANDIDATE_KEY))
+            # `candidates`: a LIKE pattern only candidates match, or None to look at every key.
+            page = bounds.where(contacts.c.contact_key.like(candidates)) if candidates else bounds
             if last is not None:
                 page = page.where(pk <= tuple_(*last))
             moves: dict[str, dict[str, str]] = {}  # enrichment type → old key → new key
@@ -267,7 +333,9 @@ _REWRITE_LEDGER_KEYS: Final = (
 )
 
 
-def _rekey_workflows(conn: Connection, batch_rows: int, count: MigrationCount) -> None:
+def _rekey_workflows(
+    conn: Connection, batch_rows: int, count: MigrationCount, candidates: str | None = _CANDIDATE_KEY
+) -> None:
     # Paged like the contacts: an index range per batch, then the candidates within it.
     wid = workflows.c.workflow_id
     after = ""
@@ -276,9 +344,9 @@ def _rekey_workflows(conn: Connection, batch_rows: int, count: MigrationCount) -
             last = conn.execute(
                 select(wid).where(wid > after).order_by(wid).offset(batch_rows - 1).limit(1)
             ).scalar_one_or_none()
-            page = select(wid, workflows.c.contact_keys).where(
-                wid > after, workflows.c.contact_keys.like(f"%{_CANDIDATE_KEY}")
-            )
+            page = select(wid, workflows.c.contact_keys).where(wid > after)
+            if candidates:
+                page = page.where(workflows.c.contact_keys.like(f"%{candidates}"))
             if last is not None:
                 page = page.where(wid <= last)
             changed: list[dict[str, str]] = []
@@ -295,4 +363,7 @@ def _rekey_workflows(conn: Connection, batch_rows: int, count: MigrationCount) -
         after = last
 
 
-_STEPS: Final[dict[int, Callable[[Connection], MigrationCount]]] = {1: rekey_registrable_domains}
+_STEPS: Final[dict[int, Callable[[Connection], MigrationCount]]] = {
+    1: rekey_registrable_domains,
+    2: rekey_folded_spellings,
+}

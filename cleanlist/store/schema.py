@@ -21,7 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # 2: company domains keyed by their registrable part (migrations.rekey_registrable_domains).
-SCHEMA_VERSION: Final = 2
+# 3: keys folded (NFKC, no zero-width or bidi characters) (migrations.rekey_folded_spellings).
+SCHEMA_VERSION: Final = 3
 SCHEMA_COMPONENT: Final = "enrichment_store"
 
 

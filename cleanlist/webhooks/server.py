@@ -1,18 +1,32 @@
-"""Serving the receiver: in a background thread for the length of a run, or in the foreground."""
+"""Serving the receiver: in a background thread for the length of a run, or in the foreground.
+
+A connection has `HEADER_TIMEOUT_SECONDS` from its opening (or from the end of its last answer, when
+kept alive) to deliver a whole request head; one that has not is closed. Without it uvicorn keeps a
+half-sent request open for good (its keep-alive timer starts only after an answer and stops at the
+first byte), and every such connection is a file descriptor the receiver never gets back. The body
+has its own deadline (`app.BODY_TIMEOUT_SECONDS`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 from types import TracebackType
 from typing import Self
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cleanlist.errors import InputError
 from cleanlist.store import EnrichmentStore
-from cleanlist.webhooks.app import create_receiver_app
+from cleanlist.webhooks.app import BODY_TIMEOUT_SECONDS, create_receiver_app
+
+# Seconds a client has to send a request's head (request line and headers). The API's delivery sends
+# it in one write; a few seconds is generous for any real sender, short for a slow or stuck one.
+HEADER_TIMEOUT_SECONDS = 5.0
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -37,9 +51,54 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(store: EnrichmentStore) -> uvicorn.Server:
+class _HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request head is not complete in time."""
+
+    header_timeout: float = HEADER_TIMEOUT_SECONDS
+    _head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()  # a kept-alive connection's next request gets the same time
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        if not self.transport.is_closing():
+            self._head_deadline = self.loop.call_later(self.header_timeout, self._head_overdue)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_overdue(self) -> None:
+        self._head_deadline = None
+        waiting_for_head = self.cycle is None or self.cycle.response_complete
+        if waiting_for_head and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()  # no answer: there is no request to answer
+
+
+def _server(
+    store: EnrichmentStore,
+    *,
+    header_timeout: float = HEADER_TIMEOUT_SECONDS,
+    body_timeout: float = BODY_TIMEOUT_SECONDS,
+) -> uvicorn.Server:
+    protocol = type("ReceiverProtocol", (_HeadDeadlineProtocol,), {"header_timeout": header_timeout})
     config = uvicorn.Config(
-        create_receiver_app(store), log_level="warning", access_log=False, timeout_graceful_shutdown=2
+        create_receiver_app(store, body_timeout=body_timeout),
+        http=protocol,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
     )
     return uvicorn.Server(config)
 
@@ -58,9 +117,17 @@ class ReceiverServer:
     """A receiver on host:port (0 = a free port), served by uvicorn in a background thread."""
 
     def __init__(
-        self, store: EnrichmentStore, host: str, port: int, *, startup_timeout: float = 10.0
+        self,
+        store: EnrichmentStore,
+        host: str,
+        port: int,
+        *,
+        startup_timeout: float = 10.0,
+        header_timeout: float = HEADER_TIMEOUT_SECONDS,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
     ) -> None:
         self._store = store
+        self._timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout}
         self.host = host
         self._port = port
         self._startup_timeout = startup_timeout
@@ -77,7 +144,7 @@ class ReceiverServer:
     def start(self) -> Self:
         self._socket = _bind(self.host, self._port)
         self.port = int(self._socket.getsockname()[1])
-        server = _server(self._store)
+        server = _server(self._store, **self._timeouts)
         thread = threading.Thread(
             target=server.run, kwargs={"sockets": [self._socket]}, name="cleanlist-receiver", daemon=True
         )
