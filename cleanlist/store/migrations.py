@@ -6,6 +6,10 @@ would not find it and would pay for it again; so its rows are rewritten under th
 table and in the ledger's `contact_keys`. Rows are rewritten in bounded batches, one transaction each,
 and every step only moves a key to its fixed point (a registrable domain is its own registrable domain),
 so a migration killed half-way and run again converges on the same store.
+
+Version 2 → 3: the runs table gains `boot_id` and `proc_start` (which process runs a run, beyond its
+pid; `cleanlist/store/liveness.py`). Added as nullable columns, each only if missing, so a step killed
+between them completes on the next open; older rows keep nulls and are judged by their pid as before.
 """
 
 from __future__ import annotations
@@ -16,13 +20,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, bindparam, delete, insert, select, tuple_, update
+from sqlalchemy import Connection, Row, bindparam, delete, insert, inspect, select, tuple_, update
+from sqlalchemy.schema import CreateColumn
 
 from cleanlist.prepare import _bare_domain, _key_part, registrable_domain
 from cleanlist.store.bulk import execute_rows
 from cleanlist.store.codec import batches, dump_json, load_json
 from cleanlist.store.records import ACCEPTED
-from cleanlist.store.schema import SCHEMA_COMPONENT, SCHEMA_VERSION, contacts, schema_info, workflows
+from cleanlist.store.schema import (
+    SCHEMA_COMPONENT,
+    SCHEMA_VERSION,
+    contacts,
+    runs,
+    schema_info,
+    workflows,
+)
 
 logger = logging.getLogger("cleanlist.store")
 
@@ -92,6 +104,7 @@ class MigrationCount:
     contacts_moved: int = 0
     contacts_merged: int = 0
     workflows_rewritten: int = 0
+    columns_added: int = 0
 
 
 def upgrade(conn: Connection, found: int) -> None:
@@ -113,12 +126,13 @@ def upgrade(conn: Connection, found: int) -> None:
             )
         logger.info(
             "store schema %d → %d: %d contact keys rewritten (%d rows merged into a row of the same "
-            "contact), %d ledger rows rewritten",
+            "contact), %d ledger rows rewritten, %d columns added",
             version,
             version + 1,
             count.contacts_moved,
             count.contacts_merged,
             count.workflows_rewritten,
+            count.columns_added,
         )
 
 
@@ -295,4 +309,20 @@ def _rekey_workflows(conn: Connection, batch_rows: int, count: MigrationCount) -
         after = last
 
 
-_STEPS: Final[dict[int, Callable[[Connection], MigrationCount]]] = {1: rekey_registrable_domains}
+def add_run_process_identity(conn: Connection) -> MigrationCount:
+    """Version 2 → 3: the runs table's `boot_id` and `proc_start` columns (nullable), where missing."""
+    count = MigrationCount()
+    with conn.begin():
+        present = {column["name"] for column in inspect(conn).get_columns(runs.name)}
+        for column in (runs.c.boot_id, runs.c.proc_start):
+            if column.name not in present:
+                ddl = CreateColumn(column).compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {runs.name} ADD COLUMN {ddl}")
+                count.columns_added += 1
+    return count
+
+
+_STEPS: Final[dict[int, Callable[[Connection], MigrationCount]]] = {
+    1: rekey_registrable_domains,
+    2: add_run_process_identity,
+}

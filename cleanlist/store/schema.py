@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -21,7 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # 2: company domains keyed by their registrable part (migrations.rekey_registrable_domains).
-SCHEMA_VERSION: Final = 2
+# 3: runs carry their process's boot id and start time (migrations.add_run_process_identity).
+SCHEMA_VERSION: Final = 3
 SCHEMA_COMPONENT: Final = "enrichment_store"
 
 
@@ -73,6 +75,10 @@ runs = Table(
     Column("flow_run_id", String),
     Column("host", String, nullable=False),
     Column("pid", Integer, nullable=False),
+    # Which process runs it, beyond its pid (cleanlist/store/liveness.py): the kernel's boot id and the
+    # process's start time. Null in rows written before schema version 3.
+    Column("boot_id", String),
+    Column("proc_start", BigInteger),
     Column("status", String, nullable=False),
     Column("params", Text, nullable=False),
     Column("counts", Text),
