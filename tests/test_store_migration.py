@@ -21,7 +21,15 @@ from cleanlist.prepare import _bare_domain, _key_part, contact_key, normalize_co
 from cleanlist.run.journal import AcceptanceJournal
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.migrations import CONTACT_BATCH_ROWS, upgraded_key
-from cleanlist.store.schema import SCHEMA_COMPONENT, contacts, metadata, schema_info, workflows
+from cleanlist.store.schema import (
+    SCHEMA_COMPONENT,
+    SCHEMA_VERSION,
+    contacts,
+    metadata,
+    runs,
+    schema_info,
+    workflows,
+)
 from tests.flow_helpers import read_csv, run_flow
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -205,7 +213,7 @@ def test_opening_a_version_1_store_moves_subdomain_keys_and_merges_collisions(st
         wf1 = store.workflow("wf-1")
 
     rows, ledger, version = snapshot(store_url)
-    assert version == 2
+    assert version == SCHEMA_VERSION
     assert set(rows) == {
         ("nm:jane|doe|acme.co.uk", "partial"),
         ("nm:jane|doe|acme.co.uk", "full"),
@@ -238,7 +246,7 @@ def test_opening_a_version_1_store_moves_subdomain_keys_and_merges_collisions(st
 
     # A second open changes nothing.
     EnrichmentStore(store_url).close()
-    assert snapshot(store_url) == (rows, ledger, 2)
+    assert snapshot(store_url) == (rows, ledger, SCHEMA_VERSION)
 
 
 def many_old_rows(count: int) -> Iterator[dict[str, Any]]:
@@ -289,7 +297,7 @@ def test_a_migration_killed_half_way_finishes_on_the_next_open(store_url: str) -
     EnrichmentStore(store_url).close()
 
     final, _, version = snapshot(store_url)
-    assert version == 2
+    assert version == SCHEMA_VERSION
     expected = {(upgraded_key(row["contact_key"]), row["enrichment_type"]): row for row in rows}
     assert set(final) == set(expected)
     for key, row in expected.items():
@@ -304,16 +312,16 @@ def test_a_store_newer_than_this_cleanlist_is_refused_in_one_line(store_url: str
     EnrichmentStore(store_url).close()
     engine = raw_engine(store_url)
     with engine.begin() as conn:
-        conn.execute(sa.update(schema_info).values(version=3))
+        conn.execute(sa.update(schema_info).values(version=SCHEMA_VERSION + 1))
     engine.dispose()
-    with pytest.raises(InputError, match="schema version 3") as caught:
+    with pytest.raises(InputError, match=f"schema version {SCHEMA_VERSION + 1}") as caught:
         EnrichmentStore(store_url)
     assert "\n" not in str(caught.value)
 
 
-def test_a_new_store_starts_at_version_2(store_url: str) -> None:
+def test_a_new_store_starts_at_the_current_version(store_url: str) -> None:
     EnrichmentStore(store_url).close()
-    assert snapshot(store_url) == ({}, {}, 2)
+    assert snapshot(store_url) == ({}, {}, SCHEMA_VERSION)
     assert {table.name for table in metadata.sorted_tables} >= {"cleanlist_contacts"}
 
 
@@ -361,7 +369,7 @@ def test_two_processes_opening_a_version_1_store_at_once_both_find_it_migrated(s
 
     assert failures == []
     rows, ledger, version = snapshot(store_url)
-    assert version == 2
+    assert version == SCHEMA_VERSION
     assert {key for key, _ in rows} == {upgraded_key(row["contact_key"]) for row in old_rows()}
     assert ledger["wf-1"] == ["nm:carl|moe|delta.com", "nm:dina|fox|echo.io", "li:kim"]
 
@@ -396,3 +404,28 @@ def test_an_acceptance_journalled_before_the_upgrade_is_replayed_under_the_new_k
         outcome = store.peek(["nm:jane|doe|acme.co.uk"], "partial", fresh_after=None)
 
     assert outcome.in_flight == {"nm:jane|doe|acme.co.uk": ("wf-killed", "t-jane")}
+
+
+def test_a_version_2_store_gains_the_runs_process_identity_and_keeps_its_runs(store_url: str) -> None:
+    with EnrichmentStore(store_url) as store:
+        store.start_run("old", {})
+    engine = raw_engine(store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN boot_id")
+        conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN proc_start")
+        conn.execute(sa.update(schema_info).values(version=2))
+    engine.dispose()
+
+    with EnrichmentStore(store_url) as store:
+        record = store.get_run("old")
+        store.start_run("new", {})
+        # The old row has no start time: judged by its pid (this live process), as before.
+        assert store.alive_runs(["old", "new"]) == {"old", "new"}
+
+    engine = raw_engine(store_url)
+    with engine.connect() as conn:
+        rows = {row.run_id: row for row in conn.execute(sa.select(runs))}
+        version = conn.execute(sa.select(schema_info.c.version)).scalar_one()
+    engine.dispose()
+    assert record is not None and version == SCHEMA_VERSION == 3
+    assert rows["old"].proc_start is None and rows["new"].proc_start is not None
