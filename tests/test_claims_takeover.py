@@ -142,7 +142,7 @@ def test_two_runs_of_one_source_at_once_never_report_completed_with_rows_pending
     tmp_path: Path, make_sandbox: Any, store_url: str
 ) -> None:
     # Slow answers, one chunk at a time: the first run is still submitting when the second plans.
-    sandbox = make_sandbox(rate_limit=None, latency=(2.0, 2.5), seed=5)
+    sandbox = make_sandbox(rate_limit=None, latency=(1.0, 1.5), seed=5)
     source = contact_list(tmp_path / "crm.csv")
     outs = [tmp_path / "first.csv", tmp_path / "second.csv"]
     args = [_args(source, out, store_url, "--max-concurrent-chunks", "1") for out in outs]
@@ -180,12 +180,18 @@ def test_two_runs_of_one_source_at_once_never_report_completed_with_rows_pending
 
 # A live run in its own process that has claimed contacts and not submitted them (yet).
 HOLDING_RUN = """
-import sys
+import sys, threading, time
 from cleanlist.store import EnrichmentStore
 url, keys = sys.argv[1], sys.argv[2].split(",")
 store = EnrichmentStore(url)
 store.start_run("holder", {})
-heartbeat = store.keep_alive("holder")
+
+def beat():
+    while True:
+        store.heartbeat("holder")
+        time.sleep(1)
+
+threading.Thread(target=beat, daemon=True).start()
 print(len(store.claim("holder", keys, "partial", None).claimed), flush=True)
 sys.stdin.read()
 """
