@@ -62,6 +62,10 @@ from tasks.write import write_output_task
 P = ParamSpec("P")
 R = TypeVar("R")
 SUMMARY_KEY = "cleanlist-run-summary"
+# Rows with these cleanlist_status values are not settled: a run that leaves any is `incomplete`.
+UNSETTLED_ROW_STATUSES = ("pending", "not_submitted")
+# The exit code of an `incomplete` run (README, "Exit codes").
+INCOMPLETE_EXIT_CODE = 3
 
 
 class RunFailed(CleanlistError):
@@ -138,6 +142,7 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
         for key in ("source", "output", "enrichment_type", "refresh_days", "max_credits", "dry_run")
     }
     store.start_run(run_id, params, flow_run_id=str(flow_run_id) if flow_run_id else None)
+    heartbeat = store.keep_alive(run_id)  # the run owns its claims while this beats (store/liveness.py)
     quiet = _ReportedByTheRun()
     _TASK_RUN_LOGGER.addFilter(quiet)
     run.on_delivery = _delivery_event
@@ -151,6 +156,7 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     except STORE_ERRORS as exc:  # the store failed in the flow body: one line, not a traceback
         raise RunFailed(f"run stopped: {run.lose_store(exc)}") from None
     finally:
+        heartbeat.stop()
         run.stop_poller(drain=False)
         if run.store_lost is None:
             status, summary = run.outcome
@@ -419,11 +425,14 @@ def write_and_report(
     )
     fatal = run.fatal
     counters = run.counters
+    # Rows nobody settled in this run: held by another live run, or accepted with no answer yet.
+    unsettled_rows = sum(report.statuses.get(word, 0) for word in UNSETTLED_ROW_STATUSES)
     status = RunStatus.after_submitting(
         fatal=fatal is not None,
         stop=submission.stop,
         chunks_failed=counters.chunks_failed,
         unknown_to_api=counters.unknown_to_api,
+        unsettled_rows=unsettled_rows,
     )
     summary = RunSummary(
         status=status,
@@ -451,6 +460,11 @@ def write_and_report(
         task_lookups=counters.task_lookups,
         ambiguous_submissions=counters.ambiguous_submissions,
         ambiguous_contacts=counters.ambiguous_contacts,
+        unsettled_rows=unsettled_rows,
+        held_by_other_runs=run.workspace.count(ContactState.HELD),
+        awaiting_answers=sum(
+            run.workspace.count(state) for state in (ContactState.ACCEPTED, ContactState.IN_FLIGHT)
+        ),
         row_statuses=report.statuses,
         rejects_by_reason=report.reject_reasons,
         output=_shown(options.output if options.table is None else f"{options.output}#{options.table}"),
@@ -510,6 +524,9 @@ def _raise_unless_completed(
     if summary.status is RunStatus.CREDITS_EXHAUSTED:
         _emit("cleanlist.run.failed", payload)
         raise RunFailed("run stopped: credits were not topped up before the pause timed out", summary=summary)
+    if summary.status is RunStatus.INCOMPLETE:
+        _emit("cleanlist.run.failed", payload)
+        raise RunFailed(_incomplete_line(summary), exit_code=INCOMPLETE_EXIT_CODE, summary=summary)
     _emit("cleanlist.run.completed", payload)
     if summary.status is RunStatus.COMPLETED_WITH_ERRORS:
         problems = []
@@ -524,6 +541,16 @@ def _raise_unless_completed(
                 "a rerun asks for them by task id"
             )
         raise RunFailed("; ".join(problems), summary=summary)
+
+
+def _incomplete_line(summary: RunSummary) -> str:
+    """Why an incomplete run is not completed, in one line: how many rows, and what holds them."""
+    return (
+        f"run incomplete: {summary.unsettled_rows} row(s) are still pending "
+        f"({summary.held_by_other_runs} contact(s) held by another live run that has not submitted them, "
+        f"{summary.awaiting_answers} accepted by the API with no answer yet); results received so far "
+        "were written and the cursor mark was not moved; rerun to finish them"
+    )
 
 
 def report_dry_run(run: RunContext, stage: StageReport, plan: Plan) -> DryRunReport:

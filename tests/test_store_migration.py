@@ -26,6 +26,7 @@ from cleanlist.store.schema import (
     SCHEMA_VERSION,
     contacts,
     metadata,
+    runs,
     schema_info,
     workflows,
 )
@@ -484,3 +485,28 @@ def test_a_contact_stored_under_an_invisible_spelling_is_not_paid_for_again_afte
     assert sandbox.counters()["contacts_accepted"] == 0
     assert summary["fresh_in_store"] == 1
     assert read_csv(tmp_path / "out.csv")["cleanlist_task_id"].tolist() == ["t-jose"]
+
+
+def test_a_version_2_store_gains_the_runs_process_identity_and_keeps_its_runs(store_url: str) -> None:
+    with EnrichmentStore(store_url) as store:
+        store.start_run("old", {})
+    engine = raw_engine(store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN boot_id")
+        conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN proc_start")
+        conn.execute(sa.update(schema_info).values(version=2))
+    engine.dispose()
+
+    with EnrichmentStore(store_url) as store:
+        record = store.get_run("old")
+        store.start_run("new", {})
+        # The old row has no start time: judged by its pid (this live process), as before.
+        assert store.alive_runs(["old", "new"]) == {"old", "new"}
+
+    engine = raw_engine(store_url)
+    with engine.connect() as conn:
+        rows = {row.run_id: row for row in conn.execute(sa.select(runs))}
+        version = conn.execute(sa.select(schema_info.c.version)).scalar_one()
+    engine.dispose()
+    assert record is not None and version == SCHEMA_VERSION == 4
+    assert rows["old"].proc_start is None and rows["new"].proc_start is not None

@@ -1,8 +1,9 @@
 """One run's incremental read of its source: the mark it reads past, what it saw, the mark it leaves.
 
 The mark is read from the store when the run opens (ignored with `full_refresh`) and advanced to the
-largest cursor value read only once the run has completed; a failed, paused-out, budget-capped or
-partly failed run leaves it where it was, so the next run reads those rows again.
+largest cursor value read only once the run has completed — every row it read settled; a failed,
+paused-out, budget-capped, partly failed or `incomplete` run (rows still pending: held by another live
+run, or accepted with no answer yet) leaves it where it was, so the next run reads those rows again.
 
 The cursor's kind (number, timestamp, text: cleanlist/io/cursor.py) is the stored mark's; `cursor_type`
 may name it, and must then agree with the mark (else one line: `--full-refresh` replaces the mark). A
@@ -52,7 +53,9 @@ class IncrementalRead:
         self.seen, self.skipped = seen, skipped
 
     def next_mark(self, *, completed: bool) -> Watermark | None:
-        """The mark after this run: the largest value read if it completed (and read any), else as it was."""
+        """The mark after this run: the largest value read if it completed (and read any), else as it was.
+
+        `completed` means status `completed`: no row left pending (`RunStatus.INCOMPLETE` is not)."""
         return self.seen if completed and self.seen is not None else self.stored
 
     def summary_fields(self, *, completed: bool) -> dict[str, object]:

@@ -8,9 +8,10 @@ to a small local append-only file: an *intent* line before the request is sent, 
 descriptor and an `fsync`, no lock and no queue in between.
 
 The next run on this machine replays it before planning (`replay`): accepted lines the store does not
-have are recorded (their contacts are then polled, never resubmitted), and intents of a dead process
-with no accepted line are *in doubt* — the request may have been accepted, nobody can tell — and are
-counted as ambiguous submissions in that run's summary. A run forgets its own lines when it ends.
+have are recorded (their contacts are then polled, never resubmitted), and intents of a dead run (judged
+as claims are, `cleanlist/store/liveness.py`) with no accepted line are *in doubt* — the request may have
+been accepted, nobody can tell — and are counted as ambiguous submissions in that run's summary. A run
+forgets its own lines when it ends.
 The journal is per machine and per store (`~/.cleanlist/journal/<hash of the store URL>.jsonl`, 0600):
 a rerun on another machine does not see it.
 """
@@ -32,7 +33,6 @@ from typing import Any
 from cleanlist.models import worst_case_credits
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.database import make_private_dirs
-from cleanlist.store.liveness import pid_is_alive
 from cleanlist.store.migrations import upgraded_key
 
 JOURNAL_DIR = Path("~/.cleanlist/journal")
@@ -146,16 +146,21 @@ class AcceptanceJournal:
                     out.write(line if line.endswith("\n") else line + "\n")
         os.replace(tmp, self.path)
 
-    def _dead(self, entry: dict[str, Any]) -> bool:
-        return entry.get("host") == self._host and not pid_is_alive(int(entry.get("pid", 0)))
+    def _dead_runs(self, store: EnrichmentStore) -> Callable[[dict[str, Any]], bool]:
+        """Whether an entry's run is dead, judged as claims are (`EnrichmentStore.alive_runs`: its
+        heartbeat, and on this machine its exact process, pid and start time), never by a pid alone."""
+        runs = {str(entry.get("run")) for _, entry in self._entries()}
+        alive = store.alive_runs(runs) if runs else set()
+        return lambda entry: str(entry.get("run")) not in alive
 
     def replay(self, store: EnrichmentStore) -> Replay:
         """Record what dead runs' answers said; count their unanswered requests as in doubt."""
         with self._locked(fcntl.LOCK_EX):
-            answered = {e["request"] for _, e in self._entries() if e["kind"] == "accepted" and self._dead(e)}
+            dead = self._dead_runs(store)
+            answered = {e["request"] for _, e in self._entries() if e["kind"] == "accepted" and dead(e)}
             recorded = in_doubt = in_doubt_contacts = 0
             for _, entry in self._entries():
-                if not self._dead(entry):
+                if not dead(entry):
                     continue
                 if entry["kind"] == "intent" and entry["request"] not in answered:
                     in_doubt += 1
@@ -174,7 +179,7 @@ class AcceptanceJournal:
                 )
                 recorded += 1
             if answered or in_doubt:
-                self._keep_only(lambda entry: not self._dead(entry))
+                self._keep_only(lambda entry: not dead(entry))
         return Replay(recorded, in_doubt, in_doubt_contacts)
 
     def forget(self, run_id: str) -> None:

@@ -51,17 +51,27 @@ class RunStatus(enum.StrEnum):
     COMPLETED_WITH_ERRORS = "completed_with_errors"
     BUDGET_REACHED = "budget_reached"
     CREDITS_EXHAUSTED = "credits_exhausted"
+    # Rows the run could not settle are still pending: held by another live run, or accepted and not
+    # answered yet. Exit 3; the cursor mark does not move; a rerun finishes them.
+    INCOMPLETE = "incomplete"
     FAILED = "failed"
     DRY_RUN = "dry_run"
 
     @classmethod
-    def after_submitting(
-        cls, *, fatal: bool, stop: StopReason | None, chunks_failed: int, unknown_to_api: int = 0
+    def after_submitting(  # noqa: PLR0911 - one answer per line of the order of precedence
+        cls,
+        *,
+        fatal: bool,
+        stop: StopReason | None,
+        chunks_failed: int,
+        unknown_to_api: int = 0,
+        unsettled_rows: int = 0,
     ) -> RunStatus:
         """The final status once every chunk was settled or left over.
 
         `unknown_to_api`: contacts left unresolved because the API answered 404 for their workflow; such
-        a run is not "completed", whatever else it reached.
+        a run is not "completed", whatever else it reached. `unsettled_rows`: rows still pending at the
+        end (held by another live run, or accepted without an answer yet): not "completed" either.
         """
         if fatal:
             return cls.FAILED
@@ -73,6 +83,8 @@ class RunStatus(enum.StrEnum):
             return cls.BUDGET_REACHED
         if chunks_failed:
             return cls.COMPLETED_WITH_ERRORS
+        if unsettled_rows:
+            return cls.INCOMPLETE
         return cls.COMPLETED
 
 

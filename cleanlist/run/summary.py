@@ -69,6 +69,11 @@ class RunSummary(_Report):
     task_lookups: int = 0  # status calls by task id, for tasks a workflow answer left out
     ambiguous_submissions: int = 0  # bulk requests whose answer was lost after sending: maybe paid twice
     ambiguous_contacts: int = 0  # the contacts of those requests (at most this many paid twice)
+    # Rows still pending at the end (status `incomplete`): of their contacts, those another live run
+    # held (claimed, not yet submitted by it), and those accepted whose answer has not come.
+    unsettled_rows: int = 0
+    held_by_other_runs: int = 0
+    awaiting_answers: int = 0
     row_statuses: dict[str, int] = {}
     rejects_by_reason: dict[str, int] = {}
     output: str = ""

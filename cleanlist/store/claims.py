@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Row, Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cleanlist.store.codec import batches, stored_result
-from cleanlist.store.liveness import run_is_alive
+from cleanlist.store.liveness import ProcessIdentity, run_is_alive
 from cleanlist.store.records import ACCEPTED, CLAIMED, DONE, ClaimOutcome, StoredResult
 from cleanlist.store.schema import contacts, runs
 
@@ -57,7 +57,7 @@ class Judge:
     fresh_after: datetime | None
     now: datetime
     lease: timedelta
-    this_host: str
+    this_process: ProcessIdentity
 
 
 def insert_claims(
@@ -132,19 +132,17 @@ def alive_runs(conn: Connection, run_ids: Collection[str | None], judge: Judge) 
     """The runs among `run_ids` that still own their claims (a run the store never saw is not alive)."""
     known = sorted(run_id for run_id in run_ids if run_id is not None)
     alive: set[str] = set()
+    columns = (runs.c.run_id, runs.c.status, runs.c.heartbeat_at, runs.c.host, runs.c.boot_id, runs.c.pid)
     for part in batches(known):
-        stmt = select(runs.c.run_id, runs.c.status, runs.c.heartbeat_at, runs.c.host, runs.c.pid).where(
-            runs.c.run_id.in_(part)
-        )
+        stmt = select(*columns, runs.c.proc_start).where(runs.c.run_id.in_(part))
         for row in conn.execute(stmt):
             if run_is_alive(
                 status=row.status,
                 heartbeat_at=row.heartbeat_at,
-                host=row.host,
-                pid=row.pid,
+                owner=ProcessIdentity(row.host, row.boot_id, row.pid, row.proc_start),
                 now=judge.now,
                 lease=judge.lease,
-                this_host=judge.this_host,
+                judge=judge.this_process,
             ):
                 alive.add(row.run_id)
     return alive

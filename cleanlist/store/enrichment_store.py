@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Final, Literal, Self, TypeVar, get_args
@@ -21,6 +19,7 @@ from cleanlist.store.claims import (
     MAX_CLAIM_PASSES,
     ClaimSplit,
     Judge,
+    alive_runs,
     contact_rows,
     insert_claims,
     insert_for,
@@ -49,6 +48,7 @@ from cleanlist.store.ledger import (
     write_accepted,
     write_results,
 )
+from cleanlist.store.liveness import HEARTBEAT_SECONDS, LEASE_SECONDS, ProcessIdentity, RunHeartbeat
 from cleanlist.store.marks import read_mark, write_mark
 from cleanlist.store.ratebook import FallbackRateBook, StoreRateBook
 from cleanlist.store.records import (
@@ -79,13 +79,13 @@ class EnrichmentStore:
     url_display: str
     """The store's URL with any password hidden."""
 
-    def __init__(self, url: str | None = None, *, lease_seconds: float = 120.0) -> None:
+    def __init__(self, url: str | None = None, *, lease_seconds: float = LEASE_SECONDS) -> None:
         if lease_seconds < 0:
             raise ValueError(f"lease_seconds must be >= 0, got {lease_seconds}")
         resolved = resolve_url(url)
         self.url_display = resolved.render_as_string(hide_password=True)
         self._lease = timedelta(seconds=lease_seconds)
-        self._host = socket.gethostname()
+        self._process = ProcessIdentity.current()
         self._engine = open_engine(resolved)
         # SQLite lets one writer in at a time and makes the others poll with growing sleeps, so one busy
         # thread can starve the rest; queueing this process's writers on a lock hands the turn over.
@@ -131,8 +131,10 @@ class EnrichmentStore:
         values = {
             "run_id": run_id,
             "flow_run_id": flow_run_id,
-            "host": self._host,
-            "pid": os.getpid(),
+            "host": self._process.host,
+            "pid": self._process.pid,
+            "boot_id": self._process.boot_id,
+            "proc_start": self._process.started,
             "status": RUN_RUNNING,
             "params": dump_json(shown),
             "counts": None,
@@ -151,6 +153,17 @@ class EnrichmentStore:
     def heartbeat(self, run_id: str) -> None:
         """Renew the run's lease on its claims."""
         self._transact(lambda conn: self._touch_run(conn, run_id, utc_now()))
+
+    def keep_alive(self, run_id: str, interval: float = HEARTBEAT_SECONDS) -> RunHeartbeat:
+        """Renew the (started) run's heartbeat every `interval` seconds from a daemon thread, until the
+        returned heartbeat is stopped (before the store is closed)."""
+        return RunHeartbeat(lambda: self.heartbeat(run_id), interval).start()
+
+    def alive_runs(self, run_ids: Collection[str]) -> set[str]:
+        """The runs among `run_ids` that are provably alive (cleanlist/store/liveness.py); the rest are
+        dead: finished, silent past the lease, gone from this machine, or never seen by this store."""
+        judge = Judge(None, None, utc_now(), self._lease, self._process)
+        return self._transact(lambda conn: alive_runs(conn, run_ids, judge), "read")
 
     def finish_run(self, run_id: str, status: str, counts: Mapping[str, object]) -> None:
         """Record how the run ended; any status but 'running' frees its claims for other runs."""
@@ -182,7 +195,7 @@ class EnrichmentStore:
         """How `claim` would split the keys for a new run, without claiming anything."""
         require_aware(fresh_after, "fresh_after")
         wanted = unique(keys)
-        judge = Judge(None, fresh_after, utc_now(), self._lease, self._host)
+        judge = Judge(None, fresh_after, utc_now(), self._lease, self._process)
 
         def work(conn: Connection) -> ClaimOutcome:
             split = ClaimSplit()
@@ -200,7 +213,7 @@ class EnrichmentStore:
         require_aware(fresh_after, "fresh_after")
         wanted = unique(keys)
         now = utc_now()
-        judge = Judge(run_id, fresh_after, now, self._lease, self._host)
+        judge = Judge(run_id, fresh_after, now, self._lease, self._process)
 
         def work(conn: Connection) -> ClaimOutcome:
             self._touch_run(conn, run_id, now)

@@ -14,6 +14,10 @@ non-ASCII character can change; they are rewritten (and merged with the row alre
 when a contact was stored under two spellings) the same way. SQL cannot pick out non-ASCII keys
 portably, so this step reads every key once, in the same bounded batches; a run opening the store
 waits for it once.
+
+Version 3 → 4: the runs table gains `boot_id` and `proc_start` (which process runs a run, beyond its
+pid; `cleanlist/store/liveness.py`). Added as nullable columns, each only if missing, so a step killed
+between them completes on the next open; older rows keep nulls and are judged by their pid as before.
 """
 
 from __future__ import annotations
@@ -24,13 +28,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, bindparam, delete, insert, select, tuple_, update
+from sqlalchemy import Connection, Row, bindparam, delete, insert, inspect, select, tuple_, update
+from sqlalchemy.schema import CreateColumn
 
 from cleanlist.prepare import _bare_domain, _key_part, registrable_domain, visible
 from cleanlist.store.bulk import execute_rows
 from cleanlist.store.codec import batches, dump_json, load_json
 from cleanlist.store.records import ACCEPTED
-from cleanlist.store.schema import SCHEMA_COMPONENT, SCHEMA_VERSION, contacts, schema_info, workflows
+from cleanlist.store.schema import (
+    SCHEMA_COMPONENT,
+    SCHEMA_VERSION,
+    contacts,
+    runs,
+    schema_info,
+    workflows,
+)
 
 logger = logging.getLogger("cleanlist.store")
 
@@ -141,6 +153,7 @@ class MigrationCount:
     contacts_moved: int = 0
     contacts_merged: int = 0
     workflows_rewritten: int = 0
+    columns_added: int = 0
 
 
 def upgrade(conn: Connection, found: int) -> None:
@@ -162,12 +175,13 @@ def upgrade(conn: Connection, found: int) -> None:
             )
         logger.info(
             "store schema %d → %d: %d contact keys rewritten (%d rows merged into a row of the same "
-            "contact), %d ledger rows rewritten",
+            "contact), %d ledger rows rewritten, %d columns added",
             version,
             version + 1,
             count.contacts_moved,
             count.contacts_merged,
             count.workflows_rewritten,
+            count.columns_added,
         )
 
 
@@ -363,7 +377,21 @@ def _rekey_workflows(
         after = last
 
 
+def add_run_process_identity(conn: Connection) -> MigrationCount:
+    """Version 3 → 4: the runs table's `boot_id` and `proc_start` columns (nullable), where missing."""
+    count = MigrationCount()
+    with conn.begin():
+        present = {column["name"] for column in inspect(conn).get_columns(runs.name)}
+        for column in (runs.c.boot_id, runs.c.proc_start):
+            if column.name not in present:
+                ddl = CreateColumn(column).compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {runs.name} ADD COLUMN {ddl}")
+                count.columns_added += 1
+    return count
+
+
 _STEPS: Final[dict[int, Callable[[Connection], MigrationCount]]] = {
     1: rekey_registrable_domains,
     2: rekey_folded_spellings,
+    3: add_run_process_identity,
 }

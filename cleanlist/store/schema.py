@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -22,7 +23,8 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # 2: company domains keyed by their registrable part (migrations.rekey_registrable_domains).
 # 3: keys folded (NFKC, no zero-width or bidi characters) (migrations.rekey_folded_spellings).
-SCHEMA_VERSION: Final = 3
+# 4: runs carry their process's boot id and start time (migrations.add_run_process_identity).
+SCHEMA_VERSION: Final = 4
 SCHEMA_COMPONENT: Final = "enrichment_store"
 
 
@@ -74,6 +76,10 @@ runs = Table(
     Column("flow_run_id", String),
     Column("host", String, nullable=False),
     Column("pid", Integer, nullable=False),
+    # Which process runs it, beyond its pid (cleanlist/store/liveness.py): the kernel's boot id and the
+    # process's start time. Null in rows written before schema version 3.
+    Column("boot_id", String),
+    Column("proc_start", BigInteger),
     Column("status", String, nullable=False),
     Column("params", Text, nullable=False),
     Column("counts", Text),
