@@ -128,9 +128,9 @@ def run_enrichment(kwargs: dict[str, Any], *, as_json: bool) -> int:
     """Run the flow in this process and report; the exit code follows the README."""
     from cleanlist.run.stop import StopRequest, arm_deadline, stop_on_signals
 
-    stop = StopRequest()
     server: OwnedTemporaryServer | None = None
-    with stop_on_signals(stop, cleanup=lambda: server.kill() if server is not None else None):
+    stop = StopRequest(announce=True, cleanup=lambda: server.kill() if server is not None else None)
+    with stop_on_signals(stop):
         try:
             server = OwnedTemporaryServer.start_if_needed()
             exit_code = _run_and_report(kwargs, stop, as_json=as_json)

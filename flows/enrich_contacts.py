@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import flow, get_run_logger
@@ -121,11 +121,11 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     )
     flow_run_id = _flow_run_id()
     run_id = str(flow_run_id or uuid.uuid4())
-    # The CLI owns its signals and hands its stop request over; a run started any other way (a worker,
-    # `serve`, the Python API in a script) takes SIGTERM/SIGINT itself, from the main thread only.
-    given_stop = stop_request()
-    stop = given_stop or StopRequest()
-    signals = nullcontext() if given_stop is not None else stop_on_signals(stop, announce=False)
+    # SIGTERM/SIGINT stop the run in order (cleanlist/run/stop.py), for the CLI (which hands its stop
+    # request over) and any other process (a worker, `serve`, a script). Installed here, in the flow,
+    # because Prefect's engine installs its own SIGTERM handler (which raises) when the flow run starts.
+    stop = stop_request() or StopRequest()
+    signals = stop_on_signals(stop)
     store = EnrichmentStore(options.store or settings.store_url)
     journal = AcceptanceJournal(store.url_display)
     # The rate budget is the organization's, shared through the store with every run that uses it.

@@ -37,9 +37,11 @@ class StopRequest:
     """Set once (by a signal, a cancellation); read by every thread of the run. `event` is what waits
     (a rate-limit wait, the submit loop) wake on."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, announce: bool = False, cleanup: Callable[[], None] | None = None) -> None:
         self.event = threading.Event()
         self.reason: str | None = None
+        self.announce = announce  # say on stderr what the first signal does (a terminal's user reads it)
+        self.cleanup = cleanup  # what a second signal, or the deadline, does before exiting at once
 
     def __repr__(self) -> str:
         return f"StopRequest({self.reason or 'not requested'})"
@@ -102,15 +104,12 @@ def arm_deadline(
 
 
 @contextmanager
-def stop_on_signals(
-    stop: StopRequest,
-    *,
-    cleanup: Callable[[], None] | None = None,
-    announce: bool = True,
-    deadline: float = EXIT_DEADLINE_SECONDS,
-) -> Iterator[None]:
+def stop_on_signals(stop: StopRequest, *, deadline: float = EXIT_DEADLINE_SECONDS) -> Iterator[None]:
     """While the block runs: the first SIGTERM/SIGINT requests `stop` (and arms the deadline); a second
-    one ends the process at once after `cleanup`. Outside the main thread this does nothing."""
+    one ends the process at once after the stop's `cleanup`. Outside the main thread this does nothing.
+
+    Blocks nest: the flow installs them again inside the CLI's, because Prefect's flow engine replaces
+    the SIGTERM handler with its own (`capture_sigterm`, which raises in the main thread) for the run."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -118,7 +117,7 @@ def stop_on_signals(
     def handle(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if stop.request(name):
-            if announce:
+            if stop.announce:
                 # os.write, not print: a signal handler may interrupt a print in progress.
                 with suppress(OSError):
                     os.write(
@@ -126,9 +125,9 @@ def stop_on_signals(
                         f"cleanlist-enrich: {name}: stopping — no new requests; those on the wire finish "
                         f"and are recorded (send it again to exit at once)\n".encode(),
                     )
-            arm_deadline(deadline, cleanup)
+            arm_deadline(deadline, stop.cleanup)
             return
-        exit_now(cleanup)
+        exit_now(stop.cleanup)
 
     previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
     try:
