@@ -34,8 +34,21 @@ ROOT = Path(__file__).parent.parent
 EXIT_BOUND = 30.0  # seconds from the signal to the process being gone (issue 19, item 7)
 
 
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Prefect home whose database is migrated once, for the CLI's temporary servers (a fresh one
+    spends most of a temporary server's start-up migrating)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    subprocess.run(
+        [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+        env=env, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    return home
+
+
 def _env(
-    sandbox: Any, home: Path, *, rate_limit: str = "1000/1", temporary_server: bool = False
+    sandbox: Any, home: Path, *, rate_limit: str = "1000/1", temporary_server: Path | None = None
 ) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
@@ -49,8 +62,11 @@ def _env(
         "TMPDIR": str(home),
     }
     env.pop("PREFECT_API_URL", None)
-    if not temporary_server:
+    if temporary_server is None:
         env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+    else:
+        env["PREFECT_HOME"] = str(temporary_server)
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     return env
 
 
@@ -174,12 +190,12 @@ def test_a_stop_ends_within_30_s_without_doubt_and_the_rerun_pays_nothing_twice(
 
 
 def test_a_second_signal_exits_at_once_and_takes_the_temporary_server_with_it(
-    tmp_path: Path, make_sandbox: Callable[..., Any]
+    tmp_path: Path, make_sandbox: Callable[..., Any], prefect_home: Path
 ) -> None:
     # Answers held 20 s on the wire: an orderly stop would wait for them; the second signal does not.
     sandbox = make_sandbox(rate_limit=None, bulk_answer_delay=20.0, latency=0.5)
     source = messy_export(tmp_path / "crm.csv", unique=1_000)
-    proc = _start(_args(source, tmp_path), _env(sandbox, tmp_path, temporary_server=True))
+    proc = _start(_args(source, tmp_path), _env(sandbox, tmp_path, temporary_server=prefect_home))
     _wait_until(proc, lambda: _bulk(sandbox) >= 1, timeout=240)
     children = _descendants(proc.pid)
     assert children, "the CLI started no temporary Prefect server"
@@ -193,11 +209,11 @@ def test_a_second_signal_exits_at_once_and_takes_the_temporary_server_with_it(
 
 
 def test_a_stop_drains_prefect_and_stops_the_temporary_server_it_started(
-    tmp_path: Path, make_sandbox: Callable[..., Any]
+    tmp_path: Path, make_sandbox: Callable[..., Any], prefect_home: Path
 ) -> None:
     sandbox = make_sandbox(rate_limit=None, bulk_answer_delay=2.0, latency=0.5)
     source = messy_export(tmp_path / "crm.csv", unique=2_000)
-    proc = _start(_args(source, tmp_path), _env(sandbox, tmp_path, temporary_server=True))
+    proc = _start(_args(source, tmp_path), _env(sandbox, tmp_path, temporary_server=prefect_home))
     _wait_until(proc, lambda: _bulk(sandbox) >= 2, timeout=240)
     children = _descendants(proc.pid)
     seconds, out, err = _signal_and_wait(proc, signal.SIGTERM)
@@ -212,7 +228,7 @@ def test_kill_minus_nine_leaves_no_temporary_server_behind(
 ) -> None:
     sandbox = make_sandbox(rate_limit=None, bulk_answer_delay=5.0, latency=0.5)
     source = messy_export(tmp_path / "crm.csv", unique=500)
-    proc = _start(_args(source, tmp_path), _env(sandbox, tmp_path, temporary_server=True))
+    proc = _start(_args(source, tmp_path), _env(sandbox, tmp_path, temporary_server=prefect_home))
     _wait_until(proc, lambda: _bulk(sandbox) >= 1, timeout=240)
     children = _descendants(proc.pid)
     assert children
