@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -43,6 +45,8 @@ from cleanlist.ratelimit import EndpointLimiter, RateLimiter, shared_limiter
 from cleanlist.settings import CleanlistSettings, RateLimit, host_of
 
 logger = logging.getLogger("cleanlist.client")
+# How long `close` waits for requests on the wire: the read timeout bounds them anyway; a stop must end.
+CLOSE_WAIT_SECONDS = 20.0
 _Model = TypeVar("_Model")
 
 ENDPOINTS: dict[str, tuple[str, str]] = {
@@ -143,6 +147,29 @@ class _ClientCore:
             pool=POOL_TIMEOUT,
         )
         self.limiter = limiter or shared_limiter(self.base_url, key_fingerprint(key), self.rate_limit)
+        # The run's stop request: once set, a request still waiting for its rate slot is not sent.
+        self.stop: threading.Event | None = None
+        # Requests on the wire, so that `close` lets them finish (their answers get read and recorded).
+        self._on_wire = 0
+        self._wire = threading.Condition()
+
+    def _sending(self) -> None:
+        with self._wire:
+            self._on_wire += 1
+
+    def _sent(self) -> None:
+        with self._wire:
+            self._on_wire -= 1
+            self._wire.notify_all()
+
+    def _wait_for_the_wire(self, timeout: float) -> None:
+        """Wait (bounded) until no request is on the wire: closing under one would lose its answer."""
+        deadline = time.monotonic() + timeout
+        with self._wire:
+            while self._on_wire > 0 and (left := deadline - time.monotonic()) > 0:
+                self._wire.wait(left)
+            if self._on_wire > 0:
+                logger.warning("closing the API client with %d request(s) still unanswered", self._on_wire)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, rate_limit='{self.rate_limit}')"
@@ -298,15 +325,34 @@ class CleanlistClient(_ClientCore):
     ) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, *, wait: float = CLOSE_WAIT_SECONDS) -> None:
+        """Close the connections, once the requests on the wire have been answered (at most `wait` s)."""
+        self._wait_for_the_wire(wait)
         self._http.close()
 
-    def _request(self, endpoint: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
+    def _request(
+        self,
+        endpoint: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        before_send: Callable[[], None] | None = None,
+    ) -> Any:
+        """One request. `before_send` is called once the rate slot is granted, right before the request
+        goes on the wire (the acceptance journal's intent); a stop requested while waiting for the slot
+        raises StoppedBeforeSending and nothing is sent."""
         # Every endpoint spends its budget: validate-key is free of credits, not of the rate limit.
         limiter = self.limiter.endpoint(endpoint)
-        limiter.acquire()
+        limiter.acquire(self.stop)
+        if before_send is not None:
+            try:
+                before_send()
+            except BaseException:
+                limiter.release(rate_limited=False, answered=False)
+                raise
         method = ENDPOINTS[endpoint][0]
         response: httpx.Response | None = None
+        self._sending()
         try:
             response = self._http.request(
                 method, self._url(endpoint), params=params, json=body, headers=self._headers
@@ -314,6 +360,7 @@ class CleanlistClient(_ClientCore):
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
         finally:
+            self._sent()
             self._release(limiter, response)
         self._log(endpoint, response)
         return self._parse(endpoint, response)
@@ -330,9 +377,12 @@ class CleanlistClient(_ClientCore):
         contacts: Sequence[Contact | Mapping[str, Any]],
         enrichment_type: EnrichmentType | str = "partial",
         webhook_url: str | None = None,
+        *,
+        before_send: Callable[[], None] | None = None,
     ) -> BulkEnrichResponse:
+        """Submit up to 250 contacts; `before_send` runs once the rate slot is granted (see `_request`)."""
         body = self._bulk_body(contacts, enrichment_type, webhook_url)
-        payload = self._request("enrich-bulk", body=body)
+        payload = self._request("enrich-bulk", body=body, before_send=before_send)
         return self._model("enrich-bulk", BulkEnrichResponse.model_validate, payload)
 
     def enrich_status(
@@ -388,9 +438,22 @@ class AsyncCleanlistClient(_ClientCore):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, endpoint: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
+    async def _request(
+        self,
+        endpoint: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        before_send: Callable[[], None] | None = None,
+    ) -> Any:
         limiter = self.limiter.endpoint(endpoint)
-        await limiter.acquire_async()
+        await limiter.acquire_async(self.stop)
+        if before_send is not None:
+            try:
+                before_send()
+            except BaseException:
+                limiter.release(rate_limited=False, answered=False)
+                raise
         method = ENDPOINTS[endpoint][0]
         response: httpx.Response | None = None
         try:
@@ -417,9 +480,11 @@ class AsyncCleanlistClient(_ClientCore):
         contacts: Sequence[Contact | Mapping[str, Any]],
         enrichment_type: EnrichmentType | str = "partial",
         webhook_url: str | None = None,
+        *,
+        before_send: Callable[[], None] | None = None,
     ) -> BulkEnrichResponse:
         body = self._bulk_body(contacts, enrichment_type, webhook_url)
-        payload = await self._request("enrich-bulk", body=body)
+        payload = await self._request("enrich-bulk", body=body, before_send=before_send)
         return self._model("enrich-bulk", BulkEnrichResponse.model_validate, payload)
 
     async def enrich_status(

@@ -57,6 +57,22 @@ class APIError(CleanlistError):
     """Talking to the Cleanlist API failed."""
 
 
+class StopRequested(CleanlistError):
+    """A stop was requested (SIGTERM, SIGINT, Prefect cancellation): the work was left undone on purpose.
+
+    Not an API error: nothing was asked of the API, so no policy applies and nothing is retried."""
+
+
+class StoppedBeforeSending(StopRequested):
+    """A request was not sent because its run is stopping (it was waiting for a rate slot or a hold).
+
+    Nothing reached the API: such a request is never in doubt."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(f"a request to {endpoint} was not sent: the run is stopping")
+        self.endpoint = endpoint
+
+
 class APIConnectionError(APIError):
     """The request never got an HTTP answer.
 

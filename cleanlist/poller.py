@@ -17,6 +17,10 @@ With webhooks (an `inbox`: the deliveries a receiver wrote to the store), a work
 expected is not polled at all until a grace period past its expected completion (the slowest recent
 delivery, else the poll estimate); an inbox thread looks for its delivery meanwhile, a cheap local
 read, and hands it over like a polled answer. An overdue workflow falls back to polling as above.
+
+A run that is asked to stop stops its poller (`stop`): the polls on the wire finish and their answers
+are handed over; a poll still waiting for its rate slot is given up by the client (`StoppedBeforeSending`)
+without a call, and its workflow stays recorded for the next run to poll.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from cleanlist.constants import (
     POLL_UNKNOWN_WORD_POLLS,
     POLL_WORKERS,
 )
-from cleanlist.errors import Action, APIError, CleanlistError, NotFoundError
+from cleanlist.errors import Action, APIError, CleanlistError, NotFoundError, StoppedBeforeSending
 from cleanlist.models import TaskResult, WorkflowStatus
 from cleanlist.retry import RetryPolicy
 
@@ -414,6 +418,13 @@ class WorkflowPoller:
         self._count("status_calls")
         try:
             status = self._client.enrich_status(workflow_id=workflow.workflow_id)
+        except StoppedBeforeSending:
+            # The run is stopping (the client's stop request): no call was made; the workflow stays
+            # recorded and owed, for the next run to poll.
+            with self._cv:
+                self.stats.status_calls -= 1
+            self._requeue(workflow, self.max_interval)
+            return
         except NotFoundError:
             self._not_found(workflow, now)
             return

@@ -47,6 +47,7 @@ from cleanlist.constants import (
     RATE_WINDOW_MARGIN_CAP,
     RATE_WINDOW_MARGIN_FRACTION,
 )
+from cleanlist.errors import StoppedBeforeSending
 from cleanlist.settings import RateLimit
 
 Clock = Callable[[], float]
@@ -311,17 +312,35 @@ class EndpointLimiter:
         if answered:
             parent.clean_answer(self)
 
-    def acquire(self) -> None:
-        """Block the calling thread until a request may be sent."""
-        counted: list[bool] = []
-        while (delay := self._reserve(counted)) > 0:
-            self._parent.sleep(delay)
+    def acquire(self, stop: threading.Event | None = None) -> None:
+        """Block the calling thread until a request may be sent.
 
-    async def acquire_async(self) -> None:
-        """Wait, without blocking the event loop, until a request may be sent."""
+        With `stop` (the run's stop request), the wait — for a slot or a Retry-After hold — ends as soon
+        as it is set, with `StoppedBeforeSending` and no slot taken: the request never goes out.
+        """
         counted: list[bool] = []
-        while (delay := self._reserve(counted)) > 0:
-            await self._parent.async_sleep(delay)
+        while True:
+            if stop is not None and stop.is_set():
+                raise StoppedBeforeSending(self.name)
+            delay = self._reserve(counted)
+            if delay <= 0:
+                return
+            if stop is None:
+                self._parent.sleep(delay)
+            elif stop.wait(delay):
+                raise StoppedBeforeSending(self.name)
+
+    async def acquire_async(self, stop: threading.Event | None = None) -> None:
+        """Wait, without blocking the event loop, until a request may be sent (`stop` as in `acquire`)."""
+        counted: list[bool] = []
+        while True:
+            if stop is not None and stop.is_set():
+                raise StoppedBeforeSending(self.name)
+            delay = self._reserve(counted)
+            if delay <= 0:
+                return
+            # An event cannot be awaited: a stop is noticed within a tenth of a second.
+            await self._parent.async_sleep(delay if stop is None else min(delay, 0.1))
 
     def hold(self, seconds: float) -> None:
         """Let nobody send on this endpoint for `seconds` (a server's Retry-After)."""

@@ -253,8 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     parser = build_parser()
     args = parser.parse_args(argv)
-    # SIGTERM (a scheduler stopping the job, `kill`) ends the run like Ctrl-C: the run's cleanup and
-    # Prefect's own (its temporary server) run on the way out. SIGKILL leaves no such chance.
+    # Outside a run, SIGTERM (a scheduler stopping the job, `kill`) ends the command like Ctrl-C. While a
+    # run goes on, `run_enrichment` owns both signals: the first stops the run in order (no new request,
+    # those on the wire recorded; exit 130), a second exits at once (cleanlist/run/stop.py).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.func(args))

@@ -32,6 +32,7 @@ from cleanlist.errors import (
     CleanlistError,
     InputError,
     NotFoundError,
+    StopRequested,
     policy_for,
 )
 from cleanlist.models import EnrichmentType
@@ -46,6 +47,7 @@ from cleanlist.run.plan import Plan, plan_run
 from cleanlist.run.progress import progress_listener
 from cleanlist.run.stage import StageReport
 from cleanlist.run.states import ContactState, RunStatus, StopReason
+from cleanlist.run.stop import EXIT_INTERRUPTED, StopRequest, stop_on_signals, stop_request
 from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
@@ -99,6 +101,11 @@ def failures_as_states(body: Callable[P, R]) -> Callable[P, R | State]:
     def run(*args: P.args, **kwargs: P.kwargs) -> R | State:
         try:
             return body(*args, **kwargs)
+        except StopRequested as exc:  # stopped before anything was submitted (reading, planning)
+            message = f"stopped before submitting anything ({exc}); nothing was sent; rerun to do it"
+            get_run_logger().warning("%s", message)
+            data = {"status": RunStatus.INTERRUPTED.value, "exit_code": EXIT_INTERRUPTED, "error": message}
+            return Failed(message=message, data=data)
         except RunFailed as exc:
             get_run_logger().error("%s", exc)
             data = exc.summary.as_dict() if exc.summary is not None else {"status": RunStatus.FAILED.value}
@@ -118,6 +125,11 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     )
     flow_run_id = _flow_run_id()
     run_id = str(flow_run_id or uuid.uuid4())
+    # SIGTERM/SIGINT stop the run in order (cleanlist/run/stop.py), for the CLI (which hands its stop
+    # request over) and any other process (a worker, `serve`, a script). Installed here, in the flow,
+    # because Prefect's engine installs its own SIGTERM handler (which raises) when the flow run starts.
+    stop = stop_request() or StopRequest()
+    signals = stop_on_signals(stop)
     store = EnrichmentStore(options.store or settings.store_url)
     journal = AcceptanceJournal(store.url_display)
     # The rate budget is the organization's, shared through the store with every run that uses it.
@@ -136,6 +148,7 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
         retry=retry,
         on_progress=progress_listener(),
         journal=journal,
+        stop=stop,
     )
     params = {
         key: _shown(getattr(options, key))
@@ -147,7 +160,7 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     _TASK_RUN_LOGGER.addFilter(quiet)
     run.on_delivery = _delivery_event
     try:
-        with receiving_webhooks(run):
+        with signals, receiving_webhooks(run):
             yield run
     except RunFailed as exc:
         if exc.exit_code != 2:  # 2: the API refused the key or its plan; say which configured key
@@ -158,15 +171,18 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     finally:
         heartbeat.stop()
         run.stop_poller(drain=False)
+        # Only once the requests on the wire were answered (bounded): closing under one loses its answer.
+        client.close()
         if run.store_lost is None:
             status, summary = run.outcome
+            if run.stop.requested and status == RunStatus.FAILED and not summary:
+                status, summary = RunStatus.INTERRUPTED, {"status": RunStatus.INTERRUPTED.value}
             with run.store_guard():
                 store.finish_run(run_id, status, summary)
         _TASK_RUN_LOGGER.removeFilter(quiet)
         if run.store_lost is None:
             journal.forget(run_id)  # its acceptances are in the store; a lost store keeps them for a rerun
         workspace.cleanup()
-        client.close()
         store.close()
 
 
@@ -290,12 +306,20 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
         check_key(run)
         incremental = IncrementalRead.open(run.store, options)
         stage = read(run, incremental)
+        _stop_if_requested(run, "while reading the source")
         plan = plan_submissions(run)
+        _stop_if_requested(run, "while planning")
         if options.dry_run:
             return report_dry_run(run, stage, plan)
         submission = submit(run, plan)
         wait_for_results(run)
         return write_and_report(run, submission, started, incremental)
+
+
+def _stop_if_requested(run: RunContext, when: str) -> None:
+    """Before anything is submitted a stop ends the run here: nothing was sent, nothing to write."""
+    if run.stop.requested:
+        raise StopRequested(f"{run.stop.reason} {when}")
 
 
 def check_key(run: RunContext) -> None:
@@ -404,8 +428,9 @@ def submit(run: RunContext, plan: Plan) -> Submission:
 
 def wait_for_results(run: RunContext) -> None:
     """Wait until every accepted workflow is settled, or the API has been silent for the outage bound
-    (not after a 401/403 or a lost store: nothing more will come)."""
-    run.stop_poller(drain=run.gate.fatal is None)
+    (not after a 401/403 or a lost store: nothing more will come; not after a stop request: the
+    workflows are recorded, and the next run polls them)."""
+    run.stop_poller(drain=run.gate.fatal is None and not run.stop.requested)
 
 
 def write_and_report(
@@ -427,9 +452,12 @@ def write_and_report(
     counters = run.counters
     # Rows nobody settled in this run: held by another live run, or accepted with no answer yet.
     unsettled_rows = sum(report.statuses.get(word, 0) for word in UNSETTLED_ROW_STATUSES)
+    # A stop after the last chunk went out still leaves workflows unanswered: the run did not complete.
+    unfinished = bool(submission.leftover) or (run.poller is not None and run.poller.outstanding > 0)
+    stopped = run.stop.requested and unfinished
     status = RunStatus.after_submitting(
         fatal=fatal is not None,
-        stop=submission.stop,
+        stop=StopReason.STOPPED if stopped else submission.stop,
         chunks_failed=counters.chunks_failed,
         unknown_to_api=counters.unknown_to_api,
         unsettled_rows=unsettled_rows,
@@ -477,7 +505,7 @@ def write_and_report(
     _hint_if_paced(run)
     create_table_artifact(summary.table_rows(), key=SUMMARY_KEY, description=f"enrich-contacts: {status}")
     create_markdown_artifact(summary.markdown(), key="cleanlist-run-report", description="Run report")
-    _raise_unless_completed(summary, fatal, unknown_to_api=counters.unknown_to_api)
+    _raise_unless_completed(summary, fatal, unknown_to_api=counters.unknown_to_api, reason=run.stop.reason)
     if incremental is not None and status is RunStatus.COMPLETED:
         incremental.advance(run.store, run.run_id)
     get_run_logger().info("done: %s", summary.as_dict())
@@ -504,11 +532,24 @@ def _hint_if_paced(run: RunContext) -> None:
         )
 
 
+def _interrupted_message(summary: RunSummary, reason: str | None) -> str:
+    statuses = summary.row_statuses
+    pending, unsent = statuses.get("pending", 0), statuses.get("not_submitted", 0)
+    return (
+        f"stopped ({reason or 'on request'}): the requests on the wire were answered and recorded; "
+        f"results received so far were written; {pending} row(s) accepted and not yet answered (pending), "
+        f"{unsent} not submitted; rerun to finish ({summary.ambiguous_submissions} request(s) in doubt)"
+    )
+
+
 def _raise_unless_completed(
-    summary: RunSummary, fatal: CleanlistError | None, *, unknown_to_api: int
+    summary: RunSummary, fatal: CleanlistError | None, *, unknown_to_api: int, reason: str | None = None
 ) -> None:
     """Emit the run's event; raise RunFailed (one line, the summary as data) unless it completed."""
     payload = summary.as_dict()
+    if summary.status is RunStatus.INTERRUPTED:
+        _emit("cleanlist.run.failed", payload)
+        raise RunFailed(_interrupted_message(summary, reason), exit_code=EXIT_INTERRUPTED, summary=summary)
     if isinstance(fatal, APIOutage):
         _emit("cleanlist.run.failed", payload)
         raise RunFailed(f"{fatal}; results received so far were written; rerun to finish", summary=summary)

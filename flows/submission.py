@@ -4,6 +4,10 @@ Orchestration only: it starts submit-chunk tasks (at most `max_concurrent_chunks
 one's place refilled at once), stops when the gate closes, and pauses the flow run once per 402 until
 credits return (a background watcher resumes it when the balance covers the next chunk).
 
+A stop request (SIGTERM, SIGINT, a cancellation in Prefect, see cleanlist/run/stop.py) ends the loop: no
+chunk starts, running chunks give up a request still waiting for its rate slot and finish the one on the
+wire, and the chunks left are reported as not submitted.
+
 While the API answers nothing (the run's `OutageWatch` is down) no new chunk is started: a chunk whose
 retries ran out on connection errors waits for the API with the others, probed with the free
 validate-key call, until it answers or the outage bound stops the run. A store failure stops the run too.
@@ -27,7 +31,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture, PrefectWrappedFuture
 from prefect.input import RunInput
 
-from cleanlist.errors import APIConnectionError, APIError, policy_for
+from cleanlist.errors import APIConnectionError, APIError, StopRequested, policy_for
 from cleanlist.models import worst_case_credits
 from cleanlist.run.context import RunContext
 from cleanlist.run.outage import STORE_ERRORS
@@ -40,6 +44,7 @@ HEARTBEAT_SECONDS = 30.0  # claims of a run whose heartbeat is older than the st
 PROGRESS_SECONDS = 1.0
 SETTLE_WAIT_SECONDS = 0.5
 PROBE_SECONDS = 10.0  # while the API is down and no chunk is running, validate-key this often (at most)
+CANCEL_CHECK_SECONDS = 5.0  # how often a run asks Prefect whether its flow run was cancelled
 
 
 class CreditsToppedUp(RunInput):
@@ -54,6 +59,18 @@ class Submission:
 
     leftover: list[int]
     stop: StopReason | None
+
+
+def flow_run_cancelled(flow_run_id: uuid.UUID) -> bool:
+    """Whether the flow run is being cancelled in Prefect (False when Prefect cannot be asked)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except Exception:  # Prefect's API unreachable a moment: asked again in a few seconds
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 def _finished(future: PrefectFuture[Any]) -> bool:
@@ -88,11 +105,16 @@ class SubmitLoop:
         self.pauses = 0
         self._last_progress = self._last_heartbeat = time.monotonic()
         self._last_probe = 0.0
+        self._last_cancel_check = time.monotonic()
 
     def run_to_end(self) -> Submission:
+        """Submit until every chunk is settled, or the run stops. After a stop request no chunk starts;
+        the running ones end at once (a request waiting for its slot is given up) or when their request
+        on the wire is answered and recorded, and the rest is left over."""
         while True:
             self.run.outage.check()
             self._heartbeat()
+            self._check_cancelled()
             self._fill()
             if not self.running:
                 done, stop = self._idle()
@@ -103,6 +125,18 @@ class SubmitLoop:
             self.settled.clear()
             self._collect()
             self._report_progress()
+
+    def _check_cancelled(self) -> None:
+        """A cancellation in Prefect (the UI, `prefect flow-run cancel`) is a stop request too. A worker
+        or `serve` also sends SIGTERM; a run in a terminal process only learns it by asking."""
+        if self.run.stop.requested or self.flow_run_id is None:
+            return
+        if time.monotonic() - self._last_cancel_check < CANCEL_CHECK_SECONDS:
+            return
+        self._last_cancel_check = time.monotonic()
+        if flow_run_cancelled(self.flow_run_id):
+            get_run_logger().warning("the flow run was cancelled in Prefect: stopping")
+            self.run.stop.request("cancelled")
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._last_heartbeat > HEARTBEAT_SECONDS and self.run.store_lost is None:
@@ -127,8 +161,8 @@ class SubmitLoop:
         run = self.run
         if not self.pending:
             return True, None
-        if run.gate.fatal is not None:
-            return True, StopReason.FAILED
+        if run.stop.requested or run.gate.fatal is not None:
+            return True, StopReason.STOPPED if run.stop.requested else StopReason.FAILED
         if run.gate.credits_exhausted:
             self.pauses += 1
             return (False, None) if self._pause_for_credits() else (True, StopReason.CREDITS_TIMEOUT)
@@ -161,6 +195,8 @@ class SubmitLoop:
             except STORE_ERRORS as exc:
                 run.lose_store(exc)
                 self.pending.appendleft(chunk_no)
+            except StopRequested:
+                self.pending.appendleft(chunk_no)  # not sent: the run is stopping
             except Exception as exc:
                 with run.store_guard():
                     run.chunk_failed(chunk_no, f"{type(exc).__name__}: {exc}")
@@ -177,7 +213,7 @@ class SubmitLoop:
             return
         self._last_probe = time.monotonic()
         # The watch logs connection errors; anything else shows when the chunk is sent again.
-        with contextlib.suppress(APIError):
+        with contextlib.suppress(APIError, StopRequested):
             self.run.client.validate_key()
 
     def _report_progress(self) -> None:

@@ -26,4 +26,5 @@ def stage_source_task(run: RunContext, cursor: CursorFilter | None = None) -> St
         encoding=options.encoding,
         cursor=cursor,
         storage_options=options.storage_options,
+        stop=run.stop.event,
     )

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from cleanlist.client import CleanlistClient
-from cleanlist.errors import Action, APIConnectionError, APIError, CleanlistError, NotFoundError
+from cleanlist.errors import (
+    Action,
+    APIConnectionError,
+    APIError,
+    CleanlistError,
+    NotFoundError,
+    StoppedBeforeSending,
+)
 from cleanlist.models import IN_PROGRESS_WORDS, TaskResult, WorkflowStatus, credits_for, worst_case_credits
 from cleanlist.poller import PollAgain, TrackedWorkflow, WorkflowPoller
 from cleanlist.prepare import prepare_row
@@ -36,6 +43,7 @@ from cleanlist.run.journal import AcceptanceJournal, Replay
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.outage import STORE_ERRORS, APIOutage, OutageWatch, StoreLost, WatchedClient
 from cleanlist.run.states import ContactState, RunStatus
+from cleanlist.run.stop import StopRequest
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import ContactResult, EnrichmentStore
 from cleanlist.store.records import WORKFLOW_UNRESOLVED
@@ -90,16 +98,19 @@ ProgressListener = Callable[[Progress], None]
 
 
 class SubmissionGate:
-    """Whether new bulk requests may be sent: closed for good on 401/403, on an API outage or a lost
-    store; paused on 402."""
+    """Whether new bulk requests may be sent: closed for good on 401/403, on an API outage, a lost store
+    or a requested stop; paused on 402."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: StopRequest | None = None) -> None:
         self._lock = threading.Lock()
         self.fatal: CleanlistError | None = None
         self.credits_exhausted = False
+        self.stop = stop or StopRequest()
 
     @property
     def open(self) -> bool:
+        if self.stop.requested:
+            return False
         with self._lock:
             return self.fatal is None and not self.credits_exhausted
 
@@ -186,6 +197,7 @@ class RunContext:
         retry: RetryPolicy | None = None,
         on_progress: ProgressListener | None = None,
         journal: AcceptanceJournal | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.run_id = run_id
         self.options = options
@@ -194,7 +206,11 @@ class RunContext:
         self.workspace = workspace
         self.retry = retry or RetryPolicy()
         self.journal = journal  # bulk requests and acceptances on local disk before the store has them
-        self.gate = SubmissionGate()
+        # SIGTERM/SIGINT/cancellation: no new request (the client gives up waiting for a slot), the
+        # requests on the wire finish; see cleanlist/run/stop.py.
+        self.stop = stop or StopRequest()
+        client.stop = self.stop.event
+        self.gate = SubmissionGate(self.stop)
         self.outage = OutageWatch(client.base_url, options.api_outage_seconds, on_outage=self._api_outage)
         if isinstance(client, WatchedClient):
             client.watch = self.outage
@@ -240,7 +256,7 @@ class RunContext:
         if self.poller is None:
             return
         if drain:
-            while not self.poller.wait_idle(timeout=1.0):
+            while not self.stop.requested and not self.poller.wait_idle(timeout=1.0):
                 self.outage.check()
         self.outage.disarm()
         self.poller.stop()
@@ -402,7 +418,7 @@ class RunContext:
             endpoint = delivered.results_endpoint if isinstance(delivered, WebhookPayload) else None
             try:
                 fetched = self.client.results_from_endpoint(workflow.workflow_id, endpoint)
-            except APIError as exc:
+            except (APIError, StoppedBeforeSending) as exc:
                 raise PollAgain(f"its delivery could not be completed ({exc})") from None
             if self.poller is not None:
                 self.poller.note_results_fetch()
@@ -425,8 +441,8 @@ class RunContext:
             self.count(task_lookups=1)
             try:
                 answer = self.client.enrich_status(task_id=task_id)
-            except NotFoundError:
-                continue
+            except (NotFoundError, StoppedBeforeSending):
+                continue  # unknown, or the run is stopping: the contact stays owed
             except APIError as exc:
                 if self.retry.action_for(exc) is Action.FAIL_FAST:
                     self.gate.fail(exc)

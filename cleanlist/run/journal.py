@@ -3,15 +3,20 @@
 The store records an accepted workflow in a transaction that may wait for other writers (SQLite's single
 writer, PostgreSQL across the network); a process killed in that wait loses a workflow the API already
 charged, and the rerun pays for its contacts again. So before the store, every bulk request is written
-to a small local append-only file: an *intent* line before the request is sent, an *accepted* line
-(workflow id, contact keys, task ids) right after the answer is read — one `os.write` on an `O_APPEND`
-descriptor and an `fsync`, no lock and no queue in between.
+to a small local append-only file: an *intent* line once the request's rate slot is granted, right
+before its body goes on the wire (a request still waiting for its slot or a Retry-After hold was never
+sent, so it has no line), an *accepted* line (workflow id, contact keys, task ids) right after a 2xx
+answer is read, and an *answered* line after any other answer that was read (a 429, a 4xx, a 5xx) or
+when the request provably never left (the connection could not be made) — one `os.write` on an
+`O_APPEND` descriptor and an `fsync`, no lock and no queue in between.
 
 The next run on this machine replays it before planning (`replay`): accepted lines the store does not
 have are recorded (their contacts are then polled, never resubmitted), and intents of a dead run (judged
-as claims are, `cleanlist/store/liveness.py`) with no accepted line are *in doubt* — the request may have
-been accepted, nobody can tell — and are counted as ambiguous submissions in that run's summary. A run
-forgets its own lines when it ends.
+as claims are, `cleanlist/store/liveness.py`) with neither an accepted nor an answered line are *in
+doubt* — the body may have reached the API and no answer was read; nobody can tell — and are counted as
+ambiguous submissions in that run's summary. Journals written before *answered* lines existed replay as
+before (their intents were written before the rate-limit wait, so they may overstate the doubt; they
+never understate it). A run forgets its own lines when it ends.
 The journal is per machine and per store (`~/.cleanlist/journal/<hash of the store URL>.jsonl`, 0600):
 a rerun on another machine does not see it.
 """
@@ -36,6 +41,8 @@ from cleanlist.store.database import make_private_dirs
 from cleanlist.store.migrations import upgraded_key
 
 JOURNAL_DIR = Path("~/.cleanlist/journal")
+# Lines that settle an intent: the API accepted it, or its answer (or its never leaving) was read.
+SETTLING_KINDS = frozenset({"accepted", "answered"})
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,20 @@ class AcceptanceJournal:
         )
         return request
 
+    def answered(self, request: str, *, run_id: str, status: int | None) -> None:
+        """An answer other than an acceptance was read (`status`), or None: the request never left (the
+        connection could not be made). Either way the API did not accept it: the request is settled."""
+        self._append(
+            {
+                "kind": "answered",
+                "request": request,
+                "run": run_id,
+                "pid": os.getpid(),
+                "host": self._host,
+                "status": status,
+            }
+        )
+
     def accepted(
         self,
         request: str,
@@ -157,7 +178,7 @@ class AcceptanceJournal:
         """Record what dead runs' answers said; count their unanswered requests as in doubt."""
         with self._locked(fcntl.LOCK_EX):
             dead = self._dead_runs(store)
-            answered = {e["request"] for _, e in self._entries() if e["kind"] == "accepted" and dead(e)}
+            answered = {e["request"] for _, e in self._entries() if e["kind"] in SETTLING_KINDS and dead(e)}
             recorded = in_doubt = in_doubt_contacts = 0
             for _, entry in self._entries():
                 if not dead(entry):

@@ -6,12 +6,14 @@ Memory is bounded by one read batch: prepared rows go to the run's workspace on 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from cleanlist.errors import StopRequested
 from cleanlist.io.cursor import CursorFilter, Watermark
 from cleanlist.io.sources import iter_source
 from cleanlist.prepare import FIELDS, HeaderMapping, api_payload, prepare_row, resolve_mapping
@@ -69,11 +71,13 @@ def stage_source(  # noqa: PLR0913 - keyword-only: the read options iter_source 
     encoding: str | None = None,
     cursor: CursorFilter | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    stop: threading.Event | None = None,
 ) -> StageReport:
     """Read, prepare and stage every row of `source`; rejects are staged too, with their reason.
 
     `sheet` and `encoding` are iter_source's: the sheets of a workbook, the codec of a text file.
-    With `cursor`, only rows past its mark are read; it tracks the largest value read.
+    With `cursor`, only rows past its mark are read; it tracks the largest value read. A `stop` set
+    (the run was asked to stop) ends the reading between two batches with StopRequested.
     """
     mapping: HeaderMapping | None = None
     rows = rejected = valid = skipped = 0
@@ -88,6 +92,9 @@ def stage_source(  # noqa: PLR0913 - keyword-only: the read options iter_source 
         storage_options=storage_options,
     )
     for batch in batches:
+        if stop is not None and stop.is_set():
+            batches.close()
+            raise StopRequested(f"while reading the source, after {rows} rows")
         decoded_as = batch.encoding or decoded_as
         skipped += batch.skipped
         frame = batch.frame

@@ -22,7 +22,7 @@ class ContactState(enum.StrEnum):
     UNRESOLVED = "unresolved"  # its workflow ended without its answer: paid, owed, asked again next run
     QUARANTINED = "quarantined"  # the API refused it (422): its rows go to rejects
     SKIPPED_BUDGET = "skipped_budget"  # --max-credits reached before its chunk
-    NOT_SUBMITTED = "not_submitted"  # the run stopped (401/403/402 timeout) before its chunk
+    NOT_SUBMITTED = "not_submitted"  # the run stopped (401/403/402 timeout, a stop request) before its chunk
     ERROR = "error"  # its chunk failed for good (400, retries exhausted)
 
 
@@ -40,6 +40,7 @@ class StopReason(enum.StrEnum):
     FAILED = "failed"  # 401/403 closed the gate for good
     BUDGET_REACHED = "budget_reached"  # --max-credits would be exceeded by the next chunk
     CREDITS_TIMEOUT = "credits_timeout"  # paused on 402 and never topped up in time
+    STOPPED = "stopped"  # SIGTERM, SIGINT or a Prefect cancellation asked the run to stop
 
 
 class RunStatus(enum.StrEnum):
@@ -55,6 +56,9 @@ class RunStatus(enum.StrEnum):
     # answered yet. Exit 3; the cursor mark does not move; a rerun finishes them.
     INCOMPLETE = "incomplete"
     FAILED = "failed"
+    # Stopped on request (SIGTERM, SIGINT, Prefect cancellation): what arrived was written, the rest is
+    # reported and left for a rerun; exit 130.
+    INTERRUPTED = "interrupted"
     DRY_RUN = "dry_run"
 
     @classmethod
@@ -75,8 +79,8 @@ class RunStatus(enum.StrEnum):
         """
         if fatal:
             return cls.FAILED
-        if stop is StopReason.CREDITS_TIMEOUT:
-            return cls.CREDITS_EXHAUSTED
+        if stop in (StopReason.STOPPED, StopReason.CREDITS_TIMEOUT):
+            return cls.INTERRUPTED if stop is StopReason.STOPPED else cls.CREDITS_EXHAUSTED
         if unknown_to_api:
             return cls.COMPLETED_WITH_ERRORS
         if stop is StopReason.BUDGET_REACHED:

@@ -12,7 +12,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from cleanlist.errors import Action, APIConnectionError, APIError, ServerError, UnprocessableEntityError
+from cleanlist.errors import (
+    Action,
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    ServerError,
+    StoppedBeforeSending,
+    UnprocessableEntityError,
+)
 from cleanlist.models import BulkEnrichResponse
 from cleanlist.run.context import RunContext
 from cleanlist.run.states import ChunkStatus, ContactState
@@ -32,22 +40,52 @@ class ChunkOutcome:
     workflow_id: str | None = None
 
 
+class _Attempt:
+    """One bulk request's journal entry: its intent is written when the client has the rate slot, right
+    before the body goes on the wire (`before_send`), never while it waits for the slot."""
+
+    def __init__(self, run: RunContext, chunk_no: int, keys: list[str]) -> None:
+        self.run, self.chunk_no, self.keys = run, chunk_no, keys
+        self.request: str | None = None
+
+    def before_send(self) -> None:
+        run = self.run
+        run.count(chunk_attempts=1)
+        if run.journal is not None:
+            self.request = run.journal.intent(run.run_id, str(self.chunk_no), self.keys)
+
+    def answered(self, error: APIError) -> None:
+        """An answer that was read (a 429, a 4xx, a 500/503) or a request that never left settles the
+        intent. A lost answer (after sending, a gateway's 502/504) or a 2xx whose body could not be
+        used leaves it in doubt."""
+        if self.request is None or self.run.journal is None or _maybe_accepted(error):
+            return
+        if isinstance(error, APIStatusError):
+            self.run.journal.answered(self.request, run_id=self.run.run_id, status=error.status_code)
+        elif isinstance(error, APIConnectionError) and not error.request_sent:
+            self.run.journal.answered(self.request, run_id=self.run.run_id, status=None)
+
+
 def _send(run: RunContext, chunk_no: int, attempt: int, contacts: list[StagedContact]) -> BulkEnrichResponse:
     """One bulk call; a 429 the policy says to wait out inline is retried here.
 
-    Each request is written to the run's acceptance journal before it is sent, and its acceptance right
-    after the answer is read, before anything else (see cleanlist/run/journal.py).
+    Each request is written to the run's acceptance journal once its rate slot is granted, right before
+    it is sent; its acceptance right after the answer is read, before anything else; any other answer
+    that was read settles it too (see cleanlist/run/journal.py). A stop requested while the request
+    waits for its slot raises StoppedBeforeSending: nothing was sent, nothing is in doubt.
     """
     inline_waits = 0
     keys = [c.key for c in contacts]
     payloads = [c.payload for c in contacts]
     options = run.options
     while True:
-        run.count(chunk_attempts=1)
-        request = run.journal.intent(run.run_id, str(chunk_no), keys) if run.journal else ""
+        attempt_entry = _Attempt(run, chunk_no, keys)
         try:
-            response = run.client.enrich_bulk(payloads, options.enrichment_type, run.webhook_url)
+            response = run.client.enrich_bulk(
+                payloads, options.enrichment_type, run.webhook_url, before_send=attempt_entry.before_send
+            )
         except APIError as exc:
+            attempt_entry.answered(exc)
             if _maybe_accepted(exc):
                 run.count(ambiguous_submissions=1, ambiguous_contacts=len(contacts))
                 logger.warning(
@@ -67,9 +105,9 @@ def _send(run: RunContext, chunk_no: int, attempt: int, contacts: list[StagedCon
                 raise
             inline_waits += 1
             continue
-        if run.journal is not None:
+        if run.journal is not None and attempt_entry.request is not None:
             run.journal.accepted(
-                request,
+                attempt_entry.request,
                 run_id=run.run_id,
                 workflow_id=response.workflow_id,
                 chunk_key=str(chunk_no),
@@ -119,6 +157,27 @@ def _quarantine(
     return set(bad)
 
 
+def _hand_back(
+    run: RunContext, chunk_no: int, to_send: list[StagedContact], quarantined: int
+) -> ChunkOutcome:
+    """The chunk goes back unsent (its claims released): after a pause, or never, if the run stops."""
+    run.store.release(run.run_id, [c.key for c in to_send], run.options.enrichment_type)
+    return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED, quarantined=quarantined)
+
+
+def _hands_back(run: RunContext, error: APIError) -> bool:
+    """After `error`: close the gate as the policy says; True if the chunk goes back rather than raising
+    (a 402 pauses the run; after a stop request nothing is retried — its answer was read, or it is
+    counted in doubt)."""
+    action = run.retry.action_for(error)
+    if action is Action.PAUSE:
+        run.gate.exhaust_credits()
+        return True
+    if action is Action.FAIL_FAST:
+        run.gate.fail(error)
+    return run.stop.requested and run.retry.is_retryable(error)
+
+
 def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOutcome:
     """Claim the chunk's contacts in the store, submit the ones we hold, record the workflow.
 
@@ -127,19 +186,18 @@ def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOu
     if not run.gate.open:
         return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED)
     staged = run.workspace.chunk(chunk_no)
-    if not staged:
-        run.nothing_to_send(chunk_no)
-        return ChunkOutcome(chunk_no, ChunkStatus.NOTHING_TO_SEND)
-    to_send = _claim(run, staged)
+    to_send = _claim(run, staged) if staged else []
     enrichment_type = run.options.enrichment_type
     quarantined = 0
     resubmitted = False
     while to_send:
         if not run.gate.open:
-            run.store.release(run.run_id, [c.key for c in to_send], enrichment_type)
-            return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED, quarantined=quarantined)
+            return _hand_back(run, chunk_no, to_send, quarantined)
         try:
             response = _send(run, chunk_no, attempt, to_send)
+        except StoppedBeforeSending:
+            # The run is stopping and this request never left: the chunk is handed back, unsent.
+            return _hand_back(run, chunk_no, to_send, quarantined)
         except UnprocessableEntityError as exc:
             bad = set() if resubmitted else _quarantine(run, chunk_no, to_send, exc)
             if not bad:
@@ -150,13 +208,8 @@ def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOu
             resubmitted = True
             continue
         except APIError as exc:
-            action = run.retry.action_for(exc)
-            if action is Action.PAUSE:
-                run.gate.exhaust_credits()
-                run.store.release(run.run_id, [c.key for c in to_send], enrichment_type)
-                return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED, quarantined=quarantined)
-            if action is Action.FAIL_FAST:
-                run.gate.fail(exc)
+            if _hands_back(run, exc):
+                return _hand_back(run, chunk_no, to_send, quarantined)
             if not run.retry.is_retryable(exc):
                 run.store.release(run.run_id, [c.key for c in to_send], enrichment_type)
             raise

@@ -11,6 +11,7 @@ readings, are listed in `cleanlist.sandbox.state`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
@@ -283,7 +284,10 @@ def create_app(  # noqa: C901
                 webhooks.schedule(workflow)
             return Reply(200, _accepted(workflow, world.config.bulk_task_ids))
 
-        return serve(request, "enrich-bulk", work, parsed.contact_count)
+        response = serve(request, "enrich-bulk", work, parsed.contact_count)
+        if world.config.bulk_answer_delay > 0:
+            await asyncio.sleep(world.config.bulk_answer_delay)  # judged and recorded; the answer is late
+        return response
 
     @public.get("/enrich/status")
     async def enrich_status(request: Request) -> JSONResponse:

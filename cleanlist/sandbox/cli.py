@@ -269,6 +269,13 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="test facility: wait S seconds after completion before the first webhook attempt (default: 0)",
     )
     parser.add_argument(
+        "--bulk-answer-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="test facility: hold each bulk answer back S seconds after the request was judged (default: 0)",
+    )
+    parser.add_argument(
         "--fault", type=_fault, action="append", default=[], metavar="ENDPOINT=SPEC", help=FAULT_HELP
     )
     _add_variation_options(
@@ -371,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         webhook_drop_rate=args.webhook_drop_rate,
         webhook_results_limit=args.webhook_results_limit,
         webhook_delay=args.webhook_delay,
+        bulk_answer_delay=args.bulk_answer_delay,
         results_order=args.results_order,
         omit_task_rate=args.omit_task_rate,
         unknown_task_rate=args.unknown_task_rate,

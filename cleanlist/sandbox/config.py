@@ -106,6 +106,9 @@ class SandboxConfig(BaseModel):
     """Results carried by a webhook (the rest counted in `results_truncated`); the documented 250."""
     webhook_delay: float = Field(default=0.0, ge=0.0)
     """Seconds between a workflow's completion and its first webhook attempt."""
+    bulk_answer_delay: float = Field(default=0.0, ge=0.0)
+    """Test facility: seconds a bulk request's answer is held back *after* the request was judged (and,
+    if accepted, charged) — a slow answer on the wire, for stopping a run with requests in flight."""
     request_log_limit: int = Field(default=200_000, ge=1)
     """Most recent public-API requests kept for `/_sandbox/requests`."""
 

@@ -1,0 +1,137 @@
+"""A run's stop request: SIGTERM, SIGINT or a Prefect cancellation asks the run to stop, and it ends.
+
+What a stop means (README, "Stopping a run"):
+
+- The first signal sets the run's `StopRequest`. From then on no request is sent: one still waiting for
+  its rate slot or a Retry-After hold is given up (`StoppedBeforeSending`, never in doubt), no new chunk
+  starts, the poller stops. Requests already on the wire finish and their answers are recorded (journal,
+  store); then the client is closed. The run writes what it has (rows not settled say so) and ends
+  `interrupted`, exit code `EXIT_INTERRUPTED` (130).
+- A second signal ends the process at once (`os._exit(130)`) after a best-effort cleanup of child
+  processes (the temporary Prefect server).
+- So does the deadline, `EXIT_DEADLINE_SECONDS` after the first signal: a stop always ends, even when
+  something (a hung at-exit hook) would keep the process alive.
+
+The signal handlers are installed only from the main thread (Python's rule). Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from types import FrameType
+from typing import Final
+
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what shells report for Ctrl-C; used for SIGTERM too
+# A stopped run ends within this many seconds of the first signal, whatever hangs (the bound is 30 s).
+EXIT_DEADLINE_SECONDS: Final = 25.0
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Set once (by a signal, a cancellation); read by every thread of the run. `event` is what waits
+    (a rate-limit wait, the submit loop) wake on."""
+
+    def __init__(self, *, announce: bool = False, cleanup: Callable[[], None] | None = None) -> None:
+        self.event = threading.Event()
+        self.reason: str | None = None
+        self.announce = announce  # say on stderr what the first signal does (a terminal's user reads it)
+        self.cleanup = cleanup  # what a second signal, or the deadline, does before exiting at once
+
+    def __repr__(self) -> str:
+        return f"StopRequest({self.reason or 'not requested'})"
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def request(self, reason: str) -> bool:
+        """Ask the run to stop; True the first time."""
+        if self.event.is_set():
+            return False
+        self.reason = reason
+        self.event.set()
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds, or until a stop is requested (then True)."""
+        return self.event.wait(timeout)
+
+
+_CURRENT: ContextVar[StopRequest | None] = ContextVar("cleanlist_stop_request", default=None)
+
+
+def stop_request() -> StopRequest | None:
+    """The stop request set by `stopping_through` around this run, if any (the CLI's)."""
+    return _CURRENT.get()
+
+
+@contextmanager
+def stopping_through(stop: StopRequest) -> Iterator[None]:
+    """Runs started inside this block stop when `stop` is requested (a caller owns the signals)."""
+    token = _CURRENT.set(stop)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def exit_now(cleanup: Callable[[], None] | None = None, code: int = EXIT_INTERRUPTED) -> None:
+    """End the process at once, after `cleanup` (best effort) and flushing what was printed."""
+    if cleanup is not None:
+        with suppress(BaseException):
+            cleanup()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(BaseException):
+            stream.flush()
+    os._exit(code)
+
+
+def arm_deadline(
+    seconds: float, cleanup: Callable[[], None] | None = None, code: int = EXIT_INTERRUPTED
+) -> None:
+    """End the process with `code` if it is still alive `seconds` from now (a daemon timer: it does not
+    keep the process alive, and it still runs while at-exit hooks hang)."""
+    timer = threading.Timer(seconds, exit_now, args=(cleanup, code))
+    timer.daemon = True
+    timer.name = "cleanlist-exit-deadline"
+    timer.start()
+
+
+@contextmanager
+def stop_on_signals(stop: StopRequest, *, deadline: float = EXIT_DEADLINE_SECONDS) -> Iterator[None]:
+    """While the block runs: the first SIGTERM/SIGINT requests `stop` (and arms the deadline); a second
+    one ends the process at once after the stop's `cleanup`. Outside the main thread this does nothing.
+
+    Blocks nest: the flow installs them again inside the CLI's, because Prefect's flow engine replaces
+    the SIGTERM handler with its own (`capture_sigterm`, which raises in the main thread) for the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop.request(name):
+            if stop.announce:
+                # os.write, not print: a signal handler may interrupt a print in progress.
+                with suppress(OSError):
+                    os.write(
+                        2,
+                        f"cleanlist-enrich: {name}: stopping — no new requests; those on the wire finish "
+                        f"and are recorded (send it again to exit at once)\n".encode(),
+                    )
+            arm_deadline(deadline, stop.cleanup)
+            return
+        exit_now(stop.cleanup)
+
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
