@@ -350,3 +350,34 @@ def test_stale_workspaces_of_dead_runs_are_removed_and_live_ones_kept(tmp_path: 
         assert workspace.root.exists()
     finally:
         workspace.cleanup()
+
+
+def test_a_live_workspace_is_kept_whatever_its_pid_says_and_a_killed_ones_removed(tmp_path: Path) -> None:
+    # Another PID namespace (a container sharing /tmp) sees a pid that means another process, or none:
+    # the owner's lock decides, not the pid.
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from cleanlist.run.workspace import RunWorkspace, PID_FILE\n"
+        "w = RunWorkspace(Path(sys.argv[1]))\n"
+        "(w.root / PID_FILE).write_text(sys.argv[2])\n"
+        "print(w.root, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path), f"{dead_pid()} {socket.gethostname()}\n"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        live = Path(owner.stdout.readline().strip())
+        RunWorkspace(tmp_path).cleanup()
+        assert live.exists(), "a live run's workspace was removed because its pid looked dead"
+        owner.kill()
+        owner.wait()
+        RunWorkspace(tmp_path).cleanup()
+        assert not live.exists(), "a killed run's workspace was left behind"
+    finally:
+        owner.kill()
+        owner.wait()

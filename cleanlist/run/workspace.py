@@ -4,15 +4,19 @@ Memory stays flat however large the source: rows live in Parquet parts of one re
 contacts and their per-run state in a SQLite table. The workspace is deleted when the run ends; what must
 survive a crash (accepted workflows, results) lives in the enrichment store, not here.
 
-It holds personal data: the directory is created owner-only (mkdtemp: 0700) and carries a `pid` file
-(the owning process and host). A run killed with -9 cannot delete its workspace, so every new workspace
-first removes the `cleanlist-run-*` directories beside it whose owner is gone: same user, same host,
-process no longer alive. A directory without a readable pid file (a workspace being created, or one
-from a version that wrote none) is removed only once it is older than a day; a live run's never.
+It holds personal data: the directory is created owner-only (mkdtemp: 0700). A run killed with -9 cannot
+delete its workspace, so every new workspace first removes the `cleanlist-run-*` directories beside it
+whose owner is gone. The owner is proved alive by an exclusive `flock` on the directory's `owner.lock`,
+held for the workspace's life and released by the kernel when the process dies: a process id proves
+nothing across PID namespaces (two containers sharing /tmp, a restarted container where the dead run's pid
+is alive again), a lock does. Directories without a lock file (written by earlier versions) are judged by
+their `pid` file as before (same user, same host, process no longer alive); one without either (being
+created) is removed only once it is older than a day; a live run's never.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -41,6 +45,7 @@ META_COLUMNS = (ROW, KEY, REJECT, REJECT_CODE)
 
 WORKSPACE_PREFIX = "cleanlist-run-"
 PID_FILE = "pid"
+LOCK_FILE = "owner.lock"
 # A workspace directory without a pid file is left alone this long (it may be being created).
 UNOWNED_GRACE_SECONDS = 24 * 3600.0
 
@@ -67,6 +72,25 @@ def remove_stale_workspaces(directory: Path) -> list[Path]:
 
 def _owner_is_gone(path: Path, modified: float) -> bool:
     try:
+        descriptor = os.open(path / LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return _pid_owner_is_gone(path, modified)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # the owner holds it: alive, whatever its pid says here
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)  # closing releases the lock if this process took it
+    return True
+
+
+def _pid_owner_is_gone(path: Path, modified: float) -> bool:
+    """Workspaces of earlier versions, which wrote a pid file and no lock."""
+    try:
         text = (path / PID_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
         text = ""
@@ -92,6 +116,10 @@ class RunWorkspace:
     def __init__(self, root: Path | None = None) -> None:
         remove_stale_workspaces(Path(root) if root is not None else Path(tempfile.gettempdir()))
         self.root = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=root))  # 0700
+        # Locked under a temporary name and renamed: no sweeper ever sees the lock file unlocked.
+        self._owner = os.open(self.root / f"{LOCK_FILE}.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._owner, fcntl.LOCK_EX)
+        os.replace(self.root / f"{LOCK_FILE}.new", self.root / LOCK_FILE)
         (self.root / PID_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
         self._db = sqlite3.connect(self.root / "contacts.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=OFF")
@@ -113,6 +141,9 @@ class RunWorkspace:
         with self._lock:
             self._db.close()
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._owner >= 0:
+            os.close(self._owner)
+            self._owner = -1
 
     # -- staging -----------------------------------------------------------------------------------
     def add_part(self, frame: pd.DataFrame, contacts: Sequence[StagedContact]) -> None:
