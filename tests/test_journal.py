@@ -50,9 +50,11 @@ def test_a_dead_runs_accepted_workflow_is_recorded_and_its_lost_answer_is_in_dou
 def test_a_live_runs_lines_are_kept_and_forget_drops_only_its_own(tmp_path: Path) -> None:
     store = EnrichmentStore(f"sqlite:///{tmp_path / 'store.db'}")
     journal = AcceptanceJournal(store_url="sqlite:///x", directory=tmp_path / "journal")
+    store.start_run("mine", {})
+    store.start_run("other", {})
     journal.intent("mine", "0", ["a"])
     journal.intent("other", "0", ["b"])
-    assert journal.replay(store).in_doubt == 0  # this process is alive: nothing is in doubt
+    assert journal.replay(store).in_doubt == 0  # both runs are alive in the store: nothing is in doubt
     journal.forget("mine")
     runs = [json.loads(line)["run"] for line in journal.path.read_text().splitlines()]
     assert runs == ["other"]
