@@ -92,7 +92,7 @@ def test_rejected_plan_exits_2_with_one_line(tmp_path: Path, make_sandbox) -> No
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [
-        (["run", "{src}", "-o", "{tmp}/out.csv"], {"CLEANLIST_API_KEY": ""}, "no cleanlist api key"),
+        (["run", "{src}", "-o", "{tmp}/out.csv"], {"CLEANLIST_API_KEY": ""}, "api key from cleanlist_api_key is empty"),
         (["run", "{tmp}/missing.csv", "-o", "{tmp}/out.csv"], {}, "not found"),
         (["run", "{src}", "-o", "{tmp}/out.xml"], {}, "must end in"),
         (["run", "{tmp}/data.docx", "-o", "{tmp}/out.csv"], {}, "docx"),
@@ -204,6 +204,6 @@ def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path, 
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
-    assert "cleanlist-enrich: error: interrupted" in stderr
+    assert "cleanlist-enrich: error: stopped" in stderr and "(0 request(s) in doubt)" in stderr
     _gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
