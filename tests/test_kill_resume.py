@@ -23,7 +23,8 @@ from tests.flow_helpers import messy_export, read_csv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ROOT = Path(__file__).parent.parent
-TRIALS = 20
+# Ten seeded moments here; the fault-schedule harness (benchmarks/chaos, tests/test_chaos.py) draws many more.
+TRIALS = 10
 
 
 def _env(sandbox) -> dict[str, str]:
@@ -53,6 +54,7 @@ def _wait_for_first_bulk(sandbox, proc: subprocess.Popen[bytes], timeout: float 
     raise AssertionError("no bulk request within the timeout")
 
 
+@pytest.mark.timeout(900)
 def test_kill_minus_nine_while_submitting_never_pays_twice_beyond_what_is_reported_in_doubt(
     tmp_path: Path, make_sandbox
 ) -> None:
