@@ -35,12 +35,19 @@ RATE_WINDOW_MARGIN_CAP = 1.0
 # Learning the API's unpublished limits (cleanlist/ratelimit.py). Until an endpoint has been refused once
 # or served a full window clean, at most PROBE_IN_FLIGHT of its requests are in flight. The counts served
 # before several 429s "agree" within RATE_LEARN_TOLERANCE (10 %, rounded down: exactly below ten).
-# `auto` never grows past AUTO_RATE_CAP per window. Learned limits are kept in the store for
-# LEARNED_RATE_TTL seconds: limits change, and a stale low guess must not slow every run forever.
+# `auto` never grows past AUTO_RATE_CAP per window. A learned limit is a count in a measured window: two
+# windows measured between resets agree within RATE_WINDOW_ROUNDING seconds (a Retry-After in whole
+# seconds is rounded up by up to one) or RATE_LEARN_TOLERANCE of their length. A limit settled in a run
+# probes one request above itself after RATE_RECHECK_WINDOWS clean windows at its edge (the spacing
+# doubles after each probe the API refuses), so a limit the API raised is found again. Learned limits are
+# kept in the store for LEARNED_RATE_TTL seconds only as the next run's starting point: each run
+# re-checks them (grows from them until its own 429s settle it), so an hour is plenty.
 PROBE_IN_FLIGHT = 1
 RATE_LEARN_TOLERANCE = 0.1
+RATE_WINDOW_ROUNDING = 1.05
+RATE_RECHECK_WINDOWS = 20
 AUTO_RATE_CAP = 10_000
-LEARNED_RATE_TTL = 24 * 3600.0
+LEARNED_RATE_TTL = 3600.0
 
 # The status poller (cleanlist/poller.py). Its estimate of when a workflow is done settles where
 # POLL_SHRINK / (POLL_SHRINK + POLL_GROW) ≈ 5 % of first polls come too early (about 1.05 status calls
