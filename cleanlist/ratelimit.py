@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -56,6 +57,7 @@ from cleanlist.constants import (
     PROBE_IN_FLIGHT,
     RATE_LEARN_TOLERANCE,
     RATE_RECHECK_WINDOWS,
+    RATE_STORED_RECHECK_SECONDS,
     RATE_WINDOW_MARGIN_CAP,
     RATE_WINDOW_MARGIN_FRACTION,
     RATE_WINDOW_ROUNDING,
@@ -258,10 +260,15 @@ def _agree(counts: Sequence[int]) -> bool:
     return max(counts) - min(counts) <= int(min(counts) * RATE_LEARN_TOLERANCE)
 
 
-def _windows_agree(a: float, b: float) -> bool:
-    """Whether two measured windows tell one length: within a whole-second hint's rounding, or the
-    tolerance of the longer one."""
-    return abs(a - b) <= max(RATE_WINDOW_ROUNDING, max(a, b) * RATE_LEARN_TOLERANCE)
+def _likely_window(lo: float, hi: float, configured: float | None) -> float:
+    """The window length to pace by, of those the measures allow (`lo`..`hi`): the configured window if
+    it is one of them (the measures cannot tell it wrong), else the whole second nearest their middle —
+    rounded up from 0.3 s below it, since a window paced too short costs 429s — kept within the bounds.
+    Servers count in whole seconds; a wrong guess costs 429s, whose measures narrow the bounds again."""
+    lo = max(lo, 0.001)
+    if configured is not None and lo <= configured <= hi:
+        return configured
+    return min(max(float(math.ceil((lo + hi) / 2 - 0.3)), lo), hi)
 
 
 def limit_text(limit: RateLimit) -> str:
@@ -276,8 +283,10 @@ class _Measure:
     endpoint: str
     served: int  # by the endpoint since the previous reset, before the 429
     total: int  # by every endpoint in that time
-    window: float  # from the previous reset to this one
-    at: float
+    lo: float  # the window (previous reset to this one) is at least this long...
+    hi: float  # ...and at most this (a whole-second Retry-After hides up to a second of each reset)
+    since: float  # the previous reset (the latest it can have been)
+    at: float  # this reset (the latest it can be)
 
 
 @dataclass
@@ -288,19 +297,28 @@ class _Pending:
     served: int
     total: int
     since: float | None
+    since_lo: float | None
 
 
-def _confirmed(measures: Sequence[_Measure], count: Callable[[_Measure], int]) -> RateLimit | None:
-    """The limit the newest measure agrees on with an earlier one: the smaller count, the longer window."""
+def _confirmed(
+    measures: Sequence[_Measure], count: Callable[[_Measure], int], configured: float | None
+) -> RateLimit | None:
+    """The limit the newest measure agrees on with earlier ones of other server windows: counts that
+    agree, window bounds that overlap. The smallest count (less the margin), in the likeliest window
+    of the bounds they all allow."""
     if len(measures) < 2:
         return None
     newest = measures[-1]
+    lo, hi, counts = newest.lo, newest.hi, [count(newest)]
     for earlier in reversed(measures[:-1]):
-        if _agree([count(newest), count(earlier)]) and _windows_agree(newest.window, earlier.window):
-            return RateLimit(
-                with_margin(min(count(newest), count(earlier))), max(newest.window, earlier.window)
-            )
-    return None
+        if newest.since < earlier.at - _COUNT_SLACK:
+            continue  # the same server window, measured by another request or endpoint: not a second one
+        if _agree([count(newest), count(earlier)]) and earlier.lo <= hi and earlier.hi >= lo:
+            lo, hi = max(lo, earlier.lo), min(hi, earlier.hi)
+            counts.append(count(earlier))
+    if len(counts) < 2:
+        return None
+    return RateLimit(with_margin(min(counts)), _likely_window(lo, hi, configured))
 
 
 class EndpointLimiter:
@@ -327,7 +345,10 @@ class EndpointLimiter:
         self.measured = False  # this run's 429s have measured its window (two measures agreed)
         self.proven = False  # served a whole window at its allowance without a 429
         self.hold_ends = 0.0  # when the last Retry-After hold on it ended (the limiter's clock)
-        self.reset_at: float | None = None  # where the server's window last reset, as its 429s told
+        self.reset_at: float | None = None  # where the server's window last reset, as its 429s told...
+        self.reset_lo: float | None = None  # ...at the latest, and at the earliest
+        self._recheck_at = 0.0  # a limit from the book is re-checked from then on (grows past itself)
+        self._recheck_started = False
         self.paced_by_learned = 0  # requests that waited for a slot while a learned limit paced it
         self._pending: _Pending | None = None
         self._clean_since = 0.0  # when the current clean stretch began (re-check probes)
@@ -346,11 +367,15 @@ class EndpointLimiter:
 
     @property
     def _probing(self) -> bool:
-        """Probing an unknown limit: auto until it has found its edge; a configured limit once the API
-        has refused it, until the 429s agree on the real one (or a full window went clean)."""
-        if (self.learned is not None and not self.rechecking) or self.proven:
+        """Probing an unknown limit: auto until it has found its edge (or a full window went clean).
+        Not after a 429: the window is measured between resets, so each window must be filled up to
+        the server's edge until two measures agree (one request at a time skips windows and measures
+        nothing); the hint's hold and one request in flight after each 429 keep the cost to about one
+        429 a window until then. Nor while a limit from the book is re-checked: it grows one slot per
+        clean answer, as gently."""
+        if self.learned is not None or self.proven:
             return False
-        return self.limit.auto or self.settled or self.rechecking
+        return self.limit.auto and not self.settled
 
     def _reserve(self, counted: list[bool]) -> float:
         """Take a slot now and return 0, or return how long to wait before asking again."""
@@ -370,12 +395,16 @@ class EndpointLimiter:
             self._in_flight -= 1
             if not taken.held:
                 self._short = True
+                waiting_recheck = self.rechecking and not self._recheck_started
                 parent.short_of_slots(self)
                 if not counted:
                     counted.append(True)
                     self.paced += 1
                     if self.learned is not None:
                         self.paced_by_learned += 1
+                if waiting_recheck:
+                    # Ask again when the re-check of a limit from the book begins (it lets one more go).
+                    return min(taken.wait, max(self._recheck_at - parent.clock(), 0.001))
             return taken.wait
 
     def release(self, *, rate_limited: bool, answered: bool = True, retry_after: float | None = None) -> None:
@@ -474,6 +503,8 @@ class RateLimiter:
         limiter.allowance = min(AUTO_RATE_CAP, learned.requests)
         limiter.window = widened(learned.seconds)
         limiter.rechecking = True
+        # Not at once: a short run paces by what was measured (no 429 to pay); a longer one re-checks.
+        limiter._recheck_at = self.clock() + RATE_STORED_RECHECK_SECONDS
         self.adopted[limiter.name] = learned
         logger.info(
             "rate limit: %s starts from %s, learned earlier; re-checked during this run",
@@ -531,9 +562,16 @@ class RateLimiter:
     def short_of_slots(self, limiter: EndpointLimiter) -> None:
         """A request waited for a slot: after a long clean stretch at its edge, a settled limit lets one
         request above it go (the re-check probe)."""
+        now = self.clock()
+        if limiter.rechecking and not limiter._recheck_started and not limiter.settled:
+            if now >= limiter._recheck_at:
+                # The re-check of a limit from the book begins: one slot more, then one per clean answer.
+                limiter._recheck_started = True
+                limiter.allowance = min(limiter.allowance + 1, AUTO_RATE_CAP)
+                self._outgrown(limiter)
+            return
         if not limiter.settled or limiter.learned is None or limiter._probe_above:
             return
-        now = self.clock()
         if now - limiter._clean_since >= limiter._recheck_windows * limiter.window:
             limiter._probe_above = True
 
@@ -556,9 +594,10 @@ class RateLimiter:
                 # The re-check probe was served above the settled limit: the server allows more now.
                 limiter._probe_above = False
                 limiter.settled = False
-                limiter.rechecking = True
+                limiter.rechecking = limiter._recheck_started = True
                 limiter._recheck_windows = RATE_RECHECK_WINDOWS
-            growing = (self.limit.auto or limiter.rechecking) and not limiter.settled
+            rechecking = limiter.rechecking and limiter._recheck_started
+            growing = (self.limit.auto or rechecking) and not limiter.settled
             if growing and (limiter._short or full):
                 # Short of slots and answered clean: one more slot (doubling per round trip, as TCP's
                 # slow start does) until a 429 settles it.
@@ -568,14 +607,24 @@ class RateLimiter:
                     self._lift_unsettled(limiter.allowance)
                 self._outgrown(limiter)
         if pending is not None:
-            self._measured(limiter, pending.served, pending.total, pending.since, reset=now)
+            # Without a hint the reset lies between the 429 and this answer.
+            self._measured(
+                limiter,
+                (pending.served, pending.total),
+                pending.since,
+                pending.since_lo,
+                reset=now,
+                reset_lo=pending.refused_at,
+            )
 
     def _outgrown(self, limiter: EndpointLimiter) -> None:
         """A learned limit the server served above, grown past the configured ceiling: it no longer paces
         anything, so it is forgotten (the ceiling paces)."""
         if self.limit.auto or limiter.learned is None:
             return
-        if limiter.allowance / limiter.window >= self.limit.requests / self.window:
+        # Outgrown only when it allows at least the ceiling's count in every span of its own window (a
+        # learned 4/3s is tighter than 60/60 though its rate is higher: it caps bursts).
+        if limiter.allowance >= self.limit.requests * max(1, math.ceil(limiter.window / self.window - 0.01)):
             limiter.learned = None
             limiter.rechecking = False
             limiter.allowance, limiter.window = self.limit.requests, self.window
@@ -595,7 +644,7 @@ class RateLimiter:
         now = self.clock()
         with self.lock:
             limiter._cautious = True
-            since = limiter.reset_at
+            since, since_lo = limiter.reset_at, limiter.reset_lo
             if limiter._probe_above:
                 # The re-check probe was refused: the limit stands; probe again twice as late.
                 limiter._probe_above = False
@@ -616,28 +665,43 @@ class RateLimiter:
             served, total = self.book.served(limiter.name, self.clock() - since + _COUNT_SLACK)
         if retry_after is None:
             with self.lock:
-                limiter._pending = _Pending(now, served, total, since)
+                limiter._pending = _Pending(now, served, total, since, since_lo)
             return
-        self._measured(limiter, served, total, since, reset=now + retry_after, hint=retry_after)
+        # A hint of a second or more is whole seconds rounded up (or an HTTP date's whole seconds): the
+        # reset may be up to RATE_WINDOW_ROUNDING earlier than it says.
+        rounding = RATE_WINDOW_ROUNDING if retry_after >= 1 else 0.0
+        reset = now + retry_after
+        self._measured(
+            limiter,
+            (served, total),
+            since,
+            since_lo,
+            reset=reset,
+            reset_lo=reset - rounding,
+            hint=retry_after,
+        )
 
     def _measured(
         self,
         limiter: EndpointLimiter,
-        served: int,
-        total: int,
+        counts: tuple[int, int],
         since: float | None,
+        since_lo: float | None,
         *,
         reset: float,
+        reset_lo: float,
         hint: float | None = None,
     ) -> None:
-        """The server's window reset at `reset`; between the previous reset (`since`) and its 429 it had
-        served `served` of this endpoint (`total` of all): a measure of its window, once there are two."""
+        """The server's window reset between `reset_lo` and `reset`; between the previous reset (`since_lo`
+        to `since`) and its 429 it had served `counts` (this endpoint's, every endpoint's): a measure of
+        its window, once there are two."""
+        served, total = counts
         with self.lock:
             others = list(self._endpoints.values()) if not self.per_endpoint or self.shared else [limiter]
             for other in others:
                 # One window for everyone until the 429s say otherwise; a later reset wins.
                 if other is limiter or (other.reset_at or 0.0) < reset:
-                    other.reset_at = reset
+                    other.reset_at, other.reset_lo = reset, reset_lo
             if not limiter.measured:
                 # Until the window is measured, our own pacing must not hide it: the window is at least
                 # as long as the hint, and pacing over a longer one would skip the server's next window.
@@ -646,10 +710,12 @@ class RateLimiter:
                     limiter.window = min(limiter.window, widened(max(wait, 0.001)))
             if since is None or served == 0:
                 return  # the first 429 (no reset seen before it), or someone else spent the window
-            window = reset - since
-            if window <= 0:
+            if reset - since <= 0:
                 return
-            measure = _Measure(limiter.name, served, total, window, at=reset)
+            # Widened by half the tolerance each side: latency and clocks blur both resets a little.
+            slack = (reset - (since_lo or since)) * RATE_LEARN_TOLERANCE / 2
+            lo, hi = reset_lo - since - slack, reset - (since_lo or since) + slack
+            measure = _Measure(limiter.name, served, total, lo, hi, since=since, at=reset)
             self._measures = [*self._measures[-19:], measure]
             self._relearn(limiter, measure)
 
@@ -657,7 +723,8 @@ class RateLimiter:
         """Learn what two measures agree on (see the module docstring)."""
         changed: dict[str, RateLimit | None] = {}
         own = [m for m in self._measures if m.endpoint == limiter.name]
-        confirmed = _confirmed(own, lambda m: m.served)
+        configured = None if self.limit.auto else self.limit.seconds
+        confirmed = _confirmed(own, lambda m: m.served, configured)
         if confirmed is not None and confirmed != limiter.learned:
             limiter.learned = confirmed
             limiter.allowance = min(AUTO_RATE_CAP, confirmed.requests)
@@ -671,7 +738,9 @@ class RateLimiter:
                 limit_text(confirmed),
             )
         if newest.total > newest.served:  # others were served in the same window: evidence of sharing
-            shared = _confirmed([m for m in self._measures if m.total > m.served], lambda m: m.total)
+            shared = _confirmed(
+                [m for m in self._measures if m.total > m.served], lambda m: m.total, configured
+            )
             if shared is not None and shared != self.shared:
                 self.shared = shared
                 self.per_endpoint = False
