@@ -11,22 +11,26 @@ The API does not publish its limits ("back off on 429"), so the configured limit
 * **Holds.** A 429's Retry-After holds the endpoint for every thread, coroutine and — with a shared
   book — every process, until it has elapsed: nobody sends inside a window the client has read.
   After a 429 the endpoint is "cautious" until a request gets another answer: one request in flight.
-* **Learning: a count in a measured window.** Each 429 marks where the server's window resets: at the
-  end of its Retry-After (integer seconds or an HTTP date), or, without one, when the server serves
-  again. Between two resets the client counts what the server served; the distance between them is the
-  window, the count its limit. Until that window is measured, a 429 only shortens the pacing window to
-  its hint (so our own pacing cannot hide the server's window from the next measurement). Two
-  measurements of different windows that agree (counts within RATE_LEARN_TOLERANCE, windows within the
-  hint's rounding) make the learned limit: the count less 5 % (`with_margin`) in the longer window. One
-  429 alone teaches nothing: a fault, or another client, can answer 429 once. A 429 that came while
-  *other* endpoints had been served in the same window is evidence of one window for the whole
-  organization: the total served becomes a shared limit ("*" scope) that every endpoint also draws on.
-  Per-endpoint counts that scatter while the totals agree mean the window is shared (the endpoint's own
-  limit is dropped), and totals that scatter mean it is not (the shared one is dropped).
+* **Learning: a count in a measured window.** Each 429 bounds where the server's window resets: at the
+  end of its Retry-After, or up to RATE_WINDOW_ROUNDING before (whole seconds rounded up, or an HTTP
+  date's whole seconds), or, without a hint, between the 429 and the next answer served. Between two
+  resets the client counts what the server served; the distance between them bounds the window, the
+  count is its limit. Until that window is measured, a 429 only shortens the pacing window to its hint
+  (so our own pacing cannot hide the server's window from the next measurement), and the endpoint keeps
+  filling windows to their edge (one request at a time would skip windows and measure nothing). Two
+  measures of different server windows that agree (counts within RATE_LEARN_TOLERANCE, bounds that
+  overlap) make the learned limit: the count less 5 % (`with_margin`) in the likeliest window their
+  bounds allow (`_likely_window`: the configured one if it fits, else a whole second). One 429 alone
+  teaches nothing: a fault, or another client, can answer 429 once. Without a hint, once a window is
+  measured the endpoint is held until it likely reopens. Totals served by every endpoint that agree
+  across the 429s of two endpoints are evidence of one window for the whole organization: the total
+  becomes a shared limit ("*" scope) that every endpoint also draws on (one endpoint's totals alone
+  agree with a steady mix under windows per endpoint too); totals that scatter drop it.
 * **Re-checking.** A learned limit from the book (an earlier run, another process) is a starting point:
-  the endpoint grows from it — one slot per clean answer while short of slots — until this run's own
-  429s settle it, and a limit the server serves above is dropped. A limit settled in this run probes one
-  request above itself after RATE_RECHECK_WINDOWS clean windows at its edge; served, it grows again.
+  the endpoint paces by it for RATE_STORED_RECHECK_SECONDS, then grows from it — one slot per clean
+  answer while short of slots — until this run's own 429s settle it, and a limit the server serves
+  above is dropped. A limit settled in this run probes one request above itself after
+  RATE_RECHECK_WINDOWS clean windows at its edge; served, it grows again.
 * **Limits.** `N/SECONDS` is a hard ceiling that learning never lifts. `auto` (`auto/SECONDS`) starts
   from the documented 60 per minute and grows — one slot per clean answer while the endpoint is short of
   slots — until the first 429, then settles on what is measured. Until an endpoint has either been
@@ -301,22 +305,27 @@ class _Pending:
 
 
 def _confirmed(
-    measures: Sequence[_Measure], count: Callable[[_Measure], int], configured: float | None
+    measures: Sequence[_Measure],
+    count: Callable[[_Measure], int],
+    configured: float | None,
+    *,
+    endpoints: int = 1,
 ) -> RateLimit | None:
     """The limit the newest measure agrees on with earlier ones of other server windows: counts that
-    agree, window bounds that overlap. The smallest count (less the margin), in the likeliest window
-    of the bounds they all allow."""
+    agree, window bounds that overlap, 429s of at least `endpoints` endpoints. The smallest count (less
+    the margin), in the likeliest window of the bounds they all allow."""
     if len(measures) < 2:
         return None
     newest = measures[-1]
-    lo, hi, counts = newest.lo, newest.hi, [count(newest)]
+    lo, hi, counts, names = newest.lo, newest.hi, [count(newest)], {newest.endpoint}
     for earlier in reversed(measures[:-1]):
         if newest.since < earlier.at - _COUNT_SLACK:
             continue  # the same server window, measured by another request or endpoint: not a second one
         if _agree([count(newest), count(earlier)]) and earlier.lo <= hi and earlier.hi >= lo:
             lo, hi = max(lo, earlier.lo), min(hi, earlier.hi)
             counts.append(count(earlier))
-    if len(counts) < 2:
+            names.add(earlier.endpoint)
+    if len(counts) < 2 or len(names) < endpoints:
         return None
     return RateLimit(with_margin(min(counts)), _likely_window(lo, hi, configured))
 
@@ -586,7 +595,13 @@ class RateLimiter:
             while clean and clean[0] <= now - limiter.window:
                 clean.popleft()
             limiter.proven = len(clean) >= limiter.allowance
-        full = self.book.used(limiter.name, limiter.window) >= limiter.allowance
+        may_grow = (
+            self.limit.auto or (limiter.rechecking and limiter._recheck_started)
+        ) and not limiter.settled
+        # Asked of the book only when it matters: one more store transaction per answer is dear.
+        full = (may_grow or limiter._probe_above) and self.book.used(
+            limiter.name, limiter.window
+        ) >= limiter.allowance
         with self.lock:
             limiter._cautious = False
             pending, limiter._pending = limiter._pending, None
@@ -666,6 +681,11 @@ class RateLimiter:
         if retry_after is None:
             with self.lock:
                 limiter._pending = _Pending(now, served, total, since, since_lo)
+                guess = self._next_reset(limiter, since)
+            if guess is not None and guess > now:
+                # No hint: what was measured of the window tells when it reopens (its shortest length,
+                # so the guess errs early); asking before that only collects 429s.
+                self.hold(limiter, guess - now, everyone=not self.per_endpoint)
             return
         # A hint of a second or more is whole seconds rounded up (or an HTTP date's whole seconds): the
         # reset may be up to RATE_WINDOW_ROUNDING earlier than it says.
@@ -680,6 +700,16 @@ class RateLimiter:
             reset_lo=reset - rounding,
             hint=retry_after,
         )
+
+    def _next_reset(self, limiter: EndpointLimiter, since: float | None) -> float | None:
+        """When the server's window is likely to reset next, from its last reset and what was measured
+        of its length (the learned window, or the shortest a measure allows); None if nothing was."""
+        if since is None:
+            return None
+        if limiter.learned is not None:
+            return since + limiter.learned.seconds
+        own = [m.lo for m in self._measures if m.endpoint == limiter.name and m.lo > 0]
+        return since + own[-1] if own else None
 
     def _measured(
         self,
@@ -738,8 +768,10 @@ class RateLimiter:
                 limit_text(confirmed),
             )
         if newest.total > newest.served:  # others were served in the same window: evidence of sharing
+            # Totals that agree across the 429s of two endpoints: with windows per endpoint, one refused
+            # at its own count while the other was served steadily would make one endpoint's totals agree.
             shared = _confirmed(
-                [m for m in self._measures if m.total > m.served], lambda m: m.total, configured
+                [m for m in self._measures if m.total > m.served], lambda m: m.total, configured, endpoints=2
             )
             if shared is not None and shared != self.shared:
                 self.shared = shared
