@@ -1,4 +1,4 @@
-"""Unpublished rate limits, measured: the real CLI against the sandbox playing four limits it was not told.
+"""Unpublished rate limits, measured: the real CLI against the sandbox playing five limits it was not told.
 
     .venv/bin/python -m benchmarks.ratelimits                       # this checkout, ~3 min
     .venv/bin/python -m benchmarks.ratelimits --checkout /tmp/old   # the CLI of another checkout (before)
