@@ -346,7 +346,9 @@ def test_a_real_run_stores_a_three_second_window_and_goes_at_its_pace(
         store.close()
     assert stored["enrich-bulk"].requests == 4, stored
     assert 3.0 <= stored["enrich-bulk"].seconds <= 4.2, stored
-    assert "enrich-bulk 4/3" in summary["learned_limits"], summary
+    # The report shows it (and names it among the limits that paced the run when requests waited on it:
+    # learned in the last windows of so short a run, none may have).
+    assert summary["rate_limits_learned"]["enrich-bulk"].startswith("4/3"), summary
 
     # `cleanlist-enrich limits` lists it, and --clear forgets it.
     from deployments.cli import main
