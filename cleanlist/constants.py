@@ -35,12 +35,22 @@ RATE_WINDOW_MARGIN_CAP = 1.0
 # Learning the API's unpublished limits (cleanlist/ratelimit.py). Until an endpoint has been refused once
 # or served a full window clean, at most PROBE_IN_FLIGHT of its requests are in flight. The counts served
 # before several 429s "agree" within RATE_LEARN_TOLERANCE (10 %, rounded down: exactly below ten).
-# `auto` never grows past AUTO_RATE_CAP per window. Learned limits are kept in the store for
-# LEARNED_RATE_TTL seconds: limits change, and a stale low guess must not slow every run forever.
+# `auto` never grows past AUTO_RATE_CAP per window. A learned limit is a count in a measured window: each
+# 429 bounds where the server's window resets (a Retry-After of a second or more is whole seconds rounded
+# up: the reset may be up to RATE_WINDOW_ROUNDING earlier), two resets bound the window's length, and
+# measures of different windows agree when their counts agree and their bounds overlap. A limit settled
+# in a run probes one request above itself after RATE_RECHECK_WINDOWS clean windows at its edge (the
+# spacing doubles after each probe the API refuses), so a limit the API raised is found again. Learned
+# limits are kept in the store for LEARNED_RATE_TTL seconds only as the next run's starting point: a run
+# paces by one as it is for RATE_STORED_RECHECK_SECONDS (a short run pays no 429 for it), then re-checks
+# it (grows from it until its own 429s settle it), so an hour is plenty.
 PROBE_IN_FLIGHT = 1
 RATE_LEARN_TOLERANCE = 0.1
+RATE_WINDOW_ROUNDING = 1.0
+RATE_RECHECK_WINDOWS = 20
+RATE_STORED_RECHECK_SECONDS = 10.0
 AUTO_RATE_CAP = 10_000
-LEARNED_RATE_TTL = 24 * 3600.0
+LEARNED_RATE_TTL = 3600.0
 
 # The status poller (cleanlist/poller.py). Its estimate of when a workflow is done settles where
 # POLL_SHRINK / (POLL_SHRINK + POLL_GROW) ≈ 5 % of first polls come too early (about 1.05 status calls

@@ -2,30 +2,44 @@
 
 The API does not publish its limits ("back off on 429"), so the configured limit is a guess:
 
-* **Pacing.** A sliding log guarantees that no span of `window` seconds holds more than the endpoint's
-  *allowance*, so a fixed-window server with that limit never sees one more in one of its windows. A
-  slot counts from when it was taken; once its request is `release`d it counts from the answer instead
-  (the server counted the request before it answered). The window is widened by a small margin for
-  clocks that tick apart.
+* **Pacing.** A sliding log guarantees that no span of a limit's window holds more than its count, so a
+  fixed-window server with that limit never sees one more in one of its windows. A slot counts from when
+  it was taken; once its request is `release`d it counts from the answer instead (the server counted the
+  request before it answered). Windows are widened by a small margin for clocks that tick apart. An
+  endpoint may be paced by two limits at once: the configured `N/SECONDS` (a ceiling) and a learned one
+  (a count in a window of its own).
 * **Holds.** A 429's Retry-After holds the endpoint for every thread, coroutine and — with a shared
   book — every process, until it has elapsed: nobody sends inside a window the client has read.
   After a 429 the endpoint is "cautious" until a request gets another answer: one request in flight.
-* **Learning.** At a 429, what the server's window had served (counted back to where the window began,
-  which Retry-After tells) becomes the endpoint's allowance, less a margin (`with_margin`). A 429 that
-  came while *other* endpoints had been served in the same window is evidence of one window for the
-  whole organization: the total served becomes a shared allowance ("*" scope) that every endpoint also
-  draws on. Each hypothesis is kept while its 429s agree: per-endpoint counts that scatter while the
-  totals agree mean the window is shared (the endpoint's own allowance is dropped), and totals that
-  scatter mean it is not (the shared one is dropped).
-* **Limits.** `N/SECONDS` is a hard ceiling that learning only lowers. `auto` (`auto/SECONDS`) starts
+* **Learning: a count in a measured window.** Each 429 bounds where the server's window resets: at the
+  end of its Retry-After, or up to RATE_WINDOW_ROUNDING before (whole seconds rounded up, or an HTTP
+  date's whole seconds), or, without a hint, between the 429 and the next answer served. Between two
+  resets the client counts what the server served; the distance between them bounds the window, the
+  count is its limit. Until that window is measured, a 429 only shortens the pacing window to its hint
+  (so our own pacing cannot hide the server's window from the next measurement), and the endpoint keeps
+  filling windows to their edge (one request at a time would skip windows and measure nothing). Two
+  measures of different server windows that agree (counts within RATE_LEARN_TOLERANCE, bounds that
+  overlap) make the learned limit: the count less 5 % (`with_margin`) in the likeliest window their
+  bounds allow (`_likely_window`: the configured one if it fits, else a whole second). One 429 alone
+  teaches nothing: a fault, or another client, can answer 429 once. Without a hint, once a window is
+  measured the endpoint is held until it likely reopens. Totals served by every endpoint that agree
+  across the 429s of two endpoints are evidence of one window for the whole organization: the total
+  becomes a shared limit ("*" scope) that every endpoint also draws on (one endpoint's totals alone
+  agree with a steady mix under windows per endpoint too); totals that scatter drop it.
+* **Re-checking.** A learned limit from the book (an earlier run, another process) is a starting point:
+  the endpoint paces by it for RATE_STORED_RECHECK_SECONDS, then grows from it — one slot per clean
+  answer while short of slots — until this run's own 429s settle it, and a limit the server serves
+  above is dropped. A limit settled in this run probes one request above itself after
+  RATE_RECHECK_WINDOWS clean windows at its edge; served, it grows again.
+* **Limits.** `N/SECONDS` is a hard ceiling that learning never lifts. `auto` (`auto/SECONDS`) starts
   from the documented 60 per minute and grows — one slot per clean answer while the endpoint is short of
-  slots — until the first 429, then settles on what was learned. Until an endpoint has either been
+  slots — until the first 429, then settles on what is measured. Until an endpoint has either been
   refused once or proven a full window clean, at most PROBE_IN_FLIGHT of its requests are in flight, so
   a wrong guess costs one 429, not a burst of them.
 * **Books.** Slots, holds and learned limits live in a `SlotBook`: `MemoryBook` shares them between the
   threads and coroutines of one process; the store's book (cleanlist/store/ratebook.py) shares them
   between every process and machine that uses the same store, so runs of one organization together
-  stay within its limit. Learned limits are kept in the store for the next run.
+  stay within its limit. Learned limits (count and window) are kept in the store for the next run.
 
 The clock and both ways of sleeping are injectable (real time by default), so tests run in virtual time.
 """
@@ -33,6 +47,8 @@ The clock and both ways of sleeping are injectable (real time by default), so te
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import threading
 import time
 from collections import deque
@@ -44,11 +60,16 @@ from cleanlist.constants import (
     AUTO_RATE_CAP,
     PROBE_IN_FLIGHT,
     RATE_LEARN_TOLERANCE,
+    RATE_RECHECK_WINDOWS,
+    RATE_STORED_RECHECK_SECONDS,
     RATE_WINDOW_MARGIN_CAP,
     RATE_WINDOW_MARGIN_FRACTION,
+    RATE_WINDOW_ROUNDING,
 )
 from cleanlist.errors import StoppedBeforeSending
 from cleanlist.settings import RateLimit
+
+logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -58,6 +79,7 @@ SHARED_SCOPE = "*"  # the organization-wide window, when the 429s say there is o
 # Counting what a window served reaches this much further back than its start: the limiter and the book
 # read their clocks a moment apart, and no slot is taken during the hold that precedes a window anyway.
 _COUNT_SLACK = 0.05
+_KEEP_SERVED = 300.0  # seconds a memory book keeps answered slots at least, for measures
 
 
 def with_margin(served: int) -> int:
@@ -85,10 +107,21 @@ class Taken:
     held: bool = False
 
 
+@dataclass(frozen=True)
+class Pace:
+    """At most `allowance` slots of `scope` in any span of `window` seconds. One scope may have several
+    (the configured ceiling and a learned limit, each in its own window); a request takes one slot per
+    scope."""
+
+    scope: str
+    allowance: int
+    window: float
+
+
 class SlotBook(Protocol):
     """Where slots, holds and learned limits live. Durations are seconds on the book's own clock."""
 
-    def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
+    def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
         """Take a slot in every scope at once — or none, and say how long to wait before asking again."""
         ...
 
@@ -117,6 +150,14 @@ class SlotBook(Protocol):
         ...
 
 
+def longest_windows(paces: Sequence[Pace]) -> dict[str, float]:
+    """Per scope, the longest window any of its paces counts over (how long its slots matter)."""
+    windows: dict[str, float] = {}
+    for pace in paces:
+        windows[pace.scope] = max(windows.get(pace.scope, 0.0), pace.window)
+    return windows
+
+
 @dataclass
 class _Slot:
     endpoint: str
@@ -139,27 +180,37 @@ class MemoryBook:
         self._slots: dict[str, list[_Slot]] = {}
         self._held: dict[str, float] = {}
         self._learned: dict[str, RateLimit] = {}
+        self._kept: dict[str, float] = {}  # per scope, the longest window its slots were counted over
         self._lock = threading.Lock()
 
     def _live(self, scope: str, now: float, window: float) -> list[_Slot]:
-        slots = [s for s in self._slots.get(scope, []) if s.in_flight or s.stamp > now - window]
+        self._kept[scope] = max(self._kept.get(scope, 0.0), window)
+        # Kept a few windows past the longest: a measure counts what was served since the last reset.
+        keep = max(3 * self._kept[scope], _KEEP_SERVED)
+        slots = [s for s in self._slots.get(scope, []) if s.in_flight or s.stamp > now - keep]
         self._slots[scope] = slots
-        return slots
+        return [s for s in slots if s.in_flight or s.stamp > now - window]
 
-    def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
+    def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
         with self._lock:
             now = self._clock()
-            held = {scope for scope, _ in scopes} | {SHARED_SCOPE}  # a hold on "*" holds every endpoint
+            held = {pace.scope for pace in paces} | {SHARED_SCOPE}  # a hold on "*" holds every endpoint
             wait = max(self._held.get(scope, 0.0) - now for scope in held)
             if wait > 0:
                 return Taken(None, wait, held=True)
-            for scope, allowance in scopes:
-                live = self._live(scope, now, window)
-                if len(live) >= allowance:
-                    done = [s.stamp for s in live if not s.in_flight]
-                    return Taken(None, max(min(done) + window - now, 0.001) if done else 0.01)
+            for scope, keep in longest_windows(paces).items():
+                self._kept[scope] = max(self._kept.get(scope, 0.0), keep)
+            for pace in paces:
+                live = self._live(pace.scope, now, pace.window)
+                if len(live) >= pace.allowance:
+                    done = sorted(s.stamp for s in live if not s.in_flight)
+                    # The wait until enough of the window's slots have expired for one more.
+                    excess = len(live) - pace.allowance
+                    if len(done) > excess:
+                        return Taken(None, max(done[excess] + pace.window - now, 0.001))
+                    return Taken(None, 0.01)
             ticket = _MemoryTicket()
-            for scope, _ in scopes:
+            for scope in longest_windows(paces):
                 slot = _Slot(endpoint, now, now)
                 self._slots.setdefault(scope, []).append(slot)
                 ticket.slots.append((scope, slot))
@@ -214,24 +265,70 @@ def _agree(counts: Sequence[int]) -> bool:
     return max(counts) - min(counts) <= int(min(counts) * RATE_LEARN_TOLERANCE)
 
 
+def _likely_window(lo: float, hi: float, configured: float | None) -> float:
+    """The window length to pace by, of those the measures allow (`lo`..`hi`): the configured window if
+    it is one of them (the measures cannot tell it wrong), else the whole second nearest their middle —
+    rounded up from 0.3 s below it, since a window paced too short costs 429s — kept within the bounds.
+    Servers count in whole seconds; a wrong guess costs 429s, whose measures narrow the bounds again."""
+    lo = max(lo, 0.001)
+    if configured is not None and lo <= configured <= hi:
+        return configured
+    return min(max(float(math.ceil((lo + hi) / 2 - 0.3)), lo), hi)
+
+
+def limit_text(limit: RateLimit) -> str:
+    """A learned limit as the report and `cleanlist-enrich limits` show it: `4/3s`, `95/120s`."""
+    return f"{limit.requests}/{round(limit.seconds, 1):g}s"
+
+
 @dataclass
-class _Refusal:
+class _Measure:
+    """What the server served between two of its resets, as the client saw it."""
+
     endpoint: str
-    served: int  # by the endpoint in the server's window before the 429
-    total: int  # by every endpoint in that window
-    window_start: float  # where the server's window began, as far as the 429 tells
-    at: float
+    served: int  # by the endpoint since the previous reset, before the 429
+    total: int  # by every endpoint in that time
+    lo: float  # the window (previous reset to this one) is at least this long...
+    hi: float  # ...and at most this (a whole-second Retry-After hides up to a second of each reset)
+    since: float  # the previous reset (the latest it can have been)
+    at: float  # this reset (the latest it can be)
 
 
-def _confirmed(refusals: Sequence[_Refusal], count: Callable[[_Refusal], int]) -> int | None:
-    """The count the newest 429 agrees on with an earlier one from another server window, if any."""
-    if len(refusals) < 2:
+@dataclass
+class _Pending:
+    """A 429 without a hint: its measure is complete when the server serves again (its reset)."""
+
+    refused_at: float
+    served: int
+    total: int
+    since: float | None
+    since_lo: float | None
+
+
+def _confirmed(
+    measures: Sequence[_Measure],
+    count: Callable[[_Measure], int],
+    configured: float | None,
+    *,
+    endpoints: int = 1,
+) -> RateLimit | None:
+    """The limit the newest measure agrees on with earlier ones of other server windows: counts that
+    agree, window bounds that overlap, 429s of at least `endpoints` endpoints. The smallest count (less
+    the margin), in the likeliest window of the bounds they all allow."""
+    if len(measures) < 2:
         return None
-    newest = refusals[-1]
-    for earlier in reversed(refusals[:-1]):
-        if newest.window_start >= earlier.at and _agree([count(newest), count(earlier)]):
-            return min(count(newest), count(earlier))
-    return None
+    newest = measures[-1]
+    lo, hi, counts, names = newest.lo, newest.hi, [count(newest)], {newest.endpoint}
+    for earlier in reversed(measures[:-1]):
+        if newest.since < earlier.at - _COUNT_SLACK:
+            continue  # the same server window, measured by another request or endpoint: not a second one
+        if _agree([count(newest), count(earlier)]) and earlier.lo <= hi and earlier.hi >= lo:
+            lo, hi = max(lo, earlier.lo), min(hi, earlier.hi)
+            counts.append(count(earlier))
+            names.add(earlier.endpoint)
+    if len(counts) < 2 or len(names) < endpoints:
+        return None
+    return RateLimit(with_margin(min(counts)), _likely_window(lo, hi, configured))
 
 
 class EndpointLimiter:
@@ -250,12 +347,24 @@ class EndpointLimiter:
         self.name = name
         self.limit = limit
         self._parent = parent or RateLimiter(limit, clock=clock, sleep=sleep, async_sleep=async_sleep)
-        self.window = widened(limit.seconds)
+        self.window = widened(limit.seconds)  # the pacing window: configured, a hint's, or learned
         self.allowance = limit.requests  # slots per window now: configured, grown (auto) or learned
-        self.learned: int | None = None  # what its 429s taught, before the ceiling
-        self.settled = False  # refused once (or learned by an earlier run): auto grows no more
+        self.learned: RateLimit | None = None  # what its 429s taught (count in a measured window)
+        self.settled = False  # refused in this run: growth stops (until a re-check probe is served)
+        self.rechecking = False  # paced by a limit an earlier run learned: grows from it until refused
+        self.measured = False  # this run's 429s have measured its window (two measures agreed)
         self.proven = False  # served a whole window at its allowance without a 429
         self.hold_ends = 0.0  # when the last Retry-After hold on it ended (the limiter's clock)
+        self.reset_at: float | None = None  # where the server's window last reset, as its 429s told...
+        self.reset_lo: float | None = None  # ...at the latest, and at the earliest
+        self._recheck_at = 0.0  # a limit from the book is re-checked from then on (grows past itself)
+        self._recheck_started = False
+        self.paced_by_learned = 0  # requests that waited for a slot while a learned limit paced it
+        self._pending: _Pending | None = None
+        self._clean_since = 0.0  # when the current clean stretch began (re-check probes)
+        self._recheck_windows = RATE_RECHECK_WINDOWS
+        self._probe_above = False  # one request above the allowance is allowed (a re-check probe)
+        self._probe_ticket: Ticket | None = None
         self._in_flight = 0
         self._cautious = False
         self._short = False  # a request waited for a slot since the last clean answer (auto grows on it)
@@ -264,15 +373,19 @@ class EndpointLimiter:
         self.paced = 0  # requests that had to wait for a slot (not for a Retry-After hold)
 
     def __repr__(self) -> str:
-        return f"EndpointLimiter({self.name}: {self.allowance}/{self.limit.seconds:g})"
+        return f"EndpointLimiter({self.name}: {self.allowance}/{self.window:g})"
 
     @property
     def _probing(self) -> bool:
-        """Probing an unknown limit: auto until it has found its edge; a configured limit once the API
-        has refused it, until the 429s agree on the real one (or a full window went clean)."""
+        """Probing an unknown limit: auto until it has found its edge (or a full window went clean).
+        Not after a 429: the window is measured between resets, so each window must be filled up to
+        the server's edge until two measures agree (one request at a time skips windows and measures
+        nothing); the hint's hold and one request in flight after each 429 keep the cost to about one
+        429 a window until then. Nor while a limit from the book is re-checked: it grows one slot per
+        clean answer, as gently."""
         if self.learned is not None or self.proven:
             return False
-        return self.limit.auto or self.settled
+        return self.limit.auto and not self.settled
 
     def _reserve(self, counted: list[bool]) -> float:
         """Take a slot now and return 0, or return how long to wait before asking again."""
@@ -282,9 +395,9 @@ class EndpointLimiter:
                 return 0.01
             if self._probing and self._in_flight >= PROBE_IN_FLIGHT:
                 return 0.01
-            scopes = parent.scopes_for(self)
+            paces = parent.paces_for(self)
             self._in_flight += 1  # counted before asking the book, so no other thread slips past the caps
-        taken = parent.book.take(self.name, scopes, self.window)
+        taken = parent.book.take(self.name, paces)
         with parent.lock:
             if taken.ticket is not None:
                 self._tickets.append(taken.ticket)
@@ -292,9 +405,16 @@ class EndpointLimiter:
             self._in_flight -= 1
             if not taken.held:
                 self._short = True
+                waiting_recheck = self.rechecking and not self._recheck_started
+                parent.short_of_slots(self)
                 if not counted:
                     counted.append(True)
                     self.paced += 1
+                    if self.learned is not None:
+                        self.paced_by_learned += 1
+                if waiting_recheck:
+                    # Ask again when the re-check of a limit from the book begins (it lets one more go).
+                    return min(taken.wait, max(self._recheck_at - parent.clock(), 0.001))
             return taken.wait
 
     def release(self, *, rate_limited: bool, answered: bool = True, retry_after: float | None = None) -> None:
@@ -352,7 +472,7 @@ class EndpointLimiter:
         if self.held_for > 0:
             return 1.0
         return max(
-            parent.book.used(scope, self.window) / allowance for scope, allowance in parent.scopes_for(self)
+            parent.book.used(pace.scope, pace.window) / pace.allowance for pace in parent.paces_for(self)
         )
 
     @property
@@ -380,11 +500,12 @@ class RateLimiter:
         self.window = widened(limit.seconds)
         self.lock = threading.RLock()  # bookkeeping only: never held while sleeping or asking the book
         self._endpoints: dict[str, EndpointLimiter] = {}
-        self._refusals: list[_Refusal] = []
-        self.shared: int | None = None  # the organization-wide allowance, while the 429s say there is one
+        self._measures: list[_Measure] = []
+        self.shared: RateLimit | None = None  # the organization-wide limit, while the 429s say there is one
         self.per_endpoint = False  # 429s have shown a window per endpoint (a 429 then holds only its own)
         self._learned_seen = 0.0
         self._learned: dict[str, RateLimit] = {}
+        self.adopted: dict[str, RateLimit] = {}  # limits this limiter started from (an earlier run's)
 
     def __repr__(self) -> str:
         return f"RateLimiter({self.limit})"
@@ -402,11 +523,22 @@ class RateLimiter:
             return self._endpoints[name]
 
     def _adopt(self, limiter: EndpointLimiter, learned: RateLimit | None) -> None:
-        """Start from what an earlier run (or another process) learned of this endpoint."""
-        if learned is not None and learned.seconds == self.limit.seconds:
-            limiter.learned = learned.requests
-            limiter.allowance = min(self.ceiling, learned.requests)
-            limiter.settled = True
+        """Start from what an earlier run (or another process) learned of this endpoint: a starting
+        point this run re-checks, whatever window it was measured in."""
+        if learned is None:
+            return
+        limiter.learned = learned
+        limiter.allowance = min(AUTO_RATE_CAP, learned.requests)
+        limiter.window = widened(learned.seconds)
+        limiter.rechecking = True
+        # Not at once: a short run paces by what was measured (no 429 to pay); a longer one re-checks.
+        limiter._recheck_at = self.clock() + RATE_STORED_RECHECK_SECONDS
+        self.adopted[limiter.name] = learned
+        logger.info(
+            "rate limit: %s starts from %s, learned earlier; re-checked during this run",
+            limiter.name,
+            limit_text(learned),
+        )
 
     def _learned_now(self) -> dict[str, RateLimit]:
         """The book's learned limits, asked at most once a second."""
@@ -415,25 +547,31 @@ class RateLimiter:
             self._learned_seen = now
             self._learned = self.book.learned()
             shared = self._learned.get(SHARED_SCOPE)
-            if shared is not None and shared.seconds == self.limit.seconds:
-                self.shared = min(self.shared or shared.requests, shared.requests)
+            if shared is not None and (self.shared is None or shared.requests < self.shared.requests):
+                self.shared = shared
         return self._learned
 
-    def scopes_for(self, limiter: EndpointLimiter) -> list[tuple[str, int]]:
-        """What one request of `limiter` must take a slot in: its endpoint, and the shared window."""
+    def paces_for(self, limiter: EndpointLimiter) -> list[Pace]:
+        """What one request of `limiter` must fit in: its own limit (learned, a hint's or configured),
+        the configured ceiling, and the organization's shared window."""
         with self.lock:
             learned = self._learned_now().get(limiter.name)
             if (
                 learned is not None
-                and learned.seconds == self.limit.seconds
-                and learned.requests < limiter.allowance
+                and learned != limiter.learned
+                and limiter.learned is not None
+                and learned.requests / learned.seconds < limiter.learned.requests / limiter.learned.seconds
             ):
-                limiter.allowance = limiter.learned = learned.requests  # another process learned it
-                limiter.settled = True
-            scopes = [(limiter.name, limiter.allowance)]
+                # Another process learned a lower limit meanwhile.
+                limiter.learned = learned
+                limiter.allowance, limiter.window = learned.requests, widened(learned.seconds)
+            allowance = limiter.allowance + (1 if limiter._probe_above else 0)
+            paces = [Pace(limiter.name, allowance, limiter.window)]
+            if not self.limit.auto and (limiter.window, allowance) != (self.window, self.limit.requests):
+                paces.append(Pace(limiter.name, self.limit.requests, self.window))
             if self.shared is not None:
-                scopes.append((SHARED_SCOPE, self.shared))
-            return scopes
+                paces.append(Pace(SHARED_SCOPE, self.shared.requests, widened(self.shared.seconds)))
+            return paces
 
     def hold(self, limiter: EndpointLimiter, seconds: float, *, everyone: bool = False) -> None:
         """Hold `limiter`'s endpoint — and, with `everyone` or a shared window, every endpoint."""
@@ -449,114 +587,258 @@ class RateLimiter:
                     other.hold_ends = max(other.hold_ends, now + seconds)
 
     # -- learning ---------------------------------------------------------------------------------
+    def short_of_slots(self, limiter: EndpointLimiter) -> None:
+        """A request waited for a slot: after a long clean stretch at its edge, a settled limit lets one
+        request above it go (the re-check probe)."""
+        now = self.clock()
+        if limiter.rechecking and not limiter._recheck_started and not limiter.settled:
+            if now >= limiter._recheck_at:
+                # The re-check of a limit from the book begins: one slot more, then one per clean answer.
+                limiter._recheck_started = True
+                limiter.allowance = min(limiter.allowance + 1, AUTO_RATE_CAP)
+                self._outgrown(limiter)
+            return
+        if not limiter.settled or limiter.learned is None or limiter._probe_above:
+            return
+        if now - limiter._clean_since >= limiter._recheck_windows * limiter.window:
+            limiter._probe_above = True
+
     def clean_answer(self, limiter: EndpointLimiter) -> None:
-        """An answer that was not a 429: the endpoint is open; auto grows; a clean full window proves it."""
+        """An answer that was not a 429: the endpoint is open; it grows while it is re-checking or auto;
+        a clean full window proves it; a hint-less 429's measure completes (the server serves again)."""
+        now = self.clock()
         if not (limiter.proven or self.limit.auto):
             # Counted here, not in the book: one more transaction per answer is too dear for a hint.
-            now = self.clock()
             clean = limiter._clean
             clean.append(now)
             while clean and clean[0] <= now - limiter.window:
                 clean.popleft()
             limiter.proven = len(clean) >= limiter.allowance
-        full = self.limit.auto and self.book.used(limiter.name, limiter.window) >= limiter.allowance
+        may_grow = (
+            self.limit.auto or (limiter.rechecking and limiter._recheck_started)
+        ) and not limiter.settled
+        # Asked of the book only when it matters: one more store transaction per answer is dear.
+        full = (may_grow or limiter._probe_above) and self.book.used(
+            limiter.name, limiter.window
+        ) >= limiter.allowance
         with self.lock:
             limiter._cautious = False
-            if self.limit.auto and not limiter.settled and (limiter._short or full):
+            pending, limiter._pending = limiter._pending, None
+            if limiter._probe_above and full:
+                # The re-check probe was served above the settled limit: the server allows more now.
+                limiter._probe_above = False
+                limiter.settled = False
+                limiter.rechecking = limiter._recheck_started = True
+                limiter._recheck_windows = RATE_RECHECK_WINDOWS
+            rechecking = limiter.rechecking and limiter._recheck_started
+            growing = (self.limit.auto or rechecking) and not limiter.settled
+            if growing and (limiter._short or full):
                 # Short of slots and answered clean: one more slot (doubling per round trip, as TCP's
-                # slow start does) until the first 429.
+                # slow start does) until a 429 settles it.
                 limiter.allowance = min(limiter.allowance + 1, AUTO_RATE_CAP)
                 limiter._short = False
-                self._lift_unsettled(limiter.allowance)
+                if self.limit.auto:
+                    self._lift_unsettled(limiter.allowance)
+                self._outgrown(limiter)
+        if pending is not None:
+            # Without a hint the reset lies between the 429 and this answer.
+            self._measured(
+                limiter,
+                (pending.served, pending.total),
+                pending.since,
+                pending.since_lo,
+                reset=now,
+                reset_lo=pending.refused_at,
+            )
+
+    def _outgrown(self, limiter: EndpointLimiter) -> None:
+        """A learned limit the server served above, grown past the configured ceiling: it no longer paces
+        anything, so it is forgotten (the ceiling paces)."""
+        if self.limit.auto or limiter.learned is None:
+            return
+        # Outgrown only when it allows at least the ceiling's count in every span of its own window (a
+        # learned 4/3s is tighter than 60/60 though its rate is higher: it caps bursts).
+        if limiter.allowance >= self.limit.requests * max(1, math.ceil(limiter.window / self.window - 0.01)):
+            limiter.learned = None
+            limiter.rechecking = False
+            limiter.allowance, limiter.window = self.limit.requests, self.window
+            self.book.learn(limiter.name, None)
+            self._learned.pop(limiter.name, None)
 
     def _lift_unsettled(self, allowance: int) -> None:
         """auto: what one endpoint has been served clean, the others may start from. The documented limit
         is the same for every endpoint, and the status endpoint must keep up with the bulk one (each
         accepted workflow needs a status call), though it only presses its limit later."""
         for other in self._endpoints.values():
-            if not other.settled and other.allowance < allowance:
+            if not other.settled and other.learned is None and other.allowance < allowance:
                 other.allowance = allowance
 
     def refused(self, limiter: EndpointLimiter, ticket: Ticket | None, retry_after: float | None) -> None:
-        """A 429 on `limiter`: hold for its hint, and learn from what the server's window had served."""
+        """A 429 on `limiter`: hold for its hint, and measure what the server served since its last reset."""
+        now = self.clock()
         with self.lock:
             limiter._cautious = True
-        began = self._window_began(limiter, retry_after)  # before this 429's own hold moves hold_ends
+            since, since_lo = limiter.reset_at, limiter.reset_lo
+            if limiter._probe_above:
+                # The re-check probe was refused: the limit stands; probe again twice as late.
+                limiter._probe_above = False
+                limiter._recheck_windows *= 2
+            limiter._clean_since = now
+            limiter.settled = True
+            limiter.rechecking = False
+            limiter._pending = None
         if retry_after is not None:
             # Until 429s have shown that each endpoint has a window of its own, a Retry-After may be
             # the organization's: nobody sends inside it.
             self.hold(limiter, retry_after, everyone=not self.per_endpoint)
         if ticket is not None:
             self.book.give_back(ticket, ok=False)
-        lookback = self.clock() - began + _COUNT_SLACK  # measured now: the book counts back from its now
-        served, total = self.book.served(limiter.name, lookback)
+        served = total = 0
+        if since is not None and since < now:
+            # Measured now: the book counts back from its own now.
+            served, total = self.book.served(limiter.name, self.clock() - since + _COUNT_SLACK)
+        if retry_after is None:
+            with self.lock:
+                limiter._pending = _Pending(now, served, total, since, since_lo)
+                guess = self._next_reset(limiter, since)
+            if guess is not None and guess > now:
+                # No hint: what was measured of the window tells when it reopens (its shortest length,
+                # so the guess errs early); asking before that only collects 429s.
+                self.hold(limiter, guess - now, everyone=not self.per_endpoint)
+            return
+        # A hint of a second or more is whole seconds rounded up (or an HTTP date's whole seconds): the
+        # reset may be up to RATE_WINDOW_ROUNDING earlier than it says.
+        rounding = RATE_WINDOW_ROUNDING if retry_after >= 1 else 0.0
+        reset = now + retry_after
+        self._measured(
+            limiter,
+            (served, total),
+            since,
+            since_lo,
+            reset=reset,
+            reset_lo=reset - rounding,
+            hint=retry_after,
+        )
+
+    def _next_reset(self, limiter: EndpointLimiter, since: float | None) -> float | None:
+        """When the server's window is likely to reset next, from its last reset and what was measured
+        of its length (the learned window, or the shortest a measure allows); None if nothing was."""
+        if since is None:
+            return None
+        if limiter.learned is not None:
+            return since + limiter.learned.seconds
+        own = [m.lo for m in self._measures if m.endpoint == limiter.name and m.lo > 0]
+        return since + own[-1] if own else None
+
+    def _measured(
+        self,
+        limiter: EndpointLimiter,
+        counts: tuple[int, int],
+        since: float | None,
+        since_lo: float | None,
+        *,
+        reset: float,
+        reset_lo: float,
+        hint: float | None = None,
+    ) -> None:
+        """The server's window reset between `reset_lo` and `reset`; between the previous reset (`since_lo`
+        to `since`) and its 429 it had served `counts` (this endpoint's, every endpoint's): a measure of
+        its window, once there are two."""
+        served, total = counts
         with self.lock:
-            if served == 0:
-                return  # nothing of ours was served: someone else spent the window; nothing to learn
-            now = self.clock()
-            refusal = _Refusal(limiter.name, served, total, window_start=began, at=now)
-            if self.limit.auto and not limiter.settled:
-                # auto found the edge by growing: back off to it at once and stop growing.
-                limiter.allowance = min(limiter.allowance, with_margin(served))
-                limiter.proven = True
-                self._lift_unsettled(limiter.allowance)
-            limiter.settled = True
-            self._refusals = [*self._refusals[-19:], refusal]
-            self._relearn(limiter, refusal)
+            others = list(self._endpoints.values()) if not self.per_endpoint or self.shared else [limiter]
+            for other in others:
+                # One window for everyone until the 429s say otherwise; a later reset wins.
+                if other is limiter or (other.reset_at or 0.0) < reset:
+                    other.reset_at, other.reset_lo = reset, reset_lo
+            if not limiter.measured:
+                # Until the window is measured, our own pacing must not hide it: the window is at least
+                # as long as the hint, and pacing over a longer one would skip the server's next window.
+                wait = hint if hint is not None else reset - (since or reset)
+                if wait > 0:
+                    limiter.window = min(limiter.window, widened(max(wait, 0.001)))
+            if since is None or served == 0:
+                return  # the first 429 (no reset seen before it), or someone else spent the window
+            if reset - since <= 0:
+                return
+            # Widened by half the tolerance each side: latency and clocks blur both resets a little.
+            slack = (reset - (since_lo or since)) * RATE_LEARN_TOLERANCE / 2
+            lo, hi = reset_lo - since - slack, reset - (since_lo or since) + slack
+            measure = _Measure(limiter.name, served, total, lo, hi, since=since, at=reset)
+            self._measures = [*self._measures[-19:], measure]
+            self._relearn(limiter, measure)
 
-    def _window_began(self, limiter: EndpointLimiter, retry_after: float | None) -> float:
-        """When the server's window began (the limiter's clock), as well as this 429 and the last hold
-        tell."""
-        seconds = self.limit.seconds
-        now = self.clock()
-        if 0 < now - limiter.hold_ends < seconds:
-            # A hold ended inside this window: the server's window cannot have begun before it did.
-            return limiter.hold_ends
-        if retry_after is None or not 0 < retry_after <= seconds:
-            return now - seconds  # a sliding guess: may count some of the window before
-        # Retry-After in whole seconds may be up to one second longer than the wait to the reset.
-        rounded = float(retry_after).is_integer()
-        return now - min(seconds, seconds - retry_after + (1.0 if rounded else 0.0))
-
-    def _relearn(self, limiter: EndpointLimiter, newest: _Refusal) -> None:
-        """Learn what two 429s of different server windows agree on. One 429 alone teaches nothing (it
-        holds the endpoint and makes it cautious): a fault, or another client, can answer 429 once."""
+    def _relearn(self, limiter: EndpointLimiter, newest: _Measure) -> None:
+        """Learn what two measures agree on (see the module docstring)."""
         changed: dict[str, RateLimit | None] = {}
-        own = [r for r in self._refusals if r.endpoint == limiter.name]
-        confirmed = _confirmed(own, lambda r: r.served)
-        if confirmed is not None and with_margin(confirmed) != limiter.learned:
-            limiter.learned = with_margin(confirmed)
-            limiter.allowance = min(self.ceiling, limiter.learned)
-            changed[limiter.name] = RateLimit(limiter.learned, self.limit.seconds)
+        own = [m for m in self._measures if m.endpoint == limiter.name]
+        configured = None if self.limit.auto else self.limit.seconds
+        confirmed = _confirmed(own, lambda m: m.served, configured)
+        if confirmed is not None and confirmed != limiter.learned:
+            limiter.learned = confirmed
+            limiter.allowance = min(AUTO_RATE_CAP, confirmed.requests)
+            limiter.window = widened(confirmed.seconds)
+            limiter.proven = limiter.measured = True
+            changed[limiter.name] = confirmed
             self.per_endpoint = self.shared is None
+            logger.info(
+                "rate limit: the API allows %s about %s (measured from its 429s); pacing at that",
+                limiter.name,
+                limit_text(confirmed),
+            )
         if newest.total > newest.served:  # others were served in the same window: evidence of sharing
-            shared = _confirmed([r for r in self._refusals if r.total > r.served], lambda r: r.total)
-            if shared is not None and with_margin(shared) != self.shared:
-                self.shared = with_margin(shared)
+            # Totals that agree across the 429s of two endpoints: with windows per endpoint, one refused
+            # at its own count while the other was served steadily would make one endpoint's totals agree.
+            shared = _confirmed(
+                [m for m in self._measures if m.total > m.served], lambda m: m.total, configured, endpoints=2
+            )
+            if shared is not None and shared != self.shared:
+                self.shared = shared
                 self.per_endpoint = False
-                changed[SHARED_SCOPE] = RateLimit(self.shared, self.limit.seconds)
-        if self.shared is not None and newest.total < self.shared - max(
-            1, int(self.shared * RATE_LEARN_TOLERANCE)
+                changed[SHARED_SCOPE] = shared
+        if self.shared is not None and newest.total < self.shared.requests - max(
+            1, int(self.shared.requests * RATE_LEARN_TOLERANCE)
         ):
             # Refused while the organization's window had room: the window is not (only) shared.
             self.shared = None
             changed[SHARED_SCOPE] = None
         for scope, limit in changed.items():
             self.book.learn(scope, limit)
+            # What this limiter read of the book a moment ago is stale now.
+            if limit is None:
+                self._learned.pop(scope, None)
+            else:
+                self._learned[scope] = limit
 
     def learned_limits(self) -> dict[str, str]:
-        """What this limiter now goes by where it differs from the configured limit, for the run report."""
+        """The learned limits this limiter now goes by, for the run report: `{"enrich-bulk": "4/3s"}`."""
         with self.lock:
-            seconds = f"{self.limit.seconds:g}"
             shown = {
-                name: f"{limiter.allowance}/{seconds}"
+                name: limit_text(limiter.learned)
                 for name, limiter in sorted(self._endpoints.items())
                 if limiter.learned is not None
-                or (self.limit.auto and limiter.allowance != self.limit.requests)
             }
+            if self.limit.auto:
+                for name, limiter in sorted(self._endpoints.items()):
+                    if limiter.learned is None and limiter.allowance != self.limit.requests:
+                        shown[name] = f"{limiter.allowance}/{limiter.window:.1f}s (auto)"
             if self.shared is not None:
-                shown["organization"] = f"{self.shared}/{seconds}"
+                shown["organization"] = limit_text(self.shared)
             return shown
+
+    def pacing_note(self) -> str:
+        """One line naming the learned limits that made requests wait, or "" when none did:
+        `enrich-bulk 4/3s (learned)`, `(learned earlier, re-checked)` for one this run started from."""
+        with self.lock:
+            notes = []
+            for name, limiter in sorted(self._endpoints.items()):
+                if limiter.learned is None or not limiter.paced_by_learned:
+                    continue
+                how = "learned earlier, re-checked" if limiter.rechecking else "learned"
+                notes.append(f"{name} {limit_text(limiter.learned)} ({how})")
+            if self.shared is not None:
+                notes.append(f"organization {limit_text(self.shared)} (learned)")
+            return "; ".join(notes)
 
 
 _shared: dict[tuple[str, str, RateLimit, str], RateLimiter] = {}

@@ -197,6 +197,35 @@ def cmd_automation(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_limits(args: argparse.Namespace) -> int:
+    """List the rate limits learned from the API's 429s and kept in the store (or clear them)."""
+    import time as _time
+
+    from cleanlist.constants import LEARNED_RATE_TTL
+    from cleanlist.ratelimit import limit_text
+    from cleanlist.settings import CleanlistSettings
+    from cleanlist.store import EnrichmentStore
+
+    store = EnrichmentStore(args.store or CleanlistSettings().store_url)
+    try:
+        if args.clear:
+            print(f"cleared {store.forget_rate_limits()} learned rate limit(s) in {store.url_display}")
+            return EXIT_OK
+        rows = store.learned_rate_limits()
+    finally:
+        store.close()
+    if not rows:
+        print("no learned rate limits")
+        return EXIT_OK
+    now = _time.time()
+    for organization, scope, limit, learned_at in rows:
+        age = now - learned_at
+        state = "expired" if age > LEARNED_RATE_TTL else "a starting point for the next run"
+        shown = "organization" if scope == "*" else scope
+        print(f"{organization}  {shown} {limit_text(limit)} (learned {age / 60:.0f} min ago; {state})")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cleanlist.sandbox.cli import add_sandbox_parser
     from deployments.receiver import add_receiver_parser
@@ -237,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     automation = sub.add_parser("create-automation", help="notify when a run runs out of credits")
     automation.add_argument("--block", help="name of a notification block to send through")
     automation.set_defaults(func=cmd_automation)
+
+    limits = sub.add_parser(
+        "limits", help="list the rate limits learned from the API's 429s (or --clear them)"
+    )
+    limits.add_argument("--store", metavar="URL", help="the enrichment store (default CLEANLIST_STORE_URL)")
+    limits.add_argument("--clear", action="store_true", help="forget every learned limit in the store")
+    limits.set_defaults(func=cmd_limits)
 
     add_sandbox_parser(sub)
     add_receiver_parser(sub)

@@ -483,6 +483,7 @@ def write_and_report(
         rate_limited=counters.rate_limited,
         rate_limit=str(run.client.rate_limit),
         rate_limits_learned=run.client.limiter.learned_limits(),
+        learned_limits=run.client.limiter.pacing_note(),
         pauses=counters.pauses,
         unresolved=run.workspace.count(ContactState.UNRESOLVED),
         task_lookups=counters.task_lookups,

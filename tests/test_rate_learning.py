@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cleanlist.ratelimit import SHARED_SCOPE, RateLimiter, with_margin
+from cleanlist.ratelimit import SHARED_SCOPE, MemoryBook, RateLimiter, with_margin
 from cleanlist.sandbox.ratelimit import FixedWindowLimiter
 from cleanlist.settings import RateLimit
 from cleanlist.store import EnrichmentStore
@@ -66,13 +66,13 @@ def test_a_limit_five_times_lower_than_configured_is_learned_with_few_429s() -> 
     for _ in range(60):
         send(limiter, clock, server, "enrich-bulk")
     bulk = limiter.endpoint("enrich-bulk")
-    assert bulk.learned == with_margin(4) == 4
+    assert bulk.learned is not None and bulk.learned.requests == with_margin(4) == 4
     assert bulk.allowance == 4
     assert server.share_429() <= 0.10, server.answers
     # Once learned, 4 per window: the real ceiling, less the window margin.
     late = [a for a in server.answers if a[1] > clock.start + 10]
     assert all(a[2] == 200 for a in late)
-    assert limiter.learned_limits() == {"enrich-bulk": "4/2"}
+    assert limiter.learned_limits() == {"enrich-bulk": "4/2s"}
 
 
 def test_one_429_alone_teaches_nothing() -> None:
@@ -93,13 +93,17 @@ def test_an_organization_wide_window_is_recognized_and_shared() -> None:
     clock = VirtualClock(start=1000.7)
     server = Server(20, shared=True)
     limiter = virtual("20/2", clock)
-    for i in range(240):
-        send(limiter, clock, server, "enrich-bulk" if i % 3 else "enrich-status")
-    assert limiter.shared == with_margin(20) == 19
+    # Bulk-heavy, then status-heavy: while the mix is steady, one endpoint's own count explains its 429s
+    # as well as a shared window would (and is all the pacing needs); when the mix changes, both
+    # endpoints meet the window's edge at the same total, and the window is recognized as shared.
+    for i in range(360):
+        bulk_heavy = i < 180
+        send(limiter, clock, server, "enrich-bulk" if (i % 3 != 0) == bulk_heavy else "enrich-status")
+    assert limiter.shared is not None and limiter.shared.requests == with_margin(20) == 19
     assert server.share_429() <= 0.10
-    late = [a for a in server.answers if a[1] > clock.start + 12]
-    assert late and all(a[2] == 200 for a in late)
-    assert limiter.learned_limits()["organization"] == "19/2"
+    late = server.answers[-90:]
+    assert all(a[2] == 200 for a in late)
+    assert limiter.learned_limits()["organization"].startswith("19/2")
 
 
 def test_auto_discovers_a_higher_limit_and_settles() -> None:
@@ -157,8 +161,8 @@ def test_runs_sharing_a_store_share_one_budget_and_what_was_learned(store_url: s
         a.book.learn(SHARED_SCOPE, RateLimit(5, 1.0))
         nxt = RateLimiter(limit, book=second.rate_book("host|org"))
         assert nxt.endpoint("enrich-bulk").allowance == 2
-        assert nxt.shared == 5
-        assert nxt.learned_limits() == {"enrich-bulk": "2/1", "organization": "5/1"}
+        assert nxt.shared == RateLimit(5, 1.0)
+        assert nxt.learned_limits() == {"enrich-bulk": "2/1s", "organization": "5/1s"}
         b.endpoint("enrich-bulk").hold(0.5)
         assert a.endpoint("enrich-bulk").held_for > 0.3  # a Retry-After one process read holds the other
     finally:
@@ -166,6 +170,7 @@ def test_runs_sharing_a_store_share_one_budget_and_what_was_learned(store_url: s
         second.close()
 
 
+@pytest.mark.usefixtures("prefect_harness")
 def test_a_run_learns_a_lower_limit_keeps_it_for_the_next_run_and_reports_it(
     tmp_path: Path, make_sandbox, api_env
 ) -> None:
@@ -179,7 +184,8 @@ def test_a_run_learns_a_lower_limit_keeps_it_for_the_next_run_and_reports_it(
     state, summary = run_flow(source=str(first), output=str(tmp_path / "out.csv"), store=store)
     assert state.is_completed(), state.message
     assert summary["rate_limit"] == "20/1"
-    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1", summary["rate_limits_learned"]
+    # Its window is measured; whole-second Retry-Afters cannot tell it from the configured one.
+    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1s", summary["rate_limits_learned"]
     assert len(read_csv(tmp_path / "out.csv")) == 5000
     assert sandbox.counters()["contacts_accepted_more_than_once"] == 0
 
@@ -187,6 +193,170 @@ def test_a_run_learns_a_lower_limit_keeps_it_for_the_next_run_and_reports_it(
     second = messy_export(tmp_path / "second.csv", unique=2000, tag="b")
     state, summary = run_flow(source=str(second), output=str(tmp_path / "out2.csv"), store=store)
     assert state.is_completed(), state.message
-    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1"
+    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1s"
     bulk = sandbox.counters()["requests"]["enrich-bulk"]
     assert bulk.get("429", 0) == 0, bulk  # the next run starts from what the first one learned
+
+
+# -- a learned limit is a count in a measured window (issue 19, item 8) --------------------------------
+
+
+def _fixed_window_run(
+    count: int,
+    window: float,
+    config: str,
+    *,
+    windows: int = 20,
+    hint: str = "seconds",
+    stored: RateLimit | None = None,
+) -> tuple[int, int, int, RateLimiter]:
+    """One caller sending back to back (20 ms a request) to a fixed-window server of `count` per `window`
+    for `windows` of its windows, in virtual time. Returns (served, refused, most the server and the
+    configured ceiling allow in that span, the limiter)."""
+    import math
+
+    clock = VirtualClock(start=1000.37)  # not aligned with the server's windows
+    server = FixedWindowLimiter(count, window)
+    book = MemoryBook(clock)
+    if stored is not None:  # what an earlier run left in the store
+        book.learn("enrich-bulk", stored)
+    limiter = virtual(config, clock, book)
+    gate = limiter.endpoint("enrich-bulk")
+    served = refused = 0
+    end = clock.start + windows * window
+    while True:
+        gate.acquire()
+        now = clock()
+        if now >= end:
+            gate.release(rate_limited=False, answered=False)
+            break
+        wait = server.admit("org", "enrich-bulk", now)
+        clock.advance(0.02)
+        if wait is None:
+            served += 1
+            gate.release(rate_limited=False)
+            continue
+        refused += 1
+        retry_after: float | None = float(max(1, math.ceil(wait)))  # the sandbox's whole seconds
+        if hint == "none":  # no Retry-After at all: the caller backs off a second, then asks again
+            retry_after = None
+            clock.advance(1.0)
+        if hint == "date":  # an HTTP date: whole seconds of a wall clock, read on the client's clock
+            epoch = 1.7e9 + 0.123
+            retry_after = math.floor(now + epoch + wait) - (clock() + epoch)
+            retry_after = retry_after if retry_after > 0 else None
+        gate.release(rate_limited=True, retry_after=retry_after)
+    configured = RateLimit.parse(config)
+    span = end - clock.start
+    most = count * math.ceil(span / window)
+    if not configured.auto:
+        most = min(most, configured.requests * math.ceil(span / configured.seconds))
+    return served, refused, most, limiter
+
+
+SERVERS = [(5, 1.0), (4, 3.0), (15, 10.0), (40, 60.0), (100, 120.0)]
+
+
+@pytest.mark.parametrize("config", ["60/60", "auto"])
+@pytest.mark.parametrize(("count", "window"), SERVERS, ids=[f"{c}per{w:g}s" for c, w in SERVERS])
+def test_a_server_window_of_any_length_is_measured_not_assumed(
+    count: int, window: float, config: str
+) -> None:
+    """Windows of 1 to 120 s behind the default 60/60 and behind auto: few 429s, near the ceiling, and
+    the limit is learned with the server's window (the old limiter kept the configured 60 s)."""
+    served, refused, most, limiter = _fixed_window_run(count, window, config)
+    assert refused / (served + refused) <= 0.10, (served, refused)
+    assert served >= 0.6 * most, (served, most)
+    learned = limiter.endpoint("enrich-bulk").learned
+    assert learned is not None
+    assert learned.requests <= count
+    assert window - 0.5 <= learned.seconds <= window + 1.2, learned  # whole-second hints: ±1 s at most
+
+
+@pytest.mark.parametrize(("count", "window"), [(15, 10.0), (40, 60.0)])
+def test_a_window_is_measured_from_http_date_hints_too(count: int, window: float) -> None:
+    served, refused, most, limiter = _fixed_window_run(count, window, "60/60", hint="date")
+    assert refused / (served + refused) <= 0.10, (served, refused)
+    assert served >= 0.6 * most
+    learned = limiter.endpoint("enrich-bulk").learned
+    assert learned is not None and window - 0.5 <= learned.seconds <= window + 1.2, learned
+
+
+@pytest.mark.parametrize(("count", "window"), SERVERS, ids=[f"{c}per{w:g}s" for c, w in SERVERS])
+def test_without_retry_after_the_window_is_measured_from_when_the_server_serves_again(
+    count: int, window: float
+) -> None:
+    """No hint at all (the caller retries every second): the reset is bounded by the last 429 and the
+    first answer after it. The window is still learned right, and once one is measured the endpoint
+    holds until the window reopens instead of collecting a 429 a second."""
+    served, refused, most, limiter = _fixed_window_run(count, window, "60/60", hint="none")
+    # The first window, before anything is measured, costs a 429 per retry: up to 10 in a 10 s window.
+    assert refused / (served + refused) <= 0.15, (served, refused)
+    assert served >= 0.6 * most, (served, most)
+    learned = limiter.endpoint("enrich-bulk").learned
+    assert learned is not None and learned.requests <= count
+    assert window - 0.5 <= learned.seconds <= window + 1.2, learned
+
+
+def test_a_wrong_stored_limit_is_corrected_within_the_run() -> None:
+    """`4/60` stored by an older release for a server allowing 4 per 3 s: the run starts from it, grows
+    past it, measures the 3 s window and paces at it instead of 4 a minute."""
+    served, refused, most, limiter = _fixed_window_run(4, 3.0, "60/60", windows=30, stored=RateLimit(4, 60.0))
+    assert served >= 0.6 * most, (served, most)  # 4 a minute would be 8 in these 90 s
+    assert refused / (served + refused) <= 0.10
+    learned = limiter.book.learned()["enrich-bulk"]
+    assert learned.requests == 4 and 3.0 <= learned.seconds <= 4.2, learned
+    assert limiter.pacing_note().startswith("enrich-bulk 4/3")
+
+
+def test_a_stored_limit_the_server_now_exceeds_is_raised() -> None:
+    """A limit stored as 4 per 3 s, and the server now allows 12: the run grows past the stored one."""
+    served, _refused, most, limiter = _fixed_window_run(
+        12, 3.0, "60/60", windows=30, stored=RateLimit(4, 3.0)
+    )
+    assert served >= 0.6 * most, (served, most)
+    assert limiter.book.learned()["enrich-bulk"].requests >= 10
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_real_run_stores_a_three_second_window_and_goes_at_its_pace(
+    tmp_path: Path, make_sandbox, api_env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Over HTTP: the sandbox allows 4 bulk requests per 3 s; the client is left at the default 60/60.
+    The learned limit is stored as 4 per ~3 s (not per 60 s), the report names it, and 16 chunks take
+    about 16 / 4 windows, not 4 a minute."""
+    from tests.flow_helpers import messy_export, read_csv, run_flow
+
+    sandbox = make_sandbox(rate_limit=(4, 3.0), latency=0.05)
+    api_env(sandbox, rate_limit="60/60")
+    store_url = f"sqlite:///{tmp_path / 's.db'}"
+    source = messy_export(tmp_path / "in.csv", unique=4000)  # 16 chunks
+    state, summary = run_flow(source=str(source), output=str(tmp_path / "out.csv"), store=store_url)
+    assert state.is_completed(), state.message
+    assert len(read_csv(tmp_path / "out.csv")) == 4000
+    log = [e for e in sandbox.requests_log() if e["endpoint"] == "enrich-bulk"]
+    accepted = [e["t"] for e in log if e["status"] == 200]
+    assert len(accepted) == 16
+    # 16 at 4 per 3 s is 12 s at best (4 a minute would be 4 minutes).
+    assert accepted[-1] - accepted[0] <= 30, accepted[-1] - accepted[0]
+    store = EnrichmentStore(store_url)
+    try:
+        stored = {scope: limit for _org, scope, limit, _at in store.learned_rate_limits()}
+    finally:
+        store.close()
+    assert stored["enrich-bulk"].requests == 4, stored
+    assert 3.0 <= stored["enrich-bulk"].seconds <= 4.2, stored
+    # The report shows it (and names it among the limits that paced the run when requests waited on it:
+    # learned in the last windows of so short a run, none may have).
+    assert summary["rate_limits_learned"]["enrich-bulk"].startswith("4/3"), summary
+
+    # `cleanlist-enrich limits` lists it, and --clear forgets it.
+    from deployments.cli import main
+
+    capsys.readouterr()
+    assert main(["limits", "--store", store_url]) == 0
+    listed = capsys.readouterr().out
+    assert "enrich-bulk 4/3" in listed, listed
+    assert main(["limits", "--store", store_url, "--clear"]) == 0
+    assert main(["limits", "--store", store_url]) == 0
+    assert "no learned rate limits" in capsys.readouterr().out

@@ -64,6 +64,8 @@ class RunSummary(_Report):
     rate_limited: int = 0
     rate_limit: str = ""
     rate_limits_learned: dict[str, str] = {}  # what the limiter went by at the end, where it differs
+    # The learned limits that made requests wait, one line: "enrich-bulk 4/3s (learned)" ("" if none).
+    learned_limits: str = ""
     pauses: int = 0
     unresolved: int = 0  # contacts paid for whose answer has not come: a rerun asks for them by task id
     task_lookups: int = 0  # status calls by task id, for tasks a workflow answer left out
@@ -115,6 +117,7 @@ class RunSummary(_Report):
             f"| ambiguous submissions (answer lost after sending) | {self.ambiguous_submissions:,} |",
             f"| retries (429: {self.rate_limited}) | {self.retries} |",
             f"| rate limit | {self._rate_limits()} |",
+            f"| paced by learned limits | {self.learned_limits or 'none'} |",
             f"| duration | {self.seconds:,.1f} s |",
             "",
             "## Rejects by reason",

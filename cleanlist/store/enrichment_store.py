@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from cleanlist.dburl import hide_passwords
 from cleanlist.io.cursor import Watermark
+from cleanlist.settings import RateLimit
 from cleanlist.store.claims import (
     MAX_CLAIM_PASSES,
     ClaimSplit,
@@ -50,7 +51,7 @@ from cleanlist.store.ledger import (
 )
 from cleanlist.store.liveness import HEARTBEAT_SECONDS, LEASE_SECONDS, ProcessIdentity, RunHeartbeat
 from cleanlist.store.marks import read_mark, write_mark
-from cleanlist.store.ratebook import FallbackRateBook, StoreRateBook
+from cleanlist.store.ratebook import FallbackRateBook, StoreRateBook, forget_rate_limits, learned_rate_limits
 from cleanlist.store.records import (
     ACCEPTED,
     RUN_RUNNING,
@@ -108,6 +109,14 @@ class EnrichmentStore:
         """The rate limiter's book for one organization (an API key's fingerprint), shared through this
         store by every process and machine that uses it (in memory once the store fails)."""
         return FallbackRateBook(StoreRateBook(self._transact, self._engine.dialect.name, organization))
+
+    def learned_rate_limits(self) -> list[tuple[str, str, RateLimit, float]]:
+        """Every learned rate limit kept here: (organization, scope, limit, learned at, epoch seconds)."""
+        return learned_rate_limits(self._transact)
+
+    def forget_rate_limits(self) -> int:
+        """Clear the learned rate limits kept here (the next runs start from their configuration)."""
+        return forget_rate_limits(self._transact)
 
     def __enter__(self) -> Self:
         return self

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from cleanlist.constants import LEARNED_RATE_TTL
-from cleanlist.ratelimit import SHARED_SCOPE, MemoryBook, Taken, Ticket
+from cleanlist.ratelimit import SHARED_SCOPE, MemoryBook, Pace, Taken, Ticket, longest_windows
 from cleanlist.settings import RateLimit
 from cleanlist.store.schema import rate_scopes, rate_slots
 
@@ -96,34 +96,41 @@ class StoreRateBook:
             ),
         )
 
-    def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
+    def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
         sweep = next(self._takes) % _SWEEP_EVERY == 0
+        scopes = longest_windows(paces)
 
         def work(conn: Connection) -> Taken:
             now = self._now(conn)
             # A hold on "*" holds every endpoint.
-            held_until = self._lock_scopes(conn, [scope for scope, _ in scopes] + [SHARED_SCOPE])
+            held_until = self._lock_scopes(conn, [*scopes, SHARED_SCOPE])
             if held_until > now:
                 return Taken(None, held_until - now, held=True)
             if sweep:
-                old = now - 2 * max(window, STALE_IN_FLIGHT)
+                old = now - 2 * max(max(scopes.values()), STALE_IN_FLIGHT)
                 conn.execute(
                     delete(rate_slots).where(
                         rate_slots.c.organization == self.organization, rate_slots.c.stamp < old
                     )
                 )
-            for scope, allowance in scopes:
-                live = self._live(scope, now, window)
+            for pace in paces:
+                live = self._live(pace.scope, now, pace.window)
                 count = conn.execute(select(func.count()).select_from(rate_slots).where(live)).scalar_one()
-                self._used[scope] = int(count)
-                if count >= allowance:
-                    oldest = conn.execute(
-                        select(func.min(rate_slots.c.stamp)).where(live, rate_slots.c.in_flight.is_(False))
-                    ).scalar_one()
-                    wait = float(oldest) + window - now if oldest is not None else 0.01
+                if pace.window == scopes[pace.scope]:
+                    self._used[pace.scope] = int(count)
+                if count >= pace.allowance:
+                    # The wait until enough of the window's slots have expired for one more.
+                    stamps = conn.execute(
+                        select(rate_slots.c.stamp)
+                        .where(live, rate_slots.c.in_flight.is_(False))
+                        .order_by(rate_slots.c.stamp)
+                        .offset(int(count) - pace.allowance)
+                        .limit(1)
+                    ).scalar_one_or_none()
+                    wait = float(stamps) + pace.window - now if stamps is not None else 0.01
                     return Taken(None, max(wait, 0.001))
             ids = []
-            for scope, _ in scopes:
+            for scope in scopes:
                 ids.append(
                     conn.execute(
                         insert(rate_slots)
@@ -270,13 +277,13 @@ class FallbackRateBook:
                 "rate book: the store failed (%s); pacing in memory from now on", type(exc).__name__
             )
 
-    def take(self, endpoint: str, scopes: Sequence[tuple[str, int]], window: float) -> Taken:
+    def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
         if not self._failed:
             try:
-                return self._store.take(endpoint, scopes, window)
+                return self._store.take(endpoint, paces)
             except (DBAPIError, PoolTimeoutError) as exc:
                 self._fail(exc)
-        return self._memory.take(endpoint, scopes, window)
+        return self._memory.take(endpoint, paces)
 
     def give_back(self, ticket: Ticket, *, ok: bool) -> None:
         if isinstance(ticket, _StoreTicket):
@@ -331,3 +338,40 @@ class FallbackRateBook:
                 self._store.learn(scope, limit)
             except (DBAPIError, PoolTimeoutError) as exc:
                 self._fail(exc)
+
+
+def learned_rate_limits(transact: Transact[Any]) -> list[tuple[str, str, RateLimit, float]]:
+    """Every learned limit in the store, expired ones included: (organization, scope, limit, learned at
+    as epoch seconds), for `cleanlist-enrich limits`."""
+
+    def work(conn: Connection) -> list[tuple[str, str, RateLimit, float]]:
+        rows = conn.execute(
+            select(
+                rate_scopes.c.organization,
+                rate_scopes.c.scope,
+                rate_scopes.c.learned_requests,
+                rate_scopes.c.learned_seconds,
+                rate_scopes.c.learned_at,
+            )
+            .where(rate_scopes.c.learned_requests.is_not(None))
+            .order_by(rate_scopes.c.organization, rate_scopes.c.scope)
+        ).all()
+        return [(r[0], r[1], RateLimit(int(r[2]), float(r[3])), float(r[4] or 0.0)) for r in rows]
+
+    result: list[tuple[str, str, RateLimit, float]] = transact(work)
+    return result
+
+
+def forget_rate_limits(transact: Transact[Any]) -> int:
+    """Clear every learned limit in the store (holds and slots stay); how many there were."""
+
+    def work(conn: Connection) -> int:
+        cleared = conn.execute(
+            update(rate_scopes)
+            .where(rate_scopes.c.learned_requests.is_not(None))
+            .values(learned_requests=None, learned_seconds=None, learned_at=None)
+        )
+        return int(cleared.rowcount or 0)
+
+    result: int = transact(work)
+    return result
