@@ -92,7 +92,7 @@ def test_rejected_plan_exits_2_with_one_line(tmp_path: Path, make_sandbox) -> No
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [
-        (["run", "{src}", "-o", "{tmp}/out.csv"], {"CLEANLIST_API_KEY": ""}, "api key from cleanlist_api_key is empty"),
+        (["run", "{src}", "-o", "{tmp}/out.csv"], {"CLEANLIST_API_KEY": ""}, "cleanlist_api_key is empty"),
         (["run", "{tmp}/missing.csv", "-o", "{tmp}/out.csv"], {}, "not found"),
         (["run", "{src}", "-o", "{tmp}/out.xml"], {}, "must end in"),
         (["run", "{tmp}/data.docx", "-o", "{tmp}/out.csv"], {}, "docx"),
