@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -93,6 +94,11 @@ def _prefect_records_leaks(home: Path, api_url: str | None, seeds: list[int]) ->
     return [(seed, where) for seed in seeds for where, text in texts.items() if api_key_for(seed) in text]
 
 
+# Services of the Prefect server that look after deployments, workers and old data: a CLI run uses none
+# of them, and their loops cost the shared server CPU on a 2-CPU machine.
+IDLE_SERVICES = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "DB_VACUUM", "REPOSSESSOR", "CLEANUP_RECONCILER")
+
+
 def replay_command(seed: int, *, profile: str, event: str | None, moment: str | None,
                    temp_server_share: float | None) -> str:  # fmt: skip
     """The command that plays schedule `seed` again: the seed and every flag a schedule depends on."""
@@ -121,6 +127,8 @@ def run_batch(
     """Play `seeds`; returns the batch report (what the CLI prints)."""
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="cleanlist-chaos-", dir=keep))
+    for service in IDLE_SERVICES:
+        os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
     prefect = PrefectServer(root / "prefect-shared")
     world = World(
         checkout=checkout.resolve(), root=root, prefect_api_url=prefect.api_url, prefect_env=dict(prefect.env)

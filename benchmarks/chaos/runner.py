@@ -482,6 +482,7 @@ class SchedulePlayer:
                     reruns >= 1
                     or (self.runs[-1].exit_code or 0) == 2
                     or self.runs[-1].status == "credits_exhausted"
+                    or s.moment == "credit_pause"  # the user topped up, then ran again
                 ):
                     self._heal()
                 reruns += 1
