@@ -325,7 +325,13 @@ class SchedulePlayer:
         env = {
             k: v for k, v in self.world.prefect_env.items() if not k.startswith(("CLEANLIST_", "PREFECT_API"))
         }
+        # A /tmp of its own per schedule: a run in a PID namespace takes the workspaces of runs outside it
+        # for dead (their pids are not in its namespace) and deletes them; schedules played at once
+        # must not do that to each other (runs of one schedule still share it).
+        tmp = self.work / "tmp"
+        tmp.mkdir(exist_ok=True)
         env.update(
+            TMPDIR=str(tmp),
             HOME=str(self.home),
             CLEANLIST_API_KEY=self.key + s.key_tail,
             CLEANLIST_BASE_URL=self.proxy.base_url,
