@@ -262,7 +262,9 @@ def mark_never_passes_unsettled(facts: ScheduleFacts) -> list[str]:
         return []
     problems: list[str] = []
     settled: set[str] = set()
-    for run in facts.runs:
+    # In the order the runs ended: of two runs at once, the one that ends second may skip (by the mark)
+    # what the first settled, and its own mark then passes rows settled by the other.
+    for run in sorted(facts.runs, key=lambda r: float("inf") if r.ended_at is None else r.ended_at):
         if run.completed:
             settled |= {row.get(ROW_ID, "") for row in _rows(run) if _status(row) not in UNSETTLED_STATUSES}
         mark = (run.summary or {}).get("cursor_mark_new")
