@@ -492,7 +492,10 @@ class SchedulePlayer:
             if self.pg is not None:
                 self.pg.outage(down=False)  # the store is back for the reruns
             reruns = 0
-            while reruns < s.max_reruns and (s.event != "none" or not self.runs[-1].completed):
+            all_completed = all(run.completed for run in self.runs)
+            first_rerun = s.event != "none" and (s.rerun_after_completed or not all_completed)
+            while reruns < s.max_reruns and (first_rerun or not self.runs[-1].completed):
+                first_rerun = False
                 if (
                     reruns >= 1
                     or (self.runs[-1].exit_code or 0) == 2
@@ -503,8 +506,10 @@ class SchedulePlayer:
                 reruns += 1
                 run = self._launch(f"rerun {reruns}", container)
                 self.runs.append(run.finish(run.started + self.schedule.run_bound))
-                if self.runs[-1].completed and reruns >= 1:
+                if self.runs[-1].completed:
                     break
+                if self.runs[-1].exit_code is None:
+                    break  # a rerun that hangs is the finding; more reruns would hang the same way
             return self._facts(), self.notes
         finally:
             self._stop()
