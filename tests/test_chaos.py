@@ -116,7 +116,8 @@ def test_a_mark_past_an_unsettled_row_breaks_invariant_4() -> None:
 
 def test_a_mark_over_rows_another_run_settled_first_holds_invariant_4() -> None:
     # Two runs at once: run 2 ends first and settles both rows; run 1, launched first, ends second having
-    # skipped them by run 2's mark (seed 1627578 of the CI batch, a false positive before).
+    # skipped them. Checked in launch order this was a violation; in the order the runs ended it is not
+    # (and a run that ends first with a mark over rows the other still holds stays one: seed 1627578).
     first = _completed("run 1", [], cursor_mark_new="2", skipped_by_cursor=2)
     second = _completed("run 2 (at once)", [_row("r1"), _row("r2")], cursor_mark_new="2")
     first.ended_at, second.ended_at = 20.0, 10.0
