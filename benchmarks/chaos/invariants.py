@@ -61,6 +61,11 @@ class RunFacts:
     leftover_processes: list[str] = field(default_factory=list)
     output_rows: list[dict[str, str]] | None = None
     reject_rows: list[dict[str, str]] | None = None
+    library: bool = False
+    cpu_seconds: float | None = None
+    """User + system CPU of the run's process tree (what it costs a quiet machine)."""
+    """A user's program calling `enrich_dataframe` (not the CLI): it raises what ended the run, and a
+    signal the program does not handle ends it the way Python does (-15, a KeyboardInterrupt trace)."""
 
     @property
     def status(self) -> str | None:
@@ -257,7 +262,9 @@ def mark_never_passes_unsettled(facts: ScheduleFacts) -> list[str]:
         return []
     problems: list[str] = []
     settled: set[str] = set()
-    for run in facts.runs:
+    # In the order the runs ended: of two runs at once, the one that ends second may skip (by the mark)
+    # what the first settled, and its own mark then passes rows settled by the other.
+    for run in sorted(facts.runs, key=lambda r: float("inf") if r.ended_at is None else r.ended_at):
         if run.completed:
             settled |= {row.get(ROW_ID, "") for row in _rows(run) if _status(row) not in UNSETTLED_STATUSES}
         mark = (run.summary or {}).get("cursor_mark_new")
@@ -310,13 +317,15 @@ def runs_end(facts: ScheduleFacts) -> list[str]:
             took = run.ended_at - run.signalled_at
             if took > SIGNAL_BOUND_SECONDS:
                 problems.append(f"{run.label}: ended {took:.0f} s after {run.signal} (bound 30 s)")
-            if run.exit_code not in DOCUMENTED_SIGNAL_EXIT_CODES:
+            if run.exit_code not in DOCUMENTED_SIGNAL_EXIT_CODES and not (
+                run.library and run.exit_code in (-15, -2)
+            ):
                 problems.append(
                     f"{run.label}: exit code {run.exit_code} after {run.signal} is not documented"
                 )
         elif run.exit_code not in DOCUMENTED_EXIT_CODES:
             problems.append(f"{run.label}: exit code {run.exit_code} is not documented")
-        if TRACEBACK in run.stderr:
+        if TRACEBACK in run.stderr and not (run.library and run.signal is not None):
             problems.append(f"{run.label}: a traceback instead of one line: {last_line(run.stderr)!r}")
         if run.leftover_processes:
             problems.append(f"{run.label}: left {', '.join(run.leftover_processes)} running")

@@ -41,6 +41,7 @@ class ApiProxy:
         self.requests_seen = 0
         self.bulk_on_wire = 0
         self.first_request_at: float | None = None
+        self.first_402_at: float | None = None  # the API said "out of credits" (a credit pause starts)
         self._lock = threading.Lock()
         self._client: httpx.AsyncClient | None = None
         app = Starlette(
@@ -74,6 +75,10 @@ class ApiProxy:
             url = self.upstream + request.url.path + (f"?{request.url.query}" if request.url.query else "")
             answer = await self._client.request(request.method, url, content=body, headers=headers)
             status = answer.status_code
+            if status == 402 or (status == 400 and b"credit" in answer.content.lower()):
+                with self._lock:
+                    if self.first_402_at is None:
+                        self.first_402_at = time.monotonic()
             if is_bulk:
                 low, high = self.bulk_delay
                 await asyncio.sleep(self._rng.uniform(low, high))

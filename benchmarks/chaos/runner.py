@@ -35,7 +35,7 @@ from benchmarks.chaos.sources import Source, build_rows, write_source
 from benchmarks.procs import SandboxProcess, free_port
 
 POSTGRES_ADMIN = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-RUN_BOUND_SECONDS = 150.0  # a run of a few hundred rows that takes longer than this is stuck (loaded machine)
+WATCH_EVERY_SECONDS = 0.3
 SIGNAL_GRACE_SECONDS = 35.0  # the 30 s bound of invariant 6, plus the harness's own polling
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 SIGNALS = {
@@ -102,7 +102,7 @@ def _summary(stdout: str) -> dict[str, Any] | None:
 
 
 class _Postgres:
-    """A fresh database per schedule (the store), dropped at the end."""
+    """A fresh database per schedule (the store), dropped at the end; it can refuse connections."""
 
     def __init__(self, seed: int) -> None:
         import psycopg
@@ -122,6 +122,18 @@ class _Postgres:
             row = conn.execute("SELECT count(*) FROM cleanlist_workflows").fetchone()
             return int(row[0]) if row else 0
         return 0
+
+    def outage(self, *, down: bool) -> None:
+        """Refuse new connections and end the open ones (down), or accept them again. Only this
+        schedule's own database is touched."""
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error), psycopg.connect(self._admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS {"false" if down else "true"}')
+            if down:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (self.name,)
+                )
 
     def drop(self) -> None:
         import psycopg
@@ -143,8 +155,20 @@ def _sqlite_workflows(path: Path) -> int:
 class _Run:
     """One CLI process of a schedule, watched from outside: its descendants, its end, its files."""
 
-    def __init__(self, label: str, cmd: list[str], env: dict[str, str], cwd: Path, output: Path) -> None:
+    def __init__(
+        self,
+        label: str,
+        cmd: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        output: Path,
+        *,
+        library: bool = False,
+        bound: float = 150.0,
+    ) -> None:
         self.label = label
+        self.library = library
+        self.bound = bound
         self.output = output
         self.out = tempfile.TemporaryFile()
         self.err = tempfile.TemporaryFile()
@@ -156,9 +180,18 @@ class _Run:
         self.signal_name: str | None = None
         self.signalled_at: float | None = None
         self.ended_at: float | None = None
+        self.cpu_seconds: float | None = None
+        self._next_watch = 0.0
 
     def watch(self) -> None:
-        """Remember every descendant (a temporary Prefect server, a receiver) while the run lives."""
+        """Remember every descendant (a temporary Prefect server, a receiver) while the run lives.
+
+        A scan of the process table costs milliseconds: done at most every 0.3 s (what it looks for lives
+        for the whole run), so waiting for a moment at 100 Hz costs the harness next to nothing."""
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + WATCH_EVERY_SECONDS
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.proc.pid).children(recursive=True):
                 if child.pid not in self.descendants:
@@ -185,7 +218,15 @@ class _Run:
                 os.kill(self.proc.pid, sig)
 
     def poll(self) -> bool:
-        if self.proc.poll() is not None:
+        """Has the run ended? Reaped with `os.wait4`, so its CPU time (with its reaped descendants') is
+        known: what a schedule costs a quiet machine, whatever the load of this one."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+                if pid:
+                    self.proc.returncode = os.waitstatus_to_exitcode(status)
+                    self.cpu_seconds = usage.ru_utime + usage.ru_stime
+        if self.proc.returncode is not None:
             if self.ended_at is None:
                 self.ended_at = time.monotonic()
             return True
@@ -200,7 +241,9 @@ class _Run:
         if hung:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            end = time.monotonic() + 10
+            while not self.poll() and time.monotonic() < end:
+                time.sleep(0.05)
         leftovers = self._leftovers(report=not hung and self.signal_name != "SIGKILL")
         self.out.seek(0)
         self.err.seek(0)
@@ -219,10 +262,12 @@ class _Run:
             signalled_at=self.signalled_at,
             ended_at=self.ended_at,
             started_at=self.started,
-            bound_seconds=RUN_BOUND_SECONDS,
+            bound_seconds=self.bound,
             leftover_processes=leftovers,
             output_rows=_read_rows(self.output),
             reject_rows=_read_rows(rejects),
+            library=self.library,
+            cpu_seconds=self.cpu_seconds,
         )
 
     def _leftovers(self, *, report: bool) -> list[str]:
@@ -263,6 +308,7 @@ class SchedulePlayer:
         self.sandbox: SandboxProcess | None = None
         self.proxy: ApiProxy | None = None
         self.source: Source | None = None
+        self.outage_fired: float | None = None
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -288,9 +334,15 @@ class SchedulePlayer:
         env = {
             k: v for k, v in self.world.prefect_env.items() if not k.startswith(("CLEANLIST_", "PREFECT_API"))
         }
+        # A /tmp of its own per schedule: a run in a PID namespace takes the workspaces of runs outside it
+        # for dead (their pids are not in its namespace) and deletes them; schedules played at once
+        # must not do that to each other (runs of one schedule still share it).
+        tmp = self.work / "tmp"
+        tmp.mkdir(exist_ok=True)
         env.update(
+            TMPDIR=str(tmp),
             HOME=str(self.home),
-            CLEANLIST_API_KEY=self.key,
+            CLEANLIST_API_KEY=self.key + s.key_tail,
             CLEANLIST_BASE_URL=self.proxy.base_url,
             CLEANLIST_RATE_LIMIT=s.client_rate,
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -304,15 +356,28 @@ class SchedulePlayer:
             env["PREFECT_API_URL"] = self.world.prefect_api_url
         return env
 
+    def _frame_cmd(self, output: Path) -> list[str]:
+        """The DataFrame driver with the same options as keyword arguments."""
+        s = self.schedule
+        assert self.source is not None
+        options: dict[str, Any] = {"store": self.store_url, "enrichment_type": s.enrichment_type,
+                                   "max_concurrent_chunks": s.concurrency}  # fmt: skip
+        flags = list(s.run_options)
+        for flag, value in zip(flags[::2], flags[1::2], strict=True):
+            name = flag.removeprefix("--").replace("-", "_")
+            options[name] = int(value) if name in ("retries", "pause_timeout_seconds") else float(value)
+        driver = Path(__file__).with_name("frame_driver.py")
+        return [self.world.python, str(driver), self.source.argument, str(output), json.dumps(options)]
+
     def _cmd(self, output: Path, container: bool) -> list[str]:
         s = self.schedule
         assert self.source is not None
+        if s.source_format == "dataframe":
+            cmd = self._frame_cmd(output)
+            return [*UNSHARE, *cmd] if container else cmd
         cmd = [self.world.python, "-m", "deployments.cli", "run", self.source.argument, "--output", str(output),
                "--store", self.store_url, "--enrichment-type", s.enrichment_type, "--json",
-               "--initial-poll-seconds", "1", "--retry-delay-seconds", "0.2", "--retries", "4",
-               "--api-outage-seconds", "20", "--max-concurrent-chunks", str(s.concurrency),
-               "--credit-recheck-seconds", "1", "--pause-timeout-seconds", "5",
-               "--poll-timeout-seconds", "40"]  # fmt: skip
+               "--max-concurrent-chunks", str(s.concurrency), *s.run_options]  # fmt: skip
         if self.source.sql:
             cmd += ["--sql", self.source.sql]
         if s.cursor:
@@ -324,7 +389,16 @@ class SchedulePlayer:
     def _launch(self, label: str, container: bool = False) -> _Run:
         output = self.work / f"out-{len(self.runs) + 1}-{len(label)}.csv"
         label = label + (" (container)" if container else "")
-        return _Run(label, self._cmd(output, container), self._env(), self.world.checkout, output)
+        library = self.schedule.source_format == "dataframe"
+        return _Run(
+            label,
+            self._cmd(output, container),
+            self._env(),
+            self.world.checkout,
+            output,
+            library=library,
+            bound=self.schedule.run_bound,
+        )
 
     # --- events -----------------------------------------------------------------------------------
 
@@ -340,11 +414,15 @@ class SchedulePlayer:
             # The first answer is in: with a tight window the other chunks now wait for a rate slot.
             done = self.proxy.bulk
             return bool(done) and time.monotonic() >= done[0].ended + s.event_delay * 0.4
+        if s.moment == "credit_pause":
+            # The API said "out of credits": the run pauses, re-checking the balance.
+            paused = self.proxy.first_402_at
+            return paused is not None and time.monotonic() >= paused + 0.3 + s.event_delay * 0.2
         first = self.proxy.first_request_at
         return first is not None and first >= run.started and time.monotonic() >= first + s.event_delay
 
     def _with_event(self, run: _Run, sig: signal.Signals) -> RunFacts:
-        deadline = run.started + RUN_BOUND_SECONDS
+        deadline = run.started + self.schedule.run_bound
         fired = False
         while not run.poll() and time.monotonic() < deadline:
             run.watch()
@@ -371,6 +449,18 @@ class SchedulePlayer:
             admin.post("/keys/restore", json={"api_key": self.key})
             admin.post("/credits", json={"add": 1e9})
 
+    def _outage_watch(self, stop: threading.Event) -> None:
+        """The store outage: PostgreSQL refuses connections a drawn delay after the first request."""
+        s = self.schedule
+        assert self.proxy is not None and self.pg is not None and s.store_outage is not None
+        while not stop.is_set():
+            first = self.proxy.first_request_at
+            if first is not None and time.monotonic() >= first + s.store_outage:
+                self.pg.outage(down=True)
+                self.outage_fired = time.monotonic()
+                return
+            stop.wait(0.05)
+
     # --- the schedule -----------------------------------------------------------------------------
 
     def play(self) -> tuple[ScheduleFacts, list[str]]:
@@ -378,30 +468,48 @@ class SchedulePlayer:
         try:
             self._start()
             container = s.event == "container"
+            stop_outage = threading.Event()
+            watcher: threading.Thread | None = None
+            if s.store_outage is not None and self.pg is not None:
+                watcher = threading.Thread(target=self._outage_watch, args=(stop_outage,), daemon=True)
+                watcher.start()
             if s.event == "concurrent":
                 first = self._launch("run 1")
                 time.sleep(0.3 + s.event_delay)
                 second = self._launch("run 2 (at once)")
-                self.runs.append(first.finish(first.started + RUN_BOUND_SECONDS))
-                self.runs.append(second.finish(second.started + RUN_BOUND_SECONDS))
+                self.runs.append(first.finish(first.started + s.run_bound))
+                self.runs.append(second.finish(second.started + s.run_bound))
             elif s.event in SIGNALS:
                 self.runs.append(self._with_event(self._launch("run 1", container), SIGNALS[s.event]))
             else:
                 first = self._launch("run 1")
-                self.runs.append(first.finish(first.started + RUN_BOUND_SECONDS))
+                self.runs.append(first.finish(first.started + s.run_bound))
+            if watcher is not None:
+                stop_outage.set()
+                watcher.join()
+                if self.outage_fired is None:
+                    self.notes.append("run 1 ended before the store outage")
+            if self.pg is not None:
+                self.pg.outage(down=False)  # the store is back for the reruns
             reruns = 0
-            while reruns < s.max_reruns and (s.event != "none" or not self.runs[-1].completed):
+            all_completed = all(run.completed for run in self.runs)
+            first_rerun = s.event != "none" and (s.rerun_after_completed or not all_completed)
+            while reruns < s.max_reruns and (first_rerun or not self.runs[-1].completed):
+                first_rerun = False
                 if (
                     reruns >= 1
                     or (self.runs[-1].exit_code or 0) == 2
                     or self.runs[-1].status == "credits_exhausted"
+                    or s.moment == "credit_pause"  # the user topped up, then ran again
                 ):
                     self._heal()
                 reruns += 1
                 run = self._launch(f"rerun {reruns}", container)
-                self.runs.append(run.finish(run.started + RUN_BOUND_SECONDS))
-                if self.runs[-1].completed and reruns >= 1:
+                self.runs.append(run.finish(run.started + self.schedule.run_bound))
+                if self.runs[-1].completed:
                     break
+                if self.runs[-1].exit_code is None:
+                    break  # a rerun that hangs is the finding; more reruns would hang the same way
             return self._facts(), self.notes
         finally:
             self._stop()
@@ -425,7 +533,8 @@ class SchedulePlayer:
             with contextlib.suppress(OSError):
                 texts[str(path.relative_to(self.work))] = path.read_bytes().decode("latin-1")
         refused = (
-            not self.proxy.bulk
+            not s.key_tail  # a key with a trailing newline is the user's key, not a refused source
+            and not self.proxy.bulk
             and all(r.exit_code == 1 for r in self.runs)
             and all("Traceback" not in r.stderr for r in self.runs)
         )

@@ -1,10 +1,20 @@
-"""The schedule generator: one seed → one source, one set of run options, one sandbox, one process event.
+"""The schedule generator: one seed and one profile → one source, one set of run options, one sandbox,
+one process event, its moment and the faults beside it.
 
-Everything is drawn from `random.Random(seed)`, so `--replay SEED` plays the same schedule (the moments
-at which events fire are drawn too; what the machine does in between is not, so a timing bug may need a
-few replays). Time is compressed: a few hundred rows (2–5 chunks), windows mostly of 1–5 s, short
-retry delays and outage bounds. The draws lean towards the moments that cost money: a signal while bulk
-requests are on the wire, a kill -9 while chunks wait for a rate slot, a rerun in a restarted container.
+Everything is drawn from `random.Random(seed)` (and, for the faults added later, from a second stream
+`random.Random(f"{seed}:more")`, so the seeds recorded before them keep their first draws). A schedule
+is a function of (seed, profile, --event, --moment, --temp-server-share) and of nothing else: `--jobs`,
+`--checkout`, `--progress` and the batch seed do not change it, so `--replay SEED` with the replay
+flags the report prints plays the same schedule (the moments at which events fire are drawn too; what
+the machine does in between is not, so a timing bug may need a few replays).
+
+Two profiles. `long` (the benchmark): 300–900 rows (2–4 chunks), latencies up to 2 s, up to 3 reruns,
+a tenth on a temporary Prefect server. `ci` (`.ci/run`, ≥ 30 schedules in a few minutes): 260–500 rows
+(2 chunks, enough for a second request and a rate wait), latencies and held answers under a second,
+shorter poll and pause options, at most 2 reruns, fewer schedules without an event and fewer temporary
+servers; the same kinds of faults and the same moments. The draws lean towards the moments that cost
+money: a signal while bulk requests are on the wire, a kill -9 while chunks wait for a rate slot, a rerun
+in a restarted container, two runs at once, a SIGTERM during a credit pause.
 
 A new mechanism (a source kind, an API reading the sandbox can play, a process event) adds its faults
 here, so every later schedule also tries it beside everything else.
@@ -16,7 +26,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SOURCE_FORMATS = ("csv", "parquet", "jsonl", "sqlite")
+SOURCE_FORMATS = ("csv", "parquet", "jsonl", "sqlite")  # "dataframe" is drawn from the second stream
 # Process events, with their weights: the three that cost money before issue 19 weigh most.
 EVENTS: dict[str, float] = {
     "none": 0.8,
@@ -31,6 +41,90 @@ MOMENTS: dict[str, float] = {
     "bulk_on_wire": 3.0,  # the moment a bulk request is forwarded and its answer held back
     "after_first_request": 1.0,  # a random delay after the run's first request (staging is done)
     "second_bulk": 1.0,  # once the second bulk request has started (chunks queued behind a limit)
+}
+# Moments only an override or a later draw picks (see `draw`).
+EXTRA_MOMENTS = ("limiter_wait", "credit_pause")
+# Whitespace a key file or a .env line leaves at the end of CLEANLIST_API_KEY (issue 19 item 6).
+KEY_TAILS = ("\n", " ", "\r\n", "\t")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The ranges a profile draws from; `long` keeps the draws of the seeds recorded before profiles."""
+
+    name: str
+    rows: tuple[int, int]
+    latency_high: tuple[float, float, float]
+    bulk_delay_high: tuple[float, float, float]
+    event_delay: float
+    temp_server_share: float
+    max_reruns: int
+    none_weight: float
+    run_bound: float  # a run that takes longer is stuck (invariant 6); generous for a loaded machine
+    # After an event, rerun even when every run so far completed (two runs at once, a signal that came
+    # too late): the rerun of a finished source must pay nothing. The CI profile saves those ~4 CPU-s.
+    rerun_after_completed: bool
+    # CLI options that set how long a run waits (polls, retries, pauses): compressed time.
+    run_options: tuple[str, ...]
+
+
+PROFILES: dict[str, Profile] = {
+    "long": Profile(
+        name="long",
+        rows=(300, 900),
+        latency_high=(0.5, 1.0, 2.0),
+        bulk_delay_high=(0.3, 0.8, 1.5),
+        event_delay=2.5,
+        temp_server_share=0.1,
+        max_reruns=3,
+        none_weight=0.8,
+        run_bound=150.0,
+        rerun_after_completed=True,
+        run_options=(
+            "--initial-poll-seconds",
+            "1",
+            "--retry-delay-seconds",
+            "0.2",
+            "--retries",
+            "4",
+            "--api-outage-seconds",
+            "20",
+            "--credit-recheck-seconds",
+            "1",
+            "--pause-timeout-seconds",
+            "5",
+            "--poll-timeout-seconds",
+            "40",
+        ),
+    ),
+    "ci": Profile(
+        name="ci",
+        rows=(260, 500),
+        latency_high=(0.3, 0.5, 0.8),
+        bulk_delay_high=(0.3, 0.5, 0.8),
+        event_delay=1.5,
+        temp_server_share=0.04,
+        max_reruns=2,
+        none_weight=0.3,
+        run_bound=100.0,
+        rerun_after_completed=False,
+        run_options=(
+            "--initial-poll-seconds",
+            "0.5",
+            "--retry-delay-seconds",
+            "0.1",
+            "--retries",
+            "4",
+            "--api-outage-seconds",
+            "10",
+            "--credit-recheck-seconds",
+            "0.5",
+            "--pause-timeout-seconds",
+            "3",
+            "--poll-timeout-seconds",
+            "30",
+        ),
+    ),
 }
 # Drawn last (so the seeds recorded before it replay the same): a little after the first answer, when the
 # other chunks wait for a rate slot (kill -9 there is what overstated doubt needed).
@@ -65,6 +159,12 @@ class Schedule:
     temp_server: bool = False
     credits: float = 1e9
     max_reruns: int = 3
+    profile: str = "long"
+    key_tail: str = ""  # appended to CLEANLIST_API_KEY as the runs see it (the sandbox knows the bare key)
+    store_outage: float | None = None  # seconds after the first request: PostgreSQL refuses connections
+    run_options: tuple[str, ...] = ()
+    run_bound: float = 150.0
+    rerun_after_completed: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,14 +184,24 @@ def _window(rng: random.Random, chunks: int) -> tuple[int, float]:
     return (rng.randint(1, 4), seconds)
 
 
-def draw(seed: int, *, temp_server_share: float = 0.1) -> Schedule:
-    """The schedule of `seed`."""
+def draw(
+    seed: int,
+    *,
+    profile: str = "long",
+    temp_server_share: float | None = None,
+    event_override: str | None = None,
+    moment_override: str | None = None,
+) -> Schedule:
+    """The schedule of `seed` in `profile`; `event` / `moment` override the drawn ones (hunting, replays)."""
+    p = PROFILES[profile]
+    if temp_server_share is None:
+        temp_server_share = p.temp_server_share
     rng = random.Random(seed)
-    rows = rng.randint(300, 900)
+    rows = rng.randint(*p.rows)
     chunks = rows // 250 + 1
     cursor = rng.choices([None, "int", "timestamp"], weights=[6, 2, 1])[0]
     server_rate = _window(rng, chunks)
-    event = _pick(rng, EVENTS)
+    event = _pick(rng, {**EVENTS, "none": p.none_weight})
     faults: dict[str, int] = {f"event:{event}": 1}
     flags: list[str] = []
 
@@ -152,22 +262,68 @@ def draw(seed: int, *, temp_server_share: float = 0.1) -> Schedule:
         concurrency=rng.choice([1, 2, 4, 8]),
         client_rate=client_rate,
         server_rate=server_rate,
-        latency=(0.2, rng.choice([0.5, 1.0, 2.0])),
-        bulk_delay=(0.05, rng.choice([0.3, 0.8, 1.5])),
+        latency=(0.2 if p.name == "long" else 0.1, rng.choice(list(p.latency_high))),
+        bulk_delay=(0.05, rng.choice(list(p.bulk_delay_high))),
         sandbox_flags=flags,
         faults=faults,
         event=event,
         moment=_pick(rng, MOMENTS),
-        event_delay=rng.uniform(0.0, 2.5),
+        event_delay=rng.uniform(0.0, p.event_delay),
         temp_server=rng.random() < temp_server_share,
         credits=credits,
+        max_reruns=p.max_reruns,
+        profile=p.name,
+        run_options=p.run_options,
+        run_bound=p.run_bound,
+        rerun_after_completed=p.rerun_after_completed,
     )
     if event in ("kill9", "container", "sigterm") and rng.random() < LIMITER_WAIT_SHARE:
         schedule.moment = "limiter_wait"
+    _draw_more(schedule, random.Random(f"{seed}:more"))
+    if event_override is not None:
+        schedule.event = event_override
+    if moment_override is not None:
+        schedule.moment = moment_override
+    if schedule.moment == "credit_pause" and schedule.credits > 1e8:
+        schedule.credits = 150.0  # a credit pause needs credits that run out
+    if schedule.credits < 1e8:
+        faults["low credits (402)"] = 1
     if schedule.cursor:
         faults[f"cursor {schedule.cursor}" + (" with odd values" if schedule.odd_cursor_values else "")] = 1
     faults[f"source {schedule.source_format}"] = 1
     faults[f"store {schedule.store}"] = 1
     if schedule.temp_server:
         faults["temporary Prefect server"] = 1
+    schedule.faults = {k: v for k, v in faults.items() if not k.startswith("event:")}
+    schedule.faults[f"event:{schedule.event}"] = 1
+    if schedule.event != "none":
+        schedule.faults[f"moment:{schedule.moment}"] = 1
     return schedule
+
+
+def _draw_more(schedule: Schedule, more: random.Random) -> None:
+    """The faults added after the first recorded seeds, drawn from their own stream (every draw is made
+    whatever the outcome, so each stays put when another one's odds change)."""
+    frame, tail, outage, pause = more.random(), more.random(), more.random(), more.random()
+    tail_kind, outage_at, pause_credits = (
+        more.choice(KEY_TAILS),
+        more.uniform(0.3, 3.0),
+        more.randint(60, 200),
+    )
+    if frame < 0.12:
+        # enrich_dataframe in a driver process: no cursor (a frame has no mark), no webhook receiver.
+        schedule.source_format = "dataframe"
+        schedule.cursor = None
+        schedule.odd_cursor_values = 0
+        schedule.webhooks = False
+        schedule.faults["source dataframe"] = 1
+    if tail < 0.12:
+        schedule.key_tail = tail_kind
+        schedule.faults[f"key with trailing {tail_kind!r}"] = 1
+    if schedule.store == "postgres" and outage < 0.35:
+        schedule.store_outage = outage_at
+        schedule.faults["store outage (PostgreSQL refuses connections)"] = 1
+    if pause < 0.08 and schedule.source_format != "dataframe":
+        schedule.event = "sigterm"
+        schedule.moment = "credit_pause"
+        schedule.credits = float(pause_credits)

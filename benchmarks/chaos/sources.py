@@ -101,7 +101,7 @@ def write_source(schedule: Schedule, rows: list[dict[str, str]], directory: Path
             writer.writeheader()
             writer.writerows(rows)
         return Source(str(path), None, ids)
-    if fmt == "parquet":
+    if fmt in ("parquet", "dataframe"):  # a frame is read from Parquet by the driver (its dtypes kept)
         path = directory / "source.parquet"
         frame.to_parquet(path, index=False)
         return Source(str(path), None, ids)
