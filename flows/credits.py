@@ -1,14 +1,21 @@
-"""While a run is paused for credits: re-check the balance, resume the run when it covers the next chunk."""
+"""While a run is paused for credits: re-check the balance, resume the run when it covers the next chunk.
+
+A stop request (SIGTERM, SIGINT) while paused resumes the run too, at once: `pause_flow_run` blocks the
+flow body, and only a resume lets the run write what it has and end in order (the flow body sees the
+stop request and submits nothing more).
+"""
 
 from __future__ import annotations
 
 import contextvars
 import logging
 import threading
+import time
 from uuid import UUID
 
 from cleanlist.client import CleanlistClient
-from cleanlist.errors import APIError
+from cleanlist.errors import APIError, StopRequested
+from cleanlist.run.stop import StopRequest
 
 logger = logging.getLogger("cleanlist.credits")
 
@@ -16,8 +23,16 @@ logger = logging.getLogger("cleanlist.credits")
 class CreditWatcher:
     """A background thread that resumes a paused flow run once the balance reaches `needed`."""
 
-    def __init__(self, client: CleanlistClient, flow_run_id: UUID, needed: float, every: float) -> None:
+    def __init__(
+        self,
+        client: CleanlistClient,
+        flow_run_id: UUID,
+        needed: float,
+        every: float,
+        stop: StopRequest | None = None,
+    ) -> None:
         self.client = client
+        self.stop_request = stop
         self.flow_run_id = flow_run_id
         self.needed = needed
         self.every = every
@@ -43,14 +58,21 @@ class CreditWatcher:
             state = prefect.read_flow_run(self.flow_run_id).state
         return bool(state and state.is_paused())
 
-    def _run(self) -> None:
-        from prefect.exceptions import FlowPauseTimeout
-        from prefect.flow_runs import resume_flow_run
+    def _wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True when the watcher should end (stopped, or the run asked to stop)."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if self.stop_request is not None and self.stop_request.requested:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
-        while not self._stop.wait(self.every):
+    def _run(self) -> None:
+        while not self._wait(self.every):
             try:
                 balance = self.client.credits_balance().credits
-            except APIError as exc:
+            except (APIError, StopRequested) as exc:
                 logger.warning("credit re-check failed: %s", exc)
                 continue
             self.last_balance = balance
@@ -61,19 +83,26 @@ class CreditWatcher:
                     self.needed,
                 )
                 continue
-            # The pause is proposed by the flow body; wait until the server has it before resuming.
-            while not self._stop.is_set():
-                try:
-                    if self._paused():
-                        resume_flow_run(
-                            self.flow_run_id, run_input={"note": f"balance {balance:g} covers the next chunk"}
-                        )
-                        self.resumed_by_watcher = True
-                        logger.info("credits are back (%.2f): resumed the run", balance)
-                        return
-                except FlowPauseTimeout:
-                    return
-                except Exception as exc:  # resumed by a person in between, or not paused yet
-                    logger.debug("resume attempt: %s", exc)
-                self._stop.wait(0.5)
+            self._resume(f"balance {balance:g} covers the next chunk")
+            self.resumed_by_watcher = True
+            logger.info("credits are back (%.2f): resumed the run", balance)
             return
+        if self.stop_request is not None and self.stop_request.requested and not self._stop.is_set():
+            self._resume("the run was asked to stop")
+            logger.info("stop requested while paused for credits: resumed the run so that it ends in order")
+
+    def _resume(self, note: str) -> None:
+        """Resume the paused flow run (proposed by the flow body: wait until the server has the pause)."""
+        from prefect.exceptions import FlowPauseTimeout
+        from prefect.flow_runs import resume_flow_run
+
+        while not self._stop.is_set():
+            try:
+                if self._paused():
+                    resume_flow_run(self.flow_run_id, run_input={"note": note})
+                    return
+            except FlowPauseTimeout:
+                return
+            except Exception as exc:  # resumed by a person in between, or not paused yet
+                logger.debug("resume attempt: %s", exc)
+            self._stop.wait(0.5)

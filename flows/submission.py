@@ -242,7 +242,9 @@ class SubmitLoop:
         if self.flow_run_id is None:
             return False
         run.count(pauses=1)
-        watcher = CreditWatcher(run.client, self.flow_run_id, needed, options.credit_recheck_seconds)
+        watcher = CreditWatcher(
+            run.client, self.flow_run_id, needed, options.credit_recheck_seconds, stop=run.stop
+        )
         watcher.start()
         try:
             pause_flow_run(
@@ -259,6 +261,8 @@ class SubmitLoop:
             return False
         finally:
             watcher.stop()
+        if run.stop.requested:
+            return True  # the loop sees the stop request and ends in order
         log.info("resumed after the credit pause; submitting the remaining chunks")
         run.gate.credits_returned()
         return True
