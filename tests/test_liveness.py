@@ -367,3 +367,19 @@ def test_a_run_holds_one_lock_file_0600_removed_when_it_ends_or_is_proved_dead(
         assert store.claim("next", keys(1), FULL, None).claimed == keys(1)
         assert not (directory / lock_file_name("killed")).exists()
         assert lock_file_name("../odd id") != "../odd id.lock" and "/" not in lock_file_name("../odd id")
+
+
+def test_a_lock_taken_before_the_database_server_restarted_is_no_proof_of_death(
+    store_url: str, store: EnrichmentStore, start_holder: Callable[..., subprocess.Popen[str]]
+) -> None:
+    if store_url.startswith("sqlite"):
+        pytest.skip("only a PostgreSQL server restart lets go of a live run's lock")
+    holder = start_holder("before-restart", keys(2))
+    kill_9(holder)
+    # As if the server had restarted since the run took its lock: the free lock may be the restart's doing
+    # (the live run takes it again at its next beat), so the heartbeat lease decides.
+    rewrite_run(store_url, "before-restart", liveness_lock="pg-advisory@2000-01-01 00:00:00+00")
+    store.start_run("after", {})
+    assert store.claim("after", keys(2), FULL, None).held == keys(2)
+    rewrite_run(store_url, "before-restart", heartbeat_at=datetime.now(UTC) - LEASE - timedelta(seconds=1))
+    assert store.claim("after", keys(2), FULL, None).claimed == keys(2)

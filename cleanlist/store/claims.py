@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Row, Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cleanlist.store.codec import batches, stored_result
-from cleanlist.store.liveness import ProcessIdentity, RunLocks, run_is_alive
+from cleanlist.store.liveness import ProcessIdentity, RunLocks, lock_kind, run_is_alive
 from cleanlist.store.records import ACCEPTED, CLAIMED, DONE, RUN_RUNNING, ClaimOutcome, StoredResult
 from cleanlist.store.schema import contacts, runs
 
@@ -137,9 +137,9 @@ def alive_runs(conn: Connection, run_ids: Collection[str | None], judge: Judge) 
     for part in batches(known):
         stmt = select(*columns, runs.c.proc_start, runs.c.liveness_lock).where(runs.c.run_id.in_(part))
         for row in conn.execute(stmt):
-            lock_held = None
-            if row.status == RUN_RUNNING and row.liveness_lock == judge.locks.kind:
-                lock_held = judge.locks.held(conn, row.run_id)
+            lock_held, has_lock = None, lock_kind(row.liveness_lock) == judge.locks.kind
+            if row.status == RUN_RUNNING and has_lock:
+                lock_held = judge.locks.held(conn, row.run_id, row.liveness_lock)
             if run_is_alive(
                 status=row.status,
                 heartbeat_at=row.heartbeat_at,
@@ -148,6 +148,7 @@ def alive_runs(conn: Connection, run_ids: Collection[str | None], judge: Judge) 
                 lease=judge.lease,
                 judge=judge.this_process,
                 lock_held=lock_held,
+                lock_unknown=has_lock and lock_held is None,
             ):
                 alive.add(row.run_id)
     return alive

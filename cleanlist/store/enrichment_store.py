@@ -156,7 +156,7 @@ class EnrichmentStore:
             "pid": self._process.pid,
             "boot_id": self._process.boot_id,
             "proc_start": self._process.started,
-            "liveness_lock": self._locks.kind,
+            "liveness_lock": "",  # below: once the lock is held
             "status": RUN_RUNNING,
             "params": dump_json(shown),
             "counts": None,
@@ -172,6 +172,7 @@ class EnrichmentStore:
 
         # The lock first: a row naming a lock nobody holds would be judged dead at once.
         self._locks.acquire(run_id)
+        values["liveness_lock"] = self._locks.tag
         try:
             self._transact(work)
         except BaseException:
@@ -183,7 +184,7 @@ class EnrichmentStore:
         try:
             self._locks.check()
         finally:
-            self._transact(lambda conn: self._touch_run(conn, run_id, utc_now()))
+            self._transact(lambda conn: self._touch_run(conn, run_id, utc_now(), self._locks.tag))
 
     def keep_alive(self, run_id: str, interval: float = HEARTBEAT_SECONDS) -> RunHeartbeat:
         """Renew the (started) run's heartbeat every `interval` seconds from a daemon thread, until the
@@ -448,8 +449,10 @@ class EnrichmentStore:
         row = {"source_id": source_id, "source": source, "cursor_column": cursor_column, "run_id": run_id}
         self._transact(lambda conn: write_mark(conn, mark=mark, **row))
 
-    def _touch_run(self, conn: Connection, run_id: str, now: datetime) -> None:
-        touched = conn.execute(update(runs).where(runs.c.run_id == run_id).values(heartbeat_at=now))
+    def _touch_run(self, conn: Connection, run_id: str, now: datetime, lock: str | None = None) -> None:
+        # A beat also names the lock as it is held now (PostgreSQL: retaken after a server restart).
+        values = {"heartbeat_at": now} if lock is None else {"heartbeat_at": now, "liveness_lock": lock}
+        touched = conn.execute(update(runs).where(runs.c.run_id == run_id).values(values))
         if touched.rowcount == 0:
             raise ValueError(f"run {run_id!r} was never started in this store; call start_run first")
 

@@ -21,6 +21,8 @@ a daemon thread (`RunHeartbeat`) renews `heartbeat_at` every `HEARTBEAT_SECONDS`
   PostgreSQL store); lock held → alive, whatever its pid says in the judge's namespace, unless its
   heartbeat is `ZOMBIE_LEASES` leases old (a process that is stuck, or a connection the server has not
   yet seen drop on a network partition): then dead, as the heartbeat rule says;
+- a lock whose state proves nothing (a file not ours to open; a PostgreSQL lock taken before the server
+  restarted, which let go of it: the live run takes it again at its next beat): the heartbeat lease;
 - rows without a lock (written by older versions) are judged as before: heartbeat older than the lease
   (`LEASE_SECONDS`): dead; same host and same boot: its (pid, start time) must match a live process
   here, else dead at once; another host: alive while its heartbeat is within the lease.
@@ -113,7 +115,7 @@ def process_start(pid: int) -> int | None:
         return None
 
 
-def run_is_alive(  # noqa: PLR0911 - one answer per rule, in the docstring's order
+def run_is_alive(  # noqa: PLR0911, PLR0913 - one answer per rule, in the docstring's order; keyword-only
     *,
     status: str,
     heartbeat_at: datetime,
@@ -122,10 +124,13 @@ def run_is_alive(  # noqa: PLR0911 - one answer per rule, in the docstring's ord
     lease: timedelta,
     judge: ProcessIdentity,
     lock_held: bool | None = None,
+    lock_unknown: bool = False,
 ) -> bool:
     """Whether a run still owns its claims, as `judge` (the asking process) can tell.
 
     `lock_held`: whether the run's liveness lock is held (None: it has none, or it cannot be tried).
+    `lock_unknown`: it has one but its state proves nothing (not ours to try; taken before the database
+    server restarted): its heartbeat alone decides, as its process may live in another namespace.
     """
     if status != RUN_RUNNING:
         return False
@@ -133,6 +138,8 @@ def run_is_alive(  # noqa: PLR0911 - one answer per rule, in the docstring's ord
         return lock_held and now - heartbeat_at <= lease * ZOMBIE_LEASES
     if now - heartbeat_at > lease:
         return False
+    if lock_unknown:
+        return True
     if owner.host != judge.host:
         return True  # another machine: only its heartbeat speaks for it
     if owner.boot_id is None or judge.boot_id is None:
@@ -194,6 +201,10 @@ class RunLocks(Protocol):
 
     kind: str
 
+    @property
+    def tag(self) -> str:
+        """What a runs row records of the locks now held: the kind, and for PostgreSQL the server's start."""
+
     def acquire(self, run_id: str) -> None:
         """Hold `run_id`'s lock until released (RuntimeError if another live process holds it)."""
 
@@ -206,8 +217,14 @@ class RunLocks(Protocol):
     def close(self) -> None:
         """Let go of every lock."""
 
-    def held(self, conn: Connection, run_id: str) -> bool | None:
-        """Whether another process holds `run_id`'s lock (None: cannot tell); never waits."""
+    def held(self, conn: Connection, run_id: str, tag: str) -> bool | None:
+        """Whether another process holds `run_id`'s lock, taken as `tag` says (None: cannot tell); never
+        waits."""
+
+
+def lock_kind(tag: str | None) -> str | None:
+    """The kind of lock a runs row's `liveness_lock` names."""
+    return None if tag is None else tag.split("@", 1)[0]
 
 
 class AlreadyRunning(RuntimeError):
@@ -238,6 +255,7 @@ class FileRunLocks:
     too, and a judge in another PID namespace of the same kernel sees the same lock."""
 
     kind = LOCK_FLOCK
+    tag = LOCK_FLOCK
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
@@ -286,8 +304,8 @@ class FileRunLocks:
                 _remove_and_close(fd, self._directory / lock_file_name(run_id))
             self._held.clear()
 
-    def held(self, conn: Connection, run_id: str) -> bool | None:
-        del conn
+    def held(self, conn: Connection, run_id: str, tag: str) -> bool | None:
+        del conn, tag
         path = self._directory / lock_file_name(run_id)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -355,6 +373,11 @@ class AdvisoryRunLocks:
         self._conn: Connection | None = None
         self._held: set[str] = set()
         self._mutex = threading.Lock()
+        self._server_start = ""
+
+    @property
+    def tag(self) -> str:
+        return f"{self.kind}@{self._server_start}"
 
     def acquire(self, run_id: str) -> None:
         with self._mutex:
@@ -402,9 +425,16 @@ class AdvisoryRunLocks:
             self._held.clear()
             self._drop()
 
-    def held(self, conn: Connection, run_id: str) -> bool | None:
-        got = conn.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": run_lock_key(run_id)})
-        return not got.scalar_one()
+    def held(self, conn: Connection, run_id: str, tag: str) -> bool | None:
+        got = conn.execute(
+            text("SELECT pg_try_advisory_xact_lock(:key), pg_postmaster_start_time()::text"),
+            {"key": run_lock_key(run_id)},
+        ).one()
+        if got[0] and tag != f"{self.kind}@{got[1]}":
+            # Taken before the server (re)started: the restart let go of it, not the run's death; the run
+            # takes it again at its next beat. Meanwhile its heartbeat decides.
+            return None
+        return not got[0]
 
     def _session(self) -> Connection:
         if self._conn is None:
@@ -415,6 +445,9 @@ class AdvisoryRunLocks:
                 version = conn.exec_driver_sql("SHOW server_version_num").scalar_one()
                 if int(version) >= 140000:  # PostgreSQL 14 added idle_session_timeout
                     conn.exec_driver_sql("SET idle_session_timeout = 0")  # idle is this session's job
+                self._server_start = str(
+                    conn.exec_driver_sql("SELECT pg_postmaster_start_time()::text").scalar_one()
+                )
             except BaseException:
                 conn.close()
                 raise
