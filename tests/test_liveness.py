@@ -378,7 +378,7 @@ def test_a_lock_taken_before_the_database_server_restarted_is_no_proof_of_death(
     kill_9(holder)
     # As if the server had restarted since the run took its lock: the free lock may be the restart's doing
     # (the live run takes it again at its next beat), so the heartbeat lease decides.
-    rewrite_run(store_url, "before-restart", liveness_lock="pg-advisory@2000-01-01 00:00:00+00")
+    rewrite_run(store_url, "before-restart", liveness_lock="pg-advisory@946684800000000")
     store.start_run("after", {})
     assert store.claim("after", keys(2), FULL, None).held == keys(2)
     rewrite_run(store_url, "before-restart", heartbeat_at=datetime.now(UTC) - LEASE - timedelta(seconds=1))

@@ -360,6 +360,10 @@ _KEEPALIVE_SETTINGS: Final = (
 )
 
 
+# When the server started, in microseconds since the epoch: the same text whatever a session's time zone.
+_SERVER_START: Final = "(extract(epoch from pg_postmaster_start_time()) * 1000000)::bigint::text"
+
+
 class AdvisoryRunLocks:
     """PostgreSQL: a session-level advisory lock per run, on one connection of its own (autocommit, out of
     the pool) that the store keeps open while it has runs; the server releases the locks when the
@@ -427,7 +431,7 @@ class AdvisoryRunLocks:
 
     def held(self, conn: Connection, run_id: str, tag: str) -> bool | None:
         got = conn.execute(
-            text("SELECT pg_try_advisory_xact_lock(:key), pg_postmaster_start_time()::text"),
+            text(f"SELECT pg_try_advisory_xact_lock(:key), {_SERVER_START}"),
             {"key": run_lock_key(run_id)},
         ).one()
         if got[0] and tag != f"{self.kind}@{got[1]}":
@@ -445,9 +449,7 @@ class AdvisoryRunLocks:
                 version = conn.exec_driver_sql("SHOW server_version_num").scalar_one()
                 if int(version) >= 140000:  # PostgreSQL 14 added idle_session_timeout
                     conn.exec_driver_sql("SET idle_session_timeout = 0")  # idle is this session's job
-                self._server_start = str(
-                    conn.exec_driver_sql("SELECT pg_postmaster_start_time()::text").scalar_one()
-                )
+                self._server_start = str(conn.exec_driver_sql(f"SELECT {_SERVER_START}").scalar_one())
             except BaseException:
                 conn.close()
                 raise
