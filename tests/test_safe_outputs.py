@@ -277,8 +277,14 @@ def test_the_default_store_and_its_directory_are_owner_only(
         store.start_run("r1", {})
         # Checked while open: the -wal and -shm files hold the data too until the store is closed.
         modes = {f.name: mode(f) for f in (home / ".cleanlist").iterdir()}
+        lock_modes = {f.name: mode(f) for f in (home / ".cleanlist" / "store.db.runs").iterdir()}
     assert mode(home / ".cleanlist") == 0o700
-    assert modes == {name: 0o600 for name in ("store.db", "store.db-wal", "store.db-shm")}
+    # store.db.runs: the open runs' liveness lock files (cleanlist/store/liveness.py).
+    assert modes == {
+        **{name: 0o600 for name in ("store.db", "store.db-wal", "store.db-shm")},
+        "store.db.runs": 0o700,
+    }
+    assert lock_modes == {"r1.lock": 0o600}
     assert mode(home) == 0o755  # not ours: untouched
 
     # An existing default store made world-readable by an older cleanlist is tightened on open.

@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from cleanlist.errors import InputError
 from cleanlist.store import ClaimOutcome, ContactResult, EnrichmentStore, StoredResult, WorkflowRecord
+from cleanlist.store.liveness import ZOMBIE_LEASES
 from cleanlist.store.schema import SCHEMA_VERSION
 
 FULL = "full"
@@ -337,12 +338,13 @@ def test_claims_of_a_finished_run_are_taken_over(store: EnrichmentStore) -> None
 def test_claims_of_a_silent_run_are_taken_over_after_the_lease(
     store_url: str, store: EnrichmentStore
 ) -> None:
+    # "stuck" still holds its liveness lock (this process lives): silent far past the lease, it is stuck.
     store.start_run("stuck", {})
     store.claim("stuck", keys(2), FULL, None)
-    with EnrichmentStore(store_url, lease_seconds=0.8) as impatient:
+    with EnrichmentStore(store_url, lease_seconds=0.2) as impatient:
         impatient.start_run("next", {})
         assert impatient.claim("next", keys(2), FULL, None).held == keys(2)
-        time.sleep(0.9)
+        time.sleep(0.2 * ZOMBIE_LEASES + 0.1)
         assert impatient.claim("next", keys(2), FULL, None).claimed == keys(2)
         # A run that keeps beating keeps its claims past the first lease.
         impatient.start_run("lively", {})

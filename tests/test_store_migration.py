@@ -494,6 +494,7 @@ def test_a_version_2_store_gains_the_runs_process_identity_and_keeps_its_runs(st
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN boot_id")
         conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN proc_start")
+        conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN liveness_lock")
         conn.execute(sa.update(schema_info).values(version=2))
     engine.dispose()
 
@@ -508,5 +509,6 @@ def test_a_version_2_store_gains_the_runs_process_identity_and_keeps_its_runs(st
         rows = {row.run_id: row for row in conn.execute(sa.select(runs))}
         version = conn.execute(sa.select(schema_info.c.version)).scalar_one()
     engine.dispose()
-    assert record is not None and version == SCHEMA_VERSION == 4
+    assert record is not None and version == SCHEMA_VERSION == 5
     assert rows["old"].proc_start is None and rows["new"].proc_start is not None
+    assert rows["old"].liveness_lock is None and rows["new"].liveness_lock is not None

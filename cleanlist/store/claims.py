@@ -15,8 +15,8 @@ from sqlalchemy import Connection, Row, Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cleanlist.store.codec import batches, stored_result
-from cleanlist.store.liveness import ProcessIdentity, run_is_alive
-from cleanlist.store.records import ACCEPTED, CLAIMED, DONE, ClaimOutcome, StoredResult
+from cleanlist.store.liveness import ProcessIdentity, RunLocks, lock_kind, run_is_alive
+from cleanlist.store.records import ACCEPTED, CLAIMED, DONE, RUN_RUNNING, ClaimOutcome, StoredResult
 from cleanlist.store.schema import contacts, runs
 
 # A row can vanish between our INSERT and our SELECT (another run released it); then we try again.
@@ -58,6 +58,7 @@ class Judge:
     now: datetime
     lease: timedelta
     this_process: ProcessIdentity
+    locks: RunLocks  # tries another run's liveness lock (this store's kind of lock)
 
 
 def insert_claims(
@@ -134,8 +135,11 @@ def alive_runs(conn: Connection, run_ids: Collection[str | None], judge: Judge) 
     alive: set[str] = set()
     columns = (runs.c.run_id, runs.c.status, runs.c.heartbeat_at, runs.c.host, runs.c.boot_id, runs.c.pid)
     for part in batches(known):
-        stmt = select(*columns, runs.c.proc_start).where(runs.c.run_id.in_(part))
+        stmt = select(*columns, runs.c.proc_start, runs.c.liveness_lock).where(runs.c.run_id.in_(part))
         for row in conn.execute(stmt):
+            lock_held, has_lock = None, lock_kind(row.liveness_lock) == judge.locks.kind
+            if row.status == RUN_RUNNING and has_lock:
+                lock_held = judge.locks.held(conn, row.run_id, row.liveness_lock)
             if run_is_alive(
                 status=row.status,
                 heartbeat_at=row.heartbeat_at,
@@ -143,6 +147,8 @@ def alive_runs(conn: Connection, run_ids: Collection[str | None], judge: Judge) 
                 now=judge.now,
                 lease=judge.lease,
                 judge=judge.this_process,
+                lock_held=lock_held,
+                lock_unknown=has_lock and lock_held is None,
             ):
                 alive.add(row.run_id)
     return alive

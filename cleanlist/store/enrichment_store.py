@@ -49,7 +49,16 @@ from cleanlist.store.ledger import (
     write_accepted,
     write_results,
 )
-from cleanlist.store.liveness import HEARTBEAT_SECONDS, LEASE_SECONDS, ProcessIdentity, RunHeartbeat
+from cleanlist.store.liveness import (
+    HEARTBEAT_SECONDS,
+    LEASE_SECONDS,
+    AdvisoryRunLocks,
+    FileRunLocks,
+    ProcessIdentity,
+    RunHeartbeat,
+    RunLocks,
+    lock_directory,
+)
 from cleanlist.store.marks import read_mark, write_mark
 from cleanlist.store.ratebook import FallbackRateBook, StoreRateBook, forget_rate_limits, learned_rate_limits
 from cleanlist.store.records import (
@@ -88,6 +97,13 @@ class EnrichmentStore:
         self._lease = timedelta(seconds=lease_seconds)
         self._process = ProcessIdentity.current()
         self._engine = open_engine(resolved)
+        # Each run this store starts holds a lock the OS or the server releases when this process dies
+        # (cleanlist/store/liveness.py): the proof other runs, anywhere, read to tell it is alive.
+        self._locks: RunLocks = (
+            FileRunLocks(lock_directory(resolved.database or ""))
+            if resolved.get_backend_name() == "sqlite"
+            else AdvisoryRunLocks(self._engine)
+        )
         # SQLite lets one writer in at a time and makes the others poll with growing sleeps, so one busy
         # thread can starve the rest; queueing this process's writers on a lock hands the turn over.
         self._write_turn: AbstractContextManager[object] = (
@@ -125,13 +141,18 @@ class EnrichmentStore:
         self.close()
 
     def close(self) -> None:
-        """Close every pooled connection."""
-        self._engine.dispose()
+        """Let go of the runs' liveness locks (their runs count as dead from now on, if not finished) and
+        close every pooled connection."""
+        try:
+            self._locks.close()
+        finally:
+            self._engine.dispose()
 
     # Runs
 
     def start_run(self, run_id: str, params: Mapping[str, object], flow_run_id: str | None = None) -> None:
-        """Register (or restart) a run as running in this process on this host.
+        """Register (or restart) a run as running in this process on this host, holding its liveness lock
+        until `finish_run` or `close` (liveness.AlreadyRunning if a live process holds it).
 
         URLs among the parameters are stored with their passwords hidden.
         """
@@ -144,6 +165,7 @@ class EnrichmentStore:
             "pid": self._process.pid,
             "boot_id": self._process.boot_id,
             "proc_start": self._process.started,
+            "liveness_lock": "",  # below: once the lock is held
             "status": RUN_RUNNING,
             "params": dump_json(shown),
             "counts": None,
@@ -157,11 +179,21 @@ class EnrichmentStore:
             refreshed = {name: stmt.excluded[name] for name in values if name != "run_id"}
             conn.execute(stmt.on_conflict_do_update(index_elements=[runs.c.run_id], set_=refreshed))
 
-        self._transact(work)
+        # The lock first: a row naming a lock nobody holds would be judged dead at once.
+        self._locks.acquire(run_id)
+        values["liveness_lock"] = self._locks.tag
+        try:
+            self._transact(work)
+        except BaseException:
+            self._locks.release(run_id)
+            raise
 
     def heartbeat(self, run_id: str) -> None:
-        """Renew the run's lease on its claims."""
-        self._transact(lambda conn: self._touch_run(conn, run_id, utc_now()))
+        """Renew the run's lease on its claims (and its liveness lock, if a dropped connection lost it)."""
+        try:
+            self._locks.check()
+        finally:
+            self._transact(lambda conn: self._touch_run(conn, run_id, utc_now(), self._locks.tag))
 
     def keep_alive(self, run_id: str, interval: float = HEARTBEAT_SECONDS) -> RunHeartbeat:
         """Renew the (started) run's heartbeat every `interval` seconds from a daemon thread, until the
@@ -171,7 +203,7 @@ class EnrichmentStore:
     def alive_runs(self, run_ids: Collection[str]) -> set[str]:
         """The runs among `run_ids` that are provably alive (cleanlist/store/liveness.py); the rest are
         dead: finished, silent past the lease, gone from this machine, or never seen by this store."""
-        judge = Judge(None, None, utc_now(), self._lease, self._process)
+        judge = Judge(None, None, utc_now(), self._lease, self._process, self._locks)
         return self._transact(lambda conn: alive_runs(conn, run_ids, judge), "read")
 
     def finish_run(self, run_id: str, status: str, counts: Mapping[str, object]) -> None:
@@ -188,6 +220,7 @@ class EnrichmentStore:
                 raise ValueError(f"run {run_id!r} was never started in this store")
 
         self._transact(work)
+        self._locks.release(run_id)  # after the status: never a running row whose lock is free
 
     def get_run(self, run_id: str) -> RunRecord | None:
         """The run's record, if the store has it."""
@@ -204,7 +237,7 @@ class EnrichmentStore:
         """How `claim` would split the keys for a new run, without claiming anything."""
         require_aware(fresh_after, "fresh_after")
         wanted = unique(keys)
-        judge = Judge(None, fresh_after, utc_now(), self._lease, self._process)
+        judge = Judge(None, fresh_after, utc_now(), self._lease, self._process, self._locks)
 
         def work(conn: Connection) -> ClaimOutcome:
             split = ClaimSplit()
@@ -222,7 +255,7 @@ class EnrichmentStore:
         require_aware(fresh_after, "fresh_after")
         wanted = unique(keys)
         now = utc_now()
-        judge = Judge(run_id, fresh_after, now, self._lease, self._process)
+        judge = Judge(run_id, fresh_after, now, self._lease, self._process, self._locks)
 
         def work(conn: Connection) -> ClaimOutcome:
             self._touch_run(conn, run_id, now)
@@ -425,8 +458,10 @@ class EnrichmentStore:
         row = {"source_id": source_id, "source": source, "cursor_column": cursor_column, "run_id": run_id}
         self._transact(lambda conn: write_mark(conn, mark=mark, **row))
 
-    def _touch_run(self, conn: Connection, run_id: str, now: datetime) -> None:
-        touched = conn.execute(update(runs).where(runs.c.run_id == run_id).values(heartbeat_at=now))
+    def _touch_run(self, conn: Connection, run_id: str, now: datetime, lock: str | None = None) -> None:
+        # A beat also names the lock as it is held now (PostgreSQL: retaken after a server restart).
+        values = {"heartbeat_at": now} if lock is None else {"heartbeat_at": now, "liveness_lock": lock}
+        touched = conn.execute(update(runs).where(runs.c.run_id == run_id).values(values))
         if touched.rowcount == 0:
             raise ValueError(f"run {run_id!r} was never started in this store; call start_run first")
 

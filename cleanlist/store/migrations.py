@@ -18,6 +18,9 @@ waits for it once.
 Version 3 → 4: the runs table gains `boot_id` and `proc_start` (which process runs a run, beyond its
 pid; `cleanlist/store/liveness.py`). Added as nullable columns, each only if missing, so a step killed
 between them completes on the next open; older rows keep nulls and are judged by their pid as before.
+
+Version 4 → 5: the runs table gains `liveness_lock` (the lock a run holds while open; nullable, added if
+missing). Older rows keep null and are judged as before (heartbeat, pid and start time).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, bindparam, delete, insert, inspect, select, tuple_, update
+from sqlalchemy import Column, Connection, Row, bindparam, delete, insert, inspect, select, tuple_, update
 from sqlalchemy.schema import CreateColumn
 
 from cleanlist.prepare import _bare_domain, _key_part, registrable_domain, visible
@@ -379,10 +382,19 @@ def _rekey_workflows(
 
 def add_run_process_identity(conn: Connection) -> MigrationCount:
     """Version 3 → 4: the runs table's `boot_id` and `proc_start` columns (nullable), where missing."""
+    return _add_run_columns(conn, (runs.c.boot_id, runs.c.proc_start))
+
+
+def add_run_liveness_lock(conn: Connection) -> MigrationCount:
+    """Version 4 → 5: the runs table's `liveness_lock` column (nullable), if missing."""
+    return _add_run_columns(conn, (runs.c.liveness_lock,))
+
+
+def _add_run_columns(conn: Connection, columns: Sequence[Column[Any]]) -> MigrationCount:
     count = MigrationCount()
     with conn.begin():
         present = {column["name"] for column in inspect(conn).get_columns(runs.name)}
-        for column in (runs.c.boot_id, runs.c.proc_start):
+        for column in columns:
             if column.name not in present:
                 ddl = CreateColumn(column).compile(dialect=conn.dialect)
                 conn.exec_driver_sql(f"ALTER TABLE {runs.name} ADD COLUMN {ddl}")
@@ -394,4 +406,5 @@ _STEPS: Final[dict[int, Callable[[Connection], MigrationCount]]] = {
     1: rekey_registrable_domains,
     2: rekey_folded_spellings,
     3: add_run_process_identity,
+    4: add_run_liveness_lock,
 }

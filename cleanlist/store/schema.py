@@ -24,7 +24,8 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 # 2: company domains keyed by their registrable part (migrations.rekey_registrable_domains).
 # 3: keys folded (NFKC, no zero-width or bidi characters) (migrations.rekey_folded_spellings).
 # 4: runs carry their process's boot id and start time (migrations.add_run_process_identity).
-SCHEMA_VERSION: Final = 4
+# 5: runs name the liveness lock they hold (migrations.add_run_liveness_lock).
+SCHEMA_VERSION: Final = 5
 SCHEMA_COMPONENT: Final = "enrichment_store"
 
 
@@ -80,6 +81,9 @@ runs = Table(
     # process's start time. Null in rows written before schema version 3.
     Column("boot_id", String),
     Column("proc_start", BigInteger),
+    # The lock the run holds while open, released by the OS or the server when its process dies
+    # (liveness.LOCK_FLOCK, liveness.LOCK_ADVISORY). Null in rows written before schema version 5.
+    Column("liveness_lock", String),
     Column("status", String, nullable=False),
     Column("params", Text, nullable=False),
     Column("counts", Text),
