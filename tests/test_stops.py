@@ -260,3 +260,34 @@ def test_kill_minus_nine_behind_a_rate_limit_reports_no_more_doubt_than_requests
     assert summary["ambiguous_submissions"] <= taken, summary
     # What the rerun could not rule out covers whatever it paid twice.
     assert sandbox.counters()["contacts_accepted_more_than_once"] <= summary["ambiguous_contacts"]
+
+
+def test_a_stop_while_paused_for_credits_ends_the_run_in_order(
+    tmp_path: Path, make_sandbox: Callable[..., Any]
+) -> None:
+    # Credits for one chunk's worst case: the second chunk is refused (402) and the run pauses. A stop
+    # while paused must not wait for the pause timeout or die at the exit deadline: it resumes the run,
+    # which writes what it has and ends with its summary.
+    sandbox = make_sandbox(rate_limit=None, latency=0.5, credits=300)
+    source = messy_export(tmp_path / "crm.csv", unique=1_000)
+    env = _env(sandbox, tmp_path)
+    args = _args(source, tmp_path, "--max-concurrent-chunks", "1", "--credit-recheck-seconds", "30")
+    proc = _start(args, env)
+    refused_at: list[float] = []
+
+    def paused_a_while() -> bool:
+        if not refused_at and _bulk(sandbox, 402):
+            refused_at.append(time.monotonic())
+        return bool(refused_at) and time.monotonic() - refused_at[0] > 3.0
+
+    _wait_until(proc, paused_a_while)
+    seconds, out, err = _signal_and_wait(proc, signal.SIGTERM)
+    print(f"credit pause SIGTERM: exit {proc.returncode} after {seconds:.1f} s")
+
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    summary = _summary(out)  # the exit deadline's way out prints none: the run ended in order
+    assert summary["status"] == "interrupted" and summary["pauses"] == 1, summary
+    assert summary.get("ambiguous_submissions", 0) == 0, summary
+    sandbox.add_credits(10_000)
+    _rerun_pays_nothing_twice(sandbox, args, env)
