@@ -217,12 +217,18 @@ def draw(
         fault("status 503 storm", "--fault", "enrich-status=rate:0.2:503")
     if rng.random() < 0.15:
         fault("results shuffled", "--results-order", "shuffled")
-    if rng.random() < 0.12:
-        fault("tasks omitted", "--omit-task-rate", "0.1")
+    omitted = rng.random() < 0.12
     if rng.random() < 0.08:
         fault("tasks unknown", "--unknown-task-rate", "0.05")
-    if rng.random() < 0.08:
+    ids_absent = rng.random() < 0.08
+    if ids_absent:
         fault("bulk task_ids absent", "--bulk-task-ids", "absent", "--results-order", "shuffled")
+    # Not both: a task left out of the results of a workflow whose bulk answer named no task ids is paid
+    # for and reachable by no client (its id is in no answer, and only `?task_id=` would give it), so
+    # invariant 3 could not hold whatever the client did (seed 3969051 in the ci profile). The draws stay
+    # as they were, so every other seed plays the schedule it always did.
+    if omitted and not ids_absent:
+        fault("tasks omitted", "--omit-task-rate", "0.1")
     if rng.random() < 0.08:
         word = rng.choice(["failed", "cancelled", "finished"])
         fault(f"final word {word}", "--final-word", word, "--final-word-rate", "0.3")

@@ -438,20 +438,37 @@ class RunContext:
         for key, task_id in tasks.items():
             if not task_id or self.gate.fatal is not None:
                 continue
-            self.count(task_lookups=1)
-            try:
-                answer = self.client.enrich_status(task_id=task_id)
-            except (NotFoundError, StoppedBeforeSending):
-                continue  # unknown, or the run is stopping: the contact stays owed
-            except APIError as exc:
-                if self.retry.action_for(exc) is Action.FAIL_FAST:
-                    self.gate.fail(exc)
-                if not isinstance(exc, APIConnectionError):  # those the outage watch reports
-                    logger.warning("asking for task %s failed: %s", task_id, exc)
-                continue
+            answer = self._ask_task(task_id)
             if isinstance(answer, TaskResult) and answer.status.lower() not in IN_PROGRESS_WORDS:
                 found[key] = answer
         return found
+
+    def _ask_task(self, task_id: str) -> WorkflowStatus | TaskResult | None:
+        """One task's answer by id, retrying transient errors (503, timeouts) with the run's backoff;
+        None when it is unknown, the run is stopping, or the retries ran out (the contact stays owed).
+
+        Without the retries, one 503 on the lookup left a paid, found result out of the output of a run
+        that still said "completed" (nothing told the user to rerun for it).
+        """
+        failures = 0
+        while True:
+            self.count(task_lookups=1)
+            try:
+                return self.client.enrich_status(task_id=task_id)
+            except (NotFoundError, StoppedBeforeSending):
+                return None  # unknown, or the run is stopping: the contact stays owed
+            except APIError as exc:
+                if self.retry.action_for(exc) is Action.FAIL_FAST:
+                    self.gate.fail(exc)
+                    return None
+                failures += 1
+                retry = self.retry.is_retryable(exc) and failures <= self.retry.retries
+                if not isinstance(exc, APIConnectionError):  # those the outage watch reports
+                    logger.warning(
+                        "asking for task %s failed: %s%s", task_id, exc, "" if retry else " (giving up)"
+                    )
+                if not retry or self.stop.event.wait(self.retry.backoff(failures)):
+                    return None
 
     def _settle(
         self,
