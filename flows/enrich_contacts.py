@@ -133,7 +133,9 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     store = EnrichmentStore(options.store or settings.store_url)
     journal = AcceptanceJournal(store.url_display)
     # The rate budget is the organization's, shared through the store with every run that uses it.
-    limiter = RateLimiter(settings.rate, book=store.rate_book(organization_of(settings.base_url, api_key)))
+    # Its slots name the run: a rerun after a kill -9 closes the slots this run left in flight.
+    book = store.rate_book(organization_of(settings.base_url, api_key), run_id)
+    limiter = RateLimiter(settings.rate, book=book)
     client = WatchedClient(api_key, settings=settings, limiter=limiter)  # its outage watch is the run's
     workspace = RunWorkspace()
     retry = RetryPolicy(

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from cleanlist.ratelimit import Pace
 from cleanlist.run.journal import AcceptanceJournal
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.liveness import (
@@ -383,3 +384,49 @@ def test_a_lock_taken_before_the_database_server_restarted_is_no_proof_of_death(
     assert store.claim("after", keys(2), FULL, None).held == keys(2)
     rewrite_run(store_url, "before-restart", heartbeat_at=datetime.now(UTC) - LEASE - timedelta(seconds=1))
     assert store.claim("after", keys(2), FULL, None).claimed == keys(2)
+
+
+# A live run whose one bulk request is on the wire: it took the organization's only rate slot (one
+# request a second) and has no answer yet; it lives until killed.
+SLOT_HOLDER = """
+import sys
+from cleanlist.ratelimit import Pace
+from cleanlist.store import EnrichmentStore
+url, run_id = sys.argv[1], sys.argv[2]
+store = EnrichmentStore(url)
+store.start_run(run_id, {})
+taken = store.rate_book("org", run_id).take("enrich-bulk", [Pace("enrich-bulk", 1, 1.0)])
+print("on the wire" if taken.ticket is not None else "no slot", flush=True)
+sys.stdin.read()
+"""
+
+
+@needs_pid_namespaces
+def test_a_slot_left_in_flight_by_a_killed_run_in_another_pid_namespace_stops_blocking_its_scope(
+    store_url: str, store: EnrichmentStore
+) -> None:
+    holder = subprocess.Popen(
+        [*NEW_PID_NAMESPACE, sys.executable, "-c", SLOT_HOLDER, store_url, "killed-mid-request"],
+        cwd=Path(__file__).parent.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "on the wire"
+        store.start_run("rerun", {})
+        book = store.rate_book("org", "rerun")
+        pace = [Pace("enrich-bulk", 1, 1.0)]
+        time.sleep(1.5)  # past its window: only its being in flight holds the slot now
+        # While it lives, its request in flight takes the only slot, whatever the window.
+        assert book.take("enrich-bulk", pace).ticket is None
+        kill_9(holder)
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+    # Dead (its lock is free): its slot counts one window from now, as an answered request would, instead
+    # of blocking the scope for STALE_IN_FLIGHT (300 s, the rerun's whole bound and more).
+    started = time.monotonic()
+    while (taken := book.take("enrich-bulk", pace)).ticket is None:
+        assert time.monotonic() - started < 10.0, f"a dead run's slot still blocks ({taken.wait:.2f} s)"
+        time.sleep(max(taken.wait, 0.01))
+    assert store.alive_runs(["killed-mid-request"]) == set()

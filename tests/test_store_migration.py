@@ -495,6 +495,7 @@ def test_a_version_2_store_gains_the_runs_process_identity_and_keeps_its_runs(st
         conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN boot_id")
         conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN proc_start")
         conn.exec_driver_sql("ALTER TABLE cleanlist_runs DROP COLUMN liveness_lock")
+        conn.exec_driver_sql("ALTER TABLE cleanlist_rate_slots DROP COLUMN run_id")
         conn.execute(sa.update(schema_info).values(version=2))
     engine.dispose()
 
@@ -508,7 +509,9 @@ def test_a_version_2_store_gains_the_runs_process_identity_and_keeps_its_runs(st
     with engine.connect() as conn:
         rows = {row.run_id: row for row in conn.execute(sa.select(runs))}
         version = conn.execute(sa.select(schema_info.c.version)).scalar_one()
+        slot_columns = {column["name"] for column in sa.inspect(conn).get_columns("cleanlist_rate_slots")}
     engine.dispose()
-    assert record is not None and version == SCHEMA_VERSION == 5
+    assert record is not None and version == SCHEMA_VERSION == 6
+    assert "run_id" in slot_columns  # version 6: rate slots name the run that took them
     assert rows["old"].proc_start is None and rows["new"].proc_start is not None
     assert rows["old"].liveness_lock is None and rows["new"].liveness_lock is not None

@@ -121,10 +121,21 @@ class EnrichmentStore:
     def __repr__(self) -> str:
         return f"EnrichmentStore({self.url_display!r})"
 
-    def rate_book(self, organization: str) -> FallbackRateBook:
+    def rate_book(self, organization: str, run_id: str | None = None) -> FallbackRateBook:
         """The rate limiter's book for one organization (an API key's fingerprint), shared through this
-        store by every process and machine that uses it (in memory once the store fails)."""
-        return FallbackRateBook(StoreRateBook(self._transact, self._engine.dialect.name, organization))
+        store by every process and machine that uses it (in memory once the store fails).
+
+        With `run_id` (a run recorded with `start_run` before its first request), the slots it takes name
+        it, and the slots other runs left in flight are closed as soon as those runs are proved dead."""
+
+        def alive(conn: Connection, run_ids: set[str]) -> set[str]:
+            judge = Judge(None, None, utc_now(), self._lease, self._process, self._locks)
+            return alive_runs(conn, run_ids, judge)
+
+        book = StoreRateBook(
+            self._transact, self._engine.dialect.name, organization, run_id=run_id, alive_runs=alive
+        )
+        return FallbackRateBook(book)
 
     def learned_rate_limits(self) -> list[tuple[str, str, RateLimit, float]]:
         """Every learned rate limit kept here: (organization, scope, limit, learned at, epoch seconds)."""

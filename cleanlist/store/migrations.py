@@ -21,6 +21,10 @@ between them completes on the next open; older rows keep nulls and are judged by
 
 Version 4 → 5: the runs table gains `liveness_lock` (the lock a run holds while open; nullable, added if
 missing). Older rows keep null and are judged as before (heartbeat, pid and start time).
+
+Version 5 → 6: the rate slots table gains `run_id` (the run that took a slot; nullable, added if missing),
+so a slot left in flight by a killed run stops counting once that run is proved dead. Older slots keep
+null and stop counting after `STALE_IN_FLIGHT` as before.
 """
 
 from __future__ import annotations
@@ -31,7 +35,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Column, Connection, Row, bindparam, delete, insert, inspect, select, tuple_, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    Row,
+    Table,
+    bindparam,
+    delete,
+    insert,
+    inspect,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.schema import CreateColumn
 
 from cleanlist.prepare import _bare_domain, _key_part, registrable_domain, visible
@@ -42,6 +58,7 @@ from cleanlist.store.schema import (
     SCHEMA_COMPONENT,
     SCHEMA_VERSION,
     contacts,
+    rate_slots,
     runs,
     schema_info,
     workflows,
@@ -390,14 +407,23 @@ def add_run_liveness_lock(conn: Connection) -> MigrationCount:
     return _add_run_columns(conn, (runs.c.liveness_lock,))
 
 
+def add_rate_slot_owner(conn: Connection) -> MigrationCount:
+    """Version 5 → 6: the rate slots table's `run_id` column (nullable), if missing."""
+    return _add_columns(conn, rate_slots, (rate_slots.c.run_id,))
+
+
 def _add_run_columns(conn: Connection, columns: Sequence[Column[Any]]) -> MigrationCount:
+    return _add_columns(conn, runs, columns)
+
+
+def _add_columns(conn: Connection, table: Table, columns: Sequence[Column[Any]]) -> MigrationCount:
     count = MigrationCount()
     with conn.begin():
-        present = {column["name"] for column in inspect(conn).get_columns(runs.name)}
+        present = {column["name"] for column in inspect(conn).get_columns(table.name)}
         for column in columns:
             if column.name not in present:
                 ddl = CreateColumn(column).compile(dialect=conn.dialect)
-                conn.exec_driver_sql(f"ALTER TABLE {runs.name} ADD COLUMN {ddl}")
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
                 count.columns_added += 1
     return count
 
@@ -407,4 +433,5 @@ _STEPS: Final[dict[int, Callable[[Connection], MigrationCount]]] = {
     2: rekey_folded_spellings,
     3: add_run_process_identity,
     4: add_run_liveness_lock,
+    5: add_rate_slot_owner,
 }

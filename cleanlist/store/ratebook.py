@@ -7,9 +7,12 @@ one short transaction: lock the scope rows (`FOR UPDATE` on PostgreSQL, the writ
 the hold, count the live slots, insert one. A few requests a second need nothing faster.
 
 Time is the database's clock on PostgreSQL (machines' clocks may disagree; the server's is one clock)
-and this machine's on SQLite (one machine). A slot of a process that died in flight stops counting
-after STALE_IN_FLIGHT seconds. Learned limits are kept per organization and scope, and expire after
-LEARNED_RATE_TTL.
+and this machine's on SQLite (one machine). A slot records the run that took it: a slot left in flight by
+a run proved dead (its liveness lock free, `cleanlist/store/liveness.py`) is closed by the next take —
+it counts from then for its window, as its request may have reached the API — so a rerun after a kill -9
+is not blocked by its predecessor's unanswered request; one whose run cannot be told (no run id, an older
+version) stops counting after STALE_IN_FLIGHT seconds. Learned limits are kept per organization and
+scope, and expire after LEARNED_RATE_TTL.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Transact = Callable[[Callable[[Connection], T]], T]
+# Which of the given run ids are still alive, judged in the caller's transaction.
+AliveRuns = Callable[[Connection, set[str]], set[str]]
 
 # A slot still "in flight" after this long belongs to a process that died mid-request.
 STALE_IN_FLIGHT = 300.0
@@ -50,10 +55,21 @@ class _StoreTicket:
 class StoreRateBook:
     """A `cleanlist.ratelimit.SlotBook` in the enrichment store's database."""
 
-    def __init__(self, transact: Transact[Any], dialect: str, organization: str) -> None:
+    def __init__(
+        self,
+        transact: Transact[Any],
+        dialect: str,
+        organization: str,
+        *,
+        run_id: str | None = None,
+        alive_runs: AliveRuns | None = None,
+    ) -> None:
         self._transact = transact
         self._dialect = dialect
         self.organization = organization
+        self._run_id = run_id
+        self._alive_runs = alive_runs
+        self._dead: set[str] = set()  # runs proved dead: they stay dead
         self._takes = itertools.count()
         self._used: dict[str, int] = {}  # live slots per scope at the last take: a hint for `used`
         self._held_seen: dict[str, tuple[float, float]] = {}  # scope -> (read at, seconds held then)
@@ -96,6 +112,40 @@ class StoreRateBook:
             ),
         )
 
+    def _close_dead_in_flight(self, conn: Connection, scopes: Sequence[str], now: float) -> None:
+        """Close the in-flight slots (in `scopes`, scope rows locked) of other runs proved dead: from now
+        they count for their window like an answered request, instead of for STALE_IN_FLIGHT."""
+        if self._alive_runs is None:
+            return
+        owners = set(
+            conn.execute(
+                select(rate_slots.c.run_id)
+                .distinct()
+                .where(
+                    rate_slots.c.organization == self.organization,
+                    rate_slots.c.scope.in_(list(scopes)),
+                    rate_slots.c.in_flight.is_(True),
+                    rate_slots.c.stamp > now - STALE_IN_FLIGHT,
+                    rate_slots.c.run_id.is_not(None),
+                )
+            ).scalars()
+        )
+        owners.discard(self._run_id)
+        unknown = owners - self._dead
+        if unknown:
+            self._dead |= unknown - self._alive_runs(conn, unknown)
+        dead = owners & self._dead
+        if dead:
+            conn.execute(
+                update(rate_slots)
+                .where(
+                    rate_slots.c.organization == self.organization,
+                    rate_slots.c.in_flight.is_(True),
+                    rate_slots.c.run_id.in_(sorted(dead)),
+                )
+                .values(stamp=now, in_flight=False, ok=False)
+            )
+
     def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
         sweep = next(self._takes) % _SWEEP_EVERY == 0
         scopes = longest_windows(paces)
@@ -106,6 +156,7 @@ class StoreRateBook:
             held_until = self._lock_scopes(conn, [*scopes, SHARED_SCOPE])
             if held_until > now:
                 return Taken(None, held_until - now, held=True)
+            self._close_dead_in_flight(conn, list(scopes), now)
             if sweep:
                 old = now - 2 * max(max(scopes.values()), STALE_IN_FLIGHT)
                 conn.execute(
@@ -142,6 +193,7 @@ class StoreRateBook:
                             stamp=now,
                             in_flight=True,
                             ok=False,
+                            run_id=self._run_id,
                         )
                         .returning(rate_slots.c.id)
                     ).scalar_one()

@@ -25,7 +25,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 # 3: keys folded (NFKC, no zero-width or bidi characters) (migrations.rekey_folded_spellings).
 # 4: runs carry their process's boot id and start time (migrations.add_run_process_identity).
 # 5: runs name the liveness lock they hold (migrations.add_run_liveness_lock).
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 SCHEMA_COMPONENT: Final = "enrichment_store"
 
 
@@ -161,6 +161,9 @@ rate_slots = Table(
     Column("stamp", Float, nullable=False),
     Column("in_flight", Boolean, nullable=False),
     Column("ok", Boolean, nullable=False),
+    # The run that took the slot (None: an older version, or a book without a run): an in-flight slot of
+    # a run proved dead stops being in flight at once, instead of blocking its scope for STALE_IN_FLIGHT.
+    Column("run_id", String),
     Index("cleanlist_rate_slots_scope_idx", "organization", "scope", "stamp"),
 )
 
