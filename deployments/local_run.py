@@ -22,10 +22,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cleanlist.run.context import Progress
 from flows.temporary_server import OwnedTemporaryServer
+
+if TYPE_CHECKING:  # the run's modules (store, SQLAlchemy) load for a run only, not for `sandbox`
+    from cleanlist.run.context import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_AUTH = 0, 1, 2
 # Once the run ended and was reported, the process ends within this many seconds even if an at-exit hook
