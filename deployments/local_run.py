@@ -8,8 +8,9 @@ with PGPASSWORD or ~/.pgpass keeps them out.
 
 Stopping (cleanlist/run/stop.py): this process owns SIGTERM and SIGINT while the run goes on; the first
 asks the run to stop (exit 130, summary status `interrupted`), a second one exits at once. When no
-Prefect server is configured, this process starts the temporary one itself (`OwnedTemporaryServer`): the
-server is told to end when this process dies, even by SIGKILL, and is stopped only after Prefect's log
+Prefect server is configured, this process starts the temporary one itself
+(`flows/temporary_server.py`): the server is told to end when this process dies, even by SIGKILL, and is
+stopped only after Prefect's log
 and event workers were drained into it — never before, which left them waiting for good at exit.
 """
 
@@ -17,14 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cleanlist.run.context import Progress
+from flows.temporary_server import OwnedTemporaryServer
+
+if TYPE_CHECKING:  # the run's modules (store, SQLAlchemy) load for a run only, not for `sandbox`
+    from cleanlist.run.context import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_AUTH = 0, 1, 2
 # Once the run ended and was reported, the process ends within this many seconds even if an at-exit hook
@@ -201,100 +204,3 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     for key, value in summary.items():
         table.add_row(key, str(value))
     Console().print(table)
-
-
-def _die_with_parent() -> None:
-    """In the server's process, before it runs: Linux sends it SIGTERM when the thread that started it
-    (this process's main thread) ends — a SIGKILL of this process included."""
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the server is stopped at exit, but not after SIGKILL
-        return
-
-
-def _server_class() -> type[Any]:
-    from prefect.server.api.server import SubprocessASGIServer
-
-    class _Owned(SubprocessASGIServer):
-        """Prefect's temporary server, started by this process and tied to it (see the module docstring).
-
-        The command is Prefect 3.9's own (`SubprocessASGIServer._run_uvicorn_command`), plus the tie.
-        """
-
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            import prefect
-            from prefect.settings import get_current_settings
-
-            server_env = {
-                "PREFECT_UI_ENABLED": "0",
-                "PREFECT__SERVER_EPHEMERAL": "1",
-                "PREFECT__SERVER_FINAL": "1",
-            }
-            app_dir = str(prefect.__module_path__.parent)
-            return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "--app-dir",
-                    app_dir,
-                    "--factory",
-                    "prefect.server.api.server:create_app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "error",
-                    "--lifespan",
-                    "on",
-                ],
-                env={
-                    **os.environ,
-                    **server_env,
-                    **get_current_settings().to_environment_variables(exclude_unset=True),
-                },
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-                # Its own session: a Ctrl-C at the terminal reaches the run (which stops in order and
-                # still reports to this server), not the server under it.
-                start_new_session=True,
-            )
-
-    return _Owned
-
-
-class OwnedTemporaryServer:
-    """The temporary Prefect server of a run in this process, when no Prefect server is configured."""
-
-    def __init__(self, server: Any) -> None:
-        self._server = server
-
-    @classmethod
-    def start_if_needed(cls) -> OwnedTemporaryServer | None:
-        """Start it (before Prefect would, so Prefect uses this one) unless PREFECT_API_URL is set."""
-        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-            return None
-        # Prefect keeps one temporary server per port; this instance is the one its clients will find.
-        server = _server_class()()
-        server.start()
-        return cls(server)
-
-    @property
-    def pid(self) -> int | None:
-        process = self._server.server_process
-        return int(process.pid) if process is not None else None
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def kill(self) -> None:
-        """At once (a second signal, the deadline): SIGKILL, no wait for a graceful end."""
-        process = self._server.server_process
-        if process is not None and process.poll() is None:
-            process.kill()

@@ -10,7 +10,13 @@ already (an earlier output enriched again) has them replaced, and the run says s
 
 The frame never reaches the Prefect database: Prefect stores a flow run's parameters, and would have
 stored every contact of a DataFrame, so this flow's parameters are stored with the frame replaced by
-its shape.
+its shape; and no database password reaches it either: a URL given as a parameter (`store`) is stored with
+its password hidden (the run itself gets the URL as given; this flow takes a frame in memory, so it is
+never started from its stored parameters).
+
+Called outside a flow (a user's script) with no Prefect server configured, it starts Prefect's temporary
+server tied to the calling process (`flows/temporary_server.py`): a script ended by SIGTERM or SIGKILL
+leaves no server behind.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import functools
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,8 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import Flow, get_run_logger
 from prefect.client.schemas.objects import State
+from prefect.context import FlowRunContext
 from prefect.states import Failed
 
+from cleanlist.dburl import hide_passwords
 from cleanlist.errors import InputError
 from cleanlist.io.writer import REJECT_CODE_COLUMN, REJECT_REASON
 from cleanlist.models import EnrichmentType
@@ -50,6 +59,7 @@ from flows.enrich_contacts import (
     wait_for_results,
     write_and_report,
 )
+from flows.temporary_server import OwnedTemporaryServer
 from tasks.prefect_types import thread_pool
 
 P = ParamSpec("P")
@@ -81,11 +91,24 @@ def _frame_shown(value: Any) -> Any:
     return value
 
 
+def _stored(value: Any) -> Any:
+    """A parameter as the Prefect server may store it: a frame as its shape, URL passwords hidden."""
+    return hide_passwords(value) if isinstance(value, str) else _frame_shown(value)
+
+
 class _FrameFlow(Flow[P, EnrichedFrame]):
-    """A flow whose frame parameter is stored by the Prefect server as its shape, not its contents."""
+    """A flow whose parameters are stored by the Prefect server without the frame's contents or any
+    database password, and which ties Prefect's temporary server to a script that calls it."""
 
     def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        return super().serialize_parameters({key: _frame_shown(v) for key, v in parameters.items()})
+        return super().serialize_parameters({key: _stored(v) for key, v in parameters.items()})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Only from the main thread: the server ends with the thread that started it (PR_SET_PDEATHSIG);
+        # inside a flow run the server (if temporary) was started already, by whoever started that run.
+        if FlowRunContext.get() is None and threading.current_thread() is threading.main_thread():
+            OwnedTemporaryServer.start_if_needed()
+        return super().__call__(*args, **kwargs)
 
 
 @contextmanager

@@ -15,10 +15,12 @@ import pytest
 
 from benchmarks.chaos.batch import replay_command, schedule_seeds
 from benchmarks.chaos.invariants import (
+    README,
     BulkRequest,
     RunFacts,
     ScheduleFacts,
     check,
+    documented_exit_codes,
     mark_never_passes_unsettled,
     no_secret_anywhere,
     paid_at_most_in_doubt,
@@ -147,6 +149,15 @@ def test_a_run_that_hangs_or_lingers_breaks_invariant_6() -> None:
     assert (
         runs_end(_facts(RunFacts("run 6", -9, None, signal="SIGKILL", signalled_at=0.0, ended_at=0.1))) == []
     )
+
+
+def test_invariant_6_accepts_exactly_the_exit_codes_the_readme_documents() -> None:
+    # The README's "Exit codes:" paragraph is the list: 3 (incomplete) and 130 (interrupted) included.
+    assert documented_exit_codes(README.read_text(encoding="utf-8")) == {0, 1, 2, 3, 130}
+    incomplete = RunFacts("run 1", 3, None)
+    interrupted = RunFacts("run 2", 130, None)
+    assert runs_end(_facts(incomplete, interrupted)) == []
+    assert len(runs_end(_facts(RunFacts("run 3", 4, None)))) == 1
 
 
 def test_a_library_run_ended_by_a_signal_it_does_not_handle_is_not_a_violation() -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from cleanlist.store import EnrichmentStore
 from cleanlist_prefect import EnrichedFrame, enrich_dataframe
 from flows.enrich_contacts import RunFailed
 from flows.enrich_frame import _enrich_dataframe
+from tests.conftest import postgres_database
 from tests.flow_helpers import FAST
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -118,6 +124,85 @@ def test_an_arrow_table_on_its_own_keeps_its_contacts_out_of_the_prefect_databas
     again = enrich_dataframe(table, store=store_url, **FAST)
     assert again.summary.submitted == 0
     assert again.summary.fresh_in_store == rows - len(enriched.rejects)
+
+
+@pytest.mark.postgres
+def test_a_store_password_never_reaches_the_prefect_database(make_sandbox: Any, api_env: Any) -> None:
+    # A user's script passes its store URL with the password in it: the run uses it, Prefect stores the
+    # flow run's parameters with it hidden (the CLI moves it to PGPASSWORD; a library call cannot).
+    sandbox = make_sandbox(rate_limit=None)
+    api_env(sandbox)
+    password = "pwFrameStore91"
+    frame = pd.DataFrame({"first_name": ["Ann", "Bo"], "last_name": ["Lee", "Ng"],
+                          "company_domain": ["acme.example", "initech.example"]})  # fmt: skip
+    with postgres_database() as database:
+        url = database.replace("://postgres@", f"://postgres:{password}@")
+        enriched = enrich_dataframe(frame, store=url, **FAST)
+        again = enrich_dataframe(frame, store=url, **FAST)  # from the store the URL names
+
+    assert enriched.summary.submitted == 2
+    assert again.summary.fresh_in_store == 2
+    import asyncio
+
+    stored = asyncio.run(_stored_parameters("enrich-dataframe"))
+    assert password not in repr(stored)
+    assert database.replace("://postgres@", "://postgres:***@") in [p.get("store") for p in stored]
+
+
+KILLED_SCRIPT = """
+import os, sys, time
+import pandas as pd
+from prefect.server.api.server import SubprocessASGIServer
+from cleanlist_prefect import enrich_dataframe
+
+frame = pd.DataFrame({"first_name": ["Ann"], "last_name": ["Lee"], "company_domain": ["acme.example"]})
+enrich_dataframe(frame, store=sys.argv[1], initial_poll_seconds=0.1)
+print(SubprocessASGIServer._instances[None].server_process.pid, flush=True)
+time.sleep(600)  # killed here, as a user's script may be at any moment
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (ended, not yet reaped by init) is gone too.
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def test_a_killed_script_leaves_no_temporary_prefect_server(
+    tmp_path: Path, make_sandbox: Any, api_env: Any
+) -> None:
+    sandbox = make_sandbox(rate_limit=None)
+    api_env(sandbox)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_EPHEMERAL_ENABLED="true",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    )  # a loaded machine starts it slowly
+    script = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SCRIPT, f"sqlite:///{tmp_path / 'store.db'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert script.stdout is not None
+        line = script.stdout.readline()
+        assert line.strip().isdigit(), script.communicate(timeout=30)[1][-3000:]
+        server = int(line)
+        assert _alive(server)
+    finally:
+        script.kill()
+        script.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while _alive(server) and time.monotonic() < deadline:
+        time.sleep(0.1)  # waits for the kernel's signal to take effect, no retry delay
+    alive = _alive(server)
+    if alive:
+        os.kill(server, signal.SIGKILL)
+    assert not alive, "the temporary Prefect server outlived the script that started it"
 
 
 def test_a_revoked_key_fails_the_flow_with_one_line_and_leaves_no_file(

@@ -17,14 +17,30 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 # cleanlist_status values that say a row is settled: the API answered for it, or it was refused.
 UNSETTLED_STATUSES = frozenset({"pending", "not_submitted", "skipped_budget", ""})
-# Exit codes the README documents: 0 success, 1 failure, 2 key refused, 130 interrupted (143: SIGTERM's
-# conventional code, which a run stopped by SIGTERM may use).
-DOCUMENTED_EXIT_CODES = frozenset({0, 1, 2})
-DOCUMENTED_SIGNAL_EXIT_CODES = frozenset({0, 1, 2, 130, 143})
+README = Path(__file__).resolve().parents[2] / "README.md"
+# The README's "Exit codes:" paragraph is the one list: "0 success …, 2 when …, 3 when …, 130 when …, 1 for
+# any other failure" (each code is a number followed by what it means).
+_EXIT_CODES_PARAGRAPH = re.compile(r"^Exit codes:(?P<text>.*?)(?:\n\s*\n|\Z)", re.M | re.S)
+_EXIT_CODE = re.compile(r"(?:^|[:,])\s*(?P<code>\d+)\s+(?:success|when|for)\b")
+
+
+def documented_exit_codes(readme: str) -> frozenset[int]:
+    """The exit codes the README's "Exit codes:" paragraph documents (an error if it has none)."""
+    paragraph = _EXIT_CODES_PARAGRAPH.search(readme)
+    codes = frozenset(int(m["code"]) for m in _EXIT_CODE.finditer(paragraph["text"] if paragraph else ""))
+    if not codes:
+        raise RuntimeError(f"{README}: no 'Exit codes:' paragraph to check exit codes against")
+    return codes
+
+
+DOCUMENTED_EXIT_CODES = documented_exit_codes(README.read_text(encoding="utf-8"))
+# After SIGTERM a run may also end with SIGTERM's conventional code (128 + 15).
+DOCUMENTED_SIGNAL_EXIT_CODES = DOCUMENTED_EXIT_CODES | {143}
 SIGNAL_BOUND_SECONDS = 30.0
 # A request whose handling at the API ended this close before a process died may have had its answer
 # lost on the way back (the process was killed between the answer leaving and being read).

@@ -1,0 +1,116 @@
+"""Prefect's temporary server, started by the process that runs a flow and tied to it.
+
+When no Prefect server is configured, Prefect starts a temporary one (`SubprocessASGIServer`) and stops
+it at exit; but a process ended by a signal (SIGTERM's default action, SIGKILL) runs no exit hook, and
+that server ran on for good. `OwnedTemporaryServer` starts it first, with Prefect's own command, in its
+own session (a Ctrl-C at the terminal reaches the run, not the server under it) and told by the kernel
+(PR_SET_PDEATHSIG) to end when the thread that started it ends — a SIGKILL of the process included.
+Prefect's clients find that instance (Prefect keeps one temporary server per port). Used by the CLI
+(`deployments/local_run.py`) and by `enrich_dataframe` called outside a flow.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from typing import Any
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before it runs: Linux sends it SIGTERM when the thread that started it
+    (this process's main thread) ends — a SIGKILL of this process included."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the server is stopped at exit, but not after SIGKILL
+        return
+
+
+@functools.cache
+def _server_class() -> type[Any]:
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class _Owned(SubprocessASGIServer):
+        """Prefect's temporary server, started by this process and tied to it (see the module docstring).
+
+        The command is Prefect 3.9's own (`SubprocessASGIServer._run_uvicorn_command`), plus the tie.
+        """
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            import prefect
+            from prefect.settings import get_current_settings
+
+            server_env = {
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+            }
+            app_dir = str(prefect.__module_path__.parent)
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--app-dir",
+                    app_dir,
+                    "--factory",
+                    "prefect.server.api.server:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "error",
+                    "--lifespan",
+                    "on",
+                ],
+                env={
+                    **os.environ,
+                    **server_env,
+                    **get_current_settings().to_environment_variables(exclude_unset=True),
+                },
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                # Its own session: a Ctrl-C at the terminal reaches the run (which stops in order and
+                # still reports to this server), not the server under it.
+                start_new_session=True,
+            )
+
+    return _Owned
+
+
+class OwnedTemporaryServer:
+    """The temporary Prefect server of a run in this process, when no Prefect server is configured."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    @classmethod
+    def start_if_needed(cls) -> OwnedTemporaryServer | None:
+        """Start it (before Prefect would, so Prefect uses this one) unless PREFECT_API_URL is set."""
+        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            return None
+        # Prefect keeps one temporary server per port; this instance is the one its clients will find.
+        server = _server_class()()
+        server.start()
+        return cls(server)
+
+    @property
+    def pid(self) -> int | None:
+        process = self._server.server_process
+        return int(process.pid) if process is not None else None
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def kill(self) -> None:
+        """At once (a second signal, the deadline): SIGKILL, no wait for a graceful end."""
+        process = self._server.server_process
+        if process is not None and process.poll() is None:
+            process.kill()
