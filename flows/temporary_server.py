@@ -83,6 +83,19 @@ def _server_class() -> type[Any]:
     return _Owned
 
 
+# A first start on a new PREFECT_HOME migrates its database, which on a small, busy machine takes longer
+# than Prefect's default 20 s; a user who set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS gets theirs.
+STARTUP_SECONDS_UNLESS_SET = 120
+
+
+def _startup_timeout() -> int:
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        return int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    return STARTUP_SECONDS_UNLESS_SET
+
+
 class OwnedTemporaryServer:
     """The temporary Prefect server of a run in this process, when no Prefect server is configured."""
 
@@ -98,7 +111,7 @@ class OwnedTemporaryServer:
             return None
         # Prefect keeps one temporary server per port; this instance is the one its clients will find.
         server = _server_class()()
-        server.start()
+        server.start(timeout=_startup_timeout())
         return cls(server)
 
     @property
