@@ -124,13 +124,6 @@ class ScheduleFacts:
     """Where a secret could leak: name → text (logs, outputs, files, Prefect records)."""
     source_refused: bool = False
     """The source was refused with one line before anything was sent (a legitimate end)."""
-    concurrency: int = 1
-    """Chunk tasks a run keeps in flight (`--max-concurrent-chunks`)."""
-
-    @property
-    def kills(self) -> int:
-        """Runs that ended killed (kill -9, a crash): no orderly stop, whatever was on its way is lost."""
-        return sum(1 for run in self.runs if run.ended_at is not None and (run.exit_code or 0) < 0)
 
     @property
     def death_moments(self) -> list[float]:
@@ -224,16 +217,12 @@ def paid_at_most_in_doubt(facts: ScheduleFacts) -> list[str]:
     accepted = sum(1 for r in facts.bulk_requests if r.status == 200)
     other = sum(1 for r in facts.bulk_requests if r.status not in (200, 429, None))
     transit = sum(1 for r in facts.bulk_requests if r.status in (429, None) and in_transit(r))
-    # A killed run cannot know whether a request whose slot it was granted (its intent journalled, the next
-    # step the send) left the machine: that is doubt by definition, and the API's front door never saw it.
-    # At most one such request per chunk task in flight, per kill; an orderly stop has none.
-    unseen = facts.kills * facts.concurrency
-    could_be_lost = max(0, accepted - facts.workflows_recorded) + other + transit + unseen
+    could_be_lost = max(0, accepted - facts.workflows_recorded) + other + transit
     if doubt_requests > could_be_lost:
         problems.append(
             f"the runs reported {doubt_requests} request(s) in doubt; at most {could_be_lost} bulk request(s) "
             f"reached the API with an answer that may have been lost ({accepted} accepted, "
-            f"{facts.workflows_recorded} recorded, {other} other non-429 answers, {transit} in transit at a death, {unseen} between journal and wire at a kill)"
+            f"{facts.workflows_recorded} recorded, {other} other non-429 answers, {transit} in transit at a death)"
         )
     return problems
 

@@ -546,7 +546,6 @@ class SchedulePlayer:
             bulk_requests=list(self.proxy.bulk),
             workflows_recorded=workflows,
             contacts_accepted_more_than_once=int(counters["contacts_accepted_more_than_once"]),
-            concurrency=s.concurrency,
             credits_charged=float(counters["credits_charged"]),
             email_credit=email,
             phone_credit=phone,
