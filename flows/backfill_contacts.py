@@ -25,6 +25,10 @@ from dataclasses import asdict
 from typing import Any
 
 import fsspec
+from cleanlist_prefect.flows.enrich_contacts import SUMMARY_KEY
+from cleanlist_prefect.flows.run_names import backfill_run_name
+from cleanlist_prefect.tasks.prefect_types import sync_result
+from cleanlist_prefect.tasks.shards import split_source_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
@@ -58,10 +62,6 @@ from cleanlist.models import EnrichmentType
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings, RateLimit
-from flows.enrich_contacts import SUMMARY_KEY
-from flows.run_names import backfill_run_name
-from tasks.prefect_types import sync_result
-from tasks.shards import split_source_task
 
 BACKFILL_SUMMARY_KEY = "cleanlist-backfill-summary"
 

@@ -36,6 +36,20 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from cleanlist_prefect.flows.blocks import resolve_blocks
+from cleanlist_prefect.flows.enrich_contacts import (
+    RunFailed,
+    check_key,
+    failures_as_states,
+    open_run,
+    plan_submissions,
+    read,
+    submit,
+    wait_for_results,
+    write_and_report,
+)
+from cleanlist_prefect.flows.temporary_server import OwnedTemporaryServer
+from cleanlist_prefect.tasks.prefect_types import thread_pool
 from prefect import Flow, get_run_logger
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
@@ -47,20 +61,6 @@ from cleanlist.io.writer import REJECT_CODE_COLUMN, REJECT_REASON
 from cleanlist.models import EnrichmentType
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
 from cleanlist.run.summary import RunSummary
-from flows.blocks import resolve_blocks
-from flows.enrich_contacts import (
-    RunFailed,
-    check_key,
-    failures_as_states,
-    open_run,
-    plan_submissions,
-    read,
-    submit,
-    wait_for_results,
-    write_and_report,
-)
-from flows.temporary_server import OwnedTemporaryServer
-from tasks.prefect_types import thread_pool
 
 P = ParamSpec("P")
 R = TypeVar("R")
