@@ -2,8 +2,8 @@
 
 Several blocks live side by side (one per organization or environment) and a run picks one by name
 (`--credentials NAME`, the `credentials` flow parameter). The key stays in the block: a run's
-parameters carry only the block's name. `prefect block register -m cleanlist_prefect.flows.credentials` registers the type;
-an installed package also registers it through its `prefect.collections` entry point.
+parameters carry only the block's name. `prefect block register -m cleanlist_prefect.flows.credentials`
+registers the type; an installed package also registers it through its `prefect.collections` entry point.
 """
 
 from __future__ import annotations

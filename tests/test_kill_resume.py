@@ -40,8 +40,8 @@ def _env(sandbox) -> dict[str, str]:
 
 
 def _args(source: Path, output: Path, store: str) -> list[str]:
-    return [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source), "--output", str(output),
-            "--store", store, "--initial-poll-seconds", "1", "--json"]  # fmt: skip
+    return [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source),
+            "--output", str(output), "--store", store, "--initial-poll-seconds", "1", "--json"]  # fmt: skip
 
 
 def _wait_for_first_bulk(sandbox, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
