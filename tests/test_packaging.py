@@ -8,6 +8,8 @@ from the installed wheel, from a directory whose own `flows`, `tasks` and `deplo
 first on sys.path.
 """
 
+# namespace_rename: skip-file  (this test imports the user's own `flows`, `tasks`, `deployments` on purpose)
+
 from __future__ import annotations
 
 import json
@@ -84,8 +86,8 @@ def user_project(tmp_path: Path) -> Path:
         (project / package).mkdir(parents=True)
         (project / package / "__init__.py").write_text(f'WHOSE = "user {package}"\n', encoding="utf-8")
     # The user's modules may even share our module names.
-    (project / "flows" / "enrich_frame.py").write_text('WHOSE = "user cleanlist_prefect.flows.enrich_frame"\n', "utf-8")
-    (project / "deployments" / "cli.py").write_text('WHOSE = "user cleanlist_prefect.deployments.cli"\n', encoding="utf-8")
+    (project / "flows" / "enrich_frame.py").write_text('WHOSE = "user flows.enrich_frame"\n', "utf-8")
+    (project / "deployments" / "cli.py").write_text('WHOSE = "user deployments.cli"\n', encoding="utf-8")
     return project
 
 
@@ -126,7 +128,7 @@ def test_installed_wheel_enriches_a_frame_beside_the_users_own_packages(
         import json, sys
         import cleanlist_prefect
         cheap = not any(m.split(".")[0] in {"prefect", "pandas"} for m in sys.modules)
-        import flows, tasks, deployments, cleanlist_prefect.flows.enrich_frame, cleanlist_prefect.deployments.cli
+        import flows, tasks, deployments, flows.enrich_frame, deployments.cli
         import pandas as pd
         from cleanlist_prefect import EnrichedFrame, enrich_dataframe
 
@@ -142,8 +144,8 @@ def test_installed_wheel_enriches_a_frame_beside_the_users_own_packages(
             "cheap_import": cheap,
             "ours": cleanlist_prefect.__file__,
             "credentials": credentials.__file__,
-            "user": [flows.WHOSE, tasks.WHOSE, deployments.WHOSE, cleanlist_prefect.flows.enrich_frame.WHOSE,
-                     cleanlist_prefect.deployments.cli.WHOSE],
+            "user": [flows.WHOSE, tasks.WHOSE, deployments.WHOSE, flows.enrich_frame.WHOSE,
+                     deployments.cli.WHOSE],
             "is_frame": isinstance(enriched, EnrichedFrame),
             "rows": sorted([*map(int, enriched.output.index), *map(int, enriched.rejects.index)]),
             "status": enriched.summary.status,
@@ -162,7 +164,7 @@ def test_installed_wheel_enriches_a_frame_beside_the_users_own_packages(
     assert Path(report["ours"]).is_relative_to(venv), report["ours"]
     assert Path(report["credentials"]).is_relative_to(venv), report["credentials"]
     assert report["user"] == [
-        "user flows", "user tasks", "user deployments", "user cleanlist_prefect.flows.enrich_frame", "user cleanlist_prefect.deployments.cli",
+        "user flows", "user tasks", "user deployments", "user flows.enrich_frame", "user deployments.cli",
     ]  # fmt: skip
     assert report["cheap_import"] is True
     assert report["is_frame"] is True
