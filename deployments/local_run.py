@@ -197,10 +197,9 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, default=str))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from cleanlist.run.report import report_text
+    from cleanlist.run.summary import RunSummary
 
-    table = Table(title=f"cleanlist-enrich: {summary.get('status')}", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, str(value))
-    Console().print(table)
+    if set(summary) <= {"status"}:
+        return  # a run that failed before counting anything: its one error line says it all
+    print(report_text(RunSummary.model_validate(summary)))
