@@ -110,6 +110,6 @@ def test_the_terminal_report_fits_a_screen_and_every_number_is_the_summarys() ->
     assert "20 missing fields, 5 invalid linkedin url" in text
     assert "Cost: 306 credits; 1.00 per email found; cap 1,000 (31 % used)" in text
     assert (
-        "Pace: 5.5 contacts/s; rate ceiling 60 requests / 60 s per endpoint (learned: enrich-bulk 4/3s)"
-        in text
+        "Pace: 5.5 contacts/s against a ceiling of 266.7 contacts/s "
+        "(bulk 4 requests / 3 s, learned, 200 contacts each)" in text
     )

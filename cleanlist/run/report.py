@@ -202,22 +202,42 @@ def cost(summary: RunSummary) -> str:
     return "; ".join(parts)
 
 
-def pace(summary: RunSummary) -> str:
-    rate = summary.submitted / summary.seconds if summary.seconds > 0 else 0.0
-    ceiling = f"rate ceiling {_ceiling(summary.rate_limit)} per endpoint"
-    learned = ", ".join(f"{scope} {limit}" for scope, limit in summary.rate_limits_learned.items())
-    if learned:
-        ceiling += f" (learned: {learned})"
-    return f"{rate:,.1f} contacts/s; {ceiling}"
-
-
 def _ceiling(rate_limit: str) -> str:
-    requests, slash, seconds = rate_limit.partition("/")
+    requests, slash, seconds = rate_limit.removesuffix("s").partition("/")
     if not slash:
         return rate_limit or "unknown"
     if requests == "auto":
         return f"learned from the API (window {seconds} s)"
     return f"{requests} requests / {seconds} s"
+
+
+def _per_second(limit: str) -> float | None:
+    """Requests a second of `N/SECONDS` or `N/SECONDSs` (None: `auto`, or not a limit)."""
+    requests, slash, seconds = limit.removesuffix("s").partition("/")
+    try:
+        value = int(requests) / float(seconds)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if slash and value > 0 else None
+
+
+def pace(summary: RunSummary) -> str:
+    """Contacts a second against the ceiling in force: the bulk endpoint's limit (the learned one when
+    the run learned one) times the contacts a bulk request carried on average."""
+    rate = summary.submitted / summary.seconds if summary.seconds > 0 else 0.0
+    text = f"{rate:,.1f} contacts/s"
+    learned = summary.rate_limits_learned.get("enrich-bulk")
+    limit = learned or summary.rate_limit
+    per_second = _per_second(limit)
+    if per_second is not None and summary.workflows:
+        per_request = summary.submitted / summary.workflows
+        text += (
+            f" against a ceiling of {per_second * per_request:,.1f} contacts/s "
+            f"(bulk {_ceiling(limit)}{', learned' if learned else ''}, {per_request:,.0f} contacts each)"
+        )
+    else:
+        text += f"; rate ceiling {_ceiling(summary.rate_limit)} per endpoint"
+    return text
 
 
 def run_report(summary: RunSummary) -> RunReport:
