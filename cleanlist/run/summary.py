@@ -1,7 +1,8 @@
 """What a run reports: the summary of an enrich run, the report of a dry run, as typed data.
 
-The flow returns them, writes them as its table artifact and logs them; the CLI prints them (as a table
-or one JSON line); the backfill reads its children's back from their artifacts with `from_table`.
+The flow returns them, writes them as its table artifact and logs them; the CLI prints them (a run's as
+the report of cleanlist/run/report.py, a dry run's as a table, either as one JSON line with `--json`); the
+backfill reads its children's back from their artifacts with `from_table`.
 """
 
 from __future__ import annotations
