@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from cleanlist.run.report import NEEDS_YOU_TITLE, headline, needs_you, report_markdown, report_text
 from cleanlist.run.states import RunStatus
@@ -113,3 +117,45 @@ def test_the_terminal_report_fits_a_screen_and_every_number_is_the_summarys() ->
         "Pace: 5.5 contacts/s against a ceiling of 266.7 contacts/s "
         "(bulk 4 requests / 3 s, learned, 200 contacts each)" in text
     )
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_real_run_with_unresolved_rows_a_request_in_doubt_and_a_learned_limit_reports_all_three(
+    tmp_path: Path, make_sandbox: Any, api_env: Any
+) -> None:
+    """Over HTTP against the sandbox: 5 % of tasks unknown for good (unresolved), one bulk answer lost to a
+    gateway's 502 (in doubt), and a bulk limit of 2 a second learned by an earlier run (paced by it)."""
+    from pydantic import SecretStr
+
+    from cleanlist.client import organization_of
+    from cleanlist.sandbox import FaultSpec
+    from cleanlist.settings import RateLimit
+    from cleanlist.store import EnrichmentStore
+    from tests.flow_helpers import messy_export, run_flow
+
+    sandbox = make_sandbox(
+        rate_limit=None, seed=5, unknown_task_rate=0.05, faults={"enrich-bulk": FaultSpec(sequence=(502,))}
+    )
+    api_env(sandbox, rate_limit="20/1")
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    with EnrichmentStore(store_url) as store:
+        book = store.rate_book(organization_of(sandbox.base_url, SecretStr(sandbox.api_key)))
+        book.learn("enrich-bulk", RateLimit(2, 1.0))
+    source = messy_export(tmp_path / "crm.csv", unique=1200)
+
+    state, data = run_flow(source=str(source), output=str(tmp_path / "out.csv"), store=store_url)
+
+    summary = RunSummary.model_validate(data)
+    assert summary.unresolved > 0 and summary.ambiguous_submissions == 1 and summary.learned_limits, data
+    text = report_text(summary)
+    assert text.splitlines()[0] == headline(summary)
+    section = text[text.index(NEEDS_YOU_TITLE) :]
+    items = needs_you(summary)
+    assert [item.what for item in items][:1] == [
+        f"{summary.unresolved} contacts unresolved (paid for, answer still owed)"
+    ]
+    assert any("in doubt" in item.what for item in items)
+    assert any("paced by enrich-bulk" in item.what for item in items)
+    for item in items:
+        assert f"! {item.what}\n    → {item.remedy}" in section
+    assert not state.is_completed()  # unresolved contacts: completed with errors, exit 1
