@@ -80,7 +80,7 @@ def economics_rows(runs: Sequence[RunEconomics], by: Grouping) -> list[Economics
 
 
 def totals(runs: Sequence[RunEconomics]) -> EconomicsRow:
-    return _row(f"total ({len(runs)} runs)", runs)
+    return _row(f"total ({len(runs)} run{'' if len(runs) == 1 else 's'})", runs)
 
 
 def sparkline(values: Sequence[float]) -> str:
