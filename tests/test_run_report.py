@@ -158,4 +158,5 @@ def test_a_real_run_with_unresolved_rows_a_request_in_doubt_and_a_learned_limit_
     assert any("paced by enrich-bulk" in item.what for item in items)
     for item in items:
         assert f"! {item.what}\n    → {item.remedy}" in section
-    assert not state.is_completed()  # unresolved contacts: completed with errors, exit 1
+    # Tasks the API no longer knows leave their contacts unresolved in a run that still completes.
+    assert state.is_completed(), state.message
