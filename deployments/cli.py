@@ -226,6 +226,23 @@ def cmd_limits(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The economics across runs, from the store: per run or per day, with totals and a trend."""
+    from cleanlist.economics import economics_text, parse_since
+    from cleanlist.settings import CleanlistSettings
+    from cleanlist.store import EnrichmentStore
+
+    since = None if args.since == "all" else parse_since(args.since)
+    store = EnrichmentStore(args.store or CleanlistSettings().store_url)
+    try:
+        runs = store.run_economics(since, args.source)
+        due = store.refresh_due(args.refresh_days)
+    finally:
+        store.close()
+    print(economics_text(runs, by=args.by, since=since, source=args.source, due=due))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cleanlist_prefect.deployments.receiver import add_receiver_parser
 
@@ -274,6 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--store", metavar="URL", help="the enrichment store (default CLEANLIST_STORE_URL)")
     limits.add_argument("--clear", action="store_true", help="forget every learned limit in the store")
     limits.set_defaults(func=cmd_limits)
+
+    report = sub.add_parser(
+        "report", help="what runs cost and found, per run or per day, from the store (with totals)"
+    )
+    report.add_argument("--store", metavar="URL", help="the enrichment store (default CLEANLIST_STORE_URL)")
+    report.add_argument(
+        "--since", default="30d", help="runs started in this span (30d, 12h, 2w), since a date, or 'all'"
+    )
+    report.add_argument(
+        "--source", metavar="NAME", help="only runs of this source (as shown, or its file name)"
+    )
+    report.add_argument("--by", choices=("run", "day"), default="run", help="one line per run or per day")
+    report.add_argument(
+        "--refresh-days",
+        type=float,
+        default=30.0,
+        help="the refresh age runs use, to count contacts coming due (default 30)",
+    )
+    report.set_defaults(func=cmd_report)
 
     add_sandbox_parser(sub)
     add_receiver_parser(sub)

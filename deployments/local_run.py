@@ -198,6 +198,20 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, default=str))
         return
+    if set(summary) <= {"status"}:
+        return  # a run that failed before counting anything: its one error line says it all
+    from cleanlist.run.states import RunStatus
+
+    if summary.get("status") == RunStatus.DRY_RUN.value:
+        _print_table(summary)  # a plan, not a run: what it would submit and cost, line by line
+        return
+    from cleanlist.run.report import report_text
+    from cleanlist.run.summary import RunSummary
+
+    print(report_text(RunSummary.model_validate(summary)))
+
+
+def _print_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 

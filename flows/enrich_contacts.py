@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from cleanlist_prefect.flows.blocks import resolve_blocks
@@ -33,6 +34,7 @@ from prefect.states import Failed
 
 from cleanlist.client import organization_of
 from cleanlist.dburl import hide_passwords
+from cleanlist.economics import ECONOMICS_KEY, economics_markdown
 from cleanlist.errors import (
     Action,
     APIConnectionError,
@@ -64,6 +66,7 @@ from cleanlist.webhooks.listen import receiving_webhooks
 P = ParamSpec("P")
 R = TypeVar("R")
 SUMMARY_KEY = "cleanlist-run-summary"
+ECONOMICS_DAYS = 30
 # Rows with these cleanlist_status values are not settled: a run that leaves any is `incomplete`.
 UNSETTLED_ROW_STATUSES = ("pending", "not_submitted")
 # The exit code of an `incomplete` run (README, "Exit codes").
@@ -181,11 +184,30 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
                 status, summary = RunStatus.INTERRUPTED, {"status": RunStatus.INTERRUPTED.value}
             with run.store_guard():
                 store.finish_run(run_id, status, summary)
+            if run.store_lost is None:
+                publish_economics(store, options.refresh_days)
         _TASK_RUN_LOGGER.removeFilter(quiet)
         if run.store_lost is None:
             journal.forget(run_id)  # its acceptances are in the store; a lost store keeps them for a rerun
         workspace.cleanup()
         store.close()
+
+
+def publish_economics(store: EnrichmentStore, refresh_days: float) -> None:
+    """The keyed `cleanlist-economics` artifact, after each run: the last 30 days by day, so its history
+    in the UI is the trend. Best effort: the run is over and recorded; a failure here is one warning."""
+    try:
+        since = datetime.now(UTC) - timedelta(days=ECONOMICS_DAYS)
+        text = economics_markdown(
+            store.run_economics(since),
+            by="day",
+            since=since,
+            source=None,
+            due=store.refresh_due(refresh_days),
+        )
+        create_markdown_artifact(text, key=ECONOMICS_KEY, description="Economics across runs (30 days)")
+    except Exception as exc:  # the run is recorded; its economics artifact is only a view
+        logging.getLogger("cleanlist.run").warning("could not update the economics artifact: %s", exc)
 
 
 def _delivery_event(workflow_id: str, results: int) -> None:
@@ -503,6 +525,8 @@ def write_and_report(
         seconds=round(time.monotonic() - started, 3),
         **(incremental.summary_fields(completed=status is RunStatus.COMPLETED) if incremental else {}),
         **_webhook_counts(run),
+        enrichment_type=options.enrichment_type,
+        credit_cap=options.max_credits,
     )
     run.outcome = (status, summary.as_dict())
     _hint_if_paced(run)

@@ -209,3 +209,44 @@ def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path, 
     assert "cleanlist-enrich: error: stopped" in stderr and "(0 request(s) in doubt)" in stderr
     _gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_the_demos_end_of_run_output_fits_a_screen_and_starts_with_the_headline(tmp_path: Path) -> None:
+    """What a person sees after the demo: the report, headline first, every number the run's own."""
+    import sqlalchemy as sa
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from cleanlist.economics import ECONOMICS_KEY
+    from cleanlist.run.report import headline, report_text
+    from cleanlist.run.summary import RunSummary
+
+    result = _cli(["demo", "--output-dir", str(tmp_path / "out")], {"CLEANLIST_API_KEY": ""})
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    _no_traceback(result)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'out' / 'store.db'}")
+    with engine.connect() as conn:
+        counts = conn.exec_driver_sql("SELECT counts FROM cleanlist_runs").scalar_one()
+    engine.dispose()
+    summary = RunSummary.model_validate(json.loads(counts))
+    lines = result.stdout.splitlines()
+    start = lines.index(headline(summary))
+    end_of_run = lines[start:]
+    assert len(end_of_run) <= 20, result.stdout
+    # Every number in it is the summary's: the printed report is the report of the stored summary.
+    assert "\n".join(end_of_run).startswith(report_text(summary))
+    assert end_of_run[0].startswith(f"{summary.submitted} contacts → {summary.emails_found} emails")
+    assert "What needs you" not in result.stdout
+
+    async def economics() -> list[str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ECONOMICS_KEY]))
+            )
+        return [str(artifact.data) for artifact in found]
+
+    import asyncio
+
+    published = asyncio.run(economics())
+    assert any(f"| {summary.submitted} |" in text for text in published), published[-1:]

@@ -33,8 +33,12 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
+from cleanlist.economics import ECONOMICS_KEY
 from cleanlist.errors import InputError
 from cleanlist.io.shards import split_source, sql_windows
+from cleanlist.run.report import NEEDS_YOU_TITLE, headline, report_markdown
+from cleanlist.run.report import needs_you as run_needs_you
+from cleanlist.run.states import RunStatus
 from cleanlist.run.summary import RunSummary
 from cleanlist.sandbox import SandboxConfig, SandboxServer
 from tests.conftest import postgres_database
@@ -713,13 +717,50 @@ def test_the_ui_shows_the_flow_run_and_its_summary_artifact(
     ARTIFACTS.mkdir(exist_ok=True)
     run = stack.flow_run(adhoc.flow_run_id)
     artifact = stack.artifact(adhoc.flow_run_id, "cleanlist-run-summary")
+    report = stack.artifact(adhoc.flow_run_id, "cleanlist-run-report")
+    economics = stack.artifact(adhoc.flow_run_id, ECONOMICS_KEY)
+    summary = stack.summary(adhoc.flow_run_id)
+    # A run with something to act on, as the flow would report it, beside the clean run it belongs to.
+    troubled = summary.model_copy(
+        update={
+            "status": RunStatus.COMPLETED_WITH_ERRORS,
+            "unresolved": 7,
+            "ambiguous_submissions": 1,
+            "ambiguous_contacts": 250,
+            "learned_limits": "enrich-bulk 4/3s (learned)",
+        }
+    )
+    needs_you = stack.api(
+        "POST",
+        "/artifacts/",
+        {
+            "key": "cleanlist-run-report-needs-you",
+            "type": "markdown",
+            "data": report_markdown(troubled),
+            "flow_run_id": adhoc.flow_run_id,
+        },
+    )
     pages = {
         "ui-flow-run": (f"{stack.ui_url}/runs/flow-run/{adhoc.flow_run_id}", [run["name"], "Completed"]),
         "ui-run-summary-artifact": (
             f"{stack.ui_url}/artifacts/artifact/{artifact['id']}",
             [run["name"], "cleanlist-run-summary", "emails_found", "credits_spent"],
         ),
+        # The report a person reads: its headline, and no "what needs you" for this clean run.
+        "ui-run-report-artifact": (
+            f"{stack.ui_url}/artifacts/artifact/{report['id']}",
+            [headline(summary), "rows read", "Cost:", "Pace:"],
+        ),
+        "ui-run-report-needs-you": (
+            f"{stack.ui_url}/artifacts/artifact/{needs_you['id']}",
+            [headline(troubled), NEEDS_YOU_TITLE, *(item.remedy for item in run_needs_you(troubled))],
+        ),
+        "ui-economics-artifact": (
+            f"{stack.ui_url}/artifacts/artifact/{economics['id']}",
+            [ECONOMICS_KEY, "hit rate", "per found", "due for refresh"],
+        ),
     }
+    assert NEEDS_YOU_TITLE not in report["data"]
     for name, (url, expected) in pages.items():
         dom = browse(url, tmp_path / f"profile-{name}")
         missing = [text for text in expected if text not in dom]

@@ -511,7 +511,60 @@ def test_a_version_2_store_gains_the_runs_process_identity_and_keeps_its_runs(st
         version = conn.execute(sa.select(schema_info.c.version)).scalar_one()
         slot_columns = {column["name"] for column in sa.inspect(conn).get_columns("cleanlist_rate_slots")}
     engine.dispose()
-    assert record is not None and version == SCHEMA_VERSION == 6
+    assert record is not None and version == SCHEMA_VERSION == 7
     assert "run_id" in slot_columns  # version 6: rate slots name the run that took them
     assert rows["old"].proc_start is None and rows["new"].proc_start is not None
     assert rows["old"].liveness_lock is None and rows["new"].liveness_lock is not None
+
+
+# --- version 6 → 7: the runs' economics ---------------------------------------------------------------
+
+
+def test_a_version_6_store_fills_its_runs_economics_from_their_stored_summaries(store_url: str) -> None:
+    counts = {"status": "completed", "submitted": 400, "emails_found": 306, "phones_found": 2}
+    with EnrichmentStore(store_url) as store:
+        store.start_run("finished", {"source": "/data/crm.csv", "enrichment_type": "partial"})
+        store.finish_run("finished", "completed", {**counts, "credits_spent": 326})
+        store.start_run("garbled", {"source": 7})
+        store.finish_run("garbled", "failed", {"submitted": "many", "credits_spent": True})
+        store.start_run("open", {"source": "s3://bucket/leads.parquet", "enrichment_type": "full"})
+    engine = raw_engine(store_url)
+    with engine.begin() as conn:
+        for name in (
+            "source",
+            "enrichment_type",
+            "submitted",
+            "emails_found",
+            "phones_found",
+            "credits_spent",
+        ):
+            conn.exec_driver_sql(f"ALTER TABLE cleanlist_runs DROP COLUMN {name}")
+        conn.execute(sa.update(schema_info).values(version=6))
+    engine.dispose()
+
+    with EnrichmentStore(store_url) as store:
+        finished = store.run_economics()
+
+    engine = raw_engine(store_url)
+    with engine.connect() as conn:
+        rows = {row.run_id: row for row in conn.execute(sa.select(runs))}
+        version = conn.execute(sa.select(schema_info.c.version)).scalar_one()
+    engine.dispose()
+    assert version == SCHEMA_VERSION == 7
+    old = rows["finished"]
+    assert (old.source, old.enrichment_type, old.submitted, old.emails_found, old.phones_found) == (
+        "/data/crm.csv",
+        "partial",
+        400,
+        306,
+        2,
+    )
+    assert old.credits_spent == 326.0
+    # Values of the wrong type are left out, not guessed; a run still open has its start's columns only.
+    garbled = rows["garbled"]
+    assert (garbled.source, garbled.submitted, garbled.credits_spent) == (None, None, None)
+    assert (rows["open"].source, rows["open"].submitted) == ("s3://bucket/leads.parquet", None)
+    assert [(run.run_id, run.found, run.credits_spent) for run in finished] == [
+        ("finished", 308, 326.0),
+        ("garbled", 0, 0.0),
+    ]

@@ -53,8 +53,10 @@ def test_as_dict_is_what_the_cli_prints() -> None:
 
 def test_markdown_report_names_rejects_by_code() -> None:
     text = _summary().markdown()
-    assert "# enrich-contacts: completed_with_errors" in text
-    assert "- 10 × missing fields" in text and "- 2 × refused by api" in text
+    assert text.startswith(
+        "## 950 contacts → 700 emails (74 %) for 700.5 credits in 12 s — completed with errors"
+    )
+    assert "| rejected | 12 (10 missing fields, 2 refused by api) |" in text
 
 
 def test_a_summary_with_a_wrong_type_is_refused() -> None:

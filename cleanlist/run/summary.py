@@ -1,7 +1,8 @@
 """What a run reports: the summary of an enrich run, the report of a dry run, as typed data.
 
-The flow returns them, writes them as its table artifact and logs them; the CLI prints them (as a table
-or one JSON line); the backfill reads its children's back from their artifacts with `from_table`.
+The flow returns them, writes them as its table artifact and logs them; the CLI prints them (a run's as
+the report of cleanlist/run/report.py, a dry run's as a table, either as one JSON line with `--json`); the
+backfill reads its children's back from their artifacts with `from_table`.
 """
 
 from __future__ import annotations
@@ -91,53 +92,23 @@ class RunSummary(_Report):
     status_calls_saved: int = 0  # status calls those deliveries made unnecessary
     webhook_fallbacks: int = 0  # workflows whose delivery was overdue, polled instead
 
+    # What the report needs beyond the counts: the enrichment type (the worst case of a request in doubt),
+    # the run's credit cap and the balance left when the run learned it (None: not known).
+    enrichment_type: str = ""
+    credit_cap: float | None = None
+    balance_left: float | None = None
+    # Webhook deliveries that failed, by reason (issue 21 fills it; empty: none failed or none counted).
+    webhook_delivery_failures: dict[str, int] = {}
+
     _parse_nested = field_validator(
-        "row_statuses", "rejects_by_reason", "rate_limits_learned", mode="before"
+        "row_statuses", "rejects_by_reason", "rate_limits_learned", "webhook_delivery_failures", mode="before"
     )(_json_text)
 
     def markdown(self) -> str:
-        """The human-readable end-of-run report shown in the Prefect UI."""
-        lines = [
-            f"# enrich-contacts: {self.status}",
-            "",
-            "| | |",
-            "|---|---|",
-            f"| rows read | {self.rows_read:,} |",
-            f"| rejected | {self.rejected:,} |",
-            f"| duplicates | {self.duplicates:,} |",
-            f"| fresh in store (not sent) | {self.fresh_in_store:,} |",
-            f"| resumed from earlier runs | {self.resumed_in_flight:,} |",
-            f"| submitted | {self.submitted:,} in {self.workflows:,} workflows |",
-            f"| emails found | {self.emails_found:,} |",
-            f"| phones found | {self.phones_found:,} |",
-            f"| credits spent | {self.credits_spent:,.2f} |",
-            f"| pauses for credits | {self.pauses} |",
-            f"| unresolved (paid, answer owed; a rerun asks again) | {self.unresolved:,} |",
-            f"| tasks asked for by id | {self.task_lookups:,} |",
-            f"| ambiguous submissions (answer lost after sending) | {self.ambiguous_submissions:,} |",
-            f"| retries (429: {self.rate_limited}) | {self.retries} |",
-            f"| rate limit | {self._rate_limits()} |",
-            f"| paced by learned limits | {self.learned_limits or 'none'} |",
-            f"| duration | {self.seconds:,.1f} s |",
-            "",
-            "## Rejects by reason",
-            "",
-        ]
-        ranked = sorted(self.rejects_by_reason.items(), key=lambda kv: -kv[1])
-        lines += [f"- {count:,} × {code.replace('_', ' ')}" for code, count in ranked] or ["none"]
-        lines += ["", f"Output: `{self.output}` — rejects: `{self.rejects}`"]
-        if self.cursor_mark_new is not None or self.cursor_mark_used is not None:
-            lines += [
-                "",
-                f"Incremental: read past `{self.cursor_mark_used or '(every row)'}`; "
-                f"{self.skipped_by_cursor:,} rows handled by earlier runs were left out; "
-                f"mark now `{self.cursor_mark_new}`",
-            ]
-        return "\n".join(lines)
+        """The human-readable end-of-run report shown in the Prefect UI (cleanlist/run/report.py)."""
+        from cleanlist.run.report import report_markdown
 
-    def _rate_limits(self) -> str:
-        learned = ", ".join(f"{scope} {limit}" for scope, limit in self.rate_limits_learned.items())
-        return f"configured {self.rate_limit}" + (f"; learned: {learned}" if learned else "")
+        return report_markdown(self)
 
 
 class DryRunReport(_Report):

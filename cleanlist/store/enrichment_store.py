@@ -40,6 +40,13 @@ from cleanlist.store.codec import (
     workflow_record,
 )
 from cleanlist.store.database import TRANSACTION_OPTION, ensure_schema, open_engine, resolve_url
+from cleanlist.store.economics import (
+    RefreshDue,
+    RunEconomics,
+    economics_of,
+    read_refresh_due,
+    read_runs,
+)
 from cleanlist.store.ledger import (
     check_state,
     close_if_closed,
@@ -180,6 +187,13 @@ class EnrichmentStore:
             "status": RUN_RUNNING,
             "params": dump_json(shown),
             "counts": None,
+            "source": None,
+            "enrichment_type": None,
+            "submitted": None,
+            "emails_found": None,
+            "phones_found": None,
+            "credits_spent": None,
+            **economics_of(shown, None),
             "started_at": now,
             "heartbeat_at": now,
             "finished_at": None,
@@ -225,13 +239,31 @@ class EnrichmentStore:
             done = conn.execute(
                 update(runs)
                 .where(runs.c.run_id == run_id)
-                .values(status=status, counts=dump_json(dict(counts)), finished_at=now, heartbeat_at=now)
+                .values(
+                    status=status,
+                    counts=dump_json(dict(counts)),
+                    finished_at=now,
+                    heartbeat_at=now,
+                    **economics_of(None, counts),
+                )
             )
             if done.rowcount == 0:
                 raise ValueError(f"run {run_id!r} was never started in this store")
 
         self._transact(work)
         self._locks.release(run_id)  # after the status: never a running row whose lock is free
+
+    def run_economics(self, since: datetime | None = None, source: str | None = None) -> list[RunEconomics]:
+        """Finished runs started since `since` (all: None), oldest first; `source`: only its runs (the
+        source as shown, or its file name)."""
+        require_aware(since, "since")
+        return self._transact(lambda conn: read_runs(conn, since, source), "read")
+
+    def refresh_due(self, refresh_days: float, horizon_days: int = 7) -> RefreshDue:
+        """Stored results already older than `refresh_days`, and those that will be within `horizon_days`."""
+        return self._transact(
+            lambda conn: read_refresh_due(conn, utc_now(), refresh_days, horizon_days), "read"
+        )
 
     def get_run(self, run_id: str) -> RunRecord | None:
         """The run's record, if the store has it."""

@@ -25,6 +25,11 @@ missing). Older rows keep null and are judged as before (heartbeat, pid and star
 Version 5 → 6: the rate slots table gains `run_id` (the run that took a slot; nullable, added if missing),
 so a slot left in flight by a killed run stops counting once that run is proved dead. Older slots keep
 null and stop counting after `STALE_IN_FLIGHT` as before.
+
+Version 6 → 7: the runs table gains its economics columns (`source`, `enrichment_type`, `submitted`,
+`emails_found`, `phones_found`, `credits_spent`; nullable, added if missing), filled for the runs already
+there from their stored parameters and summary (`economics.economics_of`), in bounded batches. Filling
+writes the same values again when run twice, so a step killed half-way converges on the next open.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from sqlalchemy.schema import CreateColumn
 from cleanlist.prepare import _bare_domain, _key_part, registrable_domain, visible
 from cleanlist.store.bulk import execute_rows
 from cleanlist.store.codec import batches, dump_json, load_json
+from cleanlist.store.economics import economics_of
 from cleanlist.store.records import ACCEPTED
 from cleanlist.store.schema import (
     SCHEMA_COMPONENT,
@@ -412,6 +418,47 @@ def add_rate_slot_owner(conn: Connection) -> MigrationCount:
     return _add_columns(conn, rate_slots, (rate_slots.c.run_id,))
 
 
+RUN_ECONOMICS_COLUMNS: Final = (
+    runs.c.source,
+    runs.c.enrichment_type,
+    runs.c.submitted,
+    runs.c.emails_found,
+    runs.c.phones_found,
+    runs.c.credits_spent,
+)
+# Run rows read and rewritten per transaction by the economics step.
+RUN_BATCH_ROWS: Final = 500
+
+
+def add_run_economics(conn: Connection) -> MigrationCount:
+    """Version 6 → 7: the runs table's economics columns, filled from each run's params and counts."""
+    count = _add_run_columns(conn, RUN_ECONOMICS_COLUMNS)
+    after = ""
+    while True:
+        with conn.begin():
+            rows = conn.execute(
+                select(runs.c.run_id, runs.c.params, runs.c.counts)
+                .where(runs.c.run_id > after)
+                .order_by(runs.c.run_id)
+                .limit(RUN_BATCH_ROWS)
+            ).all()
+            for row in rows:
+                values = economics_of(_json_object(row.params), _json_object(row.counts))
+                if values:
+                    conn.execute(update(runs).where(runs.c.run_id == row.run_id).values(values))
+        if len(rows) < RUN_BATCH_ROWS:
+            return count
+        after = rows[-1].run_id
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = load_json(text)
+    except ValueError:  # a row no version of this code wrote: left without economics
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _add_run_columns(conn: Connection, columns: Sequence[Column[Any]]) -> MigrationCount:
     return _add_columns(conn, runs, columns)
 
@@ -434,4 +481,5 @@ _STEPS: Final[dict[int, Callable[[Connection], MigrationCount]]] = {
     3: add_run_process_identity,
     4: add_run_liveness_lock,
     5: add_rate_slot_owner,
+    6: add_run_economics,
 }

@@ -25,7 +25,9 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 # 3: keys folded (NFKC, no zero-width or bidi characters) (migrations.rekey_folded_spellings).
 # 4: runs carry their process's boot id and start time (migrations.add_run_process_identity).
 # 5: runs name the liveness lock they hold (migrations.add_run_liveness_lock).
-SCHEMA_VERSION: Final = 6
+# 6: rate slots name the run that took them (migrations.add_rate_slot_owner).
+# 7: runs keep their economics as columns (migrations.add_run_economics).
+SCHEMA_VERSION: Final = 7
 SCHEMA_COMPONENT: Final = "enrichment_store"
 
 
@@ -90,6 +92,15 @@ runs = Table(
     Column("started_at", UtcDateTime, nullable=False),
     Column("heartbeat_at", UtcDateTime, nullable=False),
     Column("finished_at", UtcDateTime),
+    # The run's economics, for `cleanlist-enrich report` (cleanlist/store/economics.py): its source as
+    # shown and its enrichment type from the start, its counts from the end. Null in rows written
+    # before schema version 7 that the migration could not fill (a run that never finished).
+    Column("source", Text),
+    Column("enrichment_type", String),
+    Column("submitted", Integer),
+    Column("emails_found", Integer),
+    Column("phones_found", Integer),
+    Column("credits_spent", Float),
 )
 
 contacts = Table(
