@@ -89,7 +89,10 @@ def measure(url: str) -> tuple[float, float, str]:
     """(wall s, CPU s of the process, its stdout) of one `cleanlist-enrich report`."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.cli", "report", "--store", url, "--since", "30d"],
+        [
+            sys.executable, "-m", "cleanlist_prefect.deployments.cli",
+            "report", "--store", url, "--since", "30d",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -244,9 +244,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cleanlist_prefect.deployments.receiver import add_receiver_parser
-
     from cleanlist.sandbox.cli import add_sandbox_parser
+    from cleanlist_prefect.deployments.receiver import add_receiver_parser
 
     parser = argparse.ArgumentParser(prog="cleanlist-enrich", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

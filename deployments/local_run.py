@@ -147,11 +147,10 @@ def run_enrichment(kwargs: dict[str, Any], *, as_json: bool) -> int:
 
 
 def _run_and_report(kwargs: dict[str, Any], stop_request: Any, *, as_json: bool) -> int:
-    from cleanlist_prefect.flows.enrich_contacts import enrich_contacts, outcome_of
-
     from cleanlist.errors import CleanlistError
     from cleanlist.run.progress import reporting_progress_to
     from cleanlist.run.stop import stopping_through
+    from cleanlist_prefect.flows.enrich_contacts import enrich_contacts, outcome_of
 
     stop = threading.Event()
     bar = None

@@ -25,10 +25,6 @@ from dataclasses import asdict
 from typing import Any
 
 import fsspec
-from cleanlist_prefect.flows.enrich_contacts import SUMMARY_KEY
-from cleanlist_prefect.flows.run_names import backfill_run_name
-from cleanlist_prefect.tasks.prefect_types import sync_result
-from cleanlist_prefect.tasks.shards import split_source_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
@@ -62,6 +58,10 @@ from cleanlist.models import EnrichmentType
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings, RateLimit
+from cleanlist_prefect.flows.enrich_contacts import SUMMARY_KEY
+from cleanlist_prefect.flows.run_names import backfill_run_name
+from cleanlist_prefect.tasks.prefect_types import sync_result
+from cleanlist_prefect.tasks.shards import split_source_task
 
 BACKFILL_SUMMARY_KEY = "cleanlist-backfill-summary"
 

@@ -51,9 +51,10 @@ def database_url_of(reference: str, *, what: str) -> str:
             f"block:{CONNECTOR_SLUG}/NAME (a prefect-sqlalchemy SqlAlchemyConnector block)"
         )
     try:
-        from cleanlist_prefect.tasks.prefect_types import sync_result
         from prefect_sqlalchemy import ConnectionComponents, SqlAlchemyConnector
         from sqlalchemy.engine import make_url
+
+        from cleanlist_prefect.tasks.prefect_types import sync_result
     except ImportError:
         raise InputError(
             f"{what} names a {CONNECTOR_SLUG} block: install prefect-sqlalchemy "
@@ -87,8 +88,9 @@ def storage_options_of(reference: str) -> dict[str, Any]:
         )
     package, extra = STORAGE_SLUGS[slug]
     try:
-        from cleanlist_prefect.tasks.prefect_types import sync_result
         from prefect.blocks.core import Block
+
+        from cleanlist_prefect.tasks.prefect_types import sync_result
 
         block_class = Block.get_block_class_from_key(slug)
     except KeyError:

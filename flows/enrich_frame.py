@@ -36,6 +36,17 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from prefect import Flow, get_run_logger
+from prefect.client.schemas.objects import State
+from prefect.context import FlowRunContext
+from prefect.states import Failed
+
+from cleanlist.dburl import hide_passwords
+from cleanlist.errors import InputError
+from cleanlist.io.writer import REJECT_CODE_COLUMN, REJECT_REASON
+from cleanlist.models import EnrichmentType
+from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
+from cleanlist.run.summary import RunSummary
 from cleanlist_prefect.flows.blocks import resolve_blocks
 from cleanlist_prefect.flows.enrich_contacts import (
     RunFailed,
@@ -50,17 +61,6 @@ from cleanlist_prefect.flows.enrich_contacts import (
 )
 from cleanlist_prefect.flows.temporary_server import OwnedTemporaryServer
 from cleanlist_prefect.tasks.prefect_types import thread_pool
-from prefect import Flow, get_run_logger
-from prefect.client.schemas.objects import State
-from prefect.context import FlowRunContext
-from prefect.states import Failed
-
-from cleanlist.dburl import hide_passwords
-from cleanlist.errors import InputError
-from cleanlist.io.writer import REJECT_CODE_COLUMN, REJECT_REASON
-from cleanlist.models import EnrichmentType
-from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
-from cleanlist.run.summary import RunSummary
 
 P = ParamSpec("P")
 R = TypeVar("R")

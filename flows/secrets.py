@@ -28,8 +28,9 @@ logger = logging.getLogger("cleanlist.secrets")
 def _secret_block_value() -> str | None:
     """The Secret block's value, None when there is none (or it cannot be read: said in the log)."""
     try:
-        from cleanlist_prefect.tasks.prefect_types import sync_result
         from prefect.blocks.system import Secret
+
+        from cleanlist_prefect.tasks.prefect_types import sync_result
 
         block = sync_result(Secret.load(SECRET_BLOCK, _sync=True))  # type: ignore[call-arg]
         value = block.get()

@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cleanlist_prefect.flows.credits import CreditWatcher
-from cleanlist_prefect.tasks.submit import submit_chunk_with_retries
 from prefect import get_run_logger
 from prefect.artifacts import update_progress_artifact
 from prefect.exceptions import FlowPauseTimeout
@@ -39,6 +37,8 @@ from cleanlist.run.context import RunContext
 from cleanlist.run.outage import STORE_ERRORS
 from cleanlist.run.states import ChunkStatus, StopReason
 from cleanlist.run.submit import ChunkOutcome
+from cleanlist_prefect.flows.credits import CreditWatcher
+from cleanlist_prefect.tasks.submit import submit_chunk_with_retries
 
 HEARTBEAT_SECONDS = 30.0  # claims of a run whose heartbeat is older than the store's lease may be taken
 PROGRESS_SECONDS = 1.0

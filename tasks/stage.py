@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from cleanlist.io.cursor import CursorFilter
 from cleanlist.run.context import RunContext
 from cleanlist.run.stage import StageReport, stage_source
+from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 
 
 @task(name="stage-source", cache_policy=NO_CACHE, persist_result=False)

@@ -7,8 +7,8 @@ import io
 from pathlib import Path
 
 import pytest
-from cleanlist_prefect.flows.credentials import CleanlistCredentials
 
+from cleanlist_prefect.flows.credentials import CleanlistCredentials
 from tests.flow_helpers import messy_export, read_csv, run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -87,10 +87,10 @@ def test_a_missing_block_fails_the_run_in_one_line(tmp_path: Path, make_sandbox,
 
 
 def test_a_malformed_block_is_one_line_without_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cleanlist_prefect.flows.secrets import load_credentials
     from pydantic import SecretStr
 
     from cleanlist.errors import InputError
+    from cleanlist_prefect.flows.secrets import load_credentials
 
     # Saved around the block's own validation, as an edited document in the UI could be.
     broken = CleanlistCredentials.model_construct(api_key=SecretStr(KEY_A), base_url=None, rate_limit="fast")

@@ -61,7 +61,7 @@ def build_30_runs(url: str) -> list[dict[str, float]]:
 
 def report(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "deployments.cli", "report", *args],
+        [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "report", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -17,13 +17,13 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pytest
-from cleanlist_prefect.flows.enrich_contacts import RunFailed
-from cleanlist_prefect.flows.enrich_frame import _enrich_dataframe
 from prefect.client.orchestration import get_client
 
 from cleanlist.run.options import EnrichOptions
 from cleanlist.store import EnrichmentStore
 from cleanlist_prefect import EnrichedFrame, enrich_dataframe
+from cleanlist_prefect.flows.enrich_contacts import RunFailed
+from cleanlist_prefect.flows.enrich_frame import _enrich_dataframe
 from tests.conftest import postgres_database
 from tests.flow_helpers import FAST
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cleanlist_prefect.flows.credentials import CleanlistCredentials
-from cleanlist_prefect.flows.secrets import SECRET_BLOCK, run_credentials
 from pydantic import SecretStr
 
 from cleanlist.client import redact, redact_json
 from cleanlist.errors import InputError
 from cleanlist.sandbox import SandboxServer
 from cleanlist.settings import APIKey, CleanlistSettings, checked_api_key
+from cleanlist_prefect.flows.credentials import CleanlistCredentials
+from cleanlist_prefect.flows.secrets import SECRET_BLOCK, run_credentials
 from tests.flow_helpers import messy_export, run_flow
 from tests.test_secrets_redaction import assert_clean
 
@@ -310,9 +310,8 @@ def test_a_credentials_block_with_a_control_character_is_one_line_naming_the_blo
     ],
 )
 def test_a_refused_key_names_its_source_and_the_fix_for_that_source(source: str, fix: str) -> None:
-    from cleanlist_prefect.flows.secrets import naming_key_source
-
     from cleanlist.errors import make_status_error
+    from cleanlist_prefect.flows.secrets import naming_key_source
 
     refused = make_status_error(
         status_code=401, method="GET", path="/auth/validate-key", body={"detail": "nope"}, headers={}

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import yaml
-from cleanlist_prefect.deployments.cli import _flow_kwargs, build_parser
-from cleanlist_prefect.flows.enrich_contacts import enrich_contacts
 from prefect.utilities.callables import parameter_schema, parameter_schema_from_entrypoint
 
 from cleanlist.errors import InputError
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
+from cleanlist_prefect.deployments.cli import _flow_kwargs, build_parser
+from cleanlist_prefect.flows.enrich_contacts import enrich_contacts
 
 ROOT = Path(__file__).parent.parent
 FIELDS = EnrichOptions.model_fields

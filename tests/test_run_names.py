@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cleanlist_prefect.flows.run_names import source_label
 
+from cleanlist_prefect.flows.run_names import source_label
 from tests.flow_helpers import messy_export, run_flow
 
 
