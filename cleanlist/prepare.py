@@ -13,7 +13,7 @@ from urllib.parse import unquote
 import tldextract
 
 from cleanlist.errors import InputError
-from cleanlist.run.states import Reject, RejectCode
+from cleanlist.vocab import Reject, RejectCode
 
 FIELDS: tuple[str, ...] = (
     "linkedin_url",

@@ -54,10 +54,10 @@ from cleanlist.io.shards import (
     split_source,
     sql_windows,
 )
-from cleanlist.models import EnrichmentType
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings, RateLimit
+from cleanlist.vocab import EnrichmentType
 from flows.enrich_contacts import SUMMARY_KEY
 from flows.run_names import backfill_run_name
 from tasks.prefect_types import sync_result
@@ -219,7 +219,7 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     window_end: str | None = None,
     window_days: float | None = None,
     store: str | None = None,
-    enrichment_type: EnrichmentType = "partial",
+    enrichment_type: EnrichmentType = EnrichmentType.PARTIAL,
     max_parallel_shards: int = 2,
     deployment_name: str = "enrich-contacts/adhoc",
     org_rate_limit: str | None = None,

@@ -35,7 +35,6 @@ from cleanlist.errors import (
     StopRequested,
     policy_for,
 )
-from cleanlist.models import EnrichmentType
 from cleanlist.ratelimit import RateLimiter
 from cleanlist.retry import RetryPolicy
 from cleanlist.run.context import RunContext
@@ -46,11 +45,11 @@ from cleanlist.run.outage import STORE_ERRORS, APIOutage, WatchedClient
 from cleanlist.run.plan import Plan, plan_run
 from cleanlist.run.progress import progress_listener
 from cleanlist.run.stage import StageReport
-from cleanlist.run.states import ContactState, RunStatus, StopReason
 from cleanlist.run.stop import EXIT_INTERRUPTED, StopRequest, stop_on_signals, stop_request
 from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
+from cleanlist.vocab import ContactState, EnrichmentType, RunStatus, StopReason
 from cleanlist.webhooks.listen import receiving_webhooks
 from flows.blocks import resolve_blocks
 from flows.run_names import enrich_run_name
@@ -260,7 +259,7 @@ def _error_of(record: logging.LogRecord) -> BaseException | None:
 def enrich_contacts(  # noqa: PLR0913, PLR0917
     source: str,
     output: str,
-    enrichment_type: EnrichmentType = "partial",
+    enrichment_type: EnrichmentType = EnrichmentType.PARTIAL,
     mapping: dict[str, str] | None = None,
     rejects: str | None = None,
     table: str | None = None,

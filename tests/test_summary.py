@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cleanlist.run.states import RunStatus
 from cleanlist.run.summary import DryRunReport, RunSummary
+from cleanlist.vocab import RunStatus
 
 
 def _summary(**changes: object) -> RunSummary:

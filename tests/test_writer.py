@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 
 from cleanlist.errors import InputError
-from cleanlist.io.writer import RESULT_COLUMNS, FileSink, WriteReport, open_sinks, write_rows
+from cleanlist.io.filesink import FileSink
+from cleanlist.io.outputs import open_sinks
 from cleanlist.models import worst_case_credits
 from cleanlist.run.stage import stage_source
-from cleanlist.run.states import ContactState, RejectCode
 from cleanlist.run.workspace import KEY, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
+from cleanlist.run.write import RESULT_COLUMNS, WriteReport, write_rows
 from cleanlist.store import ContactResult, EnrichmentStore
+from cleanlist.vocab import ContactState, RejectCode
 
 PARTIAL = "partial"
 HEADER = "Record ID,First Name,Last Name,Company Domain,Owner"

@@ -79,8 +79,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cleanlist.errors import InputError
-from cleanlist.io.cursor import CursorFilter, CursorKind, CursorSplit, sql_column_type, sql_past_mark
-from cleanlist.run.states import RejectCode
+from cleanlist.io.cursor import CursorFilter, CursorSplit, sql_column_type, sql_past_mark
+from cleanlist.vocab import CursorKind, RejectCode
 
 logger = logging.getLogger("cleanlist.sources")
 

@@ -11,7 +11,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from cleanlist.run.states import RunStatus
+from cleanlist.vocab import RunStatus
 
 
 class _Report(BaseModel):

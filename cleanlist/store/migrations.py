@@ -53,7 +53,6 @@ from sqlalchemy.schema import CreateColumn
 from cleanlist.prepare import _bare_domain, _key_part, registrable_domain, visible
 from cleanlist.store.bulk import execute_rows
 from cleanlist.store.codec import batches, dump_json, load_json
-from cleanlist.store.records import ACCEPTED
 from cleanlist.store.schema import (
     SCHEMA_COMPONENT,
     SCHEMA_VERSION,
@@ -63,6 +62,7 @@ from cleanlist.store.schema import (
     schema_info,
     workflows,
 )
+from cleanlist.vocab import LedgerState
 
 logger = logging.getLogger("cleanlist.store")
 
@@ -339,7 +339,7 @@ def merged_row(rows: Sequence[Row[Any]], key: str) -> dict[str, Any]:
     row. No in-flight submission is lost unless two are (then the other stays in the ledger).
     """
     with_result = [row for row in rows if row.enriched_at is not None]
-    in_flight = [row for row in rows if row.state == ACCEPTED]
+    in_flight = [row for row in rows if row.state == LedgerState.ACCEPTED]
     result = max(with_result, key=_enriched_at) if with_result else None
     flight = min(in_flight, key=_accepted_at) if in_flight else None
     base = flight or result or rows[0]
