@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
@@ -47,7 +47,6 @@ from cleanlist.io.shards import (
     SHARD_METRICS,
     OutputFormat,
     Shard,
-    ShardRun,
     absolute_location,
     join_location,
     remove_stale,
@@ -64,6 +63,22 @@ from tasks.prefect_types import sync_result
 from tasks.shards import split_source_task
 
 BACKFILL_SUMMARY_KEY = "cleanlist-backfill-summary"
+
+
+@dataclass
+class ShardRun:
+    """What became of one shard's child flow run."""
+
+    shard: Shard
+    flow_run_id: str
+    flow_run_name: str
+    state: str = "SCHEDULED"
+    message: str | None = None
+    summary: RunSummary | None = None  # read back from the child's summary artifact
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "COMPLETED"
 
 
 def _child_summaries(flow_run_ids: list[str]) -> dict[str, RunSummary]:

@@ -40,6 +40,7 @@ from cleanlist.retry import RetryPolicy
 from cleanlist.run.context import RunContext
 from cleanlist.run.incremental import IncrementalRead
 from cleanlist.run.journal import AcceptanceJournal
+from cleanlist.run.listen import receiving_webhooks
 from cleanlist.run.options import TASK_RUNNER_WORKERS, CursorType, EnrichOptions
 from cleanlist.run.outage import STORE_ERRORS, APIOutage, WatchedClient
 from cleanlist.run.plan import Plan, plan_run
@@ -50,7 +51,6 @@ from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
 from cleanlist.vocab import ContactState, EnrichmentType, RunStatus, StopReason
-from cleanlist.webhooks.listen import receiving_webhooks
 from flows.blocks import resolve_blocks
 from flows.run_names import enrich_run_name
 from flows.secrets import naming_key_source, run_credentials
