@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -157,7 +157,7 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     }
     store.start_run(run_id, params, flow_run_id=str(flow_run_id) if flow_run_id else None)
     heartbeat = store.keep_alive(run_id)  # the run owns its claims while this beats (store/liveness.py)
-    quiet = _ReportedByTheRun()
+    quiet = _ReportedByTheRun(str(flow_run_id) if flow_run_id else None)
     _TASK_RUN_LOGGER.addFilter(quiet)
     run.on_delivery = _delivery_event
     try:
@@ -201,8 +201,16 @@ def _shown(value: Any) -> Any:
 _TASK_RUN_LOGGER = logging.getLogger("prefect.task_runs")
 
 
+# The tasks whose records `_ReportedByTheRun` may touch: this package's, never a user's own.
+OUR_TASKS: Final = frozenset({"stage-source", "submit-chunk", "write-output", "split-source"})
+
+
 class _ReportedByTheRun(logging.Filter):
     """Keeps Prefect from reporting, per task attempt, what the run reports itself in one line.
+
+    Scoped to the run: it touches only the records of this package's tasks (`OUR_TASKS`) in this run's
+    flow run (`flow_run_id`, Prefect's `extra` on each task-run record); every other record (a user's
+    own tasks in the flow that calls `enrich_dataframe`, another run's) passes as it came.
 
     API connection errors are logged by the run's outage watch (once per endpoint per minute) and store
     failures end the run with one line, so Prefect's records of a task attempt failing with one of them
@@ -210,7 +218,18 @@ class _ReportedByTheRun(logging.Filter):
     dropped; any other error of ours keeps its line but loses the traceback (its message is one line).
     """
 
+    def __init__(self, flow_run_id: str | None) -> None:
+        super().__init__()
+        self.flow_run_id = flow_run_id
+
+    def _ours(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "task_name", None) not in OUR_TASKS:
+            return False
+        return self.flow_run_id is None or getattr(record, "flow_run_id", None) == self.flow_run_id
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if not self._ours(record):
+            return True
         if record.exc_info == (None, None, None):
             # Prefect logs a task that *returned* a Failed state with exc_info set outside any exception,
             # which prints a stray "NoneType: None" line under the one-line message.

@@ -126,17 +126,29 @@ LEGACY_CODE_PAGES = (
 _CP1252_UNDEFINED = re.compile(rb"[\x81\x8d\x8f\x90\x9d]")
 # Control bytes that text does not contain (NUL, tab, LF, VT, FF, CR and ESC excepted).
 _BINARY_BYTES = bytes([*range(1, 9), *range(14, 27), *range(28, 32), 127])
-_LATIN1_FALLBACK = "cleanlist-latin-1"
 
 
-def _latin1_fallback(error: UnicodeError) -> tuple[str, int]:
-    """Codec error handler: an undecodable byte becomes its Latin-1 character (never fails)."""
-    if isinstance(error, UnicodeDecodeError):
-        return error.object[error.start : error.end].decode("latin-1"), error.end
-    raise error
+class _LenientDecoder:
+    """An incremental decoder that never fails: a byte the codec cannot decode becomes its Latin-1
+    character, and decoding goes on after it. (No codec error handler is registered: that registry is
+    the whole process's.)"""
 
+    def __init__(self, codec: str) -> None:
+        self._decoder = codecs.getincrementaldecoder(codec)()
 
-codecs.register_error(_LATIN1_FALLBACK, _latin1_fallback)
+    def decode(self, data: bytes, final: bool = False) -> str:
+        parts: list[str] = []
+        while True:
+            held, flag = self._decoder.getstate()
+            try:
+                parts.append(self._decoder.decode(data, final))
+                return "".join(parts)
+            except UnicodeDecodeError as exc:
+                seen = held + data  # what the codec was decoding (its held-back bytes first)
+                self._decoder.setstate((b"", flag))
+                parts.append(self._decoder.decode(seen[: exc.start], False))
+                parts.append(seen[exc.start : exc.end].decode("latin-1"))
+                data = seen[exc.end :]
 
 _KINDS = {
     ".csv": "delimited",
@@ -428,7 +440,7 @@ class _Text:
 
     def _decoded(self, codec: str, block: bytes, stream: IO[bytes]) -> Iterator[str]:
         """The whole stream decoded with one codec (incrementally: UTF-16 cannot be cut at b"\\n")."""
-        decoder = codecs.getincrementaldecoder(codec)(errors=_LATIN1_FALLBACK)
+        decoder = _LenientDecoder(codec)
         pending = ""
         while True:
             final = not block
@@ -460,7 +472,7 @@ class _Text:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                line = raw.decode(legacy, errors=_LATIN1_FALLBACK)
+                line = _LenientDecoder(legacy).decode(raw, final=True)
             yield line.replace("\x00", "") if "\x00" in line else line
 
 
