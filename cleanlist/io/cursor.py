@@ -267,7 +267,7 @@ def source_identity(source: str, sql_query: str | None, cursor: str) -> tuple[st
     """(stable id, shown form) of a source for its mark: path or URL without password or query,
     plus the SQL query and the cursor column. Local paths are made absolute."""
     from cleanlist.dburl import hide_passwords
-    from cleanlist.io.sources import display_source
+    from cleanlist.io.location import display_source
 
     where = source if "://" in source else os.path.abspath(os.path.expanduser(source))
     shown = display_source(hide_passwords(where))

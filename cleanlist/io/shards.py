@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cleanlist.errors import InputError
-from cleanlist.io.sources import SourceBatch, display_source, iter_source
+from cleanlist.io.location import display_source
+from cleanlist.io.sources import SourceBatch, iter_source
 
 SHARD_DIR_NAME = "_shards"
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})(\..+)?$")

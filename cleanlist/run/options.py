@@ -261,9 +261,9 @@ class EnrichOptions(BaseModel):
         would; not on a dry run, which only checks that they could be). Remote URLs (s3://…) are only
         compared as strings; database outputs (with `table`) skip the file checks.
         """
+        from cleanlist.io.location import display_source
         from cleanlist.io.outputs import output_format
         from cleanlist.io.sink import local_path
-        from cleanlist.io.sources import display_source
 
         if self.table is not None:
             if not is_database_url(self.output):
