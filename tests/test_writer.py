@@ -368,3 +368,16 @@ def test_the_cli_on_a_full_disk_exits_1_with_one_line_and_the_next_run_succeeds(
     again = _cli([*args, "--output", str(tmp_path / "out.csv")], env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sandbox.counters()["contacts_accepted"] == 1200
+
+
+def test_every_sink_is_chosen_through_the_registry(tmp_path: Path) -> None:
+    from cleanlist.io.dbsink import DATABASE_SINK
+    from cleanlist.io.outputs import SINKS, output_format, sink_kind
+
+    formats = [output_format(f"out{ext}") for ext in (".csv", ".parquet", ".jsonl")]
+    assert formats == ["csv", "parquet", "jsonl"]
+    assert sink_kind(f"sqlite:///{tmp_path}/out.db", table="contacts") is DATABASE_SINK
+    assert sink_kind("postgresql+psycopg://u@h/db", table="contacts") is DATABASE_SINK
+    assert {kind.name for kind in SINKS} == {"csv", "parquet", "jsonl", "database"}
+    with pytest.raises(InputError, match=r"must end in \.csv, \.parquet or \.jsonl \(or be a database URL\)"):
+        output_format("out.xlsx")
