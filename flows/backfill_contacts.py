@@ -56,7 +56,7 @@ from cleanlist.io.shards import (
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings, RateLimit
-from cleanlist.vocab import EnrichmentType
+from cleanlist.vocab import EnrichmentType, RunStatus
 from flows.enrich_contacts import SUMMARY_KEY
 from flows.run_names import backfill_run_name
 from tasks.prefect_types import sync_result
@@ -334,7 +334,7 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     )
     failed = [r for r in runs if not r.ok]
     totals: dict[str, Any] = {
-        "status": "failed" if failed else "completed",
+        "status": (RunStatus.FAILED if failed else RunStatus.COMPLETED).value,
         "shards": len(shards),
         "rows": sum(s.rows for s in shards),
         "unparsed": sum(s.unparsed for s in shards),

@@ -11,7 +11,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from cleanlist.vocab import RunStatus
+from cleanlist.vocab import EnrichmentType, RunStatus
 
 
 class _Report(BaseModel):
@@ -160,4 +160,10 @@ class DryRunReport(_Report):
 
 
 # A planning guess of the share of the worst case actually charged (failed lookups are free).
-EXPECTED_FIND_SHARE = {"none": 0.0, "partial": 0.8, "phone_only": 0.3, "full": 0.35, "prospecting_only": 0.8}
+EXPECTED_FIND_SHARE: dict[str, float] = {
+    EnrichmentType.NONE: 0.0,
+    EnrichmentType.PARTIAL: 0.8,
+    EnrichmentType.PHONE_ONLY: 0.3,
+    EnrichmentType.FULL: 0.35,
+    EnrichmentType.PROSPECTING_ONLY: 0.8,
+}
