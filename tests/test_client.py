@@ -333,7 +333,8 @@ def test_a_429_holds_the_endpoint_for_every_other_caller_until_retry_after(
     start_sandbox: StartSandbox,
 ) -> None:
     sandbox = start_sandbox(faults={"enrich-status": FaultSpec(sequence=(429,), retry_after=1)})
-    with client_for(sandbox) as client, client_for(sandbox) as other:
+    shared = RateLimiter(RateLimit.parse("1000/1"))  # every caller of one run shares the run's limiter
+    with client_for(sandbox, limiter=shared) as client, client_for(sandbox, limiter=shared) as other:
         workflow_id = client.enrich_bulk(people(1)).workflow_id
         error = raised(lambda: client.enrich_status(workflow_id=workflow_id))
         limited_at = time.monotonic()
