@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from cleanlist.io.outputs import open_sinks
 from cleanlist.run.context import RunContext
 from cleanlist.run.write import WriteReport, write_rows
-from tasks.outcomes import input_errors_as_failed_state
+from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 
 
 @task(name="write-output", cache_policy=NO_CACHE, persist_result=False)

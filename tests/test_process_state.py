@@ -23,8 +23,8 @@ from cleanlist.ratelimit import Pace, RateLimiter
 from cleanlist.run.options import EnrichOptions
 from cleanlist.settings import RateLimit
 from cleanlist.store import EnrichmentStore
-from flows.credentials import CleanlistCredentials
-from flows.enrich_contacts import _TASK_RUN_LOGGER, open_run
+from cleanlist_prefect.flows.credentials import CleanlistCredentials
+from cleanlist_prefect.flows.enrich_contacts import _TASK_RUN_LOGGER, open_run
 
 
 def test_clients_of_one_key_have_their_own_limiter_unless_given_one() -> None:
