@@ -109,7 +109,7 @@ def measure(url: str) -> tuple[float, float, str]:
 
 def measure_in_process(url: str) -> tuple[float, float]:
     """(wall s, CPU s) of the report's own work in this process: open the store, read, render."""
-    from cleanlist.economics import economics_text, parse_since
+    from cleanlist.run.economics import economics_text, parse_since
 
     wall, cpu = time.monotonic(), time.process_time()
     since = parse_since("30d")

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.schema import runs
+from cleanlist.vocab import EnrichmentType
 
 POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 NEW_PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
@@ -82,10 +83,10 @@ def takeover_seconds(url: str, place: str, attempt: int) -> float:
             engine.dispose()
         with EnrichmentStore(url) as store:
             store.start_run(rerun, {})
-            assert store.claim(rerun, keys, "full", None).held == keys, "a live run's claims were taken"
+            assert store.claim(rerun, keys, EnrichmentType.FULL, None).held == keys, "a live run's claims were taken"
             os.killpg(holder.pid, signal.SIGKILL)
             killed = time.monotonic()
-            while store.claim(rerun, keys, "full", None).claimed != keys:
+            while store.claim(rerun, keys, EnrichmentType.FULL, None).claimed != keys:
                 if time.monotonic() - killed > 120:
                     raise AssertionError("not taken over within 120 s")
                 time.sleep(0.005)

@@ -41,7 +41,7 @@ from cleanlist.models import (
     WebhookDeliveries,
     WorkflowStatus,
 )
-from cleanlist.ratelimit import EndpointLimiter, RateLimiter, shared_limiter
+from cleanlist.ratelimit import EndpointLimiter, RateLimiter
 from cleanlist.settings import CleanlistSettings, RateLimit, host_of
 
 logger = logging.getLogger("cleanlist.client")
@@ -146,7 +146,9 @@ class _ClientCore:
             write=WRITE_TIMEOUT,
             pool=POOL_TIMEOUT,
         )
-        self.limiter = limiter or shared_limiter(self.base_url, key_fingerprint(key), self.rate_limit)
+        # A client given no limiter paces itself alone: clients share a rate budget only when they are
+        # given one limiter (a run's clients share the store's rate book through theirs).
+        self.limiter = limiter or RateLimiter(self.rate_limit)
         # The run's stop request: once set, a request still waiting for its rate slot is not sent.
         self.stop: threading.Event | None = None
         # Requests on the wire, so that `close` lets them finish (their answers get read and recorded).

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-EnrichmentType = Literal["none", "partial", "phone_only", "full", "prospecting_only"]
-ENRICHMENT_TYPES: tuple[EnrichmentType, ...] = get_args(EnrichmentType)
+from cleanlist.vocab import EnrichmentType as EnrichmentType
+from cleanlist.vocab import FinalWord
 
-TERMINAL_WORKFLOW_STATUSES = frozenset({"completed", "failed", "cancelled", "canceled"})
+ENRICHMENT_TYPES: tuple[EnrichmentType, ...] = tuple(EnrichmentType)
+
 # Words of a workflow or task still at work [assumed]. A word in neither set is final when the answer
 # lists results, and otherwise polled a bounded number of times (see cleanlist/poller.py).
 IN_PROGRESS_WORDS = frozenset({"pending", "queued", "processing", "running", "in_progress", "started"})
@@ -73,7 +74,7 @@ class Contact(BaseModel):
 
 
 class BulkEnrichRequest(BaseModel):
-    enrichment_type: EnrichmentType = "partial"
+    enrichment_type: EnrichmentType = EnrichmentType.PARTIAL
     webhook_url: str | None = None
     contacts: list[Contact]
 
@@ -181,7 +182,7 @@ class WorkflowStatus(_Lenient):
 
     workflow_id: str
     status: str
-    enrichment_type: str | None = None
+    enrichment_type: EnrichmentType | None = None
     total_contacts: int | None = None
     summary: WorkflowSummary | None = None
     results: list[TaskResult] = Field(default_factory=list)
@@ -192,11 +193,12 @@ class WorkflowStatus(_Lenient):
     @property
     def is_terminal(self) -> bool:
         word = self.status.lower()
-        return word in TERMINAL_WORKFLOW_STATUSES or (word not in IN_PROGRESS_WORDS and bool(self.results))
+        return FinalWord.of(word) is not None or (word not in IN_PROGRESS_WORDS and bool(self.results))
 
     @property
     def word_is_known(self) -> bool:
-        return self.status.lower() in TERMINAL_WORKFLOW_STATUSES | IN_PROGRESS_WORDS
+        word = self.status.lower()
+        return FinalWord.of(word) is not None or word in IN_PROGRESS_WORDS
 
 
 class CreditsBalance(_Lenient):
@@ -238,6 +240,6 @@ def credits_for(enrichment_type: str, results: Iterable[TaskResult]) -> float:
             total += price.per_email
         if result.phones:
             total += price.per_phone
-        if price.per_prospect and result.status.lower() == "completed" and result.prospect:
+        if price.per_prospect and FinalWord.of(result.status) is FinalWord.COMPLETED and result.prospect:
             total += price.per_prospect
     return total

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 import tldextract
 
 from cleanlist.errors import InputError
-from cleanlist.run.states import Reject, RejectCode
+from cleanlist.vocab import ContactKeyKind, Reject, RejectCode
 
 FIELDS: tuple[str, ...] = (
     "linkedin_url",
@@ -274,7 +274,7 @@ def _collapse(text: str) -> str:
 
 
 @lru_cache(maxsize=65536)
-def _bare_domain(host: str) -> str:
+def bare_domain(host: str) -> str:
     """`host` (already lower-case, no scheme/path/port) as an ASCII domain, or "" if it is not one."""
     host = host.rstrip(".")
     if host.startswith("www"):
@@ -304,7 +304,7 @@ _SUFFIXES = bundled_suffix_extractor()
 
 @lru_cache(maxsize=65536)
 def registrable_domain(domain: str) -> str:
-    """`domain` (as `_bare_domain` returns it) cut to its registrable part: `blog.acme.co.uk` → `acme.co.uk`.
+    """`domain` (as `bare_domain` returns it) cut to its registrable part: `blog.acme.co.uk` → `acme.co.uk`.
 
     A host under no known public suffix (`intranet.acme.internal`) is kept whole.
     """
@@ -317,7 +317,7 @@ def registrable_domain(domain: str) -> str:
 def normalize_domain(value: str) -> str:
     """Registrable company domain from a URL, an email address or a bare domain; "" when not a domain."""
     parts = _URL_HOST.match(value.strip().lower())
-    domain = _bare_domain(parts.group(1)) if parts else ""
+    domain = bare_domain(parts.group(1)) if parts else ""
     return registrable_domain(domain) if domain else ""
 
 
@@ -341,7 +341,7 @@ def _email_and_domain(value: str) -> tuple[str, str]:
     local, at, host = text.rpartition("@")
     if not at or not local or "@" in local or len(text.split(None, 1)) != 1:
         return "", ""
-    domain = _bare_domain(host)
+    domain = bare_domain(host)
     return (text, domain) if domain else ("", "")
 
 
@@ -466,7 +466,7 @@ def validate_contact(contact: Mapping[str, str]) -> Reject | None:
     )
 
 
-def _key_part(text: str) -> str:
+def key_part(text: str) -> str:
     part = " ".join(fold_compatible(text).split()).casefold()
     if not part.isascii():
         part = unicodedata.normalize("NFKC", part)  # casefold can decompose (ǰ): composed again
@@ -479,12 +479,12 @@ def contact_key(contact: Mapping[str, str]) -> str:
     if url and not url.startswith(LINKEDIN_PROFILE_PREFIX):
         url = normalize_linkedin_url(url)
     if url:
-        return "li:" + url[len(LINKEDIN_PROFILE_PREFIX) :]
+        return ContactKeyKind.LINKEDIN.key(url[len(LINKEDIN_PROFILE_PREFIX) :])
     first, last = contact.get("first_name", ""), contact.get("last_name", "")
     organization = contact.get("company_domain") or contact.get("company_name", "")
     if not (first and last and organization):
         raise ValueError("contact has neither linkedin_url nor first_name + last_name + company")
-    return f"nm:{_key_part(first)}|{_key_part(last)}|{_key_part(organization)}"
+    return ContactKeyKind.NAME.key(f"{key_part(first)}|{key_part(last)}|{key_part(organization)}")
 
 
 def api_payload(contact: Mapping[str, str]) -> dict[str, str]:

@@ -839,24 +839,3 @@ class RateLimiter:
             if self.shared is not None:
                 notes.append(f"organization {limit_text(self.shared)} (learned)")
             return "; ".join(notes)
-
-
-_shared: dict[tuple[str, str, RateLimit, str], RateLimiter] = {}
-_shared_lock = threading.Lock()
-
-
-def shared_limiter(
-    base_url: str,
-    organization: str,
-    limit: RateLimit,
-    *,
-    book: str = "",
-    make_book: Callable[[], SlotBook] | None = None,
-) -> RateLimiter:
-    """The process-wide limiter for one API host, key and book (`book` names it: the store's URL, or ""
-    for this process's memory), so every client in the process shares it."""
-    key = (base_url, organization, limit, book)
-    with _shared_lock:
-        if key not in _shared:
-            _shared[key] = RateLimiter(limit, book=make_book() if make_book else None)
-        return _shared[key]

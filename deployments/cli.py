@@ -52,8 +52,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """
     from typing import get_args
 
-    from cleanlist.models import ENRICHMENT_TYPES
     from cleanlist.run.options import EnrichOptions
+    from cleanlist.vocab import EnrichmentType
 
     for name, field in EnrichOptions.model_fields.items():
         if name in NOT_FLAGS:
@@ -74,7 +74,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         elif field.annotation is bool:
             parser.add_argument(*flags, action="store_true", **common)
         elif name == "enrichment_type":
-            parser.add_argument(*flags, choices=ENRICHMENT_TYPES, **common)
+            parser.add_argument(*flags, choices=list(EnrichmentType), **common)
         else:
             kinds = [t for t in (get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
             kind = kinds[0] if kinds and kinds[0] in (int, float) else str
@@ -228,7 +228,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The economics across runs, from the store: per run or per day, with totals and a trend."""
-    from cleanlist.economics import economics_text, parse_since
+    from cleanlist.run.economics import economics_text, parse_since
     from cleanlist.settings import CleanlistSettings
     from cleanlist.store import EnrichmentStore
 

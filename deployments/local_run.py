@@ -199,7 +199,7 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         return
     if set(summary) <= {"status"}:
         return  # a run that failed before counting anything: its one error line says it all
-    from cleanlist.run.states import RunStatus
+    from cleanlist.vocab import RunStatus
 
     if summary.get("status") == RunStatus.DRY_RUN.value:
         _print_table(summary)  # a plan, not a run: what it would submit and cost, line by line

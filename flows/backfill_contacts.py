@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
@@ -47,23 +47,38 @@ from cleanlist.io.shards import (
     SHARD_METRICS,
     OutputFormat,
     Shard,
-    ShardRun,
     absolute_location,
     join_location,
     remove_stale,
     split_source,
     sql_windows,
 )
-from cleanlist.models import EnrichmentType
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings, RateLimit
+from cleanlist.vocab import EnrichmentType, RunStatus
 from cleanlist_prefect.flows.enrich_contacts import SUMMARY_KEY
 from cleanlist_prefect.flows.run_names import backfill_run_name
 from cleanlist_prefect.tasks.prefect_types import sync_result
 from cleanlist_prefect.tasks.shards import split_source_task
 
 BACKFILL_SUMMARY_KEY = "cleanlist-backfill-summary"
+
+
+@dataclass
+class ShardRun:
+    """What became of one shard's child flow run."""
+
+    shard: Shard
+    flow_run_id: str
+    flow_run_name: str
+    state: str = "SCHEDULED"
+    message: str | None = None
+    summary: RunSummary | None = None  # read back from the child's summary artifact
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "COMPLETED"
 
 
 def _child_summaries(flow_run_ids: list[str]) -> dict[str, RunSummary]:
@@ -219,7 +234,7 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     window_end: str | None = None,
     window_days: float | None = None,
     store: str | None = None,
-    enrichment_type: EnrichmentType = "partial",
+    enrichment_type: EnrichmentType = EnrichmentType.PARTIAL,
     max_parallel_shards: int = 2,
     deployment_name: str = "enrich-contacts/adhoc",
     org_rate_limit: str | None = None,
@@ -319,7 +334,7 @@ def backfill_contacts(  # noqa: C901, PLR0913, PLR0917
     )
     failed = [r for r in runs if not r.ok]
     totals: dict[str, Any] = {
-        "status": "failed" if failed else "completed",
+        "status": (RunStatus.FAILED if failed else RunStatus.COMPLETED).value,
         "shards": len(shards),
         "rows": sum(s.rows for s in shards),
         "unparsed": sum(s.unparsed for s in shards),

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -26,7 +26,6 @@ from prefect.states import Failed
 
 from cleanlist.client import organization_of
 from cleanlist.dburl import hide_passwords
-from cleanlist.economics import ECONOMICS_KEY, economics_markdown
 from cleanlist.errors import (
     Action,
     APIConnectionError,
@@ -37,23 +36,24 @@ from cleanlist.errors import (
     StopRequested,
     policy_for,
 )
-from cleanlist.models import EnrichmentType
 from cleanlist.ratelimit import RateLimiter
 from cleanlist.retry import RetryPolicy
 from cleanlist.run.context import RunContext
+from cleanlist.run.economics import ECONOMICS_KEY, economics_markdown
 from cleanlist.run.incremental import IncrementalRead
 from cleanlist.run.journal import AcceptanceJournal
+from cleanlist.run.listen import receiving_webhooks
 from cleanlist.run.options import TASK_RUNNER_WORKERS, CursorType, EnrichOptions
 from cleanlist.run.outage import STORE_ERRORS, APIOutage, WatchedClient
 from cleanlist.run.plan import Plan, plan_run
 from cleanlist.run.progress import progress_listener
+from cleanlist.run.report import report_markdown
 from cleanlist.run.stage import StageReport
-from cleanlist.run.states import ContactState, RunStatus, StopReason
 from cleanlist.run.stop import EXIT_INTERRUPTED, StopRequest, stop_on_signals, stop_request
 from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
-from cleanlist.webhooks.listen import receiving_webhooks
+from cleanlist.vocab import ContactState, EnrichmentType, RunStatus, StopReason
 from cleanlist_prefect.flows.blocks import resolve_blocks
 from cleanlist_prefect.flows.run_names import enrich_run_name
 from cleanlist_prefect.flows.secrets import naming_key_source, run_credentials
@@ -161,7 +161,7 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     }
     store.start_run(run_id, params, flow_run_id=str(flow_run_id) if flow_run_id else None)
     heartbeat = store.keep_alive(run_id)  # the run owns its claims while this beats (store/liveness.py)
-    quiet = _ReportedByTheRun()
+    quiet = _ReportedByTheRun(str(flow_run_id) if flow_run_id else None)
     _TASK_RUN_LOGGER.addFilter(quiet)
     run.on_delivery = _delivery_event
     try:
@@ -224,8 +224,16 @@ def _shown(value: Any) -> Any:
 _TASK_RUN_LOGGER = logging.getLogger("prefect.task_runs")
 
 
+# The tasks whose records `_ReportedByTheRun` may touch: this package's, never a user's own.
+OUR_TASKS: Final = frozenset({"stage-source", "submit-chunk", "write-output", "split-source"})
+
+
 class _ReportedByTheRun(logging.Filter):
     """Keeps Prefect from reporting, per task attempt, what the run reports itself in one line.
+
+    Scoped to the run: it touches only the records of this package's tasks (`OUR_TASKS`) in this run's
+    flow run (`flow_run_id`, Prefect's `extra` on each task-run record); every other record (a user's
+    own tasks in the flow that calls `enrich_dataframe`, another run's) passes as it came.
 
     API connection errors are logged by the run's outage watch (once per endpoint per minute) and store
     failures end the run with one line, so Prefect's records of a task attempt failing with one of them
@@ -233,7 +241,18 @@ class _ReportedByTheRun(logging.Filter):
     dropped; any other error of ours keeps its line but loses the traceback (its message is one line).
     """
 
+    def __init__(self, flow_run_id: str | None) -> None:
+        super().__init__()
+        self.flow_run_id = flow_run_id
+
+    def _ours(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "task_name", None) not in OUR_TASKS:
+            return False
+        return self.flow_run_id is None or getattr(record, "flow_run_id", None) == self.flow_run_id
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if not self._ours(record):
+            return True
         if record.exc_info == (None, None, None):
             # Prefect logs a task that *returned* a Failed state with exc_info set outside any exception,
             # which prints a stray "NoneType: None" line under the one-line message.
@@ -282,7 +301,7 @@ def _error_of(record: logging.LogRecord) -> BaseException | None:
 def enrich_contacts(  # noqa: PLR0913, PLR0917
     source: str,
     output: str,
-    enrichment_type: EnrichmentType = "partial",
+    enrichment_type: EnrichmentType = EnrichmentType.PARTIAL,
     mapping: dict[str, str] | None = None,
     rejects: str | None = None,
     table: str | None = None,
@@ -531,7 +550,7 @@ def write_and_report(
     run.outcome = (status, summary.as_dict())
     _hint_if_paced(run)
     create_table_artifact(summary.table_rows(), key=SUMMARY_KEY, description=f"enrich-contacts: {status}")
-    create_markdown_artifact(summary.markdown(), key="cleanlist-run-report", description="Run report")
+    create_markdown_artifact(report_markdown(summary), key="cleanlist-run-report", description="Run report")
     _raise_unless_completed(summary, fatal, unknown_to_api=counters.unknown_to_api, reason=run.stop.reason)
     if incremental is not None and status is RunStatus.COMPLETED:
         incremental.advance(run.store, run.run_id)

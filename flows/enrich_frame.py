@@ -43,10 +43,10 @@ from prefect.states import Failed
 
 from cleanlist.dburl import hide_passwords
 from cleanlist.errors import InputError
-from cleanlist.io.writer import REJECT_CODE_COLUMN, REJECT_REASON
-from cleanlist.models import EnrichmentType
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
 from cleanlist.run.summary import RunSummary
+from cleanlist.run.write import REJECT_CODE_COLUMN, REJECT_REASON
+from cleanlist.vocab import EnrichmentType
 from cleanlist_prefect.flows.blocks import resolve_blocks
 from cleanlist_prefect.flows.enrich_contacts import (
     RunFailed,
@@ -267,7 +267,7 @@ def _failures_as_exceptions(body: Callable[P, R]) -> Callable[P, R | State]:
 def _enrich_dataframe(  # noqa: PLR0913
     frame: pd.DataFrame | pa.Table,
     *,
-    enrichment_type: EnrichmentType = "partial",
+    enrichment_type: EnrichmentType = EnrichmentType.PARTIAL,
     mapping: dict[str, str] | None = None,
     store: str | None = None,
     refresh_days: float = 30.0,

@@ -35,8 +35,8 @@ from cleanlist.errors import APIConnectionError, APIError, StopRequested, policy
 from cleanlist.models import worst_case_credits
 from cleanlist.run.context import RunContext
 from cleanlist.run.outage import STORE_ERRORS
-from cleanlist.run.states import ChunkStatus, StopReason
 from cleanlist.run.submit import ChunkOutcome
+from cleanlist.vocab import ChunkStatus, StopReason
 from cleanlist_prefect.flows.credits import CreditWatcher
 from cleanlist_prefect.tasks.submit import submit_chunk_with_retries
 

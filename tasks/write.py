@@ -1,12 +1,13 @@
-"""The write-output task: a thin shell over `cleanlist.io.writer.write_rows`."""
+"""The write-output task: a thin shell over `cleanlist.run.write.write_rows`."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cleanlist.io.writer import WriteReport, open_sinks, write_rows
+from cleanlist.io.outputs import open_sinks
 from cleanlist.run.context import RunContext
+from cleanlist.run.write import WriteReport, write_rows
 from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 
 

@@ -217,7 +217,7 @@ def test_the_demos_end_of_run_output_fits_a_screen_and_starts_with_the_headline(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from cleanlist.economics import ECONOMICS_KEY
+    from cleanlist.run.economics import ECONOMICS_KEY
     from cleanlist.run.report import headline, report_text
     from cleanlist.run.summary import RunSummary
 

@@ -44,8 +44,9 @@ from cleanlist.models import (
     WebhookDeliveries,
     WorkflowStatus,
 )
+from cleanlist.ratelimit import RateLimiter
 from cleanlist.sandbox import FaultSpec, SandboxServer
-from cleanlist.settings import CleanlistSettings
+from cleanlist.settings import CleanlistSettings, RateLimit
 from tests.sandbox_helpers import RawServer, WebhookReceiver, people, refused_url
 
 StartSandbox = Callable[..., SandboxServer]
@@ -332,7 +333,8 @@ def test_a_429_holds_the_endpoint_for_every_other_caller_until_retry_after(
     start_sandbox: StartSandbox,
 ) -> None:
     sandbox = start_sandbox(faults={"enrich-status": FaultSpec(sequence=(429,), retry_after=1)})
-    with client_for(sandbox) as client, client_for(sandbox) as other:
+    shared = RateLimiter(RateLimit.parse("1000/1"))  # every caller of one run shares the run's limiter
+    with client_for(sandbox, limiter=shared) as client, client_for(sandbox, limiter=shared) as other:
         workflow_id = client.enrich_bulk(people(1)).workflow_id
         error = raised(lambda: client.enrich_status(workflow_id=workflow_id))
         limited_at = time.monotonic()
@@ -815,15 +817,16 @@ def test_async_client_walks_the_same_paths(sandbox: SandboxServer) -> None:
 
 def test_async_client_honours_and_sets_the_shared_hold(start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox(faults={"credits-balance": FaultSpec(sequence=(429,), retry_after=1)})
+    shared = RateLimiter(RateLimit.parse("1000/1"))
 
     async def scenario() -> tuple[float, float]:
-        async with async_client_for(sandbox) as client:
+        async with async_client_for(sandbox, limiter=shared) as client:
             with pytest.raises(RateLimitError) as limited:
                 await client.credits_balance()
             limited_at = time.monotonic()
             assert limited.value.retry_after == 1.0
-            # The blocking client of the same key and host waits for the hold the async one set.
-            with client_for(sandbox) as blocking:
+            # A blocking client given the same limiter waits for the hold the async one set.
+            with client_for(sandbox, limiter=shared) as blocking:
                 await asyncio.to_thread(blocking.credits_balance)
             return limited_at, time.monotonic()
 
@@ -831,24 +834,27 @@ def test_async_client_honours_and_sets_the_shared_hold(start_sandbox: StartSandb
     assert answered_at - limited_at >= 0.9
 
 
-def test_clients_share_one_limiter_per_key_and_host(sandbox: SandboxServer) -> None:
-    blocking = client_for(sandbox, rate_limit="7/1")
-    asynchronous = async_client_for(sandbox, rate_limit="7/1")
+def test_clients_share_a_limiter_only_when_given_one(sandbox: SandboxServer) -> None:
+    # No process-wide registry: a client given no limiter paces itself alone, even for the same key and
+    # host (a second run, a user's own client); clients given one limiter share its budget and holds.
+    shared = RateLimiter(RateLimit.parse("7/1"))
+    blocking = client_for(sandbox, limiter=shared)
+    asynchronous = async_client_for(sandbox, limiter=shared)
+    same_key = client_for(sandbox, rate_limit="7/1")
     other_key = client_for(sandbox, NO_API_KEY, rate_limit="7/1")
-    other_host = CleanlistClient(sandbox.api_key, base_url="http://localhost:1", rate_limit="7/1")
     try:
-        assert blocking.limiter is asynchronous.limiter
-        assert client_for(sandbox, rate_limit="7/1").limiter is blocking.limiter
+        assert blocking.limiter is asynchronous.limiter is shared
+        assert same_key.limiter is not blocking.limiter
         assert other_key.limiter is not blocking.limiter
-        assert other_host.limiter is not blocking.limiter
         blocking.limiter.endpoint("enrich-bulk").hold(5)
         assert asynchronous.limiter.endpoint("enrich-bulk").held_for > 4
+        assert same_key.limiter.endpoint("enrich-bulk").held_for == 0.0
         assert other_key.limiter.endpoint("enrich-bulk").held_for == 0.0
     finally:
         blocking.close()
         asyncio.run(asynchronous.aclose())
+        same_key.close()
         other_key.close()
-        other_host.close()
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/api/v1/public", "/api/v1/public/"])

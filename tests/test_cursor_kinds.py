@@ -13,9 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 from cleanlist.errors import InputError
-from cleanlist.io.cursor import CursorFilter, CursorKind, Watermark, source_identity
+from cleanlist.io.cursor import CursorFilter, source_identity
 from cleanlist.io.sources import iter_source
 from cleanlist.store import EnrichmentStore
+from cleanlist.vocab import CursorKind, Watermark
 from tests.conftest import postgres_database
 from tests.flow_helpers import read_csv, run_flow
 

@@ -33,9 +33,9 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from cleanlist.economics import ECONOMICS_KEY
 from cleanlist.errors import InputError
 from cleanlist.io.shards import split_source, sql_windows
+from cleanlist.run.economics import ECONOMICS_KEY
 from cleanlist.run.report import NEEDS_YOU_TITLE, headline, report_markdown
 from cleanlist.run.report import needs_you as run_needs_you
 from cleanlist.run.states import RunStatus

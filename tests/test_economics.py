@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cleanlist.economics import economics_markdown, parse_since, sparkline
 from cleanlist.errors import InputError
+from cleanlist.run.economics import economics_markdown, parse_since, sparkline
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.schema import contacts, runs
 

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from cleanlist.io.cursor import CursorFilter, CursorKind, Watermark, source_identity
+from cleanlist.io.cursor import CursorFilter, source_identity
 from cleanlist.io.sources import iter_source
 from cleanlist.store import EnrichmentStore
+from cleanlist.vocab import CursorKind, Watermark
 from cleanlist_prefect.deployments.cli import _flow_kwargs, build_parser
 from tests.conftest import postgres_database
 from tests.flow_helpers import read_csv, run_flow

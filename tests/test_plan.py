@@ -11,9 +11,9 @@ import pytest
 
 from cleanlist.models import worst_case_credits
 from cleanlist.run.plan import plan_run
-from cleanlist.run.states import ContactState
 from cleanlist.run.workspace import KEY, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
 from cleanlist.store import ContactResult, EnrichmentStore
+from cleanlist.vocab import ContactState
 
 PARTIAL = "partial"
 LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)

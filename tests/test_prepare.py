@@ -23,7 +23,7 @@ from cleanlist.prepare import (
     resolve_mapping,
     validate_contact,
 )
-from cleanlist.run.states import Reject, RejectCode
+from cleanlist.vocab import Reject, RejectCode
 
 # ------------------------------------------------------------------------------------------ mapping
 

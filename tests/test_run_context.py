@@ -21,11 +21,11 @@ from cleanlist.retry import RetryPolicy
 from cleanlist.run.context import CreditBudget, Progress, RunContext, SubmissionGate
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.plan import Plan, plan_run
-from cleanlist.run.states import ChunkStatus, ContactState
 from cleanlist.run.submit import submit_chunk
 from cleanlist.run.workspace import KEY, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
 from cleanlist.sandbox import SandboxServer
 from cleanlist.store import EnrichmentStore
+from cleanlist.vocab import ChunkStatus, ContactState
 from tests.sandbox_helpers import people
 
 StartSandbox = Callable[..., SandboxServer]

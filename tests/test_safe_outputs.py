@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 
 from cleanlist.errors import InputError
-from cleanlist.io.writer import FileSink, open_sinks
+from cleanlist.io.filesink import FileSink
+from cleanlist.io.outputs import open_sinks
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.workspace import KEY, PID_FILE, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
 from cleanlist.store import EnrichmentStore, database

@@ -511,3 +511,24 @@ def test_postgresql_errors_hide_the_password(postgres_table: str) -> None:
     with pytest.raises(InputError, match="SQL query failed") as error:
         read(POSTGRES_URL.replace("postgres@", "postgres:s3cret-pw@"), sql_query="selec 1")
     assert "s3cret-pw" not in str(error.value)
+
+
+def test_every_reader_is_chosen_through_the_registry() -> None:
+    from cleanlist.io.sources.registry import (
+        FILE_FORMATS,
+        QUERY_SOURCES,
+        SUPPORTED,
+        file_format,
+        query_source,
+    )
+
+    assert SUPPORTED == (
+        ".csv .tsv .txt .parquet .pq .jsonl .ndjson .xlsx (.csv/.tsv/.txt/.jsonl/.ndjson also .gz .bz2 .xz)"
+    )
+    for fmt in FILE_FORMATS:
+        for extension in fmt.extensions:
+            assert file_format(f"s3://bucket/contacts{extension}?sig=1")[0] is fmt
+    assert file_format("contacts.csv.gz")[2] == "gzip"
+    with pytest.raises(InputError, match=r"unsupported type \(\.parquet\)"):
+        file_format("contacts.parquet.gz")  # only text formats are read through a decompressor
+    assert query_source("postgresql+psycopg://u@h/db") is QUERY_SOURCES[0]

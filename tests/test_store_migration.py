@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from cleanlist.errors import InputError
-from cleanlist.prepare import _bare_domain, _key_part, contact_key, normalize_contact
+from cleanlist.prepare import bare_domain, contact_key, key_part, normalize_contact
 from cleanlist.run.journal import AcceptanceJournal
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.migrations import CONTACT_BATCH_ROWS, upgraded_key
@@ -122,10 +122,10 @@ def snapshot(url: str) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str,
     return rows, ledger, version
 
 
-# The key as version 1 built it, from what prepare.py did then: the host as `_bare_domain` left it.
+# The key as version 1 built it, from what prepare.py did then: the host as `bare_domain` left it.
 def old_key(first: str, last: str, website: str) -> str:
     host = website.split("://", 1)[-1].split("/", 1)[0].lower()
-    return f"nm:{_key_part(first)}|{_key_part(last)}|{_key_part(_bare_domain(host))}"
+    return f"nm:{key_part(first)}|{key_part(last)}|{key_part(bare_domain(host))}"
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from cleanlist.run.states import RunStatus
+from cleanlist.run.report import report_markdown
 from cleanlist.run.summary import DryRunReport, RunSummary
+from cleanlist.vocab import RunStatus
 
 
 def _summary(**changes: object) -> RunSummary:
@@ -52,7 +53,7 @@ def test_as_dict_is_what_the_cli_prints() -> None:
 
 
 def test_markdown_report_names_rejects_by_code() -> None:
-    text = _summary().markdown()
+    text = report_markdown(_summary())
     assert text.startswith(
         "## 950 contacts → 700 emails (74 %) for 700.5 credits in 12 s — completed with errors"
     )

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cleanlist.run.states import ContactState
 from cleanlist.run.workspace import KEY, META_COLUMNS, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
+from cleanlist.vocab import ContactState
 
 
 def payload(key: str, company: str = "acme.example") -> dict[str, str]:

@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 
 from cleanlist.errors import InputError
-from cleanlist.io.writer import RESULT_COLUMNS, FileSink, WriteReport, open_sinks, write_rows
+from cleanlist.io.filesink import FileSink
+from cleanlist.io.outputs import open_sinks
 from cleanlist.models import worst_case_credits
 from cleanlist.run.stage import stage_source
-from cleanlist.run.states import ContactState, RejectCode
 from cleanlist.run.workspace import KEY, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
+from cleanlist.run.write import RESULT_COLUMNS, WriteReport, write_rows
 from cleanlist.store import ContactResult, EnrichmentStore
+from cleanlist.vocab import ContactState, RejectCode
 
 PARTIAL = "partial"
 HEADER = "Record ID,First Name,Last Name,Company Domain,Owner"
@@ -366,3 +368,16 @@ def test_the_cli_on_a_full_disk_exits_1_with_one_line_and_the_next_run_succeeds(
     again = _cli([*args, "--output", str(tmp_path / "out.csv")], env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sandbox.counters()["contacts_accepted"] == 1200
+
+
+def test_every_sink_is_chosen_through_the_registry(tmp_path: Path) -> None:
+    from cleanlist.io.dbsink import DATABASE_SINK
+    from cleanlist.io.outputs import SINKS, output_format, sink_kind
+
+    formats = [output_format(f"out{ext}") for ext in (".csv", ".parquet", ".jsonl")]
+    assert formats == ["csv", "parquet", "jsonl"]
+    assert sink_kind(f"sqlite:///{tmp_path}/out.db", table="contacts") is DATABASE_SINK
+    assert sink_kind("postgresql+psycopg://u@h/db", table="contacts") is DATABASE_SINK
+    assert {kind.name for kind in SINKS} == {"csv", "parquet", "jsonl", "database"}
+    with pytest.raises(InputError, match=r"must end in \.csv, \.parquet or \.jsonl \(or be a database URL\)"):
+        output_format("out.xlsx")

@@ -1,1 +1,2 @@
-"""Reading sources and writing outputs (files, database tables, backfill shards), without Prefect."""
+"""Reading sources (`sources/`) and writing outputs through sinks (files, database tables), backfill shards;
+without Prefect, and without knowing runs."""

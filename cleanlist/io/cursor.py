@@ -27,11 +27,9 @@ the rejects with the reason (code `bad_cursor_value`), it is never compared and 
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -41,54 +39,10 @@ import numpy as np
 import pandas as pd
 
 from cleanlist.errors import InputError
+from cleanlist.vocab import CursorKind, Watermark
 
 # Misfit values quoted in a reason are cut to this length (a reason is one line).
 _SHOWN_VALUE_CHARS = 60
-
-
-class CursorKind(enum.StrEnum):
-    NUMBER = "number"
-    TIMESTAMP = "timestamp"
-    TEXT = "text"
-
-    @property
-    def noun(self) -> str:
-        return {"number": "a number", "timestamp": "an ISO 8601 timestamp", "text": "text"}[self.value]
-
-
-@dataclass(frozen=True)
-class Watermark:
-    """A cursor value as the store keeps it: its kind and its canonical text (timestamps in UTC)."""
-
-    kind: CursorKind
-    text: str
-
-    def value(self) -> int | float | pd.Timestamp | str:
-        """The mark as a comparable value (timestamps: aware, UTC; an old mark without offset is UTC)."""
-        if self.kind is CursorKind.NUMBER:
-            return int(self.text) if re.fullmatch(r"-?\d+", self.text) else float(self.text)
-        if self.kind is CursorKind.TIMESTAMP:
-            return _utc(pd.Timestamp(self.text))
-        return self.text
-
-    def sql_value(self, *, naive: bool = False) -> int | float | datetime | str:
-        """The mark as a bound SQL parameter; `naive`: for a `timestamp without time zone` column (UTC)."""
-        value = self.value()
-        if isinstance(value, pd.Timestamp):
-            moment: datetime = value.to_pydatetime(warn=False)
-            return moment.replace(tzinfo=None) if naive else moment
-        return value
-
-    @classmethod
-    def of(cls, kind: CursorKind, value: Any) -> Watermark:
-        if kind is CursorKind.NUMBER:
-            if isinstance(value, int | np.integer):
-                return cls(kind, str(int(value)))
-            number = float(value)
-            return cls(kind, str(int(number)) if number.is_integer() else repr(number))
-        if kind is CursorKind.TIMESTAMP:
-            return cls(kind, _utc(pd.Timestamp(value)).isoformat())
-        return cls(kind, str(value))
 
 
 def _utc(moment: pd.Timestamp) -> pd.Timestamp:
@@ -313,7 +267,7 @@ def source_identity(source: str, sql_query: str | None, cursor: str) -> tuple[st
     """(stable id, shown form) of a source for its mark: path or URL without password or query,
     plus the SQL query and the cursor column. Local paths are made absolute."""
     from cleanlist.dburl import hide_passwords
-    from cleanlist.io.sources import display_source
+    from cleanlist.io.location import display_source
 
     where = source if "://" in source else os.path.abspath(os.path.expanduser(source))
     shown = display_source(hide_passwords(where))

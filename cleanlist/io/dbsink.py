@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cleanlist.errors import InputError
+from cleanlist.io.sink import RowSink, SinkKind, SinkOptions
 from cleanlist.store.database import resolve_url
 
 CONTACT_KEY = "cleanlist_contact_key"
@@ -69,7 +70,9 @@ class SharedTransaction:
 class DatabaseSink:
     """Upserts frames into `table`; `kind` "output" keys on the contact key, "rejects" on a row hash."""
 
-    wants_keys = True
+    @property
+    def wants_keys(self) -> bool:
+        return True
 
     def __init__(self, transaction: SharedTransaction, table: str, *, kind: str = "output") -> None:
         if not table or not table.replace("_", "").isalnum():
@@ -139,3 +142,15 @@ class DatabaseSink:
 
     def abort(self) -> None:
         self._txn.abort()
+
+
+def _open_tables(output: str, rejects: str, options: SinkOptions) -> tuple[RowSink, RowSink]:
+    """The output table `options.table` and the rejects table `rejects`, in one transaction."""
+    assert options.table is not None
+    transaction = SharedTransaction(output, members=2)
+    return DatabaseSink(transaction, options.table), DatabaseSink(transaction, rejects, kind="rejects")
+
+
+DATABASE_SINK = SinkKind(
+    name="database", open_pair=_open_tables, schemes=("sqlite", "postgresql", "postgres")
+)

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cleanlist.errors import InputError
-from cleanlist.io.sources import SourceBatch, display_source, iter_source
-from cleanlist.run.summary import RunSummary
+from cleanlist.io.location import display_source
+from cleanlist.io.sources import SourceBatch, iter_source
 
 SHARD_DIR_NAME = "_shards"
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})(\..+)?$")
@@ -40,22 +40,6 @@ class Shard:
     @property
     def name(self) -> str:
         return shard_name(self.number)
-
-
-@dataclass
-class ShardRun:
-    """What became of one shard's child flow run."""
-
-    shard: Shard
-    flow_run_id: str
-    flow_run_name: str
-    state: str = "SCHEDULED"
-    message: str | None = None
-    summary: RunSummary | None = None  # read back from the child's summary artifact
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "COMPLETED"
 
 
 def shard_name(number: int) -> str:

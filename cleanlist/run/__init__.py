@@ -1,1 +1,2 @@
-"""The run pieces without Prefect: options, context, states, staging, planning, submitting, summaries."""
+"""The run pieces without Prefect: options, context, staging, planning, submitting, the join of results to
+rows (`write.py`), summaries. The shared words are in `cleanlist/vocab.py`."""

@@ -42,11 +42,11 @@ from cleanlist.retry import RetryPolicy
 from cleanlist.run.journal import AcceptanceJournal, Replay
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.outage import STORE_ERRORS, APIOutage, OutageWatch, StoreLost, WatchedClient
-from cleanlist.run.states import ContactState, RunStatus
 from cleanlist.run.stop import StopRequest
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import ContactResult, EnrichmentStore
 from cleanlist.store.records import WORKFLOW_UNRESOLVED
+from cleanlist.vocab import ContactState, RunStatus
 from cleanlist.webhooks.payload import WebhookPayload
 
 logger = logging.getLogger("cleanlist.run")

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cleanlist.errors import InputError
-from cleanlist.io.cursor import CursorFilter, CursorKind, Watermark, source_identity
+from cleanlist.io.cursor import CursorFilter, source_identity
 from cleanlist.run.options import EnrichOptions
 from cleanlist.store import EnrichmentStore
+from cleanlist.vocab import CursorKind, Watermark
 
 
 @dataclass

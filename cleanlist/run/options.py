@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cleanlist.constants import INITIAL_RETRY_DELAY, MAX_CONTACTS_PER_REQUEST, RETRIES
 from cleanlist.dburl import is_database_url
 from cleanlist.errors import InputError
-from cleanlist.models import EnrichmentType
 from cleanlist.settings import RateLimit
+from cleanlist.vocab import EnrichmentType
 
 # How a cursor column's values compare (cleanlist/io/cursor.py): "auto" infers number or timestamp and
 # never falls back to text.
@@ -63,7 +63,8 @@ class EnrichOptions(BaseModel):
         min_length=1,
     )
     enrichment_type: EnrichmentType = Field(
-        default="partial", description="what to look up (and pay for): none, partial, phone_only, full, …"
+        default=EnrichmentType.PARTIAL,
+        description="what to look up (and pay for): none, partial, phone_only, full, …",
     )
     mapping: dict[str, str] | None = Field(
         default=None, description="field → source column, for headers the automatic mapping misses"
@@ -260,8 +261,9 @@ class EnrichOptions(BaseModel):
         would; not on a dry run, which only checks that they could be). Remote URLs (s3://…) are only
         compared as strings; database outputs (with `table`) skip the file checks.
         """
-        from cleanlist.io.sources import display_source
-        from cleanlist.io.writer import local_path, output_format
+        from cleanlist.io.location import display_source
+        from cleanlist.io.outputs import output_format
+        from cleanlist.io.sink import local_path
 
         if self.table is not None:
             if not is_database_url(self.output):

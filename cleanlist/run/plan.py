@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cleanlist.models import worst_case_credits
-from cleanlist.run.states import ContactState
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
-from cleanlist.store.records import WORKFLOW_UNRESOLVED
+from cleanlist.vocab import ContactState, EnrichmentType, WorkflowState
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ Settle = Callable[[Mapping[str, Mapping[str, str]]], tuple[list[str], list[str]]
 def plan_run(
     workspace: RunWorkspace,
     store: EnrichmentStore,
-    enrichment_type: str,
+    enrichment_type: EnrichmentType,
     fresh_after: datetime | None,
     chunk_size: int,
     *,
@@ -91,4 +90,4 @@ def plan_run(
 
 def _is_unresolved(store: EnrichmentStore, workflow_id: str) -> bool:
     record = store.workflow(workflow_id)
-    return record is not None and record.state == WORKFLOW_UNRESOLVED
+    return record is not None and record.state == WorkflowState.UNRESOLVED

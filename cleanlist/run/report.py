@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cleanlist.models import PRICING
-from cleanlist.run.states import RunStatus
 from cleanlist.run.summary import RunSummary
+from cleanlist.vocab import RunStatus
 
 NEEDS_YOU_TITLE = "What needs you"
 

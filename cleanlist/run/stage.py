@@ -14,11 +14,11 @@ from typing import Any
 import pandas as pd
 
 from cleanlist.errors import StopRequested
-from cleanlist.io.cursor import CursorFilter, Watermark
+from cleanlist.io.cursor import CursorFilter
 from cleanlist.io.sources import iter_source
 from cleanlist.prepare import FIELDS, HeaderMapping, api_payload, prepare_row, resolve_mapping
-from cleanlist.run.states import Reject
 from cleanlist.run.workspace import KEY, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
+from cleanlist.vocab import Reject, Watermark
 
 logger = logging.getLogger("cleanlist.stage")
 

@@ -23,8 +23,8 @@ from cleanlist.errors import (
 )
 from cleanlist.models import BulkEnrichResponse
 from cleanlist.run.context import RunContext
-from cleanlist.run.states import ChunkStatus, ContactState
 from cleanlist.run.workspace import StagedContact
+from cleanlist.vocab import ChunkStatus, ContactState
 
 logger = logging.getLogger("cleanlist.submit")
 

@@ -12,7 +12,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from cleanlist.run.states import RunStatus
+from cleanlist.vocab import EnrichmentType, RunStatus
 
 
 class _Report(BaseModel):
@@ -104,12 +104,6 @@ class RunSummary(_Report):
         "row_statuses", "rejects_by_reason", "rate_limits_learned", "webhook_delivery_failures", mode="before"
     )(_json_text)
 
-    def markdown(self) -> str:
-        """The human-readable end-of-run report shown in the Prefect UI (cleanlist/run/report.py)."""
-        from cleanlist.run.report import report_markdown
-
-        return report_markdown(self)
-
 
 class DryRunReport(_Report):
     """What a dry run would submit and cost; nothing was sent."""
@@ -131,4 +125,10 @@ class DryRunReport(_Report):
 
 
 # A planning guess of the share of the worst case actually charged (failed lookups are free).
-EXPECTED_FIND_SHARE = {"none": 0.0, "partial": 0.8, "phone_only": 0.3, "full": 0.35, "prospecting_only": 0.8}
+EXPECTED_FIND_SHARE: dict[str, float] = {
+    EnrichmentType.NONE: 0.0,
+    EnrichmentType.PARTIAL: 0.8,
+    EnrichmentType.PHONE_ONLY: 0.3,
+    EnrichmentType.FULL: 0.35,
+    EnrichmentType.PROSPECTING_ONLY: 0.8,
+}

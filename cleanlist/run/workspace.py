@@ -34,8 +34,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cleanlist.run.states import ContactState
 from cleanlist.store.liveness import pid_is_alive
+from cleanlist.vocab import ContactState
 
 ROW = "__cleanlist_row"
 KEY = "__cleanlist_key"

@@ -67,7 +67,7 @@ class BulkRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    enrichment_type: EnrichmentType = "partial"
+    enrichment_type: EnrichmentType = EnrichmentType.PARTIAL
     webhook_url: str | None = None
     contacts: list[ContactIn]
 

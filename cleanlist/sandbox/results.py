@@ -22,11 +22,11 @@ PROSPECT_PRICE = 1.0
 
 # Worst case per contact, for the (assumed) 402 rule: refuse when balance < contacts x this.
 MAX_COST_PER_CONTACT: dict[EnrichmentType, float] = {
-    "none": 0.0,
-    "partial": EMAIL_PRICE,
-    "phone_only": PHONE_PRICE,
-    "full": EMAIL_PRICE + PHONE_PRICE,
-    "prospecting_only": PROSPECT_PRICE,
+    EnrichmentType.NONE: 0.0,
+    EnrichmentType.PARTIAL: EMAIL_PRICE,
+    EnrichmentType.PHONE_ONLY: PHONE_PRICE,
+    EnrichmentType.FULL: EMAIL_PRICE + PHONE_PRICE,
+    EnrichmentType.PROSPECTING_ONLY: PROSPECT_PRICE,
 }
 
 

@@ -6,31 +6,35 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from cleanlist.store.schema import UtcDateTime
 
-_compiled: dict[tuple[int, str], SQLCompiler] = {}
 _TIME = UtcDateTime()
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(statement: ClauseElement, dialect: Dialect) -> SQLCompiler:
+    """`statement` compiled for `dialect` (a few module-level statements per engine: a bounded cache)."""
+    fresh = statement.compile(dialect=dialect)
+    if not isinstance(fresh, SQLCompiler):
+        raise TypeError(f"not a SQL statement: {statement!r}")
+    return fresh
 
 
 def execute_rows(conn: Connection, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> None:
     """Run a module-level statement whose every parameter is a named bindparam, once per row."""
     if not rows:
         return
-    key = (id(statement), conn.dialect.name)
-    compiled = _compiled.get(key)
-    if compiled is None:
-        fresh = statement.compile(dialect=conn.dialect)
-        if not isinstance(fresh, SQLCompiler):
-            raise TypeError(f"not a SQL statement: {statement!r}")
-        compiled = _compiled[key] = fresh
+    compiled = _compiled(statement, conn.dialect)
     names = compiled.positiontup
     if names is None:
         conn.exec_driver_sql(compiled.string, list(rows))

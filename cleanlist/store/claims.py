@@ -16,8 +16,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from cleanlist.store.codec import batches, stored_result
 from cleanlist.store.liveness import ProcessIdentity, RunLocks, lock_kind, run_is_alive
-from cleanlist.store.records import ACCEPTED, CLAIMED, DONE, RUN_RUNNING, ClaimOutcome, StoredResult
+from cleanlist.store.records import ClaimOutcome, StoredResult
 from cleanlist.store.schema import contacts, runs
+from cleanlist.vocab import EnrichmentType, LedgerState, RunRecordState
 
 # A row can vanish between our INSERT and our SELECT (another run released it); then we try again.
 MAX_CLAIM_PASSES: Final = 5
@@ -62,7 +63,7 @@ class Judge:
 
 
 def insert_claims(
-    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: str, now: datetime
+    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: EnrichmentType, now: datetime
 ) -> set[str]:
     """Claim the keys nobody has a row for; returns the ones this call inserted."""
     if not keys:
@@ -76,7 +77,7 @@ def insert_claims(
         {
             "contact_key": key,
             "enrichment_type": enrichment_type,
-            "state": CLAIMED,
+            "state": LedgerState.CLAIMED,
             "run_id": run_id,
             "claimed_at": now,
         }
@@ -86,7 +87,7 @@ def insert_claims(
 
 
 def contact_rows(
-    conn: Connection, keys: Sequence[str], enrichment_type: str, *, lock: bool
+    conn: Connection, keys: Sequence[str], enrichment_type: EnrichmentType, *, lock: bool
 ) -> dict[str, Row[Any]]:
     """The existing rows of `keys`, locked in key order when `lock` is set."""
     found: dict[str, Row[Any]] = {}
@@ -105,7 +106,9 @@ def contact_rows(
 
 def judge_rows(conn: Connection, rows: dict[str, Row[Any]], judge: Judge, split: ClaimSplit) -> list[str]:
     """File each row under fresh / in_flight / held; returns the keys the asking run may take."""
-    holders = {row.run_id for row in rows.values() if row.state == CLAIMED and row.run_id != judge.run_id}
+    holders = {
+        row.run_id for row in rows.values() if row.state == LedgerState.CLAIMED and row.run_id != judge.run_id
+    }
     alive = alive_runs(conn, holders, judge)
     takeable: list[str] = []
     for key, row in rows.items():
@@ -114,15 +117,15 @@ def judge_rows(conn: Connection, rows: dict[str, Row[Any]], judge: Judge, split:
             and row.enriched_at is not None
             and row.enriched_at >= judge.fresh_after
         )
-        if row.state == CLAIMED and judge.run_id is not None and row.run_id == judge.run_id:
+        if row.state == LedgerState.CLAIMED and judge.run_id is not None and row.run_id == judge.run_id:
             takeable.append(key)
         elif fresh:
             # A refresh claimed or in flight elsewhere does not make a result that is fresh enough
             # for this caller any less usable.
             split.fresh[key] = stored_result(row)
-        elif row.state == ACCEPTED:
+        elif row.state == LedgerState.ACCEPTED:
             split.in_flight[key] = (row.workflow_id, row.task_id)
-        elif row.state == CLAIMED and row.run_id in alive:
+        elif row.state == LedgerState.CLAIMED and row.run_id in alive:
             split.held.add(key)
         else:
             takeable.append(key)
@@ -138,7 +141,7 @@ def alive_runs(conn: Connection, run_ids: Collection[str | None], judge: Judge) 
         stmt = select(*columns, runs.c.proc_start, runs.c.liveness_lock).where(runs.c.run_id.in_(part))
         for row in conn.execute(stmt):
             lock_held, has_lock = None, lock_kind(row.liveness_lock) == judge.locks.kind
-            if row.status == RUN_RUNNING and has_lock:
+            if row.status == RunRecordState.RUNNING and has_lock:
                 lock_held = judge.locks.held(conn, row.run_id, row.liveness_lock)
             if run_is_alive(
                 status=row.status,
@@ -155,28 +158,30 @@ def alive_runs(conn: Connection, run_ids: Collection[str | None], judge: Judge) 
 
 
 def take_over(
-    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: str, now: datetime
+    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: EnrichmentType, now: datetime
 ) -> None:
     """Make `run_id` the holder of existing rows (already locked); a stored result stays in place."""
     for part in batches(sorted(keys)):
         conn.execute(
             update(contacts)
             .where(contacts.c.enrichment_type == enrichment_type, contacts.c.contact_key.in_(part))
-            .values(state=CLAIMED, run_id=run_id, claimed_at=now, workflow_id=None, task_id=None)
+            .values(state=LedgerState.CLAIMED, run_id=run_id, claimed_at=now, workflow_id=None, task_id=None)
         )
 
 
-def release_claims(conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: str) -> None:
+def release_claims(
+    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: EnrichmentType
+) -> None:
     """Give up this run's unsubmitted claims: back to the old result, or to no row at all."""
     for part in batches(sorted(keys)):
         mine = (
             contacts.c.enrichment_type == enrichment_type,
             contacts.c.contact_key.in_(part),
-            contacts.c.state == CLAIMED,
+            contacts.c.state == LedgerState.CLAIMED,
             contacts.c.run_id == run_id,
         )
         conn.execute(delete(contacts).where(*mine, contacts.c.enriched_at.is_(None)))
-        conn.execute(update(contacts).where(*mine).values(state=DONE))
+        conn.execute(update(contacts).where(*mine).values(state=LedgerState.DONE))
 
 
 def release_tasks(conn: Connection, workflow_id: str, keys: Sequence[str]) -> None:
@@ -185,15 +190,19 @@ def release_tasks(conn: Connection, workflow_id: str, keys: Sequence[str]) -> No
     for part in batches(sorted(keys)):
         waiting = (
             contacts.c.workflow_id == workflow_id,
-            contacts.c.state == ACCEPTED,
+            contacts.c.state == LedgerState.ACCEPTED,
             contacts.c.contact_key.in_(part),
         )
         conn.execute(delete(contacts).where(*waiting, contacts.c.enriched_at.is_(None)))
-        conn.execute(update(contacts).where(*waiting).values(state=DONE, workflow_id=None, task_id=None))
+        conn.execute(
+            update(contacts).where(*waiting).values(state=LedgerState.DONE, workflow_id=None, task_id=None)
+        )
 
 
 def release_workflow(conn: Connection, workflow_id: str) -> None:
     """Free the contacts a closed workflow never resulted, so a later run may submit them again."""
-    waiting = (contacts.c.workflow_id == workflow_id, contacts.c.state == ACCEPTED)
+    waiting = (contacts.c.workflow_id == workflow_id, contacts.c.state == LedgerState.ACCEPTED)
     conn.execute(delete(contacts).where(*waiting, contacts.c.enriched_at.is_(None)))
-    conn.execute(update(contacts).where(*waiting).values(state=DONE, workflow_id=None, task_id=None))
+    conn.execute(
+        update(contacts).where(*waiting).values(state=LedgerState.DONE, workflow_id=None, task_id=None)
+    )

@@ -10,6 +10,7 @@ from typing import Any, Final, TypeVar
 from sqlalchemy import Row
 
 from cleanlist.store.records import RunRecord, StoredResult, WorkflowRecord
+from cleanlist.vocab import EnrichmentType
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ def stored_result(row: Row[Any]) -> StoredResult:
     """The result held by a contact row (the row must have one)."""
     return StoredResult(
         contact_key=row.contact_key,
-        enrichment_type=row.enrichment_type,
+        enrichment_type=EnrichmentType(row.enrichment_type),
         workflow_id=row.result_workflow_id,
         task_id=row.result_task_id,
         status=row.result_status,
@@ -75,7 +76,7 @@ def workflow_record(row: Row[Any]) -> WorkflowRecord:
         workflow_id=row.workflow_id,
         run_id=row.run_id,
         chunk_key=row.chunk_key,
-        enrichment_type=row.enrichment_type,
+        enrichment_type=EnrichmentType(row.enrichment_type),
         state=row.state,
         contact_count=row.contact_count,
         contact_keys=tuple(load_json(row.contact_keys)),

@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, or_, select
 
-from cleanlist.store.records import DONE
 from cleanlist.store.schema import contacts, runs
+from cleanlist.vocab import LedgerState
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,6 @@ def read_refresh_due(conn: Connection, now: datetime, refresh_days: float, horiz
             func.coalesce(
                 func.sum(case((and_(enriched >= stale_before, enriched < soon_before), 1), else_=0)), 0
             ),
-        ).where(contacts.c.state == DONE, enriched < soon_before)
+        ).where(contacts.c.state == LedgerState.DONE, enriched < soon_before)
     ).one()
     return RefreshDue(refresh_days, horizon_days, int(due_now), int(due_soon))

@@ -14,7 +14,6 @@ from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import DBAPIError
 
 from cleanlist.dburl import hide_passwords
-from cleanlist.io.cursor import Watermark
 from cleanlist.settings import RateLimit
 from cleanlist.store.claims import (
     MAX_CLAIM_PASSES,
@@ -68,17 +67,10 @@ from cleanlist.store.liveness import (
 )
 from cleanlist.store.marks import read_mark, write_mark
 from cleanlist.store.ratebook import FallbackRateBook, StoreRateBook, forget_rate_limits, learned_rate_limits
-from cleanlist.store.records import (
-    ACCEPTED,
-    RUN_RUNNING,
-    ClaimOutcome,
-    ContactResult,
-    RunRecord,
-    StoredResult,
-    WorkflowRecord,
-)
+from cleanlist.store.records import ClaimOutcome, ContactResult, RunRecord, StoredResult, WorkflowRecord
 from cleanlist.store.schema import contacts, runs, workflows
 from cleanlist.store.webhooks import delivered_payloads, insert_delivery, insert_token, run_of_token
+from cleanlist.vocab import EnrichmentType, LedgerState, RunRecordState, Watermark
 
 T = TypeVar("T")
 TransactionKind = Literal["read", "write", "durable"]
@@ -184,7 +176,7 @@ class EnrichmentStore:
             "boot_id": self._process.boot_id,
             "proc_start": self._process.started,
             "liveness_lock": "",  # below: once the lock is held
-            "status": RUN_RUNNING,
+            "status": RunRecordState.RUNNING,
             "params": dump_json(shown),
             "counts": None,
             "source": None,
@@ -276,7 +268,9 @@ class EnrichmentStore:
 
     # Claims
 
-    def peek(self, keys: Sequence[str], enrichment_type: str, fresh_after: datetime | None) -> ClaimOutcome:
+    def peek(
+        self, keys: Sequence[str], enrichment_type: EnrichmentType, fresh_after: datetime | None
+    ) -> ClaimOutcome:
         """How `claim` would split the keys for a new run, without claiming anything."""
         require_aware(fresh_after, "fresh_after")
         wanted = unique(keys)
@@ -292,7 +286,7 @@ class EnrichmentStore:
         return self._transact(work, "read")
 
     def claim(
-        self, run_id: str, keys: Sequence[str], enrichment_type: str, fresh_after: datetime | None
+        self, run_id: str, keys: Sequence[str], enrichment_type: EnrichmentType, fresh_after: datetime | None
     ) -> ClaimOutcome:
         """Take the keys this run may submit, in one transaction; fresh_after None refreshes everything."""
         require_aware(fresh_after, "fresh_after")
@@ -319,7 +313,7 @@ class EnrichmentStore:
 
         return self._transact(work)
 
-    def release(self, run_id: str, keys: Sequence[str], enrichment_type: str) -> None:
+    def release(self, run_id: str, keys: Sequence[str], enrichment_type: EnrichmentType) -> None:
         """Give back claims this run will not submit; accepted contacts are never released."""
         wanted = unique(keys)
         self._transact(lambda conn: release_claims(conn, run_id, wanted, enrichment_type))
@@ -332,7 +326,7 @@ class EnrichmentStore:
         *,
         workflow_id: str,
         chunk_key: str,
-        enrichment_type: str,
+        enrichment_type: EnrichmentType,
         keys: Sequence[str],
         task_ids: Sequence[str],
         worst_case_credits: float,
@@ -391,7 +385,7 @@ class EnrichmentStore:
         def work(conn: Connection) -> dict[str, str]:
             rows = conn.execute(
                 select(contacts.c.contact_key, contacts.c.task_id).where(
-                    contacts.c.workflow_id == workflow_id, contacts.c.state == ACCEPTED
+                    contacts.c.workflow_id == workflow_id, contacts.c.state == LedgerState.ACCEPTED
                 )
             )
             return {row.contact_key: row.task_id or "" for row in rows}
@@ -417,7 +411,7 @@ class EnrichmentStore:
 
         self._transact(work)
 
-    def open_workflows(self, enrichment_type: str | None = None) -> list[WorkflowRecord]:
+    def open_workflows(self, enrichment_type: EnrichmentType | None = None) -> list[WorkflowRecord]:
         """Workflows of any run still owing results (accepted or timed_out), oldest first: poll these."""
         rows = self._transact(lambda conn: open_workflow_rows(conn, enrichment_type), "read")
         return [workflow_record(row) for row in rows]
@@ -437,7 +431,7 @@ class EnrichmentStore:
 
     # Results
 
-    def results(self, keys: Sequence[str], enrichment_type: str) -> dict[str, StoredResult]:
+    def results(self, keys: Sequence[str], enrichment_type: EnrichmentType) -> dict[str, StoredResult]:
         """Stored results of these keys, including old ones of contacts being refreshed."""
         wanted = unique(keys)
 

@@ -29,21 +29,19 @@ from sqlalchemy.sql import ClauseElement
 from cleanlist.store.bulk import db_time, execute_rows
 from cleanlist.store.claims import insert_for, release_workflow
 from cleanlist.store.codec import dump_json
-from cleanlist.store.records import (
-    ACCEPTED,
-    CLOSED_WORKFLOW_STATES,
-    DONE,
-    OPEN_WORKFLOW_STATES,
-    WORKFLOW_ACCEPTED,
-    WORKFLOW_STATES,
-    WORKFLOW_UNRESOLVED,
-    ContactResult,
-)
+from cleanlist.store.records import ContactResult
 from cleanlist.store.schema import contacts, workflows
+from cleanlist.vocab import (
+    CLOSED_WORKFLOW_STATES,
+    OPEN_WORKFLOW_STATES,
+    EnrichmentType,
+    LedgerState,
+    WorkflowState,
+)
 
 # Closed without a charge: these reserve nothing against a budget. A completed workflow whose charge
 # was never reported keeps its worst case reserved, to err on the side of the budget.
-_UNCHARGED_STATES: Final = CLOSED_WORKFLOW_STATES - {"completed"}
+_UNCHARGED_STATES: Final = CLOSED_WORKFLOW_STATES - {WorkflowState.COMPLETED}
 
 
 # The per-contact statements, built once. Parameters are named p_* because SQLAlchemy reserves column
@@ -54,7 +52,7 @@ def _upsert_in_flight(insert: Callable[[Table], postgresql.Insert | sqlite.Inser
     stmt = insert(contacts).values(
         contact_key=bindparam("p_key"),
         enrichment_type=bindparam("p_type"),
-        state=literal_column(f"'{ACCEPTED}'"),
+        state=literal_column(f"'{LedgerState.ACCEPTED}'"),
         run_id=bindparam("p_run"),
         workflow_id=bindparam("p_workflow"),
         task_id=bindparam("p_task"),
@@ -68,7 +66,7 @@ def _upsert_in_flight(insert: Callable[[Table], postgresql.Insert | sqlite.Inser
         index_elements=[contacts.c.contact_key, contacts.c.enrichment_type],
         set_={name: excluded[name] for name in ("state", "run_id", "workflow_id", "task_id", "accepted_at")},
         where=or_(
-            contacts.c.state != literal_column(f"'{DONE}'"),
+            contacts.c.state != literal_column(f"'{LedgerState.DONE}'"),
             contacts.c.result_workflow_id.is_distinct_from(excluded.workflow_id),
         ),
     )
@@ -87,10 +85,10 @@ _STORE_RESULT: Final = (
         # Only contacts still waiting for this very workflow: a replay, or a contact resubmitted in
         # another workflow since, must not overwrite newer state.
         contacts.c.workflow_id == bindparam("p_workflow"),
-        contacts.c.state == literal_column(f"'{ACCEPTED}'"),
+        contacts.c.state == literal_column(f"'{LedgerState.ACCEPTED}'"),
     )
     .values(
-        state=literal_column(f"'{DONE}'"),
+        state=literal_column(f"'{LedgerState.DONE}'"),
         workflow_id=null(),
         task_id=null(),
         result_workflow_id=bindparam("p_workflow"),
@@ -108,8 +106,9 @@ _STORE_RESULT: Final = (
 
 def check_state(state: str) -> None:
     """Refuse a workflow state the ledger does not know."""
-    if state not in WORKFLOW_STATES:
-        raise ValueError(f"unknown workflow state {state!r}; expected one of {sorted(WORKFLOW_STATES)}")
+    if state not in frozenset(WorkflowState):
+        known = sorted(WorkflowState)
+        raise ValueError(f"unknown workflow state {state!r}; expected one of {known}")
 
 
 def write_accepted(  # noqa: PLR0913 - keyword-only: the fields of one ledger row
@@ -118,7 +117,7 @@ def write_accepted(  # noqa: PLR0913 - keyword-only: the fields of one ledger ro
     run_id: str,
     workflow_id: str,
     chunk_key: str,
-    enrichment_type: str,
+    enrichment_type: EnrichmentType,
     keys: Sequence[str],
     task_ids: Sequence[str],
     worst_case_credits: float,
@@ -132,7 +131,7 @@ def write_accepted(  # noqa: PLR0913 - keyword-only: the fields of one ledger ro
             run_id=run_id,
             chunk_key=chunk_key,
             enrichment_type=enrichment_type,
-            state=WORKFLOW_ACCEPTED,
+            state=WorkflowState.ACCEPTED,
             contact_count=len(keys),
             contact_keys=dump_json(list(keys)),
             task_ids=dump_json(list(task_ids)),
@@ -162,7 +161,7 @@ def write_accepted(  # noqa: PLR0913 - keyword-only: the fields of one ledger ro
 
 def set_state(
     conn: Connection, workflow_id: str, state: str, at: datetime, credits_charged: float | None = None
-) -> str:
+) -> EnrichmentType:
     """Move the (locked) workflow to `state`; returns its enrichment type. Closed workflows stay closed."""
     ledger = conn.execute(
         select(workflows.c.enrichment_type, workflows.c.state, workflows.c.completed_at)
@@ -180,17 +179,20 @@ def set_state(
         earlier = conn.execute(
             select(workflows.c.credits_charged).where(workflows.c.workflow_id == workflow_id)
         ).scalar_one()
-        partial = ledger.state == WORKFLOW_UNRESOLVED and earlier is not None
+        partial = ledger.state == WorkflowState.UNRESOLVED and earlier is not None
         changes["credits_charged"] = credits_charged + (earlier if partial else 0.0)
     if state in CLOSED_WORKFLOW_STATES:
         changes["completed_at"] = ledger.completed_at or at
     conn.execute(update(workflows).where(workflows.c.workflow_id == workflow_id).values(changes))
-    enrichment_type: str = ledger.enrichment_type
-    return enrichment_type
+    return EnrichmentType(ledger.enrichment_type)
 
 
 def write_results(
-    conn: Connection, workflow_id: str, enrichment_type: str, results: Sequence[ContactResult], at: datetime
+    conn: Connection,
+    workflow_id: str,
+    enrichment_type: EnrichmentType,
+    results: Sequence[ContactResult],
+    at: datetime,
 ) -> None:
     """Store results on the contacts still waiting for this very workflow."""
     latest = {result.contact_key: result for result in results}
@@ -224,7 +226,7 @@ def close_if_closed(conn: Connection, workflow_id: str, state: str) -> None:
         release_workflow(conn, workflow_id)
 
 
-def open_workflow_rows(conn: Connection, enrichment_type: str | None) -> list[Row[Any]]:
+def open_workflow_rows(conn: Connection, enrichment_type: EnrichmentType | None) -> list[Row[Any]]:
     """Ledger rows of every run still owing results, oldest first."""
     stmt = select(workflows).where(workflows.c.state.in_(sorted(OPEN_WORKFLOW_STATES)))
     if enrichment_type is not None:

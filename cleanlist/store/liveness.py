@@ -53,7 +53,7 @@ from typing import Final, Protocol
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from cleanlist.store.records import RUN_RUNNING
+from cleanlist.vocab import RunRecordState
 
 # A live run renews its heartbeat this often; a run silent for LEASE_SECONDS has lost its claims.
 # The lease is six beats: a beat may wait behind this process's own writers (SQLite has one writer at a
@@ -132,7 +132,7 @@ def run_is_alive(  # noqa: PLR0911, PLR0913 - one answer per rule, in the docstr
     `lock_unknown`: it has one but its state proves nothing (not ours to try; taken before the database
     server restarted): its heartbeat alone decides, as its process may live in another namespace.
     """
-    if status != RUN_RUNNING:
+    if status != RunRecordState.RUNNING:
         return False
     if lock_held is not None:
         return lock_held and now - heartbeat_at <= lease * ZOMBIE_LEASES

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, select
 
-from cleanlist.io.cursor import CursorKind, Watermark
 from cleanlist.store.claims import insert_for
 from cleanlist.store.codec import utc_now
 from cleanlist.store.schema import source_marks
+from cleanlist.vocab import CursorKind, Watermark
 
 
 def read_mark(conn: Connection, source_id: str) -> Watermark | None:

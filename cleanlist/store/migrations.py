@@ -55,11 +55,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateColumn
 
-from cleanlist.prepare import _bare_domain, _key_part, registrable_domain, visible
+from cleanlist.prepare import bare_domain, key_part, registrable_domain, visible
 from cleanlist.store.bulk import execute_rows
 from cleanlist.store.codec import batches, dump_json, load_json
 from cleanlist.store.economics import economics_of
-from cleanlist.store.records import ACCEPTED
 from cleanlist.store.schema import (
     SCHEMA_COMPONENT,
     SCHEMA_VERSION,
@@ -69,6 +68,7 @@ from cleanlist.store.schema import (
     schema_info,
     workflows,
 )
+from cleanlist.vocab import ContactKeyKind, LedgerState
 
 logger = logging.getLogger("cleanlist.store")
 
@@ -80,7 +80,7 @@ WORKFLOW_BATCH_ROWS: Final = 200
 # Only a name key whose org part has two dots can hold a domain with a subdomain; the test is a cheap
 # pre-filter, `upgraded_key` decides.
 _CANDIDATE_KEY: Final = "nm:%.%.%"
-_NAME_PREFIX: Final = "nm:"
+_NAME_PREFIX: Final = ContactKeyKind.NAME.prefix
 
 # A kept row takes the newest stored result of its group, and the in-flight submission (if any) of its
 # group: the result is what a rerun reuses, the submission is money spent whose answer is still due.
@@ -104,18 +104,18 @@ def upgraded_key(key: str) -> str:
 
 
 def folded_key(key: str) -> str:
-    """`key` with each part folded as `prepare._key_part` folds it today (NFKC, no invisible characters).
+    """`key` with each part folded as `prepare.key_part` folds it today (NFKC, no invisible characters).
 
     ASCII keys never change; nor does a key that is not `li:…` or a three-part `nm:…`.
     """
     if key.isascii():
         return key
-    if key.startswith("li:"):
-        return "li:" + visible(key[3:])
+    if key.startswith(ContactKeyKind.LINKEDIN.prefix):
+        return ContactKeyKind.LINKEDIN.key(visible(key[len(ContactKeyKind.LINKEDIN.prefix) :]))
     parts = _name_parts(key)
     if parts is None:
         return key
-    return _NAME_PREFIX + "|".join(_key_part(part) for part in parts)
+    return _NAME_PREFIX + "|".join(key_part(part) for part in parts)
 
 
 def _name_parts(key: str) -> list[str] | None:
@@ -141,7 +141,7 @@ def _name_parts(key: str) -> list[str] | None:
 def registrable_key(key: str) -> str:
     """The key `prepare.contact_key` gives today to a contact a version-1 store holds under `key`.
 
-    Only a name key whose org part is a domain as version 1 stored it (`_bare_domain`'s output: ASCII,
+    Only a name key whose org part is a domain as version 1 stored it (`bare_domain`'s output: ASCII,
     lower case, no `www.`) and has a subdomain changes. Company names, LinkedIn keys and registrable
     domains come back unchanged, and so does every key this returns.
     """
@@ -149,9 +149,9 @@ def registrable_key(key: str) -> str:
         return key
     org = _org_part(key)
     # A one-dot domain is registrable already (registrable_domain returns it as it is).
-    if org is None or org.count(".") < 2 or _bare_domain(org) != org:
+    if org is None or org.count(".") < 2 or bare_domain(org) != org:
         return key
-    registrable = _key_part(registrable_domain(org))
+    registrable = key_part(registrable_domain(org))
     return key if registrable == org else key[: len(key) - len(org)] + registrable
 
 
@@ -345,7 +345,7 @@ def merged_row(rows: Sequence[Row[Any]], key: str) -> dict[str, Any]:
     row. No in-flight submission is lost unless two are (then the other stays in the ledger).
     """
     with_result = [row for row in rows if row.enriched_at is not None]
-    in_flight = [row for row in rows if row.state == ACCEPTED]
+    in_flight = [row for row in rows if row.state == LedgerState.ACCEPTED]
     result = max(with_result, key=_enriched_at) if with_result else None
     flight = min(in_flight, key=_accepted_at) if in_flight else None
     base = flight or result or rows[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ class StoreRateBook:
         self.organization = organization
         self._run_id = run_id
         self._alive_runs = alive_runs
+        # `_dead`, `_used` and `_held_seen` are written by every thread that takes a slot or reads a hold
+        # (submit tasks, the poller): each read-modify-write holds `_fields` (never across a transaction).
+        self._fields = threading.Lock()
         self._dead: set[str] = set()  # runs proved dead: they stay dead
         self._takes = itertools.count()
         self._used: dict[str, int] = {}  # live slots per scope at the last take: a hint for `used`
@@ -131,10 +135,14 @@ class StoreRateBook:
             ).scalars()
         )
         owners.discard(self._run_id)
-        unknown = owners - self._dead
+        with self._fields:
+            unknown = owners - self._dead
         if unknown:
-            self._dead |= unknown - self._alive_runs(conn, unknown)
-        dead = owners & self._dead
+            found_dead = unknown - self._alive_runs(conn, unknown)
+            with self._fields:
+                self._dead |= found_dead
+        with self._fields:
+            dead = owners & self._dead
         if dead:
             conn.execute(
                 update(rate_slots)
@@ -168,7 +176,8 @@ class StoreRateBook:
                 live = self._live(pace.scope, now, pace.window)
                 count = conn.execute(select(func.count()).select_from(rate_slots).where(live)).scalar_one()
                 if pace.window == scopes[pace.scope]:
-                    self._used[pace.scope] = int(count)
+                    with self._fields:
+                        self._used[pace.scope] = int(count)
                 if count >= pace.allowance:
                     # The wait until enough of the window's slots have expired for one more.
                     stamps = conn.execute(
@@ -198,7 +207,8 @@ class StoreRateBook:
                         .returning(rate_slots.c.id)
                     ).scalar_one()
                 )
-                self._used[scope] = self._used.get(scope, 0) + 1
+                with self._fields:
+                    self._used[scope] = self._used.get(scope, 0) + 1
             return Taken(_StoreTicket(tuple(ids)))
 
         result: Taken = self._transact(work)
@@ -231,12 +241,14 @@ class StoreRateBook:
             )
 
         self._transact(work)
-        for scope in scopes:
-            self._held_seen.pop(scope, None)
+        with self._fields:
+            for scope in scopes:
+                self._held_seen.pop(scope, None)
 
     def held_for(self, scope: str) -> float:
         # Asked often (the poller reads `usage` after every answer): a reading stays good for a moment.
-        seen = self._held_seen.get(scope)
+        with self._fields:
+            seen = self._held_seen.get(scope)
         if seen is not None and time.monotonic() - seen[0] < _HELD_READING_SECONDS:
             return max(seen[1] - (time.monotonic() - seen[0]), 0.0)
 
@@ -249,7 +261,8 @@ class StoreRateBook:
             return max(float(held or 0.0) - self._now(conn), 0.0)
 
         result: float = self._transact(work)
-        self._held_seen[scope] = (time.monotonic(), result)
+        with self._fields:
+            self._held_seen[scope] = (time.monotonic(), result)
         return result
 
     def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
@@ -272,7 +285,8 @@ class StoreRateBook:
         return result
 
     def used(self, scope: str, window: float) -> int:
-        return self._used.get(scope, 0)
+        with self._fields:
+            return self._used.get(scope, 0)
 
     def learned(self) -> dict[str, RateLimit]:
         def work(conn: Connection) -> dict[str, RateLimit]:
@@ -318,12 +332,15 @@ class FallbackRateBook:
         self._store = store_book
         self._memory = memory or MemoryBook()
         self._failed = False
+        self._failing = threading.Lock()  # one thread turns to memory (and says so once)
 
     def __repr__(self) -> str:
         return f"FallbackRateBook({'memory' if self._failed else self._store!r})"
 
     def _fail(self, exc: BaseException) -> None:
-        if not self._failed:
+        with self._failing:
+            if self._failed:
+                return
             self._failed = True
             logger.warning(
                 "rate book: the store failed (%s); pacing in memory from now on", type(exc).__name__

@@ -7,23 +7,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-# Life of a contact row: claimed (held by a run, not sent) → accepted (the API took it, money is spent)
-# → done (a result is stored). A row being refreshed goes back to claimed but keeps its old result.
-CLAIMED: Final = "claimed"
-ACCEPTED: Final = "accepted"
-DONE: Final = "done"
+from cleanlist.vocab import EnrichmentType, WorkflowState
 
-# Workflow states of the ledger. Open ones still owe results: a later run must poll them, never resubmit.
-WORKFLOW_ACCEPTED: Final = "accepted"
-WORKFLOW_TIMED_OUT: Final = "timed_out"
-# Final on the API's side, but some tasks were never answered: their contacts stay in flight (paid for)
-# until a later run gets their answers by task id, or the API says it does not know them.
-WORKFLOW_UNRESOLVED: Final = "unresolved"
-OPEN_WORKFLOW_STATES: Final = frozenset({WORKFLOW_ACCEPTED, WORKFLOW_TIMED_OUT, WORKFLOW_UNRESOLVED})
-CLOSED_WORKFLOW_STATES: Final = frozenset({"completed", "failed", "cancelled", "not_found"})
-WORKFLOW_STATES: Final = OPEN_WORKFLOW_STATES | CLOSED_WORKFLOW_STATES
-
-RUN_RUNNING: Final = "running"
+# The ledger's words are in `cleanlist/vocab.py` (`LedgerState`, `WorkflowState`, `RunRecordState`).
+# Kept for `cleanlist/run/context.py` until its settlement code names `WorkflowState.UNRESOLVED` itself.
+WORKFLOW_UNRESOLVED: Final = WorkflowState.UNRESOLVED
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +33,7 @@ class StoredResult:
     """A contact's stored result, with where and when it was obtained."""
 
     contact_key: str
-    enrichment_type: str
+    enrichment_type: EnrichmentType
     workflow_id: str
     task_id: str
     status: str
@@ -78,7 +66,7 @@ class WorkflowRecord:
     workflow_id: str
     run_id: str
     chunk_key: str
-    enrichment_type: str
+    enrichment_type: EnrichmentType
     state: str
     contact_count: int
     contact_keys: tuple[str, ...]
