@@ -14,6 +14,9 @@ from cleanlist.sandbox.config import (
     DEFAULT_SANDBOX_KEY,
     ENDPOINTS,
     BulkTaskIds,
+    DeliveriesFields,
+    DeliveriesList,
+    DeliveriesOrder,
     Endpoint,
     ErrorEnvelope,
     FaultSpec,
@@ -287,6 +290,24 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 def _add_variation_options(group: argparse._ArgumentGroup) -> None:
     """One flag per SandboxConfig variation field (cleanlist/sandbox/state.py says what each plays)."""
     group.add_argument(
+        "--deliveries-list",
+        choices=get_args(DeliveriesList),
+        default="deliveries",
+        help="where the webhook deliveries log keeps its rows (default: deliveries)",
+    )
+    group.add_argument(
+        "--deliveries-fields",
+        choices=get_args(DeliveriesFields),
+        default="documented",
+        help="field names of the deliveries log's rows (default: documented)",
+    )
+    group.add_argument(
+        "--deliveries-order",
+        choices=get_args(DeliveriesOrder),
+        default="oldest_first",
+        help="row order of the deliveries log (default: oldest_first)",
+    )
+    group.add_argument(
         "--results-order",
         choices=get_args(ResultsOrder),
         default="input",
@@ -389,6 +410,9 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         retry_after_ms=args.retry_after_ms,
         rate_scope=args.rate_scope,
         workflow_visible_after=args.workflow_visible_after,
+        deliveries_list=args.deliveries_list,
+        deliveries_fields=args.deliveries_fields,
+        deliveries_order=args.deliveries_order,
     )
 
 

@@ -99,6 +99,11 @@ of acceptance), so a rerun of the same submissions plays the same variations:
 - `workflow_visible_after=S` (`--workflow-visible-after S`): for S seconds after acceptance,
   `?workflow_id=` answers 404 `Workflow not found` (not yet visible) while `?task_id=` already answers;
   the deliveries endpoint is not delayed.
+- The deliveries log (`GET /webhooks/deliveries`, field names unpublished): `deliveries_list`
+  (`--deliveries-list data|bare`) keeps the rows under `data` or answers a bare list instead of under
+  `deliveries`; `deliveries_fields="renamed"` names them `attempt_number`, `state` (`success`/`failure`),
+  `status_code`, `error_message`, `attempted_at`; `"flag"` gives `delivered: bool`, `http_status`,
+  `message`, `timestamp` and no status word; `deliveries_order="newest_first"` lists the last attempt first.
 - Forgetting (the API restarted without memory): `POST /_sandbox/forget` (`SandboxServer.forget()`)
   drops every workflow: workflow, task and deliveries lookups of earlier workflows answer 404 and their
   pending webhook attempts stop. Balance, charges, keys and counters stay. An event, not a setting, so
@@ -603,23 +608,16 @@ class SandboxState:
                 self._webhooks_delivered += 1
                 self._last_webhook_t = self.clock() - self.started_at
 
-    def deliveries_view(self, workflow: Workflow) -> dict[str, Any]:
-        """The webhook-deliveries body."""
+    def deliveries_view(self, workflow: Workflow) -> dict[str, Any] | list[dict[str, Any]]:
+        """The webhook-deliveries body, in the shape `deliveries_list`/`deliveries_fields` say."""
         with self._lock:
             attempts = list(workflow.deliveries)
-        return {
-            "workflow_id": workflow.workflow_id,
-            "deliveries": [
-                {
-                    "attempt": attempt.attempt,
-                    "status": attempt.status,
-                    "response_code": attempt.response_code,
-                    "error": attempt.error,
-                    "delivered_at": attempt.delivered_at,
-                }
-                for attempt in attempts
-            ],
-        }
+        if self.config.deliveries_order == "newest_first":
+            attempts.reverse()
+        rows = [_delivery_row(attempt, self.config.deliveries_fields) for attempt in attempts]
+        if self.config.deliveries_list == "bare":
+            return rows
+        return {"workflow_id": workflow.workflow_id, self.config.deliveries_list: rows}
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
@@ -736,3 +734,30 @@ class SandboxState:
         """The injected faults in force."""
         with self._lock:
             return self._faults.specs()
+
+
+def _delivery_row(attempt: DeliveryAttempt, fields: str) -> dict[str, Any]:
+    """One attempt as the deliveries log shows it under the `deliveries_fields` reading."""
+    if fields == "renamed":
+        return {
+            "attempt_number": attempt.attempt,
+            "state": "success" if attempt.status == "delivered" else "failure",
+            "status_code": attempt.response_code,
+            "error_message": attempt.error,
+            "attempted_at": attempt.delivered_at,
+        }
+    if fields == "flag":
+        return {
+            "attempt": attempt.attempt,
+            "delivered": attempt.status == "delivered",
+            "http_status": attempt.response_code,
+            "message": attempt.error,
+            "timestamp": attempt.delivered_at,
+        }
+    return {
+        "attempt": attempt.attempt,
+        "status": attempt.status,
+        "response_code": attempt.response_code,
+        "error": attempt.error,
+        "delivered_at": attempt.delivered_at,
+    }
