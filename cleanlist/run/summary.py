@@ -90,9 +90,21 @@ class RunSummary(_Report):
     webhook_deliveries: int = 0  # workflows settled from a webhook delivery
     status_calls_saved: int = 0  # status calls those deliveries made unnecessary
     webhook_fallbacks: int = 0  # workflows whose delivery was overdue, polled instead
+    # The deliveries log, asked once per overdue workflow (cleanlist/webhooks/failures.py): how many
+    # times, workflows whose deliveries failed per kind ("502 from https://h"), those failed for good,
+    # and the report's lines ("12 deliveries failed: 502 from https://h — your proxy …").
+    deliveries_log_calls: int = 0
+    webhook_failures: dict[str, int] = {}
+    webhook_failed_for_good: int = 0
+    webhook_failure_report: list[str] = []
 
     _parse_nested = field_validator(
-        "row_statuses", "rejects_by_reason", "rate_limits_learned", mode="before"
+        "row_statuses",
+        "rejects_by_reason",
+        "rate_limits_learned",
+        "webhook_failures",
+        "webhook_failure_report",
+        mode="before",
     )(_json_text)
 
     def markdown(self) -> str:
@@ -125,6 +137,9 @@ class RunSummary(_Report):
         ]
         ranked = sorted(self.rejects_by_reason.items(), key=lambda kv: -kv[1])
         lines += [f"- {count:,} × {code.replace('_', ' ')}" for code, count in ranked] or ["none"]
+        if self.webhook_failure_report:
+            lines += ["", "## Webhook deliveries", ""]
+            lines += [f"- {line}" for line in self.webhook_failure_report]
         lines += ["", f"Output: `{self.output}` — rejects: `{self.rejects}`"]
         if self.cursor_mark_new is not None or self.cursor_mark_used is not None:
             lines += [
