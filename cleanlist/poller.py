@@ -74,7 +74,7 @@ class TrackedWorkflow:
     running_at: float = field(default=0.0, repr=False)  # elapsed seconds of the last "not yet"
     not_before: float = field(default=0.0, repr=False)  # monotonic time before which not to poll
     expect_delivery: bool = False  # a webhook should bring its results: poll only once it is overdue
-    log_asked: bool = field(default=False, repr=False)  # the deliveries log was asked (once at most)
+    log_asks: int = field(default=0, repr=False)  # times the deliveries log was consulted (at most 2)
     awaiting_retry: bool = field(default=False, repr=False)  # the log says a delivery is still due
 
 
@@ -207,6 +207,7 @@ class WorkflowPoller:
         delivery_grace: float = 0.5,
         inbox_interval: float = 0.1,
         ask_log: AskLog | None = None,
+        on_fallback: Callable[[TrackedWorkflow], None] | None = None,
     ) -> None:
         self._client = client
         self._retry = retry or RetryPolicy()
@@ -243,6 +244,7 @@ class WorkflowPoller:
         self._inbox_thread: threading.Thread | None = None
         self._inbox_stop = threading.Event()
         self._ask_log = ask_log
+        self._on_fallback = on_fallback
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -422,6 +424,8 @@ class WorkflowPoller:
             return
         if workflow.expect_delivery and workflow.polls == 0:
             self._count("fallbacks")
+            if workflow.log_asks and self._on_fallback is not None:
+                self._on_fallback(workflow)
         workflow.polls += 1
         self._count("status_calls")
         try:
@@ -460,15 +464,16 @@ class WorkflowPoller:
         self._deliver(workflow, lambda: self._on_result(workflow, status))
 
     def _leave_to_inbox(self, workflow: TrackedWorkflow) -> bool:
-        """Ask the deliveries log once before the first poll of an overdue delivery; True (requeued)
-        when it says a delivery is still due (cleanlist/webhooks/failures.py)."""
-        if self._ask_log is None or not workflow.expect_delivery or workflow.polls or workflow.log_asked:
+        """Consult the deliveries log before the first poll of an overdue delivery (twice at most: the
+        consultant decides whether that costs a call); True (requeued) when it says a delivery is still
+        due (cleanlist/webhooks/failures.py)."""
+        if self._ask_log is None or not workflow.expect_delivery or workflow.polls or workflow.log_asks >= 2:
             return False
-        workflow.log_asked = True
+        workflow.log_asks += 1
         try:
             wait = self._ask_log(workflow)
         except StoppedBeforeSending:
-            workflow.log_asked = False
+            workflow.log_asks -= 1
             self._requeue(workflow, self.max_interval)
             return True
         except Exception:  # a bug must not strand the workflow: it is polled

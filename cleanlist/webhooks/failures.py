@@ -8,7 +8,9 @@ code and an error message. A run asks it when a workflow's delivery is overdue, 
   within moments: wait `settle` seconds, then poll only if it still has not;
 - failed attempts with retries still to come (5 attempts [doc], waits 1, 2, 4, 8 s between them): wait
   for the rest of the schedule, during which the inbox keeps watching; poll only if none arrives;
-- five failed attempts (failed for good) or no attempt at all (never sent): poll now.
+- five failed attempts (failed for good): poll now;
+- no attempt yet: most likely a workflow slower than the recent ones; it gets as long again as it has
+  taken so far, then is polled.
 
 Each workflow whose log shows a failed attempt is counted under the kind of its last failure, e.g.
 `502 from https://hooks.example.com`; `lines()` says it for the report, with the likely cause. The
@@ -36,6 +38,7 @@ MAX_ATTEMPTS = 5
 RETRY_WAITS_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 ATTEMPT_TIMEOUT_SECONDS = 10.0
 NEVER_SENT = "no delivery attempt in the API's log"
+NO_ATTEMPT_WAIT_CAP = 60.0
 
 
 def origin_of(url: str | None) -> str:
@@ -127,12 +130,23 @@ class DeliveryLog:
         self._lock = threading.Lock()
         self.calls = 0
         self.failures: Counter[str] = Counter()  # kind → workflows whose last failed attempt was of it
-        self.failed_for_good = 0  # workflows whose log showed every attempt failed
-        self.never_sent = 0  # workflows whose log showed no attempt when overdue
+        self.failed_for_good = 0  # workflows with failed attempts whose delivery never came: polled
+        self.never_sent = 0  # workflows whose log showed no attempt and that were polled
+        self._failing: set[str] = set()
+        self._unattempted: set[str] = set()
+        self._judged: set[str] = set()
         self.waited = 0  # workflows left to the inbox because a retry (or a delivered one) was still due
 
-    def consult(self, workflow_id: str) -> float | None:
-        """Seconds to leave `workflow_id` to the inbox before polling it, or None to poll now."""
+    def consult(self, workflow_id: str, elapsed: float = 0.0) -> float | None:
+        """Seconds to leave `workflow_id` (submitted `elapsed` s ago) to the inbox before polling it, or
+        None to poll now. The log is read once per workflow, or twice when the first answer showed no
+        attempt yet; a workflow consulted again after the wait its log's attempts gave is polled."""
+        with self._lock:
+            judged = workflow_id in self._judged
+            again = workflow_id in self._unattempted
+            self._judged.add(workflow_id)
+        if judged and not again:
+            return None
         try:
             log = self._client.webhook_deliveries(workflow_id)
         except StoppedBeforeSending:
@@ -143,23 +157,33 @@ class DeliveryLog:
         finally:
             with self._lock:
                 self.calls += 1
-        return self.judge(log)
+        verdict = self.judge(log, workflow_id, elapsed if not again else 0.0)
+        return verdict
 
-    def judge(self, log: WebhookDeliveries) -> float | None:
-        """The decision `consult` takes for one answer of the log (counted in the tallies)."""
+    def judge(self, log: WebhookDeliveries, workflow_id: str = "", elapsed: float = 0.0) -> float | None:
+        """The decision `consult` takes for one answer of the log (counted in the tallies).
+
+        No attempt yet most often means a workflow slower than the recent ones (Cleanlist attempts
+        every delivery it has, at once): it gets as long again as it has taken so far (at most
+        `NO_ATTEMPT_WAIT_CAP`), then is polled without asking again.
+        """
         failed = [attempt for attempt in log.deliveries if attempt.failed]
         with self._lock:
+            self._judged.add(workflow_id)
+            self._unattempted.discard(workflow_id)
             if failed:
                 self.failures[failure_kind(failed[-1], self.origin)] += 1
+                self._failing.add(workflow_id)
             if log.delivered:
                 self.waited += 1
                 return self.settle
             if not log.deliveries:
-                self.never_sent += 1
-                return None
+                if elapsed <= 0:  # nothing to go by, or asked again and still no attempt: poll
+                    return None
+                self._unattempted.add(workflow_id)
+                return min(max(elapsed, self.settle), NO_ATTEMPT_WAIT_CAP)
             attempts = max(len(log.deliveries), max((a.attempt or 0) for a in log.deliveries))
             if attempts >= MAX_ATTEMPTS:
-                self.failed_for_good += 1
                 return None
             self.waited += 1
         waits = sum(RETRY_WAITS_SECONDS[attempts - 1 : MAX_ATTEMPTS - 1]) * self.retry_scale
@@ -167,6 +191,14 @@ class DeliveryLog:
         slow = last is not None and last.response_code is None and _error_word(last.error) == "timeout"
         timeouts = (MAX_ATTEMPTS - attempts) * self.attempt_timeout if slow else 0.0
         return waits + timeouts + self.settle
+
+    def polled(self, workflow_id: str) -> None:
+        """The run polled `workflow_id` after asking the log: its delivery never came."""
+        with self._lock:
+            if workflow_id in self._failing:
+                self.failed_for_good += 1
+            elif workflow_id in self._judged:
+                self.never_sent += 1  # (or delivered per the log yet not in the store: rare)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -180,5 +212,5 @@ class DeliveryLog:
             out.append(f"{count} {noun} failed: {kind} — {likely_cause(kind)}")
         if self.never_sent:
             noun = "workflow" if self.never_sent == 1 else "workflows"
-            out.append(f"{self.never_sent} {noun} overdue with {NEVER_SENT} (polled)")
+            out.append(f"{self.never_sent} {noun} polled with {NEVER_SENT}")
         return out

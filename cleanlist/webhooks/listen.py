@@ -40,6 +40,7 @@ def receiving_webhooks(run: RunContext) -> Iterator[ReceiverServer | None]:
         settle=max(1.0, 4 * options.webhook_grace_seconds),
     )
     run.delivery_log = log.consult
+    run.on_fallback = log.polled
     run.delivery_failures = log
     try:
         yield server
