@@ -293,10 +293,10 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     storage_credentials: str | None = None,
     webhook_listen: str | None = None,
     webhook_grace_seconds: float = 0.5,
-    webhook_retry_scale: float = 1.0,
     webhook_allow: str | None = None,
     webhook_tls_cert: str | None = None,
     webhook_tls_key: str | None = None,
+    webhook_retry_scale: float = 1.0,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 
