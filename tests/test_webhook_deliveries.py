@@ -391,3 +391,29 @@ def test_a_cap_on_connections_answers_503_beyond_it(tmp_path: Path) -> None:
 
 def _post_status(base_url: str, token: str) -> int:
     return httpx.post(f"{base_url}/hooks/{token}", content=b"{}", timeout=10).status_code
+
+
+def test_the_sandbox_plays_receiver_failures_without_reaching_it(make_sandbox) -> None:
+    failing = make_sandbox(latency=0.0, rate_limit=None, webhook_backoff_scale=0.0, webhook_fail_rate=1.0)
+    down = make_sandbox(latency=0.0, rate_limit=None, webhook_backoff_scale=0.0, webhook_down_seconds=60.0)
+    with WebhookReceiver([]).running() as receiver:
+        logs = []
+        for sandbox in (failing, down):
+            with client_for(sandbox) as client:
+                submitted = client.enrich_bulk(people(1), webhook_url=receiver.url)
+                _wait_for(
+                    lambda c=client, w=submitted.workflow_id: len(c.webhook_deliveries(w).deliveries) == 5
+                )
+                logs.append(client.webhook_deliveries(submitted.workflow_id).deliveries)
+    assert receiver.bodies == []  # neither reached the receiver
+    assert {(d.status, d.response_code) for d in logs[0]} == {("failed", 502)}
+    assert {d.status for d in logs[1]} == {"failed"} and all("refused" in (d.error or "") for d in logs[1])
+
+
+def test_chaos_schedules_draw_the_receiver_failures_and_keep_earlier_draws() -> None:
+    from benchmarks.chaos.schedule import draw
+
+    schedules = [draw(seed, profile=profile) for seed in range(1, 400) for profile in ("ci", "long")]
+    assert any("deliveries failed (502 for 30 %)" in s.faults for s in schedules)
+    assert any("receiver down a while" in s.faults for s in schedules)
+    assert all(s.webhooks for s in schedules if "receiver down a while" in s.faults)

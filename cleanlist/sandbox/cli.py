@@ -265,6 +265,22 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="test facility: carry at most N results per webhook, the rest truncated (default: 250)",
     )
     parser.add_argument(
+        "--webhook-fail-rate",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="test facility: answer 502 for this share of delivery attempts, as a proxy in front of the "
+        "receiver would (seeded; default: 0)",
+    )
+    parser.add_argument(
+        "--webhook-down-seconds",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="test facility: refuse every delivery attempt for S seconds after the first accepted bulk "
+        "request, as a receiver that is down (default: 0)",
+    )
+    parser.add_argument(
         "--webhook-delay",
         type=_seconds,
         default=0.0,
@@ -399,6 +415,8 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         webhook_drop_rate=args.webhook_drop_rate,
         webhook_results_limit=args.webhook_results_limit,
         webhook_delay=args.webhook_delay,
+        webhook_fail_rate=args.webhook_fail_rate,
+        webhook_down_seconds=args.webhook_down_seconds,
         bulk_answer_delay=args.bulk_answer_delay,
         results_order=args.results_order,
         omit_task_rate=args.omit_task_rate,

@@ -108,6 +108,12 @@ class SandboxConfig(BaseModel):
     as if lost on the way. Default 0: every workflow with a webhook_url is delivered."""
     webhook_results_limit: int = Field(default=WEBHOOK_RESULTS_LIMIT, ge=0, le=WEBHOOK_RESULTS_LIMIT)
     """Results carried by a webhook (the rest counted in `results_truncated`); the documented 250."""
+    webhook_fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Test facility: share of delivery attempts (seeded per workflow and attempt) answered 502 as by a
+    proxy in front of the receiver, without reaching it. Default 0."""
+    webhook_down_seconds: float = Field(default=0.0, ge=0.0)
+    """Test facility: for this many seconds after the first accepted bulk request, delivery attempts fail
+    as if the receiver were down (connection refused), without reaching it. Default 0."""
     webhook_delay: float = Field(default=0.0, ge=0.0)
     """Seconds between a workflow's completion and its first webhook attempt."""
     bulk_answer_delay: float = Field(default=0.0, ge=0.0)

@@ -42,7 +42,9 @@ Behaviour the contract leaves open ([assumed]) and how this world settles it:
   or connection error is a failed attempt. Test facilities (defaults: the documented behaviour):
   `webhook_drop_rate` never sends that share of webhooks (seeded per workflow, no attempt recorded),
   `webhook_results_limit` carries fewer than 250 results (the rest in `results_truncated`),
-  `webhook_delay` waits that long after completion before the first attempt.
+  `webhook_delay` waits that long after completion before the first attempt. Receiver failures, without
+  reaching it: `webhook_fail_rate` answers 502 for that share of attempts (seeded per workflow and
+  attempt), `webhook_down_seconds` refuses every attempt for that long after the first accepted bulk.
 - Error bodies the docs do not give: injected 500 `Internal server error`, 502 `Bad gateway`,
   503 `Service temporarily unavailable`, 504 `Gateway timeout` (all as `{"detail": …}`); only 429s
   carry Retry-After. A deliveries call without workflow_id gets FastAPI's missing-query 422.
@@ -298,6 +300,7 @@ class SandboxState:
         self.config = config
         self.clock = clock
         self.started_at = clock()
+        self._first_accepted_at: float | None = None  # clock at the first accepted bulk request
         self._lock = threading.RLock()
         self._latency_rng = random.Random(config.seed)
         self._limiter = FixedWindowLimiter(*config.rate_limit) if config.rate_limit else None
@@ -421,6 +424,8 @@ class SandboxState:
                 omitted=omitted,
                 unknown=unknown,
             )
+            if self._first_accepted_at is None:
+                self._first_accepted_at = self.clock()
             self._workflows[serial] = workflow
             self._workflows_by_id[workflow.workflow_id] = workflow
             base = serial << _INDEX_BITS
@@ -580,6 +585,18 @@ class SandboxState:
         """Whether this workflow's webhook is never sent (`webhook_drop_rate`, seeded per workflow)."""
         rate = self.config.webhook_drop_rate
         return rate > 0 and random.Random(f"{self.config.seed}:drop:{workflow.serial}").random() < rate
+
+    def webhook_fault(self, workflow: Workflow, attempt: int) -> tuple[int | None, str] | None:
+        """An injected receiver failure for this attempt (`webhook_down_seconds`, `webhook_fail_rate`):
+        (response code or None, error message), or None to send it."""
+        config = self.config
+        first = self._first_accepted_at
+        if first is not None and self.clock() - first < config.webhook_down_seconds:
+            return None, "ConnectError: [Errno 111] Connection refused (receiver down: test facility)"
+        draw = _unit_draw(f"{config.seed}:webhook-fail:{workflow.serial}:{attempt}")
+        if config.webhook_fail_rate and draw < config.webhook_fail_rate:
+            return 502, "Receiver answered HTTP 502"
+        return None
 
     def webhook_payload(self, workflow: Workflow) -> dict[str, Any]:
         """The `enrichment.completed` body: at most `webhook_results_limit` (250) results, the rest left
