@@ -36,18 +36,24 @@ class Pricing:
     per_email: float = 0.0
     per_phone: float = 0.0
     per_prospect: float = 0.0
+    published_per_lead: float = 0.0
+    """A flat price per lead where a page publishes one (`full`: 11 [doc, enrichment-types page and
+    glossary]); the worst case is never below it, whichever reading the API bills by."""
 
     @property
     def worst_case_per_contact(self) -> float:
-        return self.per_email + self.per_phone + self.per_prospect
+        return max(self.per_email + self.per_phone + self.per_prospect, self.published_per_lead)
 
 
 # Documented pricing. "Per phone found" is read as per contact whose phone lookup found something.
+# The credit cap and the dry-run estimate use `worst_case_per_contact`: the published worst case per
+# enrichment type (`full` = 11 per lead under both published readings; `prospecting_only` has no
+# published ceiling per contact, 1 per discovered contact is the documented price).
 PRICING: dict[str, Pricing] = {
     "none": Pricing(),
     "partial": Pricing(per_email=1.0),
     "phone_only": Pricing(per_phone=10.0),
-    "full": Pricing(per_email=1.0, per_phone=10.0),
+    "full": Pricing(per_email=1.0, per_phone=10.0, published_per_lead=11.0),
     "prospecting_only": Pricing(per_prospect=1.0),
 }
 
@@ -212,11 +218,83 @@ class KeyValidation(_Lenient):
     organization_id: str | None = None
 
 
+# The deliveries log's field names are not published [assumed]: each field is read from the first of
+# its spellings present; the documented words lead. A bool `delivered`/`success` stands for a status.
+_DELIVERY_ALIASES: dict[str, tuple[str, ...]] = {
+    "attempt": ("attempt", "attempt_number", "attempt_no", "attempts", "try"),
+    "status": ("status", "state", "outcome", "result", "delivery_status"),
+    "response_code": ("response_code", "status_code", "http_status", "response_status", "code"),
+    "error": ("error", "error_message", "message", "response_error", "failure_reason", "reason"),
+    "attempted_at": ("attempted_at", "delivered_at", "created_at", "sent_at", "timestamp", "at"),
+}
+_DELIVERED_WORDS = frozenset({"delivered", "success", "succeeded", "successful", "ok", "sent", "true"})
+_FAILED_WORDS = frozenset({"failed", "failure", "error", "errored", "timeout", "timed_out", "false"})
+# Where a deliveries answer may keep its rows, in order of preference.
+_DELIVERY_LIST_KEYS = ("deliveries", "data", "items", "attempts", "results", "rows")
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
 class WebhookDelivery(_Lenient):
+    """One delivery attempt: `status` is normalized to `delivered`/`failed` when its word is known."""
+
     attempt: int | None = None
     status: str | None = None
     response_code: int | None = None
     error: str | None = None
+    attempted_at: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, spellings in _DELIVERY_ALIASES.items():
+            present = next((key for key in spellings if key in data), None)
+            if present is not None:
+                value = out.pop(present)
+                out[name] = value
+        for flag in ("delivered", "success", "succeeded", "ok"):
+            if "status" not in out and isinstance(out.get(flag), bool):
+                out["status"] = "delivered" if out.pop(flag) else "failed"
+        if isinstance(out.get("error"), dict):  # {"error": {"code", "message"}}
+            inner = out["error"]
+            out["error"] = str(inner.get("message") or inner.get("detail") or inner)
+        elif out.get("error") is not None and not isinstance(out["error"], str):
+            out["error"] = str(out["error"])
+        out["attempt"] = _int_or_none(out.get("attempt"))
+        out["response_code"] = _int_or_none(out.get("response_code"))
+        status = out.get("status")
+        if isinstance(status, bool):
+            status = "true" if status else "false"
+        if status is not None:
+            word = str(status).strip().lower()
+            status = "delivered" if word in _DELIVERED_WORDS else "failed" if word in _FAILED_WORDS else word
+        elif out.get("response_code") is not None:  # no word at all: a 2xx is the documented success
+            status = "delivered" if 200 <= out["response_code"] < 300 else "failed"
+        out["status"] = status
+        if out.get("attempted_at") is not None:
+            out["attempted_at"] = str(out["attempted_at"])
+        return out
+
+    @property
+    def delivered(self) -> bool:
+        return self.status == "delivered"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
 
 
 class WebhookDeliveries(_Lenient):
@@ -225,10 +303,33 @@ class WebhookDeliveries(_Lenient):
 
     @classmethod
     def parse(cls, payload: Any) -> WebhookDeliveries:
-        """The field names are not published: accept a bare list as well as an object."""
+        """The field names are not published: rows under `deliveries`, `data` (or another list key), or
+        a bare list; rows in any order (sorted by attempt number when every row has one)."""
         if isinstance(payload, list):
-            return cls(deliveries=[WebhookDelivery.model_validate(item) for item in payload])
-        return cls.model_validate(payload)
+            payload = {"deliveries": payload}
+        if isinstance(payload, dict) and "deliveries" not in payload:
+            key = next((k for k in _DELIVERY_LIST_KEYS if isinstance(payload.get(k), list)), None)
+            if key is not None:
+                payload = {**payload, "deliveries": payload[key]}
+                payload.pop(key)
+        if isinstance(payload, dict) and payload.get("deliveries") is None:
+            payload = {**payload, "deliveries": []}
+        parsed = cls.model_validate(payload)
+        if all(d.attempt is not None for d in parsed.deliveries):
+            parsed.deliveries.sort(key=lambda d: d.attempt or 0)
+        return parsed
+
+    @property
+    def last(self) -> WebhookDelivery | None:
+        return self.deliveries[-1] if self.deliveries else None
+
+    @property
+    def delivered(self) -> bool:
+        return any(d.delivered for d in self.deliveries)
+
+    @property
+    def failed_attempts(self) -> int:
+        return sum(d.failed for d in self.deliveries)
 
 
 def credits_for(enrichment_type: str, results: Iterable[TaskResult]) -> float:

@@ -74,6 +74,8 @@ class TrackedWorkflow:
     running_at: float = field(default=0.0, repr=False)  # elapsed seconds of the last "not yet"
     not_before: float = field(default=0.0, repr=False)  # monotonic time before which not to poll
     expect_delivery: bool = False  # a webhook should bring its results: poll only once it is overdue
+    log_asks: int = field(default=0, repr=False)  # times the deliveries log was consulted (at most 2)
+    awaiting_retry: bool = field(default=False, repr=False)  # the log says a delivery is still due
 
 
 @dataclass
@@ -172,6 +174,8 @@ class PollAgain(Exception):
 OnResult = Callable[[TrackedWorkflow, WorkflowStatus], None]
 OnGone = Callable[[TrackedWorkflow, str], None]
 OnFatal = Callable[[APIError], None]
+# An overdue workflow → seconds to leave it to the inbox (the deliveries log says one is due), or None.
+AskLog = Callable[[TrackedWorkflow], float | None]
 # Workflow ids → the delivered final status of those a receiver has delivered (a local store read).
 Inbox = Callable[[Sequence[str]], Mapping[str, WorkflowStatus]]
 
@@ -202,6 +206,8 @@ class WorkflowPoller:
         on_delivery: OnResult | None = None,
         delivery_grace: float = 0.5,
         inbox_interval: float = 0.1,
+        ask_log: AskLog | None = None,
+        on_fallback: Callable[[TrackedWorkflow], None] | None = None,
     ) -> None:
         self._client = client
         self._retry = retry or RetryPolicy()
@@ -237,6 +243,8 @@ class WorkflowPoller:
         self._delivery_lags: deque[float] = deque(maxlen=50)
         self._inbox_thread: threading.Thread | None = None
         self._inbox_stop = threading.Event()
+        self._ask_log = ask_log
+        self._on_fallback = on_fallback
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -412,8 +420,12 @@ class WorkflowPoller:
             self._count("timed_out")
             self._deliver(workflow, lambda: self._on_gone(workflow, "timed_out"))
             return
+        if self._leave_to_inbox(workflow):
+            return
         if workflow.expect_delivery and workflow.polls == 0:
             self._count("fallbacks")
+            if workflow.log_asks and self._on_fallback is not None:
+                self._on_fallback(workflow)
         workflow.polls += 1
         self._count("status_calls")
         try:
@@ -450,6 +462,28 @@ class WorkflowPoller:
             return
         assert isinstance(status, WorkflowStatus)
         self._deliver(workflow, lambda: self._on_result(workflow, status))
+
+    def _leave_to_inbox(self, workflow: TrackedWorkflow) -> bool:
+        """Consult the deliveries log before the first poll of an overdue delivery (twice at most: the
+        consultant decides whether that costs a call); True (requeued) when it says a delivery is still
+        due (cleanlist/webhooks/failures.py)."""
+        if self._ask_log is None or not workflow.expect_delivery or workflow.polls or workflow.log_asks >= 2:
+            return False
+        workflow.log_asks += 1
+        try:
+            wait = self._ask_log(workflow)
+        except StoppedBeforeSending:
+            workflow.log_asks -= 1
+            self._requeue(workflow, self.max_interval)
+            return True
+        except Exception:  # a bug must not strand the workflow: it is polled
+            logger.exception("reading the deliveries log of %s failed", workflow.workflow_id)
+            return False
+        if wait is None or wait <= 0:
+            return False
+        workflow.awaiting_retry = True
+        self._requeue(workflow, wait)
+        return True
 
     def _not_found(self, workflow: TrackedWorkflow, now: float) -> None:
         if not workflow.resumed and now - workflow.submitted_at < POLL_NOT_FOUND_GRACE:
@@ -561,7 +595,11 @@ class WorkflowPoller:
                 if self._fatal is not None:
                     return
                 # Not those waiting out a failed attempt (not_before in the future): they are polled.
-                ids = [w.workflow_id for w in self._waiting if w.expect_delivery and w.not_before <= now]
+                ids = [
+                    w.workflow_id
+                    for w in self._waiting
+                    if w.expect_delivery and (w.not_before <= now or w.awaiting_retry)
+                ]
             if not ids:
                 continue
             try:

@@ -218,3 +218,5 @@ def _print_table(summary: dict[str, Any]) -> None:
     for key, value in summary.items():
         table.add_row(key, str(value))
     Console().print(table)
+    for line in summary.get("webhook_failure_report") or []:  # why deliveries failed, one line per kind
+        print(f"webhooks: {line}")

@@ -21,20 +21,37 @@ def add_receiver_parser(sub: Any) -> None:
     parser.add_argument(
         "--store", help="SQLAlchemy URL of the enrichment store the runs use (default CLEANLIST_STORE_URL)"
     )
+    parser.add_argument(
+        "--webhook-allow",
+        nargs="+",
+        metavar="CIDR",
+        help="only these sender networks may deliver (others get 403); Cleanlist's outbound addresses are "
+        "stable per environment: ask its support",
+    )
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     parser.set_defaults(func=cmd_receiver)
 
 
 def cmd_receiver(args: argparse.Namespace) -> int:
+    from cleanlist.errors import InputError
     from cleanlist.settings import CleanlistSettings
     from cleanlist.store import EnrichmentStore
     from cleanlist.webhooks.server import listen, serve_forever
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InputError("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     with EnrichmentStore(args.store or CleanlistSettings().store_url) as store:
         sock = listen(args.host, args.port)
         host, port = sock.getsockname()[:2]
+        where = f"{'https' if tls else 'http'}://{host}:{port}/hooks/<token>"
         print(
-            f"receiving webhooks on http://{host}:{port}/hooks/<token> for the runs of {store.url_display}",
+            f"receiving webhooks on {where} for the runs of {store.url_display}",
             flush=True,
         )
-        serve_forever(store, sock)
+        try:
+            serve_forever(store, sock, allow=args.webhook_allow, tls=tls)
+        finally:
+            sock.close()
     return EXIT_OK

@@ -54,6 +54,7 @@ from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
 from cleanlist.vocab import ContactState, EnrichmentType, RunStatus, StopReason
+from cleanlist.webhooks.failures import DeliveryLog, likely_cause
 from cleanlist_prefect.flows.blocks import resolve_blocks
 from cleanlist_prefect.flows.run_names import enrich_run_name
 from cleanlist_prefect.flows.secrets import naming_key_source, run_credentials
@@ -333,6 +334,10 @@ def enrich_contacts(  # noqa: PLR0913, PLR0917
     storage_credentials: str | None = None,
     webhook_listen: str | None = None,
     webhook_grace_seconds: float = 0.5,
+    webhook_allow: str | None = None,
+    webhook_tls_cert: str | None = None,
+    webhook_tls_key: str | None = None,
+    webhook_retry_scale: float = 1.0,
 ) -> RunSummary | DryRunReport:
     """Enrich every contact of `source` through Cleanlist and write `output` (+ rejects).
 
@@ -549,6 +554,7 @@ def write_and_report(
     )
     run.outcome = (status, summary.as_dict())
     _hint_if_paced(run)
+    _report_delivery_failures(run)
     create_table_artifact(summary.table_rows(), key=SUMMARY_KEY, description=f"enrich-contacts: {status}")
     create_markdown_artifact(report_markdown(summary), key="cleanlist-run-report", description="Run report")
     _raise_unless_completed(summary, fatal, unknown_to_api=counters.unknown_to_api, reason=run.stop.reason)
@@ -558,15 +564,38 @@ def write_and_report(
     return summary
 
 
-def _webhook_counts(run: RunContext) -> dict[str, int]:
+def _webhook_counts(run: RunContext) -> dict[str, Any]:
     stats = run.poller.stats if run.poller is not None else None
     if stats is None:
         return {}
-    return {
+    counts: dict[str, Any] = {
         "webhook_deliveries": stats.deliveries,
         "status_calls_saved": stats.status_calls_saved,
         "webhook_fallbacks": stats.fallbacks,
     }
+    log: DeliveryLog | None = run.delivery_failures
+    if log is not None:
+        counts |= {
+            "deliveries_log_calls": log.calls,
+            "webhook_failures": log.counts(),
+            "webhook_failed_for_good": log.failed_for_good,
+            "webhook_failure_report": log.lines(),
+        }
+    return counts
+
+
+def _report_delivery_failures(run: RunContext) -> None:
+    """Say why deliveries failed, once per kind: a log line and a `cleanlist.webhook.failed` event."""
+    log: DeliveryLog | None = run.delivery_failures
+    if log is None:
+        return
+    counts = log.counts()
+    for line, (kind, count) in zip(log.lines(), counts.items(), strict=False):
+        get_run_logger().warning("webhooks: %s", line)
+        _emit(
+            "cleanlist.webhook.failed",
+            {"run_id": run.run_id, "kind": kind, "count": count, "cause": likely_cause(kind), "line": line},
+        )
 
 
 def _hint_if_paced(run: RunContext) -> None:

@@ -287,6 +287,10 @@ def _enrich_dataframe(  # noqa: PLR0913
     credentials: str | None = None,
     webhook_listen: str | None = None,
     webhook_grace_seconds: float = 0.5,
+    webhook_allow: str | None = None,
+    webhook_tls_cert: str | None = None,
+    webhook_tls_key: str | None = None,
+    webhook_retry_scale: float = 1.0,
 ) -> EnrichedFrame:
     """Enrich every contact of a pandas DataFrame (or pyarrow Table) through Cleanlist.
 

@@ -38,9 +38,9 @@ from cleanlist.io.shards import split_source, sql_windows
 from cleanlist.run.economics import ECONOMICS_KEY
 from cleanlist.run.report import NEEDS_YOU_TITLE, headline, report_markdown
 from cleanlist.run.report import needs_you as run_needs_you
-from cleanlist.run.states import RunStatus
 from cleanlist.run.summary import RunSummary
 from cleanlist.sandbox import SandboxConfig, SandboxServer
+from cleanlist.vocab import RunStatus
 from tests.conftest import postgres_database
 from tests.sandbox_helpers import WebhookReceiver
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from cleanlist.run.report import NEEDS_YOU_TITLE, headline, needs_you, report_markdown, report_text
-from cleanlist.run.states import RunStatus
 from cleanlist.run.summary import RunSummary
+from cleanlist.vocab import RunStatus
 
 
 def clean_run(**changes: object) -> RunSummary:
@@ -84,16 +84,23 @@ def test_unresolved_rows_a_request_in_doubt_and_a_learned_limit_each_come_with_t
             assert item.what in section and item.remedy in section
 
 
-def test_webhook_delivery_failures_have_their_slot_in_what_needs_you() -> None:
-    summary = clean_run(webhook_delivery_failures={"connect_error": 3, "http_500": 1})
+def test_webhook_delivery_failures_are_in_what_needs_you_with_the_logs_words() -> None:
+    summary = clean_run(
+        webhook_failures={"502 from https://hooks.example.com": 3, "connection refused from https://h": 1},
+        webhook_failed_for_good=2,
+        webhook_failure_report=[
+            "3 deliveries failed: 502 from https://hooks.example.com — your proxy",
+            "1 delivery failed: connection refused from https://h — your receiver was down",
+        ],
+    )
     (item,) = needs_you(summary)
-    assert item.what.startswith("4 webhook deliveries failed (3 connect error, 1 http 500)")
-    assert "receiver URL" in item.remedy
+    assert item.what.startswith("4 webhook deliveries failed (3 deliveries failed: 502 from https://hooks")
+    assert "2 workflows were polled instead" in item.what
+    assert "receiver" in item.remedy
     # The summary reads it back from the table artifact like its other maps.
-    assert RunSummary.from_table(summary.table_rows()).webhook_delivery_failures == {
-        "connect_error": 3,
-        "http_500": 1,
-    }
+    back = RunSummary.from_table(summary.table_rows())
+    assert back.webhook_failures == summary.webhook_failures
+    assert back.webhook_failure_report == summary.webhook_failure_report
 
 
 def test_the_terminal_report_fits_a_screen_and_every_number_is_the_summarys() -> None:

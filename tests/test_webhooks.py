@@ -419,6 +419,8 @@ def _closed_by_server(sock: socket.socket, within: float) -> tuple[bool, bytes]:
 
 def test_half_sent_requests_are_closed_and_the_receiver_keeps_serving(tmp_path: Path) -> None:
     with EnrichmentStore(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        store.start_run("r", {})
+        token = register_run(store, "r")  # a body is read only for a known token: it must be one
         receiver = ReceiverServer(store, "127.0.0.1", 0, header_timeout=0.5, body_timeout=0.5).start()
         try:
             address = ("127.0.0.1", receiver.port)
@@ -427,7 +429,8 @@ def test_half_sent_requests_are_closed_and_the_receiver_keeps_serving(tmp_path: 
                 sock.sendall(b"POST /hooks/tok HTTP/1.1\r\nHost: x\r\n" if n % 2 else b"PO")
             silent = socket.create_connection(address)  # opened, never says a word
             half_body = socket.create_connection(address)
-            half_body.sendall(b'POST /hooks/tok HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"a"')
+            head = f"POST /hooks/{token} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+            half_body.sendall(head.encode() + b'{"a"')
             trickle = socket.create_connection(address)  # a byte at a time never buys more time
             for byte in b"POST /hooks/tok HTTP/1.1\r\n":
                 try:

@@ -333,3 +333,16 @@ def _draw_more(schedule: Schedule, more: random.Random) -> None:
         schedule.event = "sigterm"
         schedule.moment = "credit_pause"
         schedule.credits = float(pause_credits)
+    # Issue 21: receiver failures (drawn after every earlier draw, so earlier seeds keep theirs).
+    failing, down, down_for = more.random(), more.random(), more.uniform(1.0, 4.0)
+    if schedule.webhooks and failing < 0.4:
+        schedule.sandbox_flags += ["--webhook-fail-rate", "0.3", "--webhook-backoff-scale", "0.1"]
+        schedule.faults["deliveries failed (502 for 30 %)"] = 1
+    if schedule.webhooks and down < 0.3:
+        schedule.sandbox_flags += [
+            "--webhook-down-seconds",
+            f"{down_for:.1f}",
+            "--webhook-backoff-scale",
+            "0.1",
+        ]
+        schedule.faults["receiver down a while"] = 1

@@ -227,6 +227,10 @@ class RunContext:
         self.webhook_url: str | None = options.webhook_url
         self.expect_deliveries = False
         self.on_delivery: Callable[[str, int], None] | None = None
+        # Asked before polling an overdue delivery (cleanlist/webhooks/failures.py); set with webhooks.
+        self.delivery_log: Callable[[str, float], float | None] | None = None
+        self.on_fallback: Callable[[str], None] | None = None  # a delivery that never came: polled
+        self.delivery_failures: Any = None  # the DeliveryLog behind it, read for the report
 
     def __repr__(self) -> str:
         return f"RunContext({self.run_id})"
@@ -245,10 +249,20 @@ class RunContext:
             inbox=self._delivered if self.expect_deliveries else None,
             on_delivery=self._store_guarded(self._on_delivery),
             delivery_grace=self.options.webhook_grace_seconds,
+            ask_log=self._ask_log if self.delivery_log else None,
+            on_fallback=self._fell_back if self.on_fallback else None,
         )
         self.outage.arm()
         self.poller.start()
         return self.poller
+
+    def _fell_back(self, workflow: TrackedWorkflow) -> None:
+        if self.on_fallback is not None:
+            self.on_fallback(workflow.workflow_id)
+
+    def _ask_log(self, workflow: TrackedWorkflow) -> float | None:
+        assert self.delivery_log is not None
+        return self.delivery_log(workflow.workflow_id, time.monotonic() - workflow.submitted_at)
 
     def stop_poller(self, *, drain: bool) -> None:
         """Stop polling; with `drain`, first wait until every tracked workflow is settled (or the API

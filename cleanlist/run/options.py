@@ -12,9 +12,9 @@ import os
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleanlist.constants import INITIAL_RETRY_DELAY, MAX_CONTACTS_PER_REQUEST, RETRIES
 from cleanlist.dburl import is_database_url
@@ -192,6 +192,25 @@ class EnrichOptions(BaseModel):
         description="with webhooks: how long past a workflow's expected completion to wait for its delivery "
         "before polling it",
     )
+    webhook_allow: str | None = Field(
+        default=None,
+        description="with webhook_listen: only these sender networks (CIDRs, comma- or space-separated; "
+        "ask Cleanlist support for its outbound addresses) may deliver; others get 403",
+    )
+    webhook_tls_cert: str | None = Field(
+        default=None,
+        description="with webhook_listen: serve HTTPS with this certificate (PEM; with webhook_tls_key), "
+        "or leave TLS to a reverse proxy in front and give its URL as webhook_url",
+    )
+    webhook_tls_key: str | None = Field(
+        default=None, description="with webhook_tls_cert: the certificate's private key (PEM)"
+    )
+    webhook_retry_scale: float = Field(
+        default=1.0,
+        ge=0,
+        description="with webhooks: multiplies Cleanlist's documented retry waits (1, 2, 4, 8 s) that an "
+        "overdue delivery with failed attempts is given before it is polled (tests shorten them)",
+    )
 
     @field_validator("webhook_listen")
     @classmethod
@@ -204,6 +223,24 @@ class EnrichOptions(BaseModel):
             except InputError as exc:
                 raise ValueError(str(exc)) from None
         return value or None
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _allow_parses(cls, value: str | None) -> str | None:
+        if value:
+            from cleanlist.webhooks.app import parse_networks
+
+            try:
+                parse_networks([value])
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        return value or None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if bool(self.webhook_tls_cert) != bool(self.webhook_tls_key):
+            raise ValueError("webhook_tls_cert and webhook_tls_key go together")
+        return self
 
     @field_validator("rate_limit")
     @classmethod

@@ -171,17 +171,18 @@ def needs_you(summary: RunSummary) -> list[Attention]:
                 "set --rate-limit to the learned limit, or ask Cleanlist to raise yours",
             )
         )
-    # Filled by the webhook delivery counts (issue 21): reason → deliveries that failed.
-    failed_deliveries = sum(summary.webhook_delivery_failures.values())
+    # The deliveries log's verdict (cleanlist/webhooks/failures.py): kind → deliveries that failed.
+    failed_deliveries = sum(summary.webhook_failures.values())
     if failed_deliveries:
-        reasons = ", ".join(
-            f"{count(n)} {reason.replace('_', ' ')}"
-            for reason, n in sorted(summary.webhook_delivery_failures.items(), key=lambda kv: -kv[1])
+        reasons = "; ".join(summary.webhook_failure_report) or ", ".join(
+            f"{count(n)} {kind}" for kind, n in summary.webhook_failures.items()
         )
         items.append(
             Attention(
-                f"{count(failed_deliveries)} webhook deliveries failed ({reasons}); the run polled instead",
-                "check that the receiver URL is reachable from the internet and its token is current",
+                f"{count(failed_deliveries)} webhook deliveries failed ({reasons}); "
+                f"{count(summary.webhook_failed_for_good)} workflows were polled instead",
+                "fix the receiver the deliveries log names (reachable over HTTPS from the internet, "
+                "answering 2xx once stored)",
             )
         )
     return items

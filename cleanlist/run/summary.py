@@ -91,17 +91,27 @@ class RunSummary(_Report):
     webhook_deliveries: int = 0  # workflows settled from a webhook delivery
     status_calls_saved: int = 0  # status calls those deliveries made unnecessary
     webhook_fallbacks: int = 0  # workflows whose delivery was overdue, polled instead
+    # The deliveries log, asked once per overdue workflow (cleanlist/webhooks/failures.py): how many
+    # times, workflows whose deliveries failed per kind ("502 from https://h"), those failed for good,
+    # and the report's lines ("12 deliveries failed: 502 from https://h — your proxy …").
+    deliveries_log_calls: int = 0
+    webhook_failures: dict[str, int] = {}
+    webhook_failed_for_good: int = 0
+    webhook_failure_report: list[str] = []
 
     # What the report needs beyond the counts: the enrichment type (the worst case of a request in doubt),
     # the run's credit cap and the balance left when the run learned it (None: not known).
     enrichment_type: str = ""
     credit_cap: float | None = None
     balance_left: float | None = None
-    # Webhook deliveries that failed, by reason (issue 21 fills it; empty: none failed or none counted).
-    webhook_delivery_failures: dict[str, int] = {}
 
     _parse_nested = field_validator(
-        "row_statuses", "rejects_by_reason", "rate_limits_learned", "webhook_delivery_failures", mode="before"
+        "row_statuses",
+        "rejects_by_reason",
+        "rate_limits_learned",
+        "webhook_failures",
+        "webhook_failure_report",
+        mode="before",
     )(_json_text)
 
 

@@ -14,6 +14,9 @@ from cleanlist.sandbox.config import (
     DEFAULT_SANDBOX_KEY,
     ENDPOINTS,
     BulkTaskIds,
+    DeliveriesFields,
+    DeliveriesList,
+    DeliveriesOrder,
     Endpoint,
     ErrorEnvelope,
     FaultSpec,
@@ -262,6 +265,22 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="test facility: carry at most N results per webhook, the rest truncated (default: 250)",
     )
     parser.add_argument(
+        "--webhook-fail-rate",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="test facility: answer 502 for this share of delivery attempts, as a proxy in front of the "
+        "receiver would (seeded; default: 0)",
+    )
+    parser.add_argument(
+        "--webhook-down-seconds",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="test facility: refuse every delivery attempt for S seconds after the first accepted bulk "
+        "request, as a receiver that is down (default: 0)",
+    )
+    parser.add_argument(
         "--webhook-delay",
         type=_seconds,
         default=0.0,
@@ -286,6 +305,24 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 def _add_variation_options(group: argparse._ArgumentGroup) -> None:
     """One flag per SandboxConfig variation field (cleanlist/sandbox/state.py says what each plays)."""
+    group.add_argument(
+        "--deliveries-list",
+        choices=get_args(DeliveriesList),
+        default="deliveries",
+        help="where the webhook deliveries log keeps its rows (default: deliveries)",
+    )
+    group.add_argument(
+        "--deliveries-fields",
+        choices=get_args(DeliveriesFields),
+        default="documented",
+        help="field names of the deliveries log's rows (default: documented)",
+    )
+    group.add_argument(
+        "--deliveries-order",
+        choices=get_args(DeliveriesOrder),
+        default="oldest_first",
+        help="row order of the deliveries log (default: oldest_first)",
+    )
     group.add_argument(
         "--results-order",
         choices=get_args(ResultsOrder),
@@ -378,6 +415,8 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         webhook_drop_rate=args.webhook_drop_rate,
         webhook_results_limit=args.webhook_results_limit,
         webhook_delay=args.webhook_delay,
+        webhook_fail_rate=args.webhook_fail_rate,
+        webhook_down_seconds=args.webhook_down_seconds,
         bulk_answer_delay=args.bulk_answer_delay,
         results_order=args.results_order,
         omit_task_rate=args.omit_task_rate,
@@ -389,6 +428,9 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         retry_after_ms=args.retry_after_ms,
         rate_scope=args.rate_scope,
         workflow_visible_after=args.workflow_visible_after,
+        deliveries_list=args.deliveries_list,
+        deliveries_fields=args.deliveries_fields,
+        deliveries_order=args.deliveries_order,
     )
 
 

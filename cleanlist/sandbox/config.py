@@ -29,6 +29,10 @@ ResultsOrder = Literal["input", "shuffled"]
 BulkTaskIds = Literal["listed", "absent", "short"]
 ErrorEnvelope = Literal["detail", "error"]
 RateScope = Literal["endpoint", "organization"]
+# The deliveries log's unpublished shape [assumed]: where its rows are, and what their fields are called.
+DeliveriesList = Literal["deliveries", "data", "bare"]
+DeliveriesFields = Literal["documented", "renamed", "flag"]
+DeliveriesOrder = Literal["oldest_first", "newest_first"]
 # Final words that mean the work was not done: such a workflow lists no results and costs nothing.
 FAILED_FINAL_WORDS = frozenset({"failed", "cancelled", "canceled"})
 
@@ -104,6 +108,12 @@ class SandboxConfig(BaseModel):
     as if lost on the way. Default 0: every workflow with a webhook_url is delivered."""
     webhook_results_limit: int = Field(default=WEBHOOK_RESULTS_LIMIT, ge=0, le=WEBHOOK_RESULTS_LIMIT)
     """Results carried by a webhook (the rest counted in `results_truncated`); the documented 250."""
+    webhook_fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Test facility: share of delivery attempts (seeded per workflow and attempt) answered 502 as by a
+    proxy in front of the receiver, without reaching it. Default 0."""
+    webhook_down_seconds: float = Field(default=0.0, ge=0.0)
+    """Test facility: for this many seconds after the first accepted bulk request, delivery attempts fail
+    as if the receiver were down (connection refused), without reaching it. Default 0."""
     webhook_delay: float = Field(default=0.0, ge=0.0)
     """Seconds between a workflow's completion and its first webhook attempt."""
     bulk_answer_delay: float = Field(default=0.0, ge=0.0)
@@ -137,6 +147,14 @@ class SandboxConfig(BaseModel):
     """One rate window per organization per endpoint, or one per organization for all endpoints."""
     workflow_visible_after: float = Field(default=0.0, ge=0.0)
     """Seconds after acceptance during which workflow-mode status answers 404 (task mode answers)."""
+    deliveries_list: DeliveriesList = "deliveries"
+    """Where the deliveries log keeps its rows: under `deliveries`, under `data`, or a bare list."""
+    deliveries_fields: DeliveriesFields = "documented"
+    """Row field names: `attempt`/`status`/`response_code`/`error`/`delivered_at`; "renamed"
+    (`attempt_number`/`state` success|failure/`status_code`/`error_message`/`attempted_at`); or "flag"
+    (`delivered: bool`, `http_status`, `message`, `timestamp`, no status word)."""
+    deliveries_order: DeliveriesOrder = "oldest_first"
+    """Row order of the deliveries log."""
 
     @field_validator("api_key")
     @classmethod

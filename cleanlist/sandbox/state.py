@@ -42,7 +42,9 @@ Behaviour the contract leaves open ([assumed]) and how this world settles it:
   or connection error is a failed attempt. Test facilities (defaults: the documented behaviour):
   `webhook_drop_rate` never sends that share of webhooks (seeded per workflow, no attempt recorded),
   `webhook_results_limit` carries fewer than 250 results (the rest in `results_truncated`),
-  `webhook_delay` waits that long after completion before the first attempt.
+  `webhook_delay` waits that long after completion before the first attempt. Receiver failures, without
+  reaching it: `webhook_fail_rate` answers 502 for that share of attempts (seeded per workflow and
+  attempt), `webhook_down_seconds` refuses every attempt for that long after the first accepted bulk.
 - Error bodies the docs do not give: injected 500 `Internal server error`, 502 `Bad gateway`,
   503 `Service temporarily unavailable`, 504 `Gateway timeout` (all as `{"detail": …}`); only 429s
   carry Retry-After. A deliveries call without workflow_id gets FastAPI's missing-query 422.
@@ -99,6 +101,11 @@ of acceptance), so a rerun of the same submissions plays the same variations:
 - `workflow_visible_after=S` (`--workflow-visible-after S`): for S seconds after acceptance,
   `?workflow_id=` answers 404 `Workflow not found` (not yet visible) while `?task_id=` already answers;
   the deliveries endpoint is not delayed.
+- The deliveries log (`GET /webhooks/deliveries`, field names unpublished): `deliveries_list`
+  (`--deliveries-list data|bare`) keeps the rows under `data` or answers a bare list instead of under
+  `deliveries`; `deliveries_fields="renamed"` names them `attempt_number`, `state` (`success`/`failure`),
+  `status_code`, `error_message`, `attempted_at`; `"flag"` gives `delivered: bool`, `http_status`,
+  `message`, `timestamp` and no status word; `deliveries_order="newest_first"` lists the last attempt first.
 - Forgetting (the API restarted without memory): `POST /_sandbox/forget` (`SandboxServer.forget()`)
   drops every workflow: workflow, task and deliveries lookups of earlier workflows answer 404 and their
   pending webhook attempts stop. Balance, charges, keys and counters stay. An event, not a setting, so
@@ -293,6 +300,7 @@ class SandboxState:
         self.config = config
         self.clock = clock
         self.started_at = clock()
+        self._first_accepted_at: float | None = None  # clock at the first accepted bulk request
         self._lock = threading.RLock()
         self._latency_rng = random.Random(config.seed)
         self._limiter = FixedWindowLimiter(*config.rate_limit) if config.rate_limit else None
@@ -416,6 +424,8 @@ class SandboxState:
                 omitted=omitted,
                 unknown=unknown,
             )
+            if self._first_accepted_at is None:
+                self._first_accepted_at = self.clock()
             self._workflows[serial] = workflow
             self._workflows_by_id[workflow.workflow_id] = workflow
             base = serial << _INDEX_BITS
@@ -576,6 +586,18 @@ class SandboxState:
         rate = self.config.webhook_drop_rate
         return rate > 0 and random.Random(f"{self.config.seed}:drop:{workflow.serial}").random() < rate
 
+    def webhook_fault(self, workflow: Workflow, attempt: int) -> tuple[int | None, str] | None:
+        """An injected receiver failure for this attempt (`webhook_down_seconds`, `webhook_fail_rate`):
+        (response code or None, error message), or None to send it."""
+        config = self.config
+        first = self._first_accepted_at
+        if first is not None and self.clock() - first < config.webhook_down_seconds:
+            return None, "ConnectError: [Errno 111] Connection refused (receiver down: test facility)"
+        draw = _unit_draw(f"{config.seed}:webhook-fail:{workflow.serial}:{attempt}")
+        if config.webhook_fail_rate and draw < config.webhook_fail_rate:
+            return 502, "Receiver answered HTTP 502"
+        return None
+
     def webhook_payload(self, workflow: Workflow) -> dict[str, Any]:
         """The `enrichment.completed` body: at most `webhook_results_limit` (250) results, the rest left
         to the status endpoint."""
@@ -603,23 +625,16 @@ class SandboxState:
                 self._webhooks_delivered += 1
                 self._last_webhook_t = self.clock() - self.started_at
 
-    def deliveries_view(self, workflow: Workflow) -> dict[str, Any]:
-        """The webhook-deliveries body."""
+    def deliveries_view(self, workflow: Workflow) -> dict[str, Any] | list[dict[str, Any]]:
+        """The webhook-deliveries body, in the shape `deliveries_list`/`deliveries_fields` say."""
         with self._lock:
             attempts = list(workflow.deliveries)
-        return {
-            "workflow_id": workflow.workflow_id,
-            "deliveries": [
-                {
-                    "attempt": attempt.attempt,
-                    "status": attempt.status,
-                    "response_code": attempt.response_code,
-                    "error": attempt.error,
-                    "delivered_at": attempt.delivered_at,
-                }
-                for attempt in attempts
-            ],
-        }
+        if self.config.deliveries_order == "newest_first":
+            attempts.reverse()
+        rows = [_delivery_row(attempt, self.config.deliveries_fields) for attempt in attempts]
+        if self.config.deliveries_list == "bare":
+            return rows
+        return {"workflow_id": workflow.workflow_id, self.config.deliveries_list: rows}
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
@@ -736,3 +751,30 @@ class SandboxState:
         """The injected faults in force."""
         with self._lock:
             return self._faults.specs()
+
+
+def _delivery_row(attempt: DeliveryAttempt, fields: str) -> dict[str, Any]:
+    """One attempt as the deliveries log shows it under the `deliveries_fields` reading."""
+    if fields == "renamed":
+        return {
+            "attempt_number": attempt.attempt,
+            "state": "success" if attempt.status == "delivered" else "failure",
+            "status_code": attempt.response_code,
+            "error_message": attempt.error,
+            "attempted_at": attempt.delivered_at,
+        }
+    if fields == "flag":
+        return {
+            "attempt": attempt.attempt,
+            "delivered": attempt.status == "delivered",
+            "http_status": attempt.response_code,
+            "message": attempt.error,
+            "timestamp": attempt.delivered_at,
+        }
+    return {
+        "attempt": attempt.attempt,
+        "status": attempt.status,
+        "response_code": attempt.response_code,
+        "error": attempt.error,
+        "delivered_at": attempt.delivered_at,
+    }

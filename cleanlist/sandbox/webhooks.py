@@ -63,11 +63,15 @@ class WebhookDispatcher:
     async def _attempt(self, workflow: Workflow, url: str, payload: dict[str, object], attempt: int) -> bool:
         code: int | None = None
         error: str | None = None
+        injected = self._state.webhook_fault(workflow, attempt)
         try:
-            response = await self._http().post(url, json=payload)
-            code = response.status_code
-            if not 200 <= code < 300:
-                error = f"Receiver answered HTTP {code}"
+            if injected is not None:
+                code, error = injected
+            else:
+                response = await self._http().post(url, json=payload)
+                code = response.status_code
+                if not 200 <= code < 300:
+                    error = f"Receiver answered HTTP {code}"
         except httpx.TimeoutException:
             error = f"Receiver did not answer within {self._state.config.webhook_timeout:g} s"
         except Exception as exc:

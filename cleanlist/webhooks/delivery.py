@@ -49,6 +49,11 @@ def register_run(store: EnrichmentStore, run_id: str) -> str:
     return token
 
 
+def known_token(store: EnrichmentStore, token: str) -> bool:
+    """Whether `token` is one a run registered (checked before a body is read)."""
+    return len(token) <= _MAX_TOKEN_CHARS and store.webhook_token_run(token_digest(token)) is not None
+
+
 def apply_delivery(store: EnrichmentStore, token: str, body: bytes) -> DeliveryOutcome:
     """Judge a delivery to `/hooks/<token>` and record it once; nothing is written unless it is accepted."""
     run_id = store.webhook_token_run(token_digest(token)) if len(token) <= _MAX_TOKEN_CHARS else None

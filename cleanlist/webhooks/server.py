@@ -5,16 +5,24 @@ kept alive) to deliver a whole request head; one that has not is closed. Without
 half-sent request open for good (its keep-alive timer starts only after an answer and stops at the
 first byte), and every such connection is a file descriptor the receiver never gets back. The body
 has its own deadline (`app.BODY_TIMEOUT_SECONDS`).
+
+Connections are capped (`MAX_CONNECTIONS`: beyond it a request is answered 503 at once, which Cleanlist
+retries), bodies in memory too (`app.MAX_BODIES_IN_FLIGHT`); deeply nested bodies are refused by the
+JSON parser's depth limit (422). TLS is served directly with a certificate and key (`tls=(cert, key)`),
+or by a reverse proxy in front (then give the proxy's public URL as `webhook_url`; an allow-list then
+sees the proxy's address, so filter senders at the proxy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import h11
 import uvicorn
@@ -22,11 +30,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cleanlist.errors import InputError
 from cleanlist.store import EnrichmentStore
-from cleanlist.webhooks.app import BODY_TIMEOUT_SECONDS, create_receiver_app
+from cleanlist.webhooks.app import BODY_TIMEOUT_SECONDS, create_receiver_app, parse_networks
 
 # Seconds a client has to send a request's head (request line and headers). The API's delivery sends
 # it in one write; a few seconds is generous for any real sender, short for a slow or stuck one.
 HEADER_TIMEOUT_SECONDS = 5.0
+# Open connections (and requests) at once; idle ones are closed after HEADER_TIMEOUT_SECONDS anyway.
+MAX_CONNECTIONS = 2000
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -91,14 +101,28 @@ def _server(
     *,
     header_timeout: float = HEADER_TIMEOUT_SECONDS,
     body_timeout: float = BODY_TIMEOUT_SECONDS,
+    allow: Sequence[str] | None = None,
+    tls: tuple[str, str] | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+    store_timeout: float | None = None,
 ) -> uvicorn.Server:
     protocol = type("ReceiverProtocol", (_HeadDeadlineProtocol,), {"header_timeout": header_timeout})
+    extra: dict[str, Any] = {} if store_timeout is None else {"store_timeout": store_timeout}
+    app = create_receiver_app(store, body_timeout=body_timeout, allow=parse_networks(allow), **extra)
+    cert, key = tls or (None, None)
+    for name, path in (("certificate", cert), ("key", key)):
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"the webhook receiver's TLS {name} {path!r} is not a readable file")
     config = uvicorn.Config(
-        create_receiver_app(store, body_timeout=body_timeout),
+        app,
         http=protocol,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=2,
+        limit_concurrency=max_connections,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+        proxy_headers=False,  # the allow-list judges the peer, never a header a sender can forge
     )
     return uvicorn.Server(config)
 
@@ -108,15 +132,21 @@ def listen(host: str, port: int) -> socket.socket:
     return _bind(host, port)
 
 
-def serve_forever(store: EnrichmentStore, sock: socket.socket) -> None:
+def serve_forever(
+    store: EnrichmentStore,
+    sock: socket.socket,
+    *,
+    allow: Sequence[str] | None = None,
+    tls: tuple[str, str] | None = None,
+) -> None:
     """Serve on a listening socket in this thread until interrupted (`cleanlist-enrich receiver`)."""
-    _server(store).run(sockets=[sock])
+    _server(store, allow=allow, tls=tls).run(sockets=[sock])
 
 
 class ReceiverServer:
     """A receiver on host:port (0 = a free port), served by uvicorn in a background thread."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only tunables
         self,
         store: EnrichmentStore,
         host: str,
@@ -125,9 +155,20 @@ class ReceiverServer:
         startup_timeout: float = 10.0,
         header_timeout: float = HEADER_TIMEOUT_SECONDS,
         body_timeout: float = BODY_TIMEOUT_SECONDS,
+        allow: Sequence[str] | None = None,
+        tls: tuple[str, str] | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        store_timeout: float | None = None,
     ) -> None:
         self._store = store
-        self._timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout}
+        self._timeouts: dict[str, Any] = {"header_timeout": header_timeout, "body_timeout": body_timeout}
+        self._tls = tls
+        self._settings: dict[str, Any] = {
+            "allow": allow,
+            "tls": tls,
+            "max_connections": max_connections,
+            "store_timeout": store_timeout,
+        }
         self.host = host
         self._port = port
         self._startup_timeout = startup_timeout
@@ -139,12 +180,16 @@ class ReceiverServer:
     @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self._tls else 'http'}://{host}:{self.port}"
 
     def start(self) -> Self:
         self._socket = _bind(self.host, self._port)
         self.port = int(self._socket.getsockname()[1])
-        server = _server(self._store, **self._timeouts)
+        try:
+            server = _server(self._store, **self._timeouts, **self._settings)
+        except BaseException:
+            self._socket.close()
+            raise
         thread = threading.Thread(
             target=server.run, kwargs={"sockets": [self._socket]}, name="cleanlist-receiver", daemon=True
         )
