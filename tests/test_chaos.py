@@ -270,3 +270,35 @@ def test_a_schedule_bound_leaves_room_for_the_status_calls_its_task_faults_force
     plain = [s for s in (draw(seed, profile="ci") for seed in range(1, 200)) if "tasks omitted" not in
              s.faults and "tasks unknown" not in s.faults]  # fmt: skip
     assert plain and all(s.run_bound == 100.0 for s in plain)
+
+
+def test_a_run_on_another_store_pays_for_its_own_contacts_without_excusing_the_schedules_store() -> None:
+    # Event other_store: a second run of the source on another store path pays for every contact again,
+    # by design; beyond what it submitted, a double payment is still a violation of invariant 2.
+    other = _completed("run 2 (other store)", [_row("r1", task="o1"), _row("r2", task="o2")], submitted=2)
+    other.other_store = True
+    own = _completed("run 1", [_row("r1"), _row("r2")], submitted=2)
+    facts = _facts(other, own, contacts_accepted_more_than_once=2, credits_charged=4.0)
+    assert check(facts) == []
+    facts.contacts_accepted_more_than_once = 3
+    assert any("a run on another store submitted 2" in p for p in paid_at_most_in_doubt(facts))
+    # Its workflows are recorded in its own store: they are no answer lost.
+    killed = RunFacts("run 1", -9, None, signal="SIGKILL", signalled_at=10.0, ended_at=10.1)
+    rerun = _completed("rerun 1", [_row("r1"), _row("r2")], ambiguous_submissions=0)
+    other.workflows_recorded = 1
+    accepted = [BulkRequest(1.0, 1.2, 200), BulkRequest(2.0, 2.2, 200)]
+    facts = _facts(other, killed, rerun, bulk_requests=accepted, workflows_recorded=1)
+    assert paid_at_most_in_doubt(facts) == []
+
+
+def test_rows_settled_only_on_another_store_leave_the_schedules_store_unsettled() -> None:
+    other = _completed("run 2 (other store)", [_row("r1"), _row("r2")])
+    other.other_store = True
+    own = RunFacts("run 1", 3, {"status": "incomplete"}, output_rows=[_row("r1"), _row("r2", "pending")],
+                   reject_rows=[])  # fmt: skip
+    assert any("never settled" in p for p in rows_accounted(_facts(other, own)))
+    # Each store's mark is judged by the rows that store settled.
+    other.summary = {"status": "completed", "cursor_mark_new": "2"}
+    assert mark_never_passes_unsettled(_facts(other, own, cursor_kind="int")) == []
+    own.summary = {"status": "completed", "cursor_mark_new": "2"}
+    assert mark_never_passes_unsettled(_facts(other, own, cursor_kind="int"))

@@ -37,6 +37,13 @@ EVENTS: dict[str, float] = {
     "container": 1.2,  # kill -9, then every rerun in a new PID namespace (a restarted container: PID 1 again)
     "concurrent": 0.8,  # two runs of one source on one store at once
 }
+# Events drawn from the second stream (`_draw_more`), so the seeds recorded before them keep their draws.
+LATER_EVENTS: dict[str, float] = {
+    # A second run of the same source on another store path, on the same machine (same HOME: journal,
+    # scratch space, rate book of that store), started at the drawn moment of the first. Each store pays
+    # for its own contacts by design; what one run leaves must never be taken up by the other's store.
+    "other_store": 0.04,
+}
 # When the event fires.
 MOMENTS: dict[str, float] = {
     "bulk_on_wire": 3.0,  # the moment a bulk request is forwarded and its answer held back
@@ -355,6 +362,7 @@ def _draw_more(schedule: Schedule, more: random.Random) -> None:
         more.uniform(0.3, 3.0),
         more.randint(60, 200),
     )
+    other_store = more.random()  # drawn after the others, so each of theirs stays put
     if frame < 0.12:
         # enrich_dataframe in a driver process: no cursor (a frame has no mark), no webhook receiver.
         schedule.source_format = "dataframe"
@@ -372,3 +380,5 @@ def _draw_more(schedule: Schedule, more: random.Random) -> None:
         schedule.event = "sigterm"
         schedule.moment = "credit_pause"
         schedule.credits = float(pause_credits)
+    elif other_store < LATER_EVENTS["other_store"] and schedule.source_format != "dataframe":
+        schedule.event = "other_store"
