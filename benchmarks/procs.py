@@ -157,7 +157,12 @@ class PrefectServer:
             str(self.port),
         ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        _wait_for(self.api_url + "/health", 120, self.proc, "the Prefect server")
+        try:
+            # A first start migrates its database: minutes on a loaded 2-CPU machine.
+            _wait_for(self.api_url + "/health", 300, self.proc, "the Prefect server")
+        except BaseException:
+            self.stop()  # never left running behind a failed start (it was, orphaned, at load ~29)
+            raise
         self.startup_seconds = time.monotonic() - started
 
     def cpu_seconds(self) -> float:

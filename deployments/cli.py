@@ -241,6 +241,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         store.close()
     print(economics_text(runs, by=args.by, since=since, source=args.source, due=due))
     return EXIT_OK
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cleanlist_prefect.deployments.worker import run_worker
+
+    return run_worker(args.worker_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the enrich-contacts and backfill-contacts deployments")
     serve.add_argument("--limit", type=int, help="most runs at once (backfills need max_parallel_shards + 1)")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="`prefect worker start ARGS`; SIGTERM stops its flow runs in order first, then the worker",
+    )
+    worker.add_argument("worker_args", nargs=argparse.REMAINDER, help="arguments of `prefect worker start`")
+    worker.set_defaults(func=cmd_worker)
 
     automation = sub.add_parser("create-automation", help="notify when a run runs out of credits")
     automation.add_argument("--block", help="name of a notification block to send through")
@@ -324,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "worker":  # everything after `worker` is `prefect worker start`'s
+        args.worker_args = [*unknown, *args.worker_args]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Outside a run, SIGTERM (a scheduler stopping the job, `kill`) ends the command like Ctrl-C. While a
     # run goes on, `run_enrichment` owns both signals: the first stops the run in order (no new request,
     # those on the wire recorded; exit 130), a second exits at once (cleanlist/run/stop.py).

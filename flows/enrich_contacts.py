@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, ParamSpec, TypeVar
 
@@ -49,7 +50,13 @@ from cleanlist.run.plan import Plan, plan_run
 from cleanlist.run.progress import progress_listener
 from cleanlist.run.report import report_markdown
 from cleanlist.run.stage import StageReport
-from cleanlist.run.stop import EXIT_INTERRUPTED, StopRequest, stop_on_signals, stop_request
+from cleanlist.run.stop import (
+    EXIT_INTERRUPTED,
+    StopRequest,
+    stop_on_signals,
+    stop_request,
+    stop_when_orphaned,
+)
 from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
@@ -134,6 +141,9 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     # because Prefect's engine installs its own SIGTERM handler (which raises) when the flow run starts.
     stop = stop_request() or StopRequest()
     signals = stop_on_signals(stop)
+    # A flow run a worker or `serve` started (they set PREFECT__FLOW_RUN_ID for its process) also stops
+    # when that process ends: Prefect's process worker does not stop its flow runs when SIGTERM stops it.
+    orphaned = stop_when_orphaned(stop) if os.environ.get("PREFECT__FLOW_RUN_ID") else nullcontext()
     store = EnrichmentStore(options.store or settings.store_url)
     journal = AcceptanceJournal(store.url_display)
     # The rate budget is the organization's, shared through the store with every run that uses it.
@@ -166,7 +176,7 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     _TASK_RUN_LOGGER.addFilter(quiet)
     run.on_delivery = _delivery_event
     try:
-        with signals, receiving_webhooks(run):
+        with signals, orphaned, receiving_webhooks(run):
             yield run
     except RunFailed as exc:
         if exc.exit_code != 2:  # 2: the API refused the key or its plan; say which configured key

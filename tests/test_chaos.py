@@ -231,10 +231,10 @@ def test_the_ci_batch_covers_every_event_and_the_moments_that_cost_money() -> No
 
 
 @pytest.mark.integration
-# Not yet a gate of .ci/run: on the day it was written one schedule of the batch (seed 3557412: a rerun's
-# per-task status lookups paced at one every ~3 s, past the run bound) still breaks invariant 6, and a
-# batch is not yet shown stable across replays. `CLEANLIST_CHAOS_CI=1` runs it; .ci/run turns it on once
-# the batch holds. The invariants' own tests above run everywhere.
+# Not yet a gate of .ci/run: seed 3557412 (past its bound) now replays clean (its bound covers the status
+# calls the API's window forces), but the batch is not yet shown stable across two plays nor under 5
+# minutes (the session that fixed it had a machine at load 12-29). `CLEANLIST_CHAOS_CI=1` runs it;
+# .ci/run turns it on once the batch holds. The invariants' own tests above run everywhere.
 @pytest.mark.skipif(os.environ.get("CLEANLIST_CHAOS_CI") != "1", reason="CLEANLIST_CHAOS_CI=1 runs the batch")
 # About 5 minutes on a quiet 2-CPU machine (benchmarks/README.md); 20 minutes is what CI's 90-minute
 # budget leaves beside the rest of the suite (~20 min), so a loaded runner is slow, never killed early.
@@ -255,3 +255,50 @@ def test_ci_batch_of_fault_schedules_holds_every_invariant() -> None:
         "invariants violated (each line: the command that replays it):\n"
         + "\n".join(f"{v['replay']}  # [{v['invariant']}] {v['message']}" for v in report["violations"])
     )
+
+
+def test_a_schedule_bound_leaves_room_for_the_status_calls_its_task_faults_force() -> None:
+    # Seed 3557412 (ci): 456 rows, 10 % of tasks omitted (asked by task id, one status call each), a
+    # server serving 1 status call per 3 s. Measured: 47 lookups + 3 polls took 148 s with 0 answers 429,
+    # every call granted as its window opened; the 100 s bound could not be met by any client.
+    schedule = draw(3557412, profile="ci")
+    limit, window = schedule.server_rate
+    assert (limit, window) == (1, 3.0)
+    assert "--omit-task-rate" in schedule.sandbox_flags
+    assert schedule.run_bound >= 100 + 50 * window / limit
+    # Schedules without task faults keep the profile's bound.
+    plain = [s for s in (draw(seed, profile="ci") for seed in range(1, 200)) if "tasks omitted" not in
+             s.faults and "tasks unknown" not in s.faults]  # fmt: skip
+    assert plain and all(s.run_bound == 100.0 for s in plain)
+
+
+def test_a_run_on_another_store_pays_for_its_own_contacts_without_excusing_the_schedules_store() -> None:
+    # Event other_store: a second run of the source on another store path pays for every contact again,
+    # by design; beyond what it submitted, a double payment is still a violation of invariant 2.
+    other = _completed("run 2 (other store)", [_row("r1", task="o1"), _row("r2", task="o2")], submitted=2)
+    other.other_store = True
+    own = _completed("run 1", [_row("r1"), _row("r2")], submitted=2)
+    facts = _facts(other, own, contacts_accepted_more_than_once=2, credits_charged=4.0)
+    assert check(facts) == []
+    facts.contacts_accepted_more_than_once = 3
+    assert any("a run on another store submitted 2" in p for p in paid_at_most_in_doubt(facts))
+    # Its workflows are recorded in its own store: they are no answer lost.
+    killed = RunFacts("run 1", -9, None, signal="SIGKILL", signalled_at=10.0, ended_at=10.1)
+    rerun = _completed("rerun 1", [_row("r1"), _row("r2")], ambiguous_submissions=0)
+    other.workflows_recorded = 1
+    accepted = [BulkRequest(1.0, 1.2, 200), BulkRequest(2.0, 2.2, 200)]
+    facts = _facts(other, killed, rerun, bulk_requests=accepted, workflows_recorded=1)
+    assert paid_at_most_in_doubt(facts) == []
+
+
+def test_rows_settled_only_on_another_store_leave_the_schedules_store_unsettled() -> None:
+    other = _completed("run 2 (other store)", [_row("r1"), _row("r2")])
+    other.other_store = True
+    own = RunFacts("run 1", 3, {"status": "incomplete"}, output_rows=[_row("r1"), _row("r2", "pending")],
+                   reject_rows=[])  # fmt: skip
+    assert any("never settled" in p for p in rows_accounted(_facts(other, own)))
+    # Each store's mark is judged by the rows that store settled.
+    other.summary = {"status": "completed", "cursor_mark_new": "2"}
+    assert mark_never_passes_unsettled(_facts(other, own, cursor_kind="int")) == []
+    own.summary = {"status": "completed", "cursor_mark_new": "2"}
+    assert mark_never_passes_unsettled(_facts(other, own, cursor_kind="int"))

@@ -34,7 +34,7 @@ import httpx
 
 from benchmarks.chaos.invariants import Violation, last_line
 from benchmarks.chaos.runner import Played, World, api_key_for, play
-from benchmarks.chaos.schedule import EVENTS, EXTRA_MOMENTS, MOMENTS, PROFILES, Schedule, draw
+from benchmarks.chaos.schedule import EVENTS, EXTRA_MOMENTS, LATER_EVENTS, MOMENTS, PROFILES, Schedule, draw
 from benchmarks.procs import ROOT, PrefectServer
 
 
@@ -105,7 +105,7 @@ def expected_cost(schedule: Schedule) -> float:
     cost = float(schedule.rows) / 100
     if schedule.temp_server:
         cost += 30
-    if schedule.event in ("concurrent", "container"):
+    if schedule.event in ("concurrent", "container", "other_store"):
         cost += 10
     elif schedule.event != "none":
         cost += 6
@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temp-server-share", type=float,
                         help="share of schedules whose runs start Prefect's temporary server (default: the "
                         "profile's, 0.1 long, 0.04 ci)")  # fmt: skip
-    parser.add_argument("--event", choices=sorted(EVENTS), help="force this process event on every schedule")
+    parser.add_argument(
+        "--event", choices=sorted({*EVENTS, *LATER_EVENTS}), help="force this process event on every schedule"
+    )
     parser.add_argument("--moment", choices=[*MOMENTS, *EXTRA_MOMENTS],
                         help="force the moment the event fires at on every schedule")  # fmt: skip
     parser.add_argument("--progress", action="store_true", help="one line per schedule on stderr")

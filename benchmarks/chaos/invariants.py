@@ -80,6 +80,11 @@ class RunFacts:
     library: bool = False
     cpu_seconds: float | None = None
     """User + system CPU of the run's process tree (what it costs a quiet machine)."""
+    other_store: bool = False
+    """A run of the same source on another store path (event `other_store`): its store pays for its own
+    contacts by design, so its rows, payments and mark are its store's, not the schedule's store's."""
+    workflows_recorded: int = 0
+    """For a run on another store: the workflows in that store's ledger at the end."""
     """A user's program calling `enrich_dataframe` (not the CLI): it raises what ended the run, and a
     signal the program does not handle ends it the way Python does (-15, a KeyboardInterrupt trace)."""
 
@@ -168,6 +173,9 @@ def rows_accounted(facts: ScheduleFacts) -> list[str]:
         if not run.completed:
             continue
         skipped = int((run.summary or {}).get("skipped_by_cursor") or 0)
+        if run.other_store:
+            # Its own store starts empty: it must write every row (nothing is skipped by another's mark).
+            skipped = 0
         if len(set(ids)) + skipped != len(facts.input_rows):
             problems.append(
                 f"{run.label}: completed with {len(set(ids))} rows written + {skipped} skipped by the cursor "
@@ -178,13 +186,13 @@ def rows_accounted(facts: ScheduleFacts) -> list[str]:
             words = sorted({_status(row) or "(empty)" for row in unsettled})
             problems.append(f"{run.label}: says completed with {len(unsettled)} row(s) {'/'.join(words)}")
         for row in rows:
-            if _status(row) not in UNSETTLED_STATUSES:
+            if _status(row) not in UNSETTLED_STATUSES and not run.other_store:
                 settled[row.get(ROW_ID, "")] = _status(row)
     if facts.source_refused:
         return problems
     never = [row_id for row_id in facts.input_rows if row_id not in settled]
     if never:
-        ended = facts.runs[-1].status if facts.runs else None
+        ended = facts.runs[-1].status if facts.runs else None  # the last run is on the schedule's store
         problems.append(
             f"after {len(facts.runs)} run(s) (last: {ended}) {len(never)} input row(s) never settled in a "
             f"completed run, e.g. {never[0]}"
@@ -202,10 +210,13 @@ def paid_at_most_in_doubt(facts: ScheduleFacts) -> list[str]:
     doubt_requests = sum(int(s.get("ambiguous_submissions") or 0) for s in summaries)
     doubt_contacts = sum(int(s.get("ambiguous_contacts") or 0) for s in summaries)
     twice = facts.contacts_accepted_more_than_once
-    if twice > min(doubt_contacts, CONTACTS_PER_REQUEST * doubt_requests):
+    # A run on another store pays again for what it sends, by design: each contact it submitted once.
+    elsewhere = sum(int((run.summary or {}).get("submitted") or 0) for run in facts.runs if run.other_store)
+    if twice > min(doubt_contacts, CONTACTS_PER_REQUEST * doubt_requests) + elsewhere:
         problems.append(
             f"the API accepted {twice} contact(s) more than once; the runs reported {doubt_requests} "
             f"request(s) ({doubt_contacts} contacts) in doubt"
+            + (f", and a run on another store submitted {elsewhere}" if elsewhere else "")
         )
     deaths = facts.death_moments
 
@@ -217,12 +228,13 @@ def paid_at_most_in_doubt(facts: ScheduleFacts) -> list[str]:
     accepted = sum(1 for r in facts.bulk_requests if r.status == 200)
     other = sum(1 for r in facts.bulk_requests if r.status not in (200, 429, None))
     transit = sum(1 for r in facts.bulk_requests if r.status in (429, None) and in_transit(r))
-    could_be_lost = max(0, accepted - facts.workflows_recorded) + other + transit
+    recorded = facts.workflows_recorded + sum(run.workflows_recorded for run in facts.runs if run.other_store)
+    could_be_lost = max(0, accepted - recorded) + other + transit
     if doubt_requests > could_be_lost:
         problems.append(
             f"the runs reported {doubt_requests} request(s) in doubt; at most {could_be_lost} bulk request(s) "
             f"reached the API with an answer that may have been lost ({accepted} accepted, "
-            f"{facts.workflows_recorded} recorded, {other} other non-429 answers, {transit} in transit at a death)"
+            f"{recorded} recorded, {other} other non-429 answers, {transit} in transit at a death)"
         )
     return problems
 
@@ -277,10 +289,18 @@ def mark_never_passes_unsettled(facts: ScheduleFacts) -> list[str]:
     if facts.cursor_kind is None:
         return []
     problems: list[str] = []
+    for other_store in (False, True):  # each store keeps its own mark over the rows it settled
+        runs = [run for run in facts.runs if run.other_store is other_store]
+        problems += _marks_over_settled(facts, runs)
+    return problems
+
+
+def _marks_over_settled(facts: ScheduleFacts, runs: list[RunFacts]) -> list[str]:
+    problems: list[str] = []
     settled: set[str] = set()
     # In the order the runs ended: of two runs at once, the one that ends second may skip (by the mark)
     # what the first settled, and its own mark then passes rows settled by the other.
-    for run in sorted(facts.runs, key=lambda r: float("inf") if r.ended_at is None else r.ended_at):
+    for run in sorted(runs, key=lambda r: float("inf") if r.ended_at is None else r.ended_at):
         if run.completed:
             settled |= {row.get(ROW_ID, "") for row in _rows(run) if _status(row) not in UNSETTLED_STATUSES}
         mark = (run.summary or {}).get("cursor_mark_new")

@@ -37,6 +37,7 @@ from benchmarks.procs import SandboxProcess, free_port
 POSTGRES_ADMIN = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 WATCH_EVERY_SECONDS = 0.3
 SIGNAL_GRACE_SECONDS = 35.0  # the 30 s bound of invariant 6, plus the harness's own polling
+OTHER_STORE_LABEL = "run 2 (other store)"
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 SIGNALS = {
     "sigterm": signal.SIGTERM,
@@ -369,14 +370,14 @@ class SchedulePlayer:
         driver = Path(__file__).with_name("frame_driver.py")
         return [self.world.python, str(driver), self.source.argument, str(output), json.dumps(options)]
 
-    def _cmd(self, output: Path, container: bool) -> list[str]:
+    def _cmd(self, output: Path, container: bool, store_url: str | None = None) -> list[str]:
         s = self.schedule
         assert self.source is not None
         if s.source_format == "dataframe":
             cmd = self._frame_cmd(output)
             return [*UNSHARE, *cmd] if container else cmd
         cmd = [self.world.python, "-m", "cleanlist_prefect.deployments.cli", "run", self.source.argument, "--output", str(output),
-               "--store", self.store_url, "--enrichment-type", s.enrichment_type, "--json",
+               "--store", store_url or self.store_url, "--enrichment-type", s.enrichment_type, "--json",
                "--max-concurrent-chunks", str(s.concurrency), *s.run_options]  # fmt: skip
         if self.source.sql:
             cmd += ["--sql", self.source.sql]
@@ -386,13 +387,13 @@ class SchedulePlayer:
             cmd += ["--webhook-listen", f"127.0.0.1:{free_port()}", "--webhook-grace-seconds", "0.5"]
         return [*UNSHARE, *cmd] if container else cmd
 
-    def _launch(self, label: str, container: bool = False) -> _Run:
+    def _launch(self, label: str, container: bool = False, store_url: str | None = None) -> _Run:
         output = self.work / f"out-{len(self.runs) + 1}-{len(label)}.csv"
         label = label + (" (container)" if container else "")
         library = self.schedule.source_format == "dataframe"
         return _Run(
             label,
-            self._cmd(output, container),
+            self._cmd(output, container, store_url),
             self._env(),
             self.world.checkout,
             output,
@@ -439,6 +440,24 @@ class SchedulePlayer:
         grace = SIGNAL_GRACE_SECONDS if sig != signal.SIGKILL else 10.0
         return run.finish(time.monotonic() + grace)
 
+    def _other_store(self) -> list[RunFacts]:
+        """Run 1 on the schedule's store; at its moment, a second run of the same source on another store
+        path (SQLite beside the source), on the same machine and HOME. Both run to their end."""
+        s = self.schedule
+        first = self._launch("run 1")
+        deadline = first.started + s.run_bound
+        while not first.poll() and time.monotonic() < deadline and not self._moment_reached(first):
+            first.watch()
+            time.sleep(0.01)
+        if first.poll():
+            self.notes.append(f"run 1 ended before its {s.moment} moment")
+        other = self._launch(OTHER_STORE_LABEL, store_url=f"sqlite:///{self.work / 'other-store.db'}")
+        ran = first.finish(deadline)
+        beside = other.finish(other.started + s.run_bound)
+        beside.other_store = True
+        beside.workflows_recorded = _sqlite_workflows(self.work / "other-store.db")
+        return [beside, ran]  # run 1 last: the reruns follow the schedule's own store
+
     def _heal(self) -> None:
         """After the fault phase: faults cleared, the key restored, credits back; the API stays as drawn."""
         assert self.sandbox is not None
@@ -479,6 +498,8 @@ class SchedulePlayer:
                 second = self._launch("run 2 (at once)")
                 self.runs.append(first.finish(first.started + s.run_bound))
                 self.runs.append(second.finish(second.started + s.run_bound))
+            elif s.event == "other_store":
+                self.runs.extend(self._other_store())
             elif s.event in SIGNALS:
                 self.runs.append(self._with_event(self._launch("run 1", container), SIGNALS[s.event]))
             else:
@@ -526,7 +547,7 @@ class SchedulePlayer:
         for path in sorted(self.work.rglob("*")):
             if (
                 not path.is_file()
-                or path.name.startswith(("store.db", "sandbox-", "source"))
+                or path.name.startswith(("store.db", "other-store.db", "sandbox-", "source"))
                 or path.suffix == ".log"
             ):
                 continue

@@ -22,6 +22,7 @@ here, so every later schedule also tries it beside everything else.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +36,13 @@ EVENTS: dict[str, float] = {
     "kill9": 1.6,
     "container": 1.2,  # kill -9, then every rerun in a new PID namespace (a restarted container: PID 1 again)
     "concurrent": 0.8,  # two runs of one source on one store at once
+}
+# Events drawn from the second stream (`_draw_more`), so the seeds recorded before them keep their draws.
+LATER_EVENTS: dict[str, float] = {
+    # A second run of the same source on another store path, on the same machine (same HOME: journal,
+    # scratch space, rate book of that store), started at the drawn moment of the first. Each store pays
+    # for its own contacts by design; what one run leaves must never be taken up by the other's store.
+    "other_store": 0.04,
 }
 # When the event fires.
 MOMENTS: dict[str, float] = {
@@ -300,11 +308,49 @@ def draw(
     faults[f"store {schedule.store}"] = 1
     if schedule.temp_server:
         faults["temporary Prefect server"] = 1
+    schedule.run_bound = p.run_bound + api_floor_seconds(schedule)
     schedule.faults = {k: v for k, v in faults.items() if not k.startswith("event:")}
     schedule.faults[f"event:{schedule.event}"] = 1
     if schedule.event != "none":
         schedule.faults[f"moment:{schedule.moment}"] = 1
     return schedule
+
+
+# Task lookups the sandbox's task faults force, per input row (omitted tasks are answered only by
+# `?task_id=`, unknown ones are asked once and answered 404), with a margin for the per-task draws
+# (binomial: ~2 standard deviations above the mean for a few hundred rows).
+LOOKUP_SHARE_FLAGS = {"--omit-task-rate": 1.0, "--unknown-task-rate": 1.0}
+LOOKUP_MARGIN = 1.3
+POLLS_PER_CHUNK = 3
+
+
+def api_floor_seconds(schedule: Schedule) -> float:
+    """The least time the API's own rate window lets a client take for the status calls this schedule's
+    faults force: every task left out of the results is asked by id, one status call each, and the
+    server serves `limit` status calls per `window` whatever the client does.
+
+    Invariant 6's bound is about the run's own waits (outage limit, polls, pauses); this floor is the
+    API's, so it is added to it. Seed 3557412 (ci): 456 rows, 10 % of tasks omitted, a server window of
+    1 request per 3 s per endpoint: 47 task lookups + 3 polls, each granted the moment its window opened
+    (0 answers 429), took 148 s, so no client could end within the profile's 100 s.
+    """
+    flags = schedule.sandbox_flags
+    share = sum(
+        float(flags[i + 1]) * weight
+        for i, flag in enumerate(flags[:-1])
+        for name, weight in LOOKUP_SHARE_FLAGS.items()
+        if flag == name
+    )
+    if share == 0:
+        return 0.0
+    chunks = schedule.rows // 250 + 1
+    calls = math.ceil(schedule.rows * share * LOOKUP_MARGIN) + POLLS_PER_CHUNK * chunks
+    if "enrich-status=rate:0.2:503" in flags:
+        calls = math.ceil(calls * 1.25)  # a refused call is asked again
+    if "organization" in flags:
+        calls += chunks  # one window for every endpoint: the bulk requests take their slots too
+    limit, window = schedule.server_rate
+    return math.ceil(calls / limit) * window
 
 
 def _draw_more(schedule: Schedule, more: random.Random) -> None:
@@ -316,6 +362,7 @@ def _draw_more(schedule: Schedule, more: random.Random) -> None:
         more.uniform(0.3, 3.0),
         more.randint(60, 200),
     )
+    other_store = more.random()  # drawn after the others, so each of theirs stays put
     if frame < 0.12:
         # enrich_dataframe in a driver process: no cursor (a frame has no mark), no webhook receiver.
         schedule.source_format = "dataframe"
@@ -333,6 +380,8 @@ def _draw_more(schedule: Schedule, more: random.Random) -> None:
         schedule.event = "sigterm"
         schedule.moment = "credit_pause"
         schedule.credits = float(pause_credits)
+    elif other_store < LATER_EVENTS["other_store"] and schedule.source_format != "dataframe":
+        schedule.event = "other_store"
     # Issue 21: receiver failures (drawn after every earlier draw, so earlier seeds keep theirs).
     failing, down, down_for = more.random(), more.random(), more.uniform(1.0, 4.0)
     if schedule.webhooks and failing < 0.4:

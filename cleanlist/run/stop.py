@@ -9,6 +9,9 @@ What a stop means (README, "Stopping a run"):
   `interrupted`, exit code `EXIT_INTERRUPTED` (130).
 - A second signal ends the process at once (`os._exit(130)`) after a best-effort cleanup of child
   processes (the temporary Prefect server).
+- A flow run started by a worker or `serve` (`stop_when_orphaned`) stops the same way when the process
+  that started it ends: Prefect's process worker runs each flow run in a session of its own and, when
+  SIGTERM stops the worker, leaves it running without a worker (a flow run stayed RUNNING 30 s after).
 - So does the deadline, `EXIT_DEADLINE_SECONDS` after the first signal: a stop always ends, even when
   something (a hung at-exit hook) would keep the process alive.
 
@@ -31,6 +34,8 @@ EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what shells report for Ctrl-C; us
 # A stopped run ends within this many seconds of the first signal, whatever hangs (the bound is 30 s).
 EXIT_DEADLINE_SECONDS: Final = 25.0
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+# How often a flow run started by a worker checks that the worker still lives.
+PARENT_CHECK_SECONDS: Final = 1.0
 
 
 class StopRequest:
@@ -135,3 +140,29 @@ def stop_on_signals(stop: StopRequest, *, deadline: float = EXIT_DEADLINE_SECOND
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def stop_when_orphaned(
+    stop: StopRequest, *, every: float = PARENT_CHECK_SECONDS, deadline: float = EXIT_DEADLINE_SECONDS
+) -> Iterator[None]:
+    """While the block runs: when the process that started this one ends (its parent process id changes:
+    the process was handed to init or a subreaper), request `stop` as a SIGTERM would, and arm the
+    deadline. For flow runs started by a worker or `serve`: stopping the worker stops its runs in order
+    (no new request, those on the wire recorded), so none is left running unsupervised."""
+    parent = os.getppid()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            if os.getppid() != parent:
+                if stop.request("its worker stopped"):
+                    arm_deadline(deadline, stop.cleanup)
+                return
+
+    watcher = threading.Thread(target=watch, name="cleanlist-parent-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
