@@ -5,32 +5,36 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cleanlist.run.context import RunContext
+from cleanlist.run.options import EnrichOptions
+from cleanlist.run.services import DeliveryListener, WebhookSettings
+from cleanlist.store import EnrichmentStore
 from cleanlist.webhooks.delivery import hook_url, register_run
 from cleanlist.webhooks.server import ReceiverServer, parse_listen
 
 
 @contextmanager
-def receiving_webhooks(run: RunContext) -> Iterator[ReceiverServer | None]:
-    """With `webhook_listen` or `webhook_url`: register a token, give the API `<base>/hooks/<token>` and
-    have the poller wait for deliveries; with `webhook_listen`, also serve a receiver until the block ends.
-    """
-    options = run.options
+def receiving_webhooks(
+    store: EnrichmentStore,
+    run_id: str,
+    options: EnrichOptions,
+    on_delivery: DeliveryListener | None = None,
+) -> Iterator[WebhookSettings]:
+    """The run's webhook settings, given to its context when it is built. With `webhook_listen` or
+    `webhook_url`: register a token, give the API `<base>/hooks/<token>` and have the poller wait for
+    deliveries; with `webhook_listen`, also serve a receiver until the block ends."""
     if options.dry_run or not (options.webhook_listen or options.webhook_url):
-        yield None
+        yield WebhookSettings(url=options.webhook_url, on_delivery=on_delivery)
         return
-    token = register_run(run.store, run.run_id)
+    token = register_run(store, run_id)
     server: ReceiverServer | None = None
     base = options.webhook_url
     if options.webhook_listen:
         host, port = parse_listen(options.webhook_listen)
-        server = ReceiverServer(run.store, host, port).start()
+        server = ReceiverServer(store, host, port).start()
         base = base or server.base_url
     assert base is not None
-    run.webhook_url = hook_url(base, token)
-    run.expect_deliveries = True
     try:
-        yield server
+        yield WebhookSettings(url=hook_url(base, token), expect_deliveries=True, on_delivery=on_delivery)
     finally:
         if server is not None:
             server.stop()
