@@ -169,12 +169,25 @@ class RunState:
         self.outcome: tuple[str, dict[str, Any]] = (RunStatus.FAILED, {})
         self._on_progress = on_progress
         self._lock = threading.Lock()
+        # chunk → seconds its next submit attempt waits first, as the retry policy decided after its
+        # last failure (spent by that attempt, where a stop request cuts it short).
+        self._retry_waits: dict[int, float] = {}
 
     def count(self, **increments: float) -> None:
         """Add to counters from any thread."""
         with self._lock:
             for name, value in increments.items():
                 setattr(self.counters, name, getattr(self.counters, name) + value)
+
+    def retry_after(self, chunk_no: int, seconds: float) -> None:
+        """The chunk's next attempt waits `seconds` first."""
+        with self._lock:
+            self._retry_waits[chunk_no] = seconds
+
+    def take_retry_wait(self, chunk_no: int) -> float:
+        """What this attempt of the chunk waits first (0 for a first attempt)."""
+        with self._lock:
+            return self._retry_waits.pop(chunk_no, 0.0)
 
     def chunk_settled(self) -> None:
         """One of this run's chunks has its outcome (results, a failure, nothing sent): tell the listener."""
