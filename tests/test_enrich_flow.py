@@ -134,7 +134,7 @@ def test_a_429_and_a_503_are_retried_by_the_chunk_task_as_the_runs_policy_says(
     # the submit-chunk task (what the Prefect UI shows as "Retrying"), counted by Prefect's run count:
     # with --retries 2 the third run is the last one the run's policy allows for a 503, and it succeeds.
     sandbox = make_sandbox(
-        rate_limit=None, faults={"enrich-bulk": FaultSpec(sequence=(429, 503), retry_after=0.2)}
+        rate_limit=None, faults={"enrich-bulk": FaultSpec(sequence=(429, 503), retry_after=1)}
     )
     api_env(sandbox)
     source = messy_export(tmp_path / "crm.csv", unique=100)
