@@ -11,7 +11,7 @@ from cleanlist.io.cursor import CursorFilter
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.stage import StageReport, stage_source
 from cleanlist.run.workspace import RunWorkspace
-from tasks.outcomes import input_errors_as_failed_state
+from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 
 
 @task(name="stage-source", cache_policy=NO_CACHE, persist_result=False)

@@ -9,7 +9,7 @@ from cleanlist.io.writer import WriteReport, open_sinks, write_rows
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
-from tasks.outcomes import input_errors_as_failed_state
+from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 
 
 @task(name="write-output", cache_policy=NO_CACHE, persist_result=False)
