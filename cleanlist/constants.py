@@ -18,13 +18,14 @@ MAX_CONTACTS_PER_REQUEST = 250
 RETRY_AFTER_CAP = 300.0
 # The retry policy (cleanlist/retry.py): transient errors back off from INITIAL_RETRY_DELAY, doubling up to
 # MAX_RETRY_DELAY, each delay spread by ±RETRY_JITTER_FACTOR (so waiting chunks do not return together),
-# for RETRIES tries after the first. A 429 with a Retry-After is first waited out where it happened, up to
-# INLINE_RATE_LIMIT_WAITS times: the hint is exact, and the limiter holds the endpoint for everyone.
+# for RETRIES tries after the first. A 429 with a Retry-After waits exactly that long (the limiter holds the
+# endpoint for everyone meanwhile) and may be retried RATE_LIMIT_RETRIES times beyond RETRIES: a run that
+# learns the API's limit meets a few of them without anything being wrong.
 RETRIES = 5
 INITIAL_RETRY_DELAY = 2.0
 MAX_RETRY_DELAY = 60.0
 RETRY_JITTER_FACTOR = 0.5
-INLINE_RATE_LIMIT_WAITS = 3
+RATE_LIMIT_RETRIES = 3
 
 # The client-side limiter spaces requests over a window slightly longer than the server's. Its slots
 # count from each request's answer, which the server can only send after counting the request, so send

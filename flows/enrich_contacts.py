@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -45,7 +46,7 @@ from cleanlist.run.incremental import IncrementalRead
 from cleanlist.run.journal import AcceptanceJournal
 from cleanlist.run.listen import receiving_webhooks
 from cleanlist.run.options import TASK_RUNNER_WORKERS, CursorType, EnrichOptions
-from cleanlist.run.outage import STORE_ERRORS, APIOutage, WatchedClient
+from cleanlist.run.outage import STORE_ERRORS, APIOutage, StoreLost, WatchedClient
 from cleanlist.run.plan import Plan, plan_run
 from cleanlist.run.progress import progress_listener
 from cleanlist.run.report import report_markdown
@@ -155,17 +156,6 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     retry = RetryPolicy(
         retries=options.retries, initial_delay=options.retry_delay_seconds, quiet_connection_errors=True
     )
-    run = RunContext(
-        run_id,
-        options,
-        client=client,
-        store=store,
-        workspace=workspace,
-        retry=retry,
-        on_progress=progress_listener(),
-        journal=journal,
-        stop=stop,
-    )
     params = {
         key: _shown(getattr(options, key))
         for key in ("source", "output", "enrichment_type", "refresh_days", "max_credits", "dry_run")
@@ -174,31 +164,51 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     heartbeat = store.keep_alive(run_id)  # the run owns its claims while this beats (store/liveness.py)
     quiet = _ReportedByTheRun(str(flow_run_id) if flow_run_id else None)
     _TASK_RUN_LOGGER.addFilter(quiet)
-    run.on_delivery = _delivery_event
+    run: RunContext | None = None
     try:
-        with signals, orphaned, receiving_webhooks(run):
+        with (
+            signals,
+            orphaned,
+            receiving_webhooks(store, run_id, options, client, _delivery_event) as webhooks,
+        ):
+            run = RunContext(
+                run_id,
+                options,
+                client=client,
+                store=store,
+                workspace=workspace,
+                retry=retry,
+                on_progress=progress_listener(),
+                journal=journal,
+                stop=stop,
+                webhooks=webhooks,
+            )
             yield run
     except RunFailed as exc:
         if exc.exit_code != 2:  # 2: the API refused the key or its plan; say which configured key
             raise
         raise RunFailed(naming_key_source(str(exc), api_key), exit_code=2, summary=exc.summary) from None
     except STORE_ERRORS as exc:  # the store failed in the flow body: one line, not a traceback
+        if run is None:
+            raise RunFailed(f"run stopped: {StoreLost(store.url_display, exc)}") from None
         raise RunFailed(f"run stopped: {run.lose_store(exc)}") from None
     finally:
         heartbeat.stop()
-        run.stop_poller(drain=False)
+        if run is not None:
+            run.stop_poller(drain=False)
         # Only once the requests on the wire were answered (bounded): closing under one loses its answer.
         client.close()
-        if run.store_lost is None:
-            status, summary = run.outcome
-            if run.stop.requested and status == RunStatus.FAILED and not summary:
+        lost = run.store_lost if run is not None else None
+        if lost is None:
+            status, summary = run.outcome if run is not None else (RunStatus.FAILED, {})
+            if stop.requested and status == RunStatus.FAILED and not summary:
                 status, summary = RunStatus.INTERRUPTED, {"status": RunStatus.INTERRUPTED.value}
-            with run.store_guard():
+            with run.store_guard() if run is not None else contextlib.suppress(*STORE_ERRORS):
                 store.finish_run(run_id, status, summary)
-            if run.store_lost is None:
+            if run is not None and run.store_lost is None:
                 publish_economics(store, options.refresh_days)
         _TASK_RUN_LOGGER.removeFilter(quiet)
-        if run.store_lost is None:
+        if (run.store_lost if run is not None else lost) is None:
             journal.forget(run_id)  # its acceptances are in the store; a lost store keeps them for a rerun
         workspace.cleanup()
         store.close()
@@ -400,7 +410,9 @@ def check_key(run: RunContext) -> None:
 def read(run: RunContext, incremental: IncrementalRead | None = None) -> StageReport:
     """Read, prepare and stage the source (the stage-source task); with a cursor, only rows past its mark."""
     cursor = incremental.cursor_filter() if incremental is not None else None
-    stage: StageReport = result_or_input_error(stage_source_task(run, cursor, return_state=True))
+    stage: StageReport = result_or_input_error(
+        stage_source_task(run.options, run.workspace, cursor, run.stop.event, return_state=True)
+    )
     if incremental is not None:
         incremental.read(stage.cursor_seen, stage.skipped_by_cursor)
         get_run_logger().info(
@@ -504,7 +516,15 @@ def write_and_report(
         _emit("cleanlist.run.failed", {"status": RunStatus.FAILED.value, "error": str(run.store_lost)})
         raise RunFailed(f"run stopped: {run.store_lost}")
     report = result_or_input_error(
-        write_output_task(run, options.output, options.rejects_target, options.table, return_state=True)
+        write_output_task(
+            options,
+            run.workspace,
+            run.store,
+            options.output,
+            options.rejects_target,
+            options.table,
+            return_state=True,
+        )
     )
     fatal = run.fatal
     counters = run.counters

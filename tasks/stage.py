@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import threading
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from cleanlist.io.cursor import CursorFilter
-from cleanlist.run.context import RunContext
+from cleanlist.run.options import EnrichOptions
 from cleanlist.run.stage import StageReport, stage_source
+from cleanlist.run.workspace import RunWorkspace
 from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 
 
 @task(name="stage-source", cache_policy=NO_CACHE, persist_result=False)
 @input_errors_as_failed_state
-def stage_source_task(run: RunContext, cursor: CursorFilter | None = None) -> StageReport:
-    """Read, prepare and stage every row of the run's source (past the cursor's mark) into its workspace."""
-    options = run.options
+def stage_source_task(
+    options: EnrichOptions,
+    workspace: RunWorkspace,
+    cursor: CursorFilter | None = None,
+    stop: threading.Event | None = None,
+) -> StageReport:
+    """Read, prepare and stage every row of the run's source (past the cursor's mark) into its workspace;
+    `stop` set ends the reading early."""
     return stage_source(
         options.source,
-        run.workspace,
+        workspace,
         mapping_overrides=options.mapping,
         sql_query=options.sql_query,
         batch_rows=options.batch_rows,
@@ -26,5 +34,5 @@ def stage_source_task(run: RunContext, cursor: CursorFilter | None = None) -> St
         encoding=options.encoding,
         cursor=cursor,
         storage_options=options.storage_options,
-        stop=run.stop.event,
+        stop=stop,
     )

@@ -124,6 +124,57 @@ def test_transient_errors_and_a_429_storm_complete_without_early_retries(
                 assert early == []
 
 
+def test_a_429_and_a_503_are_retried_by_the_chunk_task_as_the_runs_policy_says(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    # One chunk: its first request meets a 429 with Retry-After, its second a 503. Both are retries of
+    # the submit-chunk task (what the Prefect UI shows as "Retrying"), counted by Prefect's run count:
+    # with --retries 2 the third run is the last one the run's policy allows for a 503, and it succeeds.
+    sandbox = make_sandbox(
+        rate_limit=None, faults={"enrich-bulk": FaultSpec(sequence=(429, 503), retry_after=1)}
+    )
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=100)
+    state, summary = run_flow(
+        source=str(source),
+        output=str(tmp_path / "out.csv"),
+        store=f"sqlite:///{tmp_path / 's.db'}",
+        retries=2,
+    )
+
+    assert state.is_completed(), state.message
+    assert [e["status"] for e in bulk_requests(sandbox.requests_log())] == [429, 503, 200]
+    assert (summary["retries"], summary["rate_limited"], summary["chunks_failed"]) == (2, 1, 0)
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        [chunk] = [t for t in client.read_task_runs(flow_run_filter=flow_runs) if t.name == "chunk-00000"]
+    assert chunk.run_count == 3
+
+
+def test_a_chunk_task_stops_retrying_when_the_runs_policy_says_so(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    # --retries 1: a 503 on the second run is the end of the chunk, although Prefect's task would allow
+    # more runs (a 429 with Retry-After may use a few beyond --retries): the run's policy decides.
+    sandbox = make_sandbox(rate_limit=None, faults={"enrich-bulk": FaultSpec(sequence=(503, 503))})
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=100)
+    state, summary = run_flow(
+        source=str(source),
+        output=str(tmp_path / "out.csv"),
+        store=f"sqlite:///{tmp_path / 's.db'}",
+        retries=1,
+    )
+
+    assert not state.is_completed()
+    assert [e["status"] for e in bulk_requests(sandbox.requests_log())] == [503, 503]
+    assert (summary["chunks_failed"], summary["submitted"]) == (1, 0)
+    assert set(read_csv(tmp_path / "out.csv")["cleanlist_status"]) == {"error"}
+
+
 def test_a_429_holds_the_endpoint_for_every_task_not_only_the_one_that_got_it(
     tmp_path: Path, make_sandbox, api_env
 ) -> None:

@@ -29,7 +29,7 @@ from cleanlist.retry import RetryDecision, RetryPolicy
 
 # Small numbers so that every branch of the table shows up within a few attempts.
 POLICY_UNDER_TEST = RetryPolicy(
-    retries=3, initial_delay=2.0, max_delay=10.0, jitter_factor=0.5, inline_rate_limit_waits=2
+    retries=3, initial_delay=2.0, max_delay=10.0, jitter_factor=0.5, rate_limit_retries=2
 )
 LOGGER = "cleanlist.retry"
 
@@ -80,7 +80,8 @@ def test_default_policy_is_the_documented_one() -> None:
     policy = RetryPolicy()
     assert policy.delays() == [2.0, 4.0, 8.0, 16.0, 32.0]
     assert policy.backoff(7) == 60.0
-    assert policy.inline_rate_limit_waits == 3
+    assert policy.rate_limit_retries == 3
+    assert policy.submit_attempts == 9
 
 
 # -- submit ----------------------------------------------------------------------------------------------
@@ -90,75 +91,71 @@ def test_default_policy_is_the_documented_one() -> None:
 class SubmitRow:
     error: BaseException
     attempt: int
-    inline_waits: int
     action: Action
     wait: float | None
-    inline: bool
+    spread: bool  # a backoff the caller jitters (a Retry-After is exact)
     reason: str  # a part of the decision's reason
 
 
 SUBMIT_TABLE: dict[str, SubmitRow] = {
-    "429-retry-after-first-inline-wait": SubmitRow(
-        status_error(429, "3"), 1, 0, Action.RETRY_AFTER, 3.0, True, "inline wait 1 of 2"
+    "429-retry-after-first-attempt": SubmitRow(
+        status_error(429, "3"), 1, Action.RETRY_AFTER, 3.0, False, "task retry 1 of 5 after Retry-After 3s"
     ),
-    "429-retry-after-last-inline-wait": SubmitRow(
-        status_error(429, "3"), 1, 1, Action.RETRY_AFTER, 3.0, True, "inline wait 2 of 2"
+    "429-retry-after-beyond-the-transient-retries": SubmitRow(
+        status_error(429, "3"), 4, Action.RETRY_AFTER, 3.0, False, "task retry 4 of 5"
     ),
-    "429-retry-after-inline-waits-used-up": SubmitRow(
-        status_error(429, "3"), 1, 2, Action.RETRY_AFTER, 2.0, False, "task retry 1 of 3"
+    "429-retry-after-last-attempt": SubmitRow(
+        status_error(429, "7"), 5, Action.RETRY_AFTER, 7.0, False, "task retry 5 of 5"
     ),
-    "429-retry-after-used-up-on-a-later-attempt": SubmitRow(
-        status_error(429, "7"), 3, 2, Action.RETRY_AFTER, 8.0, False, "task retry 3 of 3"
-    ),
-    "429-retry-after-used-up-and-out-of-retries": SubmitRow(
-        status_error(429, "3"), 4, 2, Action.FAIL, None, False, "giving up after 4 attempts"
+    "429-retry-after-out-of-attempts": SubmitRow(
+        status_error(429, "3"), 6, Action.FAIL, None, False, "giving up after 6 attempts"
     ),
     "429-without-retry-after": SubmitRow(
-        status_error(429), 1, 0, Action.RETRY_AFTER, 2.0, False, "task retry 1 of 3"
+        status_error(429), 1, Action.RETRY_AFTER, 2.0, True, "task retry 1 of 3"
     ),
     "429-unparsable-retry-after": SubmitRow(
-        status_error(429, "soon"), 2, 0, Action.RETRY_AFTER, 4.0, False, "task retry 2 of 3"
+        status_error(429, "soon"), 2, Action.RETRY_AFTER, 4.0, True, "task retry 2 of 3"
     ),
-    "500-first-attempt": SubmitRow(status_error(500), 1, 0, Action.RETRY, 2.0, False, "task retry 1 of 3"),
-    "503-second-attempt": SubmitRow(status_error(503), 2, 0, Action.RETRY, 4.0, False, "(±50% jitter)"),
-    "502-last-retry": SubmitRow(status_error(502), 3, 0, Action.RETRY, 8.0, False, "in ~8s"),
+    "429-without-retry-after-out-of-retries": SubmitRow(
+        status_error(429), 4, Action.FAIL, None, False, "giving up after 4 attempts"
+    ),
+    "500-first-attempt": SubmitRow(status_error(500), 1, Action.RETRY, 2.0, True, "task retry 1 of 3"),
+    "503-second-attempt": SubmitRow(status_error(503), 2, Action.RETRY, 4.0, True, "(±50% jitter)"),
+    "502-last-retry": SubmitRow(status_error(502), 3, Action.RETRY, 8.0, True, "in ~8s"),
     "504-out-of-retries": SubmitRow(
-        status_error(504), 4, 0, Action.FAIL, None, False, "giving up after 4 attempts"
+        status_error(504), 4, Action.FAIL, None, False, "giving up after 4 attempts"
     ),
     "network-error": SubmitRow(
-        APIConnectionError("connection refused"), 2, 0, Action.RETRY, 4.0, False, "task retry 2 of 3"
+        APIConnectionError("connection refused"), 2, Action.RETRY, 4.0, True, "task retry 2 of 3"
     ),
     "401": SubmitRow(
-        status_error(401, "3"), 1, 0, Action.FAIL_FAST, None, False, POLICY[AuthenticationError].fix
+        status_error(401, "3"), 1, Action.FAIL_FAST, None, False, POLICY[AuthenticationError].fix
     ),
-    "403": SubmitRow(
-        status_error(403), 1, 0, Action.FAIL_FAST, None, False, POLICY[PermissionDeniedError].fix
-    ),
-    "402": SubmitRow(
-        status_error(402), 1, 0, Action.PAUSE, None, False, POLICY[InsufficientCreditsError].fix
-    ),
+    "403": SubmitRow(status_error(403), 1, Action.FAIL_FAST, None, False, POLICY[PermissionDeniedError].fix),
+    "402": SubmitRow(status_error(402), 1, Action.PAUSE, None, False, POLICY[InsufficientCreditsError].fix),
     "422": SubmitRow(
-        status_error(422), 1, 0, Action.QUARANTINE, None, False, POLICY[UnprocessableEntityError].fix
+        status_error(422), 1, Action.QUARANTINE, None, False, POLICY[UnprocessableEntityError].fix
     ),
-    "400": SubmitRow(status_error(400), 1, 0, Action.FAIL, None, False, POLICY[BadRequestError].fix),
-    "404": SubmitRow(status_error(404), 1, 0, Action.FAIL, None, False, "unknown to the API"),
-    "unknown-status": SubmitRow(status_error(418), 1, 0, Action.FAIL, None, False, "unexpected answer"),
+    "400": SubmitRow(status_error(400), 1, Action.FAIL, None, False, POLICY[BadRequestError].fix),
+    "404": SubmitRow(status_error(404), 1, Action.FAIL, None, False, "unknown to the API"),
+    "unknown-status": SubmitRow(status_error(418), 1, Action.FAIL, None, False, "unexpected answer"),
     "unknown-shape": SubmitRow(
-        APIResponseValidationError("no workflow_id"), 1, 0, Action.FAIL, None, False, "shape"
+        APIResponseValidationError("no workflow_id"), 1, Action.FAIL, None, False, "shape"
     ),
-    "not-an-api-error": SubmitRow(ValueError("boom"), 1, 0, Action.FAIL, None, False, "not an API error"),
+    "not-an-api-error": SubmitRow(ValueError("boom"), 1, Action.FAIL, None, False, "not an API error"),
 }
 
 
 @pytest.mark.parametrize("name", list(SUBMIT_TABLE))
 def test_submit_decision(name: str, retry_records: Records) -> None:
     row = SUBMIT_TABLE[name]
-    decision = POLICY_UNDER_TEST.for_submit(
-        row.error, what="chunk 00007", attempt=row.attempt, inline_waits=row.inline_waits
-    )
+    decision = POLICY_UNDER_TEST.for_submit(row.error, what="chunk 00007", attempt=row.attempt)
 
-    assert (decision.action, decision.wait, decision.inline) == (row.action, row.wait, row.inline)
+    assert (decision.action, decision.wait, decision.spread) == (row.action, row.wait, row.spread)
+    assert not decision.inline  # a submit is retried by its task, never by a loop of its own
     assert decision.retry is (row.wait is not None)
+    # Prefect's retry condition asks the same question of the same policy, without a second log line.
+    assert POLICY_UNDER_TEST.allows_submit_retry(row.error, row.attempt) is decision.retry
     assert row.reason in decision.reason
     # Logged once, naming the chunk, the error, the action and the reason.
     [record] = retry_records()
@@ -168,6 +165,13 @@ def test_submit_decision(name: str, retry_records: Records) -> None:
     assert f"→ {decision.action.value}: {decision.reason}" in message
     expected_level = logging.WARNING if decision.retry or decision.action is Action.PAUSE else logging.ERROR
     assert record.levelno == expected_level
+
+
+@pytest.mark.parametrize("wait", [0.0, 1.0, 8.0])
+def test_a_backoff_is_spread_within_the_jitter_factor(wait: float) -> None:
+    spread = [POLICY_UNDER_TEST.jittered(wait) for _ in range(200)]
+    assert all(wait * 0.5 <= s <= wait * 1.5 for s in spread)
+    assert wait == 0.0 or len(set(spread)) > 1
 
 
 def test_error_classes_are_what_the_table_assumes() -> None:
@@ -185,38 +189,23 @@ def test_server_errors_wait_the_backoff_of_their_attempt_until_retries_run_out(
     retry_records: Records,
 ) -> None:
     error = status_error(500)
-    decisions = [
-        POLICY_UNDER_TEST.for_submit(error, what="chunk 00001", attempt=attempt, inline_waits=0)
-        for attempt in range(1, 6)
-    ]
+    decisions = [POLICY_UNDER_TEST.for_submit(error, what="chunk 00001", attempt=a) for a in range(1, 6)]
     assert [d.wait for d in decisions] == [2.0, 4.0, 8.0, None, None]
     assert [d.action for d in decisions] == [Action.RETRY] * 3 + [Action.FAIL] * 2
     assert [d.wait for d in decisions[:3]] == POLICY_UNDER_TEST.delays()
     assert len(retry_records()) == 5
 
 
-def test_a_run_of_429s_waits_inline_then_hands_over_to_task_retries(retry_records: Records) -> None:
-    # What the submit task does: inline waits within one run, then a task retry, then the next run.
-    error = status_error(429, "1.5")
-    taken: list[RetryDecision] = []
-    for attempt in (1, 2):
-        inline_waits = 0
-        while True:
-            decision = POLICY_UNDER_TEST.for_submit(
-                error, what="chunk 00002", attempt=attempt, inline_waits=inline_waits
-            )
-            taken.append(decision)
-            if not decision.inline:
-                break
-            inline_waits += 1
-    assert [(d.inline, d.wait) for d in taken] == [
-        (True, 1.5),
-        (True, 1.5),
-        (False, 2.0),
-        (True, 1.5),
-        (True, 1.5),
-        (False, 4.0),
+def test_one_attempt_count_serves_429s_and_other_transient_errors(retry_records: Records) -> None:
+    # What Prefect's run count sees: 429s with Retry-After may use the extra attempts, a 5xx may not.
+    limited, broken = status_error(429, "1.5"), status_error(503)
+    taken: list[RetryDecision] = [
+        POLICY_UNDER_TEST.for_submit(error, what="chunk 00002", attempt=attempt)
+        for attempt, error in enumerate([limited, limited, broken, limited, limited, limited], start=1)
     ]
+    assert [d.wait for d in taken] == [1.5, 1.5, 8.0, 1.5, 1.5, None]
+    assert POLICY_UNDER_TEST.submit_attempts == 6
+    assert not POLICY_UNDER_TEST.allows_submit_retry(broken, 4)
     assert len(retry_records()) == len(taken)
 
 

@@ -390,6 +390,30 @@ def test_a_workflow_an_earlier_run_left_in_flight_is_polled_not_resubmitted(
         assert run.store.open_workflows() == []
 
 
+def test_what_an_unresolved_workflow_owes_is_asked_through_the_one_lookup_that_retries(
+    make_sandbox: StartSandbox, tmp_path: Path
+) -> None:
+    from cleanlist.sandbox import FaultSpec
+
+    # The first task lookup is answered 503. Settling before a rerun plans goes through the same lookup
+    # as a polled or delivered answer: retried by the run's policy, not a failed run (before issue 20 this
+    # copy of the lookup let the 503 out of the planning step).
+    sandbox = make_sandbox(rate_limit=None, latency=0.0, faults={"enrich-status": FaultSpec(sequence=(503,))})
+    with open_run(sandbox, tmp_path, 3, left_in_flight=3) as (run, plan):
+        [workflow_id] = plan.resume_workflows
+        run.store.mark_workflow(workflow_id, "unresolved")
+        owed = run.store.owed(workflow_id)
+        assert len(owed) == 3
+
+        answered, unknown = run.settle_unresolved({workflow_id: owed})
+
+        assert (sorted(answered), unknown) == (sorted(owed), [])
+        assert run.counters.task_lookups == 4  # three tasks, one of them asked twice
+        assert sandbox.counters()["requests"]["enrich-status"] == {"503": 1, "200": 3}
+        assert set(run.store.results(list(owed), "partial")) == set(owed)
+        assert run.counters.credits_spent == pytest.approx(sandbox.counters()["credits_charged"])
+
+
 def test_progress_counts_only_the_chunks_of_this_run(make_sandbox: StartSandbox, tmp_path: Path) -> None:
     sandbox = make_sandbox(rate_limit=None, latency=0.2)
     snapshots: list[Progress] = []

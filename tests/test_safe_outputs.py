@@ -215,7 +215,7 @@ def test_formula_cells_are_neutralized_unless_raw_csv(tmp_path: Path, raw_csv: b
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(tempfile, "mkstemp", recording_mkstemp)
-            report = write_output_task.fn(run, str(output), str(rejects))
+            report = write_output_task.fn(run.options, run.workspace, run.store, str(output), str(rejects))
     finally:
         run.store.close()
         workspace.cleanup()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from cleanlist.run.context import ProgressListener
+from cleanlist.run.state import ProgressListener
 
 _LISTENER: ContextVar[ProgressListener | None] = ContextVar("cleanlist_progress_listener", default=None)
 

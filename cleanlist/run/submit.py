@@ -1,10 +1,10 @@
 """Submitting one chunk to `POST /enrich/bulk`: claim its contacts, send, record the workflow.
 
-What to do about an error is the retry policy's decision (`cleanlist.retry`), made once per failure:
-a 429 with Retry-After is waited out here a few times (the limiter holds the endpoint for every thread
-meanwhile); other transient errors are raised for the task's retries; 401/403 close the gate and raise;
-402 closes the gate and hands the chunk back for after the pause; 422 quarantines the named rows and
-resubmits the rest once.
+What to do about an error is the run's retry policy's decision (`cleanlist.retry`), made and logged once
+per failure: transient errors (429, 5xx, network) are raised for the submit-chunk task's retries, the one
+place a bulk request is retried (the wait the policy chose is spent at the start of the next attempt,
+where a stop request cuts it short); 401/403 close the gate and raise; 402 closes the gate and hands the
+chunk back for after the pause; 422 quarantines the named rows and resubmits the rest once.
 """
 
 from __future__ import annotations
@@ -67,55 +67,51 @@ class _Attempt:
 
 
 def _send(run: RunContext, chunk_no: int, attempt: int, contacts: list[StagedContact]) -> BulkEnrichResponse:
-    """One bulk call; a 429 the policy says to wait out inline is retried here.
+    """One bulk call. A failure is decided by the run's retry policy (logged once) and raised; a retry
+    the policy allows leaves its wait for the next attempt of the chunk's task (`RunState.retry_waits`).
 
     Each request is written to the run's acceptance journal once its rate slot is granted, right before
     it is sent; its acceptance right after the answer is read, before anything else; any other answer
     that was read settles it too (see cleanlist/run/journal.py). A stop requested while the request
     waits for its slot raises StoppedBeforeSending: nothing was sent, nothing is in doubt.
     """
-    inline_waits = 0
     keys = [c.key for c in contacts]
     payloads = [c.payload for c in contacts]
     options = run.options
-    while True:
-        attempt_entry = _Attempt(run, chunk_no, keys)
-        try:
-            response = run.client.enrich_bulk(
-                payloads, options.enrichment_type, run.webhook_url, before_send=attempt_entry.before_send
+    attempt_entry = _Attempt(run, chunk_no, keys)
+    try:
+        response = run.client.enrich_bulk(
+            payloads, options.enrichment_type, run.webhook_url, before_send=attempt_entry.before_send
+        )
+    except APIError as exc:
+        attempt_entry.answered(exc)
+        if _maybe_accepted(exc):
+            run.count(ambiguous_submissions=1, ambiguous_contacts=len(contacts))
+            logger.warning(
+                "chunk %05d: the answer to a bulk request was lost after it was sent (%s): the API may "
+                "have accepted and charged it; without an idempotency key a retry cannot tell",
+                chunk_no,
+                exc,
             )
-        except APIError as exc:
-            attempt_entry.answered(exc)
-            if _maybe_accepted(exc):
-                run.count(ambiguous_submissions=1, ambiguous_contacts=len(contacts))
-                logger.warning(
-                    "chunk %05d: the answer to a bulk request was lost after it was sent (%s): the API may "
-                    "have accepted and charged it; without an idempotency key a retry cannot tell",
-                    chunk_no,
-                    exc,
-                )
-            decision = run.retry.for_submit(
-                exc, what=f"chunk {chunk_no:05d}", attempt=attempt, inline_waits=inline_waits
-            )
-            if decision.action is Action.RETRY_AFTER:
-                run.count(rate_limited=1)
-            # The client already made the limiter hold the endpoint for Retry-After, so the next
-            # attempt waits exactly as long.
-            if not (decision.inline and run.gate.open):
-                raise
-            inline_waits += 1
-            continue
-        if run.journal is not None and attempt_entry.request is not None:
-            run.journal.accepted(
-                attempt_entry.request,
-                run_id=run.run_id,
-                workflow_id=response.workflow_id,
-                chunk_key=str(chunk_no),
-                enrichment_type=options.enrichment_type,
-                keys=keys,
-                task_ids=response.task_ids,
-            )
-        return response
+        decision = run.retry.for_submit(exc, what=f"chunk {chunk_no:05d}", attempt=attempt)
+        if decision.action is Action.RETRY_AFTER:
+            run.count(rate_limited=1)
+        if decision.wait is not None:
+            # A Retry-After is exact (the limiter holds the endpoint as long); a backoff is spread.
+            wait = run.retry.jittered(decision.wait) if decision.spread else decision.wait
+            run.state.retry_after(chunk_no, wait)
+        raise
+    if run.journal is not None and attempt_entry.request is not None:
+        run.journal.accepted(
+            attempt_entry.request,
+            run_id=run.run_id,
+            workflow_id=response.workflow_id,
+            chunk_key=str(chunk_no),
+            enrichment_type=options.enrichment_type,
+            keys=keys,
+            task_ids=response.task_ids,
+        )
+    return response
 
 
 def _maybe_accepted(error: APIError) -> bool:
@@ -181,8 +177,12 @@ def _hands_back(run: RunContext, error: APIError) -> bool:
 def submit_chunk(run: RunContext, chunk_no: int, *, attempt: int = 1) -> ChunkOutcome:
     """Claim the chunk's contacts in the store, submit the ones we hold, record the workflow.
 
-    `attempt` is the task's run count (1 for its first run), for the retry policy.
+    `attempt` is the task's run count (1 for its first run), for the retry policy. A retried attempt
+    first waits what the policy chose after the last failure (a stop request ends the wait).
     """
+    wait = run.state.take_retry_wait(chunk_no)
+    if wait > 0:
+        run.stop.event.wait(wait)
     if not run.gate.open:
         return ChunkOutcome(chunk_no, ChunkStatus.DEFERRED)
     staged = run.workspace.chunk(chunk_no)
