@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,6 +13,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+def _isolate_xdist_worker() -> None:
+    """Under pytest-xdist (`-n 2`, see .ci/run) each worker gets a HOME and a TMPDIR of its own, inherited
+    by the CLIs and servers it starts: the journal and default store under ~/.cleanlist, the run
+    workspaces and `cleanlist-frame-*` directories in the temp dir are never seen by the other worker.
+    Each worker also has its own session Prefect server (`prefect_harness`), sandboxes on free ports and
+    uniquely named PostgreSQL databases."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    private = Path(tempfile.mkdtemp(prefix=f"cleanlist-tests-{worker}-"))
+    for name in ("home", "tmp"):
+        (private / name).mkdir()
+    os.environ["HOME"] = str(private / "home")
+    os.environ["TMPDIR"] = str(private / "tmp")
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+
+
+_isolate_xdist_worker()
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
