@@ -224,7 +224,7 @@ def test_a_stop_drains_prefect_and_stops_the_temporary_server_it_started(
 
 
 def test_kill_minus_nine_leaves_no_temporary_server_behind(
-    tmp_path: Path, make_sandbox: Callable[..., Any]
+    tmp_path: Path, make_sandbox: Callable[..., Any], prefect_home: Path
 ) -> None:
     sandbox = make_sandbox(rate_limit=None, bulk_answer_delay=5.0, latency=0.5)
     source = messy_export(tmp_path / "crm.csv", unique=500)
