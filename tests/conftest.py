@@ -14,9 +14,19 @@ from typing import Any
 
 import pytest
 
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+from cleanlist.run.workspace import RunWorkspace
+from cleanlist.sandbox import SandboxConfig, SandboxServer
+from cleanlist.store import EnrichmentStore
+
+POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
 
 def _isolate_xdist_worker() -> None:
-    """Under pytest-xdist (`-n 2`, see .ci/run) each worker gets a HOME and a TMPDIR of its own, inherited
+    """Under pytest-xdist (`-n 4`, see .ci/run) each worker gets a HOME and a TMPDIR of its own, inherited
     by the CLIs and servers it starts: the journal and default store under ~/.cleanlist, the run
     workspaces and `cleanlist-frame-*` directories in the temp dir are never seen by the other worker.
     Each worker also has its own session Prefect server (`prefect_harness`), sandboxes on free ports and
@@ -33,17 +43,8 @@ def _isolate_xdist_worker() -> None:
     atexit.register(shutil.rmtree, private, ignore_errors=True)
 
 
-_isolate_xdist_worker()
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-
-from cleanlist.run.workspace import RunWorkspace
-from cleanlist.sandbox import SandboxConfig, SandboxServer
-from cleanlist.store import EnrichmentStore
-
-POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+def pytest_configure(config: pytest.Config) -> None:
+    _isolate_xdist_worker()
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +145,18 @@ def workspace(tmp_path: Path) -> Iterator[RunWorkspace]:
     opened = RunWorkspace(tmp_path)
     yield opened
     opened.cleanup()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With `--dist loadgroup` (.ci/run) tests spread over the workers one by one, except the tests of a
+    module that share a module-scoped fixture (a Prefect stack with workers, a migrated Prefect home, an
+    S3 server): those stay on one worker, so the fixture is still built once."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
