@@ -26,7 +26,7 @@ POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postg
 
 
 def _isolate_xdist_worker() -> None:
-    """Under pytest-xdist (`-n 4`, see .ci/run) each worker gets a HOME and a TMPDIR of its own, inherited
+    """Under pytest-xdist (`-n 2`, see .ci/run) each worker gets a HOME and a TMPDIR of its own, inherited
     by the CLIs and servers it starts: the journal and default store under ~/.cleanlist, the run
     workspaces and `cleanlist-frame-*` directories in the temp dir are never seen by the other worker.
     Each worker also has its own session Prefect server (`prefect_harness`), sandboxes on free ports and
