@@ -26,11 +26,11 @@ POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postg
 
 
 def _isolate_xdist_worker() -> None:
-    """Under pytest-xdist (`-n 2`, see .ci/run) each worker gets a HOME and a TMPDIR of its own, inherited
-    by the CLIs and servers it starts: the journal and default store under ~/.cleanlist, the run
-    workspaces and `cleanlist-frame-*` directories in the temp dir are never seen by the other worker.
-    Each worker also has its own session Prefect server (`prefect_harness`), sandboxes on free ports and
-    uniquely named PostgreSQL databases."""
+    """Under pytest-xdist (CLEANLIST_TEST_WORKERS=2 in .ci/run) each worker gets a HOME and a TMPDIR of
+    its own, inherited by the CLIs and servers it starts: the journal and default store under
+    ~/.cleanlist, the run workspaces and `cleanlist-frame-*` directories in the temp dir are never seen
+    by the other worker. Each worker also has its own session Prefect server (`prefect_harness`),
+    sandboxes on free ports and uniquely named PostgreSQL databases."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker:
         return
