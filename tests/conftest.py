@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,12 +25,34 @@ from cleanlist.store import EnrichmentStore
 POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+def _isolate_xdist_worker() -> None:
+    """Under pytest-xdist (CLEANLIST_TEST_WORKERS=2 in .ci/run) each worker gets a HOME and a TMPDIR of
+    its own, inherited by the CLIs and servers it starts: the journal and default store under
+    ~/.cleanlist, the run workspaces and `cleanlist-frame-*` directories in the temp dir are never seen
+    by the other worker. Each worker also has its own session Prefect server (`prefect_harness`),
+    sandboxes on free ports and uniquely named PostgreSQL databases."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    private = Path(tempfile.mkdtemp(prefix=f"cleanlist-tests-{worker}-"))
+    for name in ("home", "tmp"):
+        (private / name).mkdir()
+    os.environ["HOME"] = str(private / "home")
+    os.environ["TMPDIR"] = str(private / "tmp")
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _isolate_xdist_worker()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """One real (temporary) Prefect server for every flow test of the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 
@@ -120,3 +145,18 @@ def workspace(tmp_path: Path) -> Iterator[RunWorkspace]:
     opened = RunWorkspace(tmp_path)
     yield opened
     opened.cleanup()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With `--dist loadgroup` (.ci/run) tests spread over the workers one by one, except the tests of a
+    module that share a module-scoped fixture (a Prefect stack with workers, a migrated Prefect home, an
+    S3 server): those stay on one worker, so the fixture is still built once."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
