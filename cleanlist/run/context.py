@@ -320,6 +320,7 @@ class RunContext:
             keys=keys,
             task_ids=task_ids,
             worst_case_credits=worst,
+            durable=self.journal is None,  # the journal's fsync'd accepted line made it durable already
         )
         self.workspace.set_state(keys, ContactState.ACCEPTED)
         self.budget.workflow_accepted(worst)
@@ -633,7 +634,7 @@ def _contact_result(key: str, result: TaskResult) -> ContactResult:
         primary_email_status=result.primary_email_status,
         other_emails=tuple(result.emails),
         phones=tuple(result.phones),
-        raw=result.model_dump(mode="json"),
+        raw=result.raw(),
     )
 
 
