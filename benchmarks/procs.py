@@ -157,7 +157,8 @@ class PrefectServer:
             str(self.port),
         ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        _wait_for(self.api_url + "/health", 120, self.proc, "the Prefect server")
+        # Its first start migrates a fresh database: minutes on a 2-CPU machine shared by other sessions.
+        _wait_for(self.api_url + "/health", 600, self.proc, "the Prefect server")
         self.startup_seconds = time.monotonic() - started
 
     def cpu_seconds(self) -> float:
