@@ -78,7 +78,7 @@ class SandboxProcess:
         log_dir = log_dir or Path(tempfile.gettempdir())
         self._log = open(log_dir / f"sandbox-{self.port}.log", "wb")
         cmd = [
-            sys.executable, "-m", "deployments.cli", "sandbox",
+            sys.executable, "-m", "cleanlist_prefect.deployments.cli", "sandbox",
             "--port", str(self.port), "--api-key", self.api_key, "--credits", str(credits),
             "--rate-limit", rate_limit, "--latency", latency, "--seed", str(seed), *extra,
         ]  # fmt: skip

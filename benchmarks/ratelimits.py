@@ -173,7 +173,7 @@ def measure(case: Case, checkout: Path, prefect: PrefectServer, work: Path) -> R
         for i, source in enumerate(sources):
             output = work / f"out-{uuid.uuid4().hex[:6]}-{i}.csv"
             cmd = [
-                sys.executable, "-m", "deployments.cli", "run", str(source),
+                sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source),
                 "--output", str(output), "--store", store, "--json",
             ]  # fmt: skip
             procs.append((subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE,

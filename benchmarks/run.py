@@ -115,7 +115,7 @@ class Stand:
 
 def pipeline_cmd(source: Path, output: Path, store: Path, extra: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "deployments.cli", "run", str(source),
+        sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source),
         "--output", str(output), "--store", f"sqlite:///{store}", "--json", *extra,
     ]  # fmt: skip
 

@@ -105,7 +105,7 @@ HUNG = -9
 
 
 def run_cli(checkout: Path, source: Path, output: Path, store: str, env: dict[str, str]) -> int:
-    cmd = [sys.executable, "-m", "deployments.cli", "run", str(source), "--output", str(output),
+    cmd = [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source), "--output", str(output),
            "--store", store, "--initial-poll-seconds", "1", "--json"]  # fmt: skip
     try:
         done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=TIMEOUT)

@@ -5,6 +5,6 @@ subflow) or on its own. It returns an `EnrichedFrame` (`.output`, `.rejects`, `.
 """
 
 from cleanlist.run.summary import RunSummary
-from flows.enrich_frame import EnrichedFrame, enrich_dataframe
+from cleanlist_prefect.flows.enrich_frame import EnrichedFrame, enrich_dataframe
 
 __all__ = ["EnrichedFrame", "RunSummary", "enrich_dataframe"]

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from deployments.local_run import EXIT_FAILED, EXIT_OK
-from deployments.local_run import error as _error
+from cleanlist_prefect.deployments.local_run import EXIT_FAILED, EXIT_OK
+from cleanlist_prefect.deployments.local_run import error as _error
 
 
 def _parse_map(values: Sequence[str] | None) -> dict[str, str] | None:
@@ -110,7 +110,7 @@ def _parse_json_object(flag: str, text: str) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from deployments.local_run import run_enrichment
+    from cleanlist_prefect.deployments.local_run import run_enrichment
 
     kwargs = _flow_kwargs(args)
     _check_before_prefect_starts(kwargs)
@@ -135,13 +135,13 @@ def _check_before_prefect_starts(kwargs: dict[str, Any]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from deployments.demo import run_demo
+    from cleanlist_prefect.deployments.demo import run_demo
 
     return run_demo(output_dir=args.output_dir, as_json=args.json)
 
 
 def cmd_set_key(args: argparse.Namespace) -> int:
-    from flows.secrets import SECRET_BLOCK, save_api_key, save_credentials
+    from cleanlist_prefect.flows.secrets import SECRET_BLOCK, save_api_key, save_credentials
 
     if args.credentials is None and (args.base_url or args.rate_limit):
         _error(
@@ -184,14 +184,14 @@ def _block_name(value: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deployments.serve import serve_all
+    from cleanlist_prefect.deployments.serve import serve_all
 
     serve_all(limit=args.limit)
     return EXIT_OK
 
 
 def cmd_automation(args: argparse.Namespace) -> int:
-    from deployments.automations import create_credits_automation
+    from cleanlist_prefect.deployments.automations import create_credits_automation
 
     print(create_credits_automation(block_name=args.block))
     return EXIT_OK
@@ -228,7 +228,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cleanlist.sandbox.cli import add_sandbox_parser
-    from deployments.receiver import add_receiver_parser
+    from cleanlist_prefect.deployments.receiver import add_receiver_parser
 
     parser = argparse.ArgumentParser(prog="cleanlist-enrich", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,7 +11,7 @@ SAMPLE = Path(__file__).parent / "data" / "sample-crm-export.csv"
 def run_demo(*, output_dir: str = "output", as_json: bool = False) -> int:
     from cleanlist.sandbox import SandboxConfig, SandboxServer
     from cleanlist.store.database import make_private_dirs
-    from deployments.local_run import run_enrichment
+    from cleanlist_prefect.deployments.local_run import run_enrichment
 
     out = Path(output_dir).resolve()
     make_private_dirs(out)  # contacts' personal data: owner-only

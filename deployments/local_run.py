@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from flows.temporary_server import OwnedTemporaryServer
+from cleanlist_prefect.flows.temporary_server import OwnedTemporaryServer
 
 if TYPE_CHECKING:  # the run's modules (store, SQLAlchemy) load for a run only, not for `sandbox`
     from cleanlist.run.context import Progress
@@ -150,7 +150,7 @@ def _run_and_report(kwargs: dict[str, Any], stop_request: Any, *, as_json: bool)
     from cleanlist.errors import CleanlistError
     from cleanlist.run.progress import reporting_progress_to
     from cleanlist.run.stop import stopping_through
-    from flows.enrich_contacts import enrich_contacts, outcome_of
+    from cleanlist_prefect.flows.enrich_contacts import enrich_contacts, outcome_of
 
     stop = threading.Event()
     bar = None

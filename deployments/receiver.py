@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from deployments.local_run import EXIT_OK
+from cleanlist_prefect.deployments.local_run import EXIT_OK
 
 
 def add_receiver_parser(sub: Any) -> None:

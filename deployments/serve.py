@@ -48,9 +48,9 @@ def nightly_parameters() -> dict[str, Any]:
 
 def build_deployments() -> list[RunnerDeployment]:
     """The three deployments, named as in prefect.yaml."""
-    from flows.backfill_contacts import backfill_contacts
-    from flows.enrich_contacts import enrich_contacts
-    from tasks.prefect_types import sync_result
+    from cleanlist_prefect.flows.backfill_contacts import backfill_contacts
+    from cleanlist_prefect.flows.enrich_contacts import enrich_contacts
+    from cleanlist_prefect.tasks.prefect_types import sync_result
 
     nightly = nightly_parameters()
     ready = "source" in nightly and "output" in nightly

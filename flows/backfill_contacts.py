@@ -58,10 +58,10 @@ from cleanlist.models import EnrichmentType
 from cleanlist.run.options import EnrichOptions
 from cleanlist.run.summary import RunSummary
 from cleanlist.settings import CleanlistSettings, RateLimit
-from flows.enrich_contacts import SUMMARY_KEY
-from flows.run_names import backfill_run_name
-from tasks.prefect_types import sync_result
-from tasks.shards import split_source_task
+from cleanlist_prefect.flows.enrich_contacts import SUMMARY_KEY
+from cleanlist_prefect.flows.run_names import backfill_run_name
+from cleanlist_prefect.tasks.prefect_types import sync_result
+from cleanlist_prefect.tasks.shards import split_source_task
 
 BACKFILL_SUMMARY_KEY = "cleanlist-backfill-summary"
 

@@ -54,7 +54,7 @@ def database_url_of(reference: str, *, what: str) -> str:
         from prefect_sqlalchemy import ConnectionComponents, SqlAlchemyConnector
         from sqlalchemy.engine import make_url
 
-        from tasks.prefect_types import sync_result
+        from cleanlist_prefect.tasks.prefect_types import sync_result
     except ImportError:
         raise InputError(
             f"{what} names a {CONNECTOR_SLUG} block: install prefect-sqlalchemy "
@@ -90,7 +90,7 @@ def storage_options_of(reference: str) -> dict[str, Any]:
     try:
         from prefect.blocks.core import Block
 
-        from tasks.prefect_types import sync_result
+        from cleanlist_prefect.tasks.prefect_types import sync_result
 
         block_class = Block.get_block_class_from_key(slug)
     except KeyError:

@@ -2,7 +2,7 @@
 
 Several blocks live side by side (one per organization or environment) and a run picks one by name
 (`--credentials NAME`, the `credentials` flow parameter). The key stays in the block: a run's
-parameters carry only the block's name. `prefect block register -m flows.credentials` registers the type;
+parameters carry only the block's name. `prefect block register -m cleanlist_prefect.flows.credentials` registers the type;
 an installed package also registers it through its `prefect.collections` entry point.
 """
 
@@ -33,7 +33,7 @@ class CleanlistCredentials(Block):
     )
     _code_example: ClassVar[str] = """
 ```python
-from flows.credentials import CleanlistCredentials
+from cleanlist_prefect.flows.credentials import CleanlistCredentials
 
 with CleanlistCredentials.load("BLOCK_NAME").get_client() as client:
     print(client.credits_balance())

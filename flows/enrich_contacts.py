@@ -52,14 +52,14 @@ from cleanlist.run.summary import EXPECTED_FIND_SHARE, DryRunReport, RunSummary
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.store import EnrichmentStore
 from cleanlist.webhooks.listen import receiving_webhooks
-from flows.blocks import resolve_blocks
-from flows.run_names import enrich_run_name
-from flows.secrets import naming_key_source, run_credentials
-from flows.submission import CreditsToppedUp, Submission, SubmitLoop
-from tasks.outcomes import result_or_input_error
-from tasks.prefect_types import sync_result, thread_pool
-from tasks.stage import stage_source_task
-from tasks.write import write_output_task
+from cleanlist_prefect.flows.blocks import resolve_blocks
+from cleanlist_prefect.flows.run_names import enrich_run_name
+from cleanlist_prefect.flows.secrets import naming_key_source, run_credentials
+from cleanlist_prefect.flows.submission import CreditsToppedUp, Submission, SubmitLoop
+from cleanlist_prefect.tasks.outcomes import result_or_input_error
+from cleanlist_prefect.tasks.prefect_types import sync_result, thread_pool
+from cleanlist_prefect.tasks.stage import stage_source_task
+from cleanlist_prefect.tasks.write import write_output_task
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -47,8 +47,8 @@ from cleanlist.io.writer import REJECT_CODE_COLUMN, REJECT_REASON
 from cleanlist.models import EnrichmentType
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
 from cleanlist.run.summary import RunSummary
-from flows.blocks import resolve_blocks
-from flows.enrich_contacts import (
+from cleanlist_prefect.flows.blocks import resolve_blocks
+from cleanlist_prefect.flows.enrich_contacts import (
     RunFailed,
     check_key,
     failures_as_states,
@@ -59,8 +59,8 @@ from flows.enrich_contacts import (
     wait_for_results,
     write_and_report,
 )
-from flows.temporary_server import OwnedTemporaryServer
-from tasks.prefect_types import thread_pool
+from cleanlist_prefect.flows.temporary_server import OwnedTemporaryServer
+from cleanlist_prefect.tasks.prefect_types import thread_pool
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -18,7 +18,7 @@ from cleanlist.run.options import describe_validation_error
 from cleanlist.settings import ENV_KEY_SOURCE, APIKey, CleanlistSettings, checked_api_key
 
 if TYPE_CHECKING:
-    from flows.credentials import CleanlistCredentials
+    from cleanlist_prefect.flows.credentials import CleanlistCredentials
 
 SECRET_BLOCK = "cleanlist-api-key"
 SECRET_BLOCK_SOURCE = f"the Secret block {SECRET_BLOCK!r}"
@@ -30,7 +30,7 @@ def _secret_block_value() -> str | None:
     try:
         from prefect.blocks.system import Secret
 
-        from tasks.prefect_types import sync_result
+        from cleanlist_prefect.tasks.prefect_types import sync_result
 
         block = sync_result(Secret.load(SECRET_BLOCK, _sync=True))  # type: ignore[call-arg]
         value = block.get()
@@ -99,8 +99,8 @@ def save_api_key(value: str) -> None:
 
 def load_credentials(name: str) -> CleanlistCredentials:
     """The `CleanlistCredentials` block `name`; one InputError line when there is none."""
-    from flows.credentials import CleanlistCredentials
-    from tasks.prefect_types import sync_result
+    from cleanlist_prefect.flows.credentials import CleanlistCredentials
+    from cleanlist_prefect.tasks.prefect_types import sync_result
 
     try:
         block = sync_result(CleanlistCredentials.load(name, _sync=True))  # type: ignore[call-arg]
@@ -152,8 +152,8 @@ def save_credentials(
     name: str, api_key: str, *, base_url: str | None = None, rate_limit: str | None = None
 ) -> CleanlistCredentials:
     """Create the `CleanlistCredentials` block `name`, or update its key (and the fields given) in place."""
-    from flows.credentials import CleanlistCredentials
-    from tasks.prefect_types import sync_result
+    from cleanlist_prefect.flows.credentials import CleanlistCredentials
+    from cleanlist_prefect.tasks.prefect_types import sync_result
 
     try:
         block = sync_result(CleanlistCredentials.load(name, _sync=True))  # type: ignore[call-arg]

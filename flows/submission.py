@@ -37,8 +37,8 @@ from cleanlist.run.context import RunContext
 from cleanlist.run.outage import STORE_ERRORS
 from cleanlist.run.states import ChunkStatus, StopReason
 from cleanlist.run.submit import ChunkOutcome
-from flows.credits import CreditWatcher
-from tasks.submit import submit_chunk_with_retries
+from cleanlist_prefect.flows.credits import CreditWatcher
+from cleanlist_prefect.tasks.submit import submit_chunk_with_retries
 
 HEARTBEAT_SECONDS = 30.0  # claims of a run whose heartbeat is older than the store's lease may be taken
 PROGRESS_SECONDS = 1.0

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from cleanlist.io.cursor import CursorFilter
 from cleanlist.run.context import RunContext
 from cleanlist.run.stage import StageReport, stage_source
-from tasks.outcomes import input_errors_as_failed_state
+from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 
 
 @task(name="stage-source", cache_policy=NO_CACHE, persist_result=False)

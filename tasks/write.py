@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cleanlist.io.writer import WriteReport, open_sinks, write_rows
 from cleanlist.run.context import RunContext
-from tasks.outcomes import input_errors_as_failed_state
+from cleanlist_prefect.tasks.outcomes import input_errors_as_failed_state
 
 
 @task(name="write-output", cache_policy=NO_CACHE, persist_result=False)

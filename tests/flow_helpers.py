@@ -84,7 +84,7 @@ def messy_export(
 
 def run_flow(**params: Any) -> tuple[Any, dict[str, Any]]:
     """Run enrich-contacts in this process; returns (final state, summary)."""
-    from flows.enrich_contacts import enrich_contacts, outcome_of
+    from cleanlist_prefect.flows.enrich_contacts import enrich_contacts, outcome_of
 
     state = enrich_contacts(**{**FAST, **params}, return_state=True)
     summary, _, _ = outcome_of(state)

@@ -65,7 +65,7 @@ def _env(sandbox: Any) -> dict[str, str]:
 
 
 def _args(source: Path, output: Path, store: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "deployments.cli", "run", str(source), "--output", str(output),
+    return [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source), "--output", str(output),
             "--store", store, "--initial-poll-seconds", "1", "--max-concurrent-chunks", "2", "--json",
             *extra]  # fmt: skip
 

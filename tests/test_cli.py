@@ -22,7 +22,7 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 180) -> subproce
 
     full_env = {**os.environ, **env, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     return subprocess.run(
-        [sys.executable, "-m", "deployments.cli", *args],
+        [sys.executable, "-m", "cleanlist_prefect.deployments.cli", *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -139,7 +139,7 @@ def test_bad_input_is_refused_before_prefect_is_needed(tmp_path: Path, args, exp
         "CLEANLIST_API_KEY": "clapi_" + "x" * 64,
     }
     result = subprocess.run(
-        [sys.executable, "-m", "deployments.cli", *[a.format(src=source, tmp=tmp_path) for a in args]],
+        [sys.executable, "-m", "cleanlist_prefect.deployments.cli", *[a.format(src=source, tmp=tmp_path) for a in args]],
         capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     assert result.returncode == 1
@@ -192,7 +192,7 @@ def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path, 
         PREFECT_HOME=str(tmp_path / "prefect-home"),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.cli", "run", str(source), "-o", str(tmp_path / "out.csv")],
+        [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source), "-o", str(tmp_path / "out.csv")],
         cwd=Path(__file__).parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120

@@ -46,7 +46,7 @@ def _command() -> list[str]:
     script = Path(sys.executable).parent / "cleanlist-enrich"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from deployments.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from cleanlist_prefect.deployments.cli import main; sys.exit(main())"]
 
 
 @pytest.fixture(scope="module")

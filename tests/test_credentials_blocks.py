@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.credentials import CleanlistCredentials
+from cleanlist_prefect.flows.credentials import CleanlistCredentials
 from tests.flow_helpers import messy_export, read_csv, run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -90,7 +90,7 @@ def test_a_malformed_block_is_one_line_without_its_key(monkeypatch: pytest.Monke
     from pydantic import SecretStr
 
     from cleanlist.errors import InputError
-    from flows.secrets import load_credentials
+    from cleanlist_prefect.flows.secrets import load_credentials
 
     # Saved around the block's own validation, as an edited document in the UI could be.
     broken = CleanlistCredentials.model_construct(api_key=SecretStr(KEY_A), base_url=None, rate_limit="fast")
@@ -102,7 +102,7 @@ def test_a_malformed_block_is_one_line_without_its_key(monkeypatch: pytest.Monke
 
 
 def test_a_key_given_as_the_block_name_is_refused_without_echoing_it(tmp_path: Path, capsys) -> None:
-    from deployments.cli import main
+    from cleanlist_prefect.deployments.cli import main
 
     code = main(["run", str(tmp_path / "in.csv"), "-o", str(tmp_path / "out.csv"), "--credentials", KEY_A])
     captured = capsys.readouterr()
@@ -114,7 +114,7 @@ def test_a_key_given_as_the_block_name_is_refused_without_echoing_it(tmp_path: P
 def test_the_runs_own_options_override_the_block_and_the_block_overrides_the_environment(
     make_sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.secrets import run_credentials
+    from cleanlist_prefect.flows.secrets import run_credentials
 
     org_a = make_sandbox(api_key=KEY_A, rate_limit=None, latency=0.0)
     monkeypatch.setenv("CLEANLIST_API_KEY", KEY_B)
@@ -153,7 +153,7 @@ def _saved_secret() -> str | None:
 def test_set_key_creates_and_updates_a_block_from_stdin(
     make_sandbox, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from deployments.cli import main
+    from cleanlist_prefect.deployments.cli import main
 
     org_a = make_sandbox(api_key=KEY_A, rate_limit=None, latency=0.0)
     monkeypatch.setattr("sys.stdin", io.StringIO(KEY_B + "\n"))

@@ -74,7 +74,7 @@ def _same_api_again(sandbox: SandboxServer, port: int = 0) -> SandboxServer:
 
 
 def _exit_code(state: Any) -> int:
-    from flows.enrich_contacts import outcome_of
+    from cleanlist_prefect.flows.enrich_contacts import outcome_of
 
     return outcome_of(state)[2]
 
@@ -431,7 +431,7 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 180) -> subproce
     full_env = {**os.environ, **env, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     full_env.pop("PGPASSWORD", None)
     return subprocess.run(
-        [sys.executable, "-m", "deployments.cli", *args],
+        [sys.executable, "-m", "cleanlist_prefect.deployments.cli", *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -464,7 +464,7 @@ def test_the_cli_keeps_one_password_out_of_the_flow_run_parameters(tmp_path: Pat
 
 
 def test_the_password_moves_to_pgpassword_only_when_there_is_exactly_one(monkeypatch, capsys) -> None:
-    from deployments.local_run import password_to_environment, pgpassword
+    from cleanlist_prefect.deployments.local_run import password_to_environment, pgpassword
 
     monkeypatch.delenv("PGPASSWORD", raising=False)
     monkeypatch.delenv("CLEANLIST_STORE_URL", raising=False)

@@ -22,8 +22,8 @@ from prefect.client.orchestration import get_client
 from cleanlist.run.options import EnrichOptions
 from cleanlist.store import EnrichmentStore
 from cleanlist_prefect import EnrichedFrame, enrich_dataframe
-from flows.enrich_contacts import RunFailed
-from flows.enrich_frame import _enrich_dataframe
+from cleanlist_prefect.flows.enrich_contacts import RunFailed
+from cleanlist_prefect.flows.enrich_frame import _enrich_dataframe
 from tests.conftest import postgres_database
 from tests.flow_helpers import FAST
 
@@ -225,7 +225,7 @@ def test_a_revoked_key_fails_the_flow_with_one_line_and_leaves_no_file(
 
 
 def test_the_frame_on_disk_is_private(tmp_path: Path) -> None:
-    from flows.enrich_frame import as_arrow, private_folder, write_private_parquet
+    from cleanlist_prefect.flows.enrich_frame import as_arrow, private_folder, write_private_parquet
 
     with private_folder() as folder:
         written = write_private_parquet(as_arrow(pd.DataFrame({"a": [1, "x"]})), folder / "in.parquet")

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from cleanlist.io.cursor import CursorFilter, CursorKind, Watermark, source_identity
 from cleanlist.io.sources import iter_source
 from cleanlist.store import EnrichmentStore
-from deployments.cli import _flow_kwargs, build_parser
+from cleanlist_prefect.deployments.cli import _flow_kwargs, build_parser
 from tests.conftest import postgres_database
 from tests.flow_helpers import read_csv, run_flow
 

@@ -16,8 +16,8 @@ from cleanlist.client import redact, redact_json
 from cleanlist.errors import InputError
 from cleanlist.sandbox import SandboxServer
 from cleanlist.settings import APIKey, CleanlistSettings, checked_api_key
-from flows.credentials import CleanlistCredentials
-from flows.secrets import SECRET_BLOCK, run_credentials
+from cleanlist_prefect.flows.credentials import CleanlistCredentials
+from cleanlist_prefect.flows.secrets import SECRET_BLOCK, run_credentials
 from tests.flow_helpers import messy_export, run_flow
 from tests.test_secrets_redaction import assert_clean
 
@@ -185,7 +185,7 @@ def secret_block() -> Iterator[Any]:
 
 
 def _run(tmp_path: Path, sandbox: SandboxServer, **params: Any) -> tuple[Any, str | None, float]:
-    from flows.enrich_contacts import outcome_of
+    from cleanlist_prefect.flows.enrich_contacts import outcome_of
 
     source = messy_export(tmp_path / "crm.csv", unique=20)
     started = time.monotonic()
@@ -311,7 +311,7 @@ def test_a_credentials_block_with_a_control_character_is_one_line_naming_the_blo
 )
 def test_a_refused_key_names_its_source_and_the_fix_for_that_source(source: str, fix: str) -> None:
     from cleanlist.errors import make_status_error
-    from flows.secrets import naming_key_source
+    from cleanlist_prefect.flows.secrets import naming_key_source
 
     refused = make_status_error(
         status_code=401, method="GET", path="/auth/validate-key", body={"detail": "nope"}, headers={}

@@ -40,7 +40,7 @@ def _env(sandbox) -> dict[str, str]:
 
 
 def _args(source: Path, output: Path, store: str) -> list[str]:
-    return [sys.executable, "-m", "deployments.cli", "run", str(source), "--output", str(output),
+    return [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source), "--output", str(output),
             "--store", store, "--initial-poll-seconds", "1", "--json"]  # fmt: skip
 
 

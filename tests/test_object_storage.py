@@ -166,7 +166,7 @@ def test_storage_credentials_problems_are_one_line(
 
 
 def test_the_cli_takes_storage_options_as_a_json_object(capsys) -> None:
-    from deployments.cli import _flow_kwargs, build_parser
+    from cleanlist_prefect.deployments.cli import _flow_kwargs, build_parser
 
     argv = ["run", "s3://crm/in.csv", "-o", "s3://crm/out.csv", "--storage-options", '{"anon": true}']
     assert _flow_kwargs(build_parser().parse_args(argv))["storage_options"] == {"anon": True}

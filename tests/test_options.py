@@ -14,8 +14,8 @@ from prefect.utilities.callables import parameter_schema, parameter_schema_from_
 
 from cleanlist.errors import InputError
 from cleanlist.run.options import TASK_RUNNER_WORKERS, EnrichOptions
-from deployments.cli import _flow_kwargs, build_parser
-from flows.enrich_contacts import enrich_contacts
+from cleanlist_prefect.deployments.cli import _flow_kwargs, build_parser
+from cleanlist_prefect.flows.enrich_contacts import enrich_contacts
 
 ROOT = Path(__file__).parent.parent
 FIELDS = EnrichOptions.model_fields
@@ -114,7 +114,7 @@ def test_every_option_has_help_text() -> None:
 
 
 def test_prefect_yaml_and_serve_name_only_real_parameters() -> None:
-    from deployments.serve import NIGHTLY_SETTINGS
+    from cleanlist_prefect.deployments.serve import NIGHTLY_SETTINGS
 
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for deployment in config["deployments"]:

@@ -353,7 +353,7 @@ def test_a_real_run_stores_a_three_second_window_and_goes_at_its_pace(
     assert summary["rate_limits_learned"]["enrich-bulk"].startswith("4/3"), summary
 
     # `cleanlist-enrich limits` lists it, and --clear forgets it.
-    from deployments.cli import main
+    from cleanlist_prefect.deployments.cli import main
 
     capsys.readouterr()
     assert main(["limits", "--store", store_url]) == 0

@@ -21,7 +21,7 @@ def _command(source: Path, tmp_path: Path, store_url: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "deployments.cli",
+        "cleanlist_prefect.deployments.cli",
         "run",
         str(source),
         "--output",

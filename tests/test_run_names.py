@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.run_names import source_label
+from cleanlist_prefect.flows.run_names import source_label
 from tests.flow_helpers import messy_export, run_flow
 
 

@@ -24,7 +24,7 @@ from cleanlist.run.options import EnrichOptions
 from cleanlist.run.workspace import KEY, PID_FILE, REJECT, REJECT_CODE, ROW, RunWorkspace, StagedContact
 from cleanlist.store import EnrichmentStore, database
 from cleanlist.store.database import resolve_url
-from tasks.write import write_output_task
+from cleanlist_prefect.tasks.write import write_output_task
 
 SOURCE_TEXT = "First Name,Last Name,Company Domain\r\nAnn,Lee,acme.example\n=cmd,Bob,b.example\n"
 FORMULAS = ["=1+1", "+33 1 23", "-5", "@SUM(A1)", "\tindent", "\rreturn"]

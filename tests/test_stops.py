@@ -71,7 +71,7 @@ def _env(
 
 
 def _args(source: Path, home: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "deployments.cli", "run", str(source), "--output", str(home / "out.csv"),
+    return [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source), "--output", str(home / "out.csv"),
             "--store", f"sqlite:///{home / 'store.db'}", "--initial-poll-seconds", "1",
             "--retry-delay-seconds", "0.2", "--json", *extra]  # fmt: skip
 

@@ -232,7 +232,7 @@ def test_receiver_command_serves_until_stopped(tmp_path: Path) -> None:
 
     store_url = f"sqlite:///{tmp_path / 'store.db'}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "deployments.cli", "receiver", "--port", "0", "--store", store_url],
+        [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "receiver", "--port", "0", "--store", store_url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -375,7 +375,7 @@ class SchedulePlayer:
         if s.source_format == "dataframe":
             cmd = self._frame_cmd(output)
             return [*UNSHARE, *cmd] if container else cmd
-        cmd = [self.world.python, "-m", "deployments.cli", "run", self.source.argument, "--output", str(output),
+        cmd = [self.world.python, "-m", "cleanlist_prefect.deployments.cli", "run", self.source.argument, "--output", str(output),
                "--store", self.store_url, "--enrichment-type", s.enrichment_type, "--json",
                "--max-concurrent-chunks", str(s.concurrency), *s.run_options]  # fmt: skip
         if self.source.sql:
