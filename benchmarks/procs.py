@@ -159,7 +159,7 @@ class PrefectServer:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             # A first start migrates its database: minutes on a loaded 2-CPU machine.
-            _wait_for(self.api_url + "/health", 300, self.proc, "the Prefect server")
+            _wait_for(self.api_url + "/health", 600, self.proc, "the Prefect server")
         except BaseException:
             self.stop()  # never left running behind a failed start (it was, orphaned, at load ~29)
             raise

@@ -268,15 +268,25 @@ class _ClientCore:
         contacts: Sequence[Contact | Mapping[str, Any]],
         enrichment_type: EnrichmentType | str,
         webhook_url: str | None,
-    ) -> dict[str, Any]:
+    ) -> bytes:
+        # One validation of the whole body (its contacts inside it, in pydantic-core) and one
+        # serialization, rather than one of each per contact.
         request = BulkEnrichRequest.model_validate(
             {
                 "enrichment_type": enrichment_type,
                 "webhook_url": webhook_url,
-                "contacts": [c if isinstance(c, Contact) else Contact.model_validate(c) for c in contacts],
+                "contacts": [c if isinstance(c, Contact | dict) else dict(c) for c in contacts],
             }
         )
-        return request.to_json()
+        return request.to_json_bytes()
+
+    def _send_kwargs(self, body: Any) -> dict[str, Any]:
+        """httpx arguments for a body: bytes already serialized go as they are."""
+        if body is None:
+            return {"headers": self._headers}
+        if isinstance(body, bytes):
+            return {"content": body, "headers": {**self._headers, "Content-Type": "application/json"}}
+        return {"json": body, "headers": self._headers}
 
     @staticmethod
     def _status_params(workflow_id: str | None, task_id: str | None) -> dict[str, str]:
@@ -304,7 +314,7 @@ class _ClientCore:
     def _status_model(payload: Any) -> WorkflowStatus | TaskResult:
         if isinstance(payload, dict) and "task_id" in payload and "results" not in payload:
             return TaskResult.model_validate(payload)
-        return WorkflowStatus.model_validate(payload)
+        return WorkflowStatus.parse(payload)
 
 
 class CleanlistClient(_ClientCore):
@@ -357,7 +367,7 @@ class CleanlistClient(_ClientCore):
         self._sending()
         try:
             response = self._http.request(
-                method, self._url(endpoint), params=params, json=body, headers=self._headers
+                method, self._url(endpoint), params=params, **self._send_kwargs(body)
             )
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
@@ -460,7 +470,7 @@ class AsyncCleanlistClient(_ClientCore):
         response: httpx.Response | None = None
         try:
             response = await self._http.request(
-                method, self._url(endpoint), params=params, json=body, headers=self._headers
+                method, self._url(endpoint), params=params, **self._send_kwargs(body)
             )
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from cleanlist.vocab import EnrichmentType as EnrichmentType
 from cleanlist.vocab import FinalWord
@@ -85,13 +85,15 @@ class BulkEnrichRequest(BaseModel):
     contacts: list[Contact]
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "enrichment_type": self.enrichment_type,
-            "contacts": [c.model_dump(exclude_none=True) for c in self.contacts],
-        }
-        if self.webhook_url:
-            body["webhook_url"] = self.webhook_url
+        body: dict[str, Any] = self.model_dump(exclude_none=True, exclude=self._left_out())
         return body
+
+    def to_json_bytes(self) -> bytes:
+        """The request's body as sent: one serialization in pydantic-core, not one per contact."""
+        return self.model_dump_json(exclude_none=True, exclude=self._left_out()).encode()
+
+    def _left_out(self) -> set[str] | None:
+        return None if self.webhook_url else {"webhook_url"}
 
 
 def _none_to_list(value: Any) -> Any:
@@ -123,8 +125,15 @@ class TaskResult(_Lenient):
     prospect: dict[str, Any] | None = None
     company: dict[str, Any] | None = None
     workflow_id: str | None = None
+    # The task's object exactly as the API sent it, when the parser had it (see `WorkflowStatus.parse`).
+    _sent: dict[str, Any] | None = PrivateAttr(default=None)
 
     _lists = field_validator("other_emails", "personal_phone_numbers", mode="before")(_none_to_list)
+
+    def raw(self) -> dict[str, Any]:
+        """The result as JSON-ready data, to keep: the API's own object when the parser kept it (no
+        second serialization per task), else this model dumped."""
+        return self._sent if self._sent is not None else self.model_dump(mode="json")
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +204,18 @@ class WorkflowStatus(_Lenient):
     completed_at: str | None = None
 
     _lists = field_validator("results", mode="before")(_none_to_list)
+
+    @classmethod
+    def parse(cls, payload: Any) -> WorkflowStatus:
+        """Validate a decoded status answer once, and keep each task's decoded object beside its model
+        (`TaskResult.raw`), so that storing a result serializes nothing twice."""
+        status = cls.model_validate(payload)
+        sent = payload.get("results") if isinstance(payload, dict) else None
+        if isinstance(sent, list) and len(sent) == len(status.results):
+            for result, item in zip(status.results, sent, strict=True):
+                if isinstance(item, dict):
+                    result._sent = item
+        return status
 
     @property
     def is_terminal(self) -> bool:

@@ -80,6 +80,7 @@ SHARED_SCOPE = "*"  # the organization-wide window, when the 429s say there is o
 # read their clocks a moment apart, and no slot is taken during the hold that precedes a window anyway.
 _COUNT_SLACK = 0.05
 _KEEP_SERVED = 300.0  # seconds a memory book keeps answered slots at least, for measures
+LINE_STOP_CHECK = 0.1  # seconds between looks at the stop request of a thread waiting in line
 
 
 def with_margin(served: int) -> int:
@@ -371,6 +372,12 @@ class EndpointLimiter:
         self._tickets: list[Ticket] = []
         self._clean: deque[float] = deque()  # this process's clean answers in the last window
         self.paced = 0  # requests that had to wait for a slot (not for a Retry-After hold)
+        # Threads of this process wait in line (`acquire`): only the first asks the book, so a slot
+        # that frees wakes one thread and costs one book transaction, not one per waiting thread.
+        self._line = threading.Condition(threading.Lock())
+        self._line_next = 0  # the number the next thread to arrive draws
+        self._line_head = 0  # the number whose turn it is to ask the book
+        self._line_left: set[int] = set()  # numbers that left the line before their turn came
 
     def __repr__(self) -> str:
         return f"EndpointLimiter({self.name}: {self.allowance}/{self.window:g})"
@@ -438,17 +445,40 @@ class EndpointLimiter:
         With `stop` (the run's stop request), the wait — for a slot or a Retry-After hold — ends as soon
         as it is set, with `StoppedBeforeSending` and no slot taken: the request never goes out.
         """
-        counted: list[bool] = []
-        while True:
-            if stop is not None and stop.is_set():
-                raise StoppedBeforeSending(self.name)
-            delay = self._reserve(counted)
-            if delay <= 0:
-                return
-            if stop is None:
-                self._parent.sleep(delay)
-            elif stop.wait(delay):
-                raise StoppedBeforeSending(self.name)
+        with self._line:
+            number = self._line_next
+            self._line_next += 1
+            # Behind another thread: wait for the turn without asking the book (a stop is seen within
+            # LINE_STOP_CHECK seconds; the turn is handed over at once).
+            while self._line_head != number:
+                if stop is not None and stop.is_set():
+                    self._leave_line(number)
+                    raise StoppedBeforeSending(self.name)
+                self._line.wait(LINE_STOP_CHECK if stop is not None else None)
+        try:
+            counted: list[bool] = []
+            while True:
+                if stop is not None and stop.is_set():
+                    raise StoppedBeforeSending(self.name)
+                delay = self._reserve(counted)
+                if delay <= 0:
+                    return
+                if stop is None:
+                    self._parent.sleep(delay)
+                elif stop.wait(delay):
+                    raise StoppedBeforeSending(self.name)
+        finally:
+            with self._line:
+                self._leave_line(number)
+
+    def _leave_line(self, number: int) -> None:
+        """`number` leaves the line (served, or stopped while waiting); the next in line gets the turn.
+        Called with `_line` held."""
+        self._line_left.add(number)
+        while self._line_head in self._line_left:
+            self._line_left.discard(self._line_head)
+            self._line_head += 1
+        self._line.notify_all()
 
     async def acquire_async(self, stop: threading.Event | None = None) -> None:
         """Wait, without blocking the event loop, until a request may be sent (`stop` as in `acquire`)."""

@@ -9,6 +9,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cleanlist.run.journal import AcceptanceJournal
 from cleanlist.store import EnrichmentStore
 
@@ -79,3 +81,25 @@ def test_a_line_cut_by_the_kill_is_skipped(tmp_path: Path) -> None:
         out.write('{"kind": "accepted", "request": "cut')
     assert journal.replay(store).in_doubt == 1
     store.close()
+
+
+def test_an_accepted_request_costs_one_fsync_and_its_intent_survives_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20: the intent reaches the kernel (a kill cannot undo that), the accepted line is the one
+    fsync of the chunk; a refusal read (answered) needs none."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    journal = AcceptanceJournal(store_url="sqlite:///x", directory=tmp_path / "journal")
+    request = journal.intent("run-1", "0", ["k1"])
+    assert synced == []
+    # Read back through a new descriptor, as a rerun after a kill -9 would: the line is there.
+    assert json.loads(journal.path.read_text().splitlines()[0])["request"] == request
+    journal.accepted(
+        request, run_id="run-1", workflow_id="wf-1", chunk_key="0", enrichment_type="partial",
+        keys=["k1"], task_ids=["t1"],
+    )  # fmt: skip
+    assert len(synced) == 1
+    journal.answered(journal.intent("run-1", "1", ["k2"]), run_id="run-1", status=429)
+    assert len(synced) == 1

@@ -12,7 +12,7 @@ import pytest
 
 from cleanlist.client import CleanlistClient
 from cleanlist.constants import PROBE_IN_FLIGHT
-from cleanlist.ratelimit import EndpointLimiter, RateLimiter
+from cleanlist.ratelimit import EndpointLimiter, MemoryBook, Pace, RateLimiter, Taken
 from cleanlist.sandbox import SandboxServer
 from cleanlist.settings import RateLimit
 from tests.sandbox_helpers import people
@@ -328,3 +328,37 @@ def test_requests_that_waited_for_a_slot_are_counted_once_and_holds_are_not() ->
     limiter.acquire()  # waits for the hold, not for a slot
     assert limiter.paced == 1
     assert clock.sleeps[-1] == pytest.approx(0.1)
+
+
+def test_threads_waiting_for_a_slot_ask_the_book_one_at_a_time() -> None:
+    """Issue 20: a freed slot wakes the first thread in line, not every waiting thread (each of which
+    would run a write transaction on a store's book). Real clock, short window: eight threads wait at
+    once, as a run's chunk tasks do."""
+    limit = RateLimit(4, 0.2)
+    takes: list[bool] = []
+
+    class CountingBook(MemoryBook):
+        def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
+            taken = super().take(endpoint, paces)
+            takes.append(taken.ticket is not None)
+            return taken
+
+    limiter = RateLimiter(limit, book=CountingBook()).endpoint("enrich-bulk")
+    sends: list[float] = []
+    lock = threading.Lock()
+    tickets = threading.Semaphore(4 * limit.requests)
+
+    def caller() -> None:
+        while tickets.acquire(blocking=False):
+            limiter.acquire()
+            with lock:
+                sends.append(time.monotonic())
+            limiter.release(rate_limited=False)
+
+    run_threads(caller, 8)
+
+    assert len(sends) == 4 * limit.requests
+    assert busiest_span(sends, limit.requests) >= limiter.window - 0.01
+    # The first in line learns how long to wait (a refused take or two per window), the others never
+    # ask; before, every waiting thread asked again at each freed slot (dozens of refusals).
+    assert takes.count(False) <= 2 * 4, takes

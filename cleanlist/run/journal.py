@@ -8,7 +8,23 @@ before its body goes on the wire (a request still waiting for its slot or a Retr
 sent, so it has no line), an *accepted* line (workflow id, contact keys, task ids) right after a 2xx
 answer is read, and an *answered* line after any other answer that was read (a 429, a 4xx, a 5xx) or
 when the request provably never left (the connection could not be made) — one `os.write` on an
-`O_APPEND` descriptor and an `fsync`, no lock and no queue in between.
+`O_APPEND` descriptor, no lock and no queue in between.
+
+What must be durable, and when (one fsync per accepted chunk, issue 20):
+- *Before the body is on the wire*, the intent must be out of this process: `os.write` returns once the
+  kernel has the line, and a kill -9 (or any death of the process) cannot take it back — the kernel
+  writes its page cache whatever becomes of the process. That is all a kill needs. The intent never
+  prevents a payment (its only use is to report a request *in doubt*), so it is not fsync'd: only a
+  machine crash in the moment between the write and the next fsync of this file could lose it, and then
+  a rerun understates doubt about one request — it still never resubmits an *accepted* contact.
+- *After a 2xx answer is read*, its acceptance is money: the accepted line is written and fsync'd (one
+  fsync, which also makes every earlier line of the file durable, this request's intent included) before
+  the store hears of it. The store's ledger commit that follows therefore needs no fsync of its own
+  (`record_accepted(durable=False)`: SQLite WAL `synchronous=NORMAL`, which survives a killed process;
+  after a power cut the journal replays what the store lost). The run's last store commit
+  (`finish_run`) is durable, and only after it does `forget` drop the run's lines.
+- *Answered* lines (a refusal read) only settle an intent; one lost to a machine crash overstates doubt,
+  never understates it, so they are not fsync'd either.
 
 The next run on this machine replays it before planning (`replay`): accepted lines the store does not
 have are recorded (their contacts are then polled, never resubmitted), and intents of a dead run (judged
@@ -55,7 +71,7 @@ class Replay:
 
 
 class AcceptanceJournal:
-    """Append-only, fsync'd lines of bulk requests and their acceptances, for one store on this machine."""
+    """Append-only lines of bulk requests and their (fsync'd) acceptances, for one store on this machine."""
 
     def __init__(self, store_url: str, directory: Path | None = None) -> None:
         root = (directory or JOURNAL_DIR).expanduser()
@@ -79,13 +95,15 @@ class AcceptanceJournal:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def _append(self, entry: dict[str, Any]) -> None:
+    def _append(self, entry: dict[str, Any], *, sync: bool = False) -> None:
+        """One line, in the kernel when this returns (survives a kill); on disk too if `sync`."""
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         with self._locked(fcntl.LOCK_SH):
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
 
@@ -143,7 +161,8 @@ class AcceptanceJournal:
                 "type": enrichment_type,
                 "keys": list(keys),
                 "task_ids": list(task_ids),
-            }
+            },
+            sync=True,  # the one fsync of an accepted chunk (see the module's docstring)
         )
 
     def _entries(self) -> Iterator[tuple[str, dict[str, Any]]]:

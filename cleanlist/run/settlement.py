@@ -74,6 +74,7 @@ class Settlement:
             keys=keys,
             task_ids=task_ids,
             worst_case_credits=worst,
+            durable=services.journal is None,  # the journal's fsync'd accepted line made it durable already
         )
         services.workspace.set_state(keys, ContactState.ACCEPTED)
         state.budget.workflow_accepted(worst)
@@ -342,7 +343,7 @@ def _contact_result(key: str, result: TaskResult) -> ContactResult:
         primary_email_status=result.primary_email_status,
         other_emails=tuple(result.emails),
         phones=tuple(result.phones),
-        raw=result.model_dump(mode="json"),
+        raw=result.raw(),
     )
 
 

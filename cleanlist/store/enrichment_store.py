@@ -132,7 +132,12 @@ class EnrichmentStore:
             return alive_runs(conn, run_ids, judge)
 
         book = StoreRateBook(
-            self._transact, self._engine.dialect.name, organization, run_id=run_id, alive_runs=alive
+            self._transact,
+            self._engine.dialect.name,
+            organization,
+            run_id=run_id,
+            alive_runs=alive,
+            read=lambda work: self._transact(work, "read"),
         )
         return FallbackRateBook(book)
 
@@ -242,7 +247,9 @@ class EnrichmentStore:
             if done.rowcount == 0:
                 raise ValueError(f"run {run_id!r} was never started in this store")
 
-        self._transact(work)
+        # Durable: on SQLite it also flushes the run's earlier commits (its ledger rows written without
+        # an fsync of their own while its journal held them), before the journal forgets the run.
+        self._transact(work, "durable")
         self._locks.release(run_id)  # after the status: never a running row whose lock is free
 
     def run_economics(self, since: datetime | None = None, source: str | None = None) -> list[RunEconomics]:
@@ -331,8 +338,12 @@ class EnrichmentStore:
         task_ids: Sequence[str],
         worst_case_credits: float,
         submitted_at: datetime | None = None,
+        durable: bool = True,
     ) -> None:
-        """Write an accepted submission to the ledger and put its contacts in flight (idempotent)."""
+        """Write an accepted submission to the ledger and put its contacts in flight (idempotent).
+
+        `durable=False` when the caller already made the acceptance durable elsewhere (the run's
+        fsync'd acceptance journal): the commit then survives a killed process but not a power cut."""
         if len(keys) != len(task_ids):
             raise ValueError(f"workflow {workflow_id}: {len(keys)} contact keys but {len(task_ids)} task ids")
         if len(set(keys)) != len(keys):
@@ -356,7 +367,7 @@ class EnrichmentStore:
                 at=at,
             )
 
-        self._transact(work, "durable")
+        self._transact(work, "durable" if durable else "write")
 
     def record_results(
         self,

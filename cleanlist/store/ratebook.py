@@ -64,8 +64,12 @@ class StoreRateBook:
         *,
         run_id: str | None = None,
         alive_runs: AliveRuns | None = None,
+        read: Transact[Any] | None = None,
     ) -> None:
         self._transact = transact
+        # Read-only questions (`held_for`, `served`, `learned`) need no write lock: neither SQLite's
+        # nor this process's turn, which the ledger's commits wait for too.
+        self._read = read or transact
         self._dialect = dialect
         self.organization = organization
         self._run_id = run_id
@@ -260,7 +264,7 @@ class StoreRateBook:
             ).scalar_one_or_none()
             return max(float(held or 0.0) - self._now(conn), 0.0)
 
-        result: float = self._transact(work)
+        result: float = self._read(work)
         with self._fields:
             self._held_seen[scope] = (time.monotonic(), result)
         return result
@@ -281,7 +285,7 @@ class StoreRateBook:
             counts = {row[0]: int(row[1]) for row in rows}
             return counts.get(endpoint, 0), sum(counts.values())
 
-        result: tuple[int, int] = self._transact(work)
+        result: tuple[int, int] = self._read(work)
         return result
 
     def used(self, scope: str, window: float) -> int:
@@ -302,7 +306,7 @@ class StoreRateBook:
             ).all()
             return {row[0]: RateLimit(int(row[1]), float(row[2])) for row in rows}
 
-        result: dict[str, RateLimit] = self._transact(work)
+        result: dict[str, RateLimit] = self._read(work)
         return result
 
     def learn(self, scope: str, limit: RateLimit | None) -> None:
