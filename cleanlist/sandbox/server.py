@@ -38,7 +38,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def uvicorn_server(app: FastAPI) -> uvicorn.Server:
     """A quiet uvicorn server: warnings only, no access log, quick to shut down."""
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        log_config=None,  # uvicorn's own would close every log handler of the process (Prefect's too)
     )
     return uvicorn.Server(config)
 

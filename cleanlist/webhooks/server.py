@@ -123,6 +123,10 @@ def _server(
         ssl_certfile=cert,
         ssl_keyfile=key,
         proxy_headers=False,  # the allow-list judges the peer, never a header a sender can forge
+        # Never uvicorn's default logging config: its dictConfig flushes and closes every handler of the
+        # process under logging's lock — Prefect's API log handler among them, whose flush waits for a
+        # worker thread that needs that lock: a run starting its receiver hung (chaos seed 7524608).
+        log_config=None,
     )
     return uvicorn.Server(config)
 
