@@ -231,11 +231,7 @@ def test_the_ci_batch_covers_every_event_and_the_moments_that_cost_money() -> No
 
 
 @pytest.mark.integration
-# Not yet a gate of .ci/run: seed 3557412 (past its bound) now replays clean (its bound covers the status
-# calls the API's window forces), but the batch is not yet shown stable across two plays nor under 5
-# minutes (the session that fixed it had a machine at load 12-29). `CLEANLIST_CHAOS_CI=1` runs it;
-# .ci/run turns it on once the batch holds. The invariants' own tests above run everywhere.
-@pytest.mark.skipif(os.environ.get("CLEANLIST_CHAOS_CI") != "1", reason="CLEANLIST_CHAOS_CI=1 runs the batch")
+# The gate: 30 schedules, seed 23; a violation fails with the command that replays it.
 # About 5 minutes on a quiet 2-CPU machine (benchmarks/README.md); 20 minutes is what CI's 90-minute
 # budget leaves beside the rest of the suite (~20 min), so a loaded runner is slow, never killed early.
 @pytest.mark.timeout(1260)

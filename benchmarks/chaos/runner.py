@@ -240,6 +240,12 @@ class _Run:
             time.sleep(0.1)
         hung = not self.poll()
         if hung:
+            # Where it hangs, in its log: every thread's stack (faulthandler, on SIGABRT), then the kill.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.target_pid(), signal.SIGABRT)
+            end = time.monotonic() + 3
+            while not self.poll() and time.monotonic() < end:
+                time.sleep(0.05)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             end = time.monotonic() + 10
@@ -348,6 +354,7 @@ class SchedulePlayer:
             CLEANLIST_RATE_LIMIT=s.client_rate,
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PYTHONPATH=str(self.world.checkout),
+            PYTHONFAULTHANDLER="1",  # a hung run's stacks go to its log when the bound kills it
         )
         if s.temp_server or self.world.prefect_api_url is None:
             env["PREFECT_HOME"] = str(self.work / "prefect")
