@@ -434,7 +434,7 @@ class SandboxState:
                     continue
                 task_bytes = workflow.task_ids[index * 16 : index * 16 + 16]
                 self._tasks[int.from_bytes(task_bytes)] = base | index
-            self._count_acceptance(serial, findings, cost)
+            self._count_acceptance(serial, findings, cost, unknown)
             key.batches_accepted += 1
             limit = self.config.revoke_after_batches
             if limit is not None and key.revoke_armed and key.batches_accepted >= limit:
@@ -463,12 +463,18 @@ class SandboxState:
                 omitted.add(index)
         return frozenset(omitted), frozenset(unknown)
 
-    def _count_acceptance(self, serial: int, findings: Sequence[Lookup], cost: float) -> None:
+    def _count_acceptance(
+        self, serial: int, findings: Sequence[Lookup], cost: float, unknown: frozenset[int] = _NO_TASKS
+    ) -> None:
         self._bulk_accepted += 1
         self._contacts_accepted += len(findings)
         self._credits_charged += cost
         seen = self._seen
-        for found in findings:
+        for index, found in enumerate(findings):
+            # A task unknown for good was neither served nor charged: the contact sent again (the only
+            # way to its answer) is not a second payment, so neither acceptance counts as a repeat.
+            if index in unknown:
+                continue
             last = seen.get(found.identity_key)
             if last is None:
                 seen[found.identity_key] = serial
