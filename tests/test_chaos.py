@@ -28,6 +28,7 @@ from benchmarks.chaos.invariants import (
     rows_accounted,
     runs_end,
 )
+from benchmarks.chaos.runner import logged_summary
 from benchmarks.chaos.schedule import EVENTS, draw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,3 +299,25 @@ def test_rows_settled_only_on_another_store_leave_the_schedules_store_unsettled(
     assert mark_never_passes_unsettled(_facts(other, own, cursor_kind="int")) == []
     own.summary = {"status": "completed", "cursor_mark_new": "2"}
     assert mark_never_passes_unsettled(_facts(other, own, cursor_kind="int"))
+
+
+def test_a_run_killed_after_it_logged_its_end_counts_as_completed() -> None:
+    # Seed 9330503 (ci, container/limiter_wait): the run finished in 1.4 s, logged `done: {...}` (after
+    # its output and its cursor mark '390' were written), then the kill -9 came before its JSON line.
+    # The rerun rightly read only the row past the mark; the batch took run 1 for unfinished and
+    # reported 389 rows never settled and a mark passing them.
+    stderr = (
+        "14:14:42.656 | INFO    | Task run 'write-output-dd3' - Finished in state Completed()\n"
+        "14:14:42.733 | INFO    | Flow run 'enrich source.parquet 2026-12-06' - done: {'status': "
+        "'completed', 'rows_read': 390, 'cursor_mark_new': '390', 'credit_cap': None, "
+        "'row_statuses': {'enriched': 331, 'not_found': 59}}\n"
+    )
+    assert logged_summary(stderr) == {
+        "status": "completed",
+        "rows_read": 390,
+        "cursor_mark_new": "390",
+        "credit_cap": None,
+        "row_statuses": {"enriched": 331, "not_found": 59},
+    }
+    assert logged_summary(stderr.splitlines()[0]) is None
+    assert logged_summary("x - done: {'status': 'completed', 'broken") is None

@@ -182,7 +182,9 @@ def test_omitted_and_unknown_tasks_never_overlap(start_sandbox: StartSandbox) ->
         SandboxConfig(omit_task_rate=0.6, unknown_task_rate=0.5)
 
 
-def test_a_contact_sent_again_after_its_task_was_lost_is_no_repeat_payment(start_sandbox: StartSandbox) -> None:
+def test_a_contact_sent_again_after_its_task_was_lost_is_no_repeat_payment(
+    start_sandbox: StartSandbox,
+) -> None:
     # Chaos seed 7522734: a rerun sent again the 21 contacts whose tasks the API did not know (404, never
     # charged) and the sandbox counted them as accepted twice, i.e. paid twice beyond doubt.
     sandbox = start_sandbox(unknown_task_rate=0.3, find_rate=1.0, credits=1000.0)

@@ -8,6 +8,7 @@ its own temporary server. The sandbox always comes from this checkout: it is the
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import hashlib
@@ -98,6 +99,22 @@ def _summary(stdout: str) -> dict[str, Any] | None:
             with contextlib.suppress(json.JSONDecodeError):
                 parsed = json.loads(line)
                 if isinstance(parsed, dict):
+                    return parsed
+    return None
+
+
+_DONE = " - done: {"
+
+
+def logged_summary(stderr: str) -> dict[str, Any] | None:
+    """The summary a run logged as its last step (`done: {...}`, after its output and cursor mark were
+    written), for a run killed -9 before it printed its JSON line: it had completed (seed 9330503)."""
+    for line in reversed(stderr.splitlines()):
+        at = line.find(_DONE)
+        if at >= 0:
+            with contextlib.suppress(ValueError, SyntaxError):
+                parsed = ast.literal_eval(line[at + len(_DONE) - 1 :].strip())
+                if isinstance(parsed, dict) and "status" in parsed:
                     return parsed
     return None
 
@@ -263,7 +280,9 @@ class _Run:
         return RunFacts(
             label=self.label,
             exit_code=None if hung else self.proc.returncode,
-            summary=_summary(stdout),
+            # Killed -9 after it logged its end: it completed, its JSON line was never printed.
+            summary=_summary(stdout)
+            or (logged_summary(stderr) if self.signal_name == "SIGKILL" and not hung else None),
             stderr=stderr + "\n" + stdout,
             signal=self.signal_name,
             signalled_at=self.signalled_at,
