@@ -12,6 +12,8 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 WRITE_TIMEOUT = 30.0
 POOL_TIMEOUT = 30.0
+# The balance read as a run ends (for its report) gives up sooner: a slow answer is not worth a wait.
+BALANCE_READ_TIMEOUT = 5.0
 
 MAX_CONTACTS_PER_REQUEST = 250
 
