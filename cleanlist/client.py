@@ -349,10 +349,12 @@ class CleanlistClient(_ClientCore):
         params: dict[str, str] | None = None,
         body: Any = None,
         before_send: Callable[[], None] | None = None,
+        timeout: float | None = None,
     ) -> Any:
         """One request. `before_send` is called once the rate slot is granted, right before the request
         goes on the wire (the acceptance journal's intent); a stop requested while waiting for the slot
-        raises StoppedBeforeSending and nothing is sent."""
+        raises StoppedBeforeSending and nothing is sent. `timeout` (seconds) replaces the client's own
+        for this request."""
         # Every endpoint spends its budget: validate-key is free of credits, not of the rate limit.
         limiter = self.limiter.endpoint(endpoint)
         limiter.acquire(self.stop)
@@ -367,7 +369,11 @@ class CleanlistClient(_ClientCore):
         self._sending()
         try:
             response = self._http.request(
-                method, self._url(endpoint), params=params, **self._send_kwargs(body)
+                method,
+                self._url(endpoint),
+                params=params,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+                **self._send_kwargs(body),
             )
         except httpx.TransportError as exc:
             raise self._transport_error(endpoint, exc) from None
@@ -381,8 +387,10 @@ class CleanlistClient(_ClientCore):
         """The key's user and organization; AuthenticationError when refused (401 or valid=false)."""
         return self._key_validation(self._request("validate-key"))
 
-    def credits_balance(self) -> CreditsBalance:
-        return self._model("credits-balance", CreditsBalance.model_validate, self._request("credits-balance"))
+    def credits_balance(self, *, timeout: float | None = None) -> CreditsBalance:
+        """The organization's balance; `timeout` (seconds) bounds this one call (default: the client's)."""
+        payload = self._request("credits-balance", timeout=timeout)
+        return self._model("credits-balance", CreditsBalance.model_validate, payload)
 
     def enrich_bulk(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 DEFAULT_BASE_URL = "https://api.cleanlist.ai"
 API_PREFIX = "/api/v1/public"
 DEFAULT_RATE_LIMIT = "60/60"
@@ -10,6 +12,8 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 WRITE_TIMEOUT = 30.0
 POOL_TIMEOUT = 30.0
+# The balance read as a run ends (for its report) gives up sooner: a slow answer is not worth a wait.
+BALANCE_READ_TIMEOUT = 5.0
 
 MAX_CONTACTS_PER_REQUEST = 250
 
@@ -85,3 +89,34 @@ POLL_NOT_FOUND_GRACE = 30.0
 # A workflow answering a status word that is neither final nor known to be in progress, with no results,
 # is polled this many times (at growing intervals) before it is left unresolved for a later run.
 POLL_UNKNOWN_WORD_POLLS = 5
+
+
+# Prices live here, not in cleanlist/models.py (which re-exports them), so the run report and
+# `cleanlist-enrich report` read them without building the API's pydantic models.
+@dataclass(frozen=True)
+class Pricing:
+    """Credits charged per found item for one enrichment type (failed lookups cost 0)."""
+
+    per_email: float = 0.0
+    per_phone: float = 0.0
+    per_prospect: float = 0.0
+    published_per_lead: float = 0.0
+    """A flat price per lead where a page publishes one (`full`: 11 [doc, enrichment-types page and
+    glossary]); the worst case is never below it, whichever reading the API bills by."""
+
+    @property
+    def worst_case_per_contact(self) -> float:
+        return max(self.per_email + self.per_phone + self.per_prospect, self.published_per_lead)
+
+
+# Documented pricing. "Per phone found" is read as per contact whose phone lookup found something.
+# The credit cap and the dry-run estimate use `worst_case_per_contact`: the published worst case per
+# enrichment type (`full` = 11 per lead under both published readings; `prospecting_only` has no
+# published ceiling per contact, 1 per discovered contact is the documented price).
+PRICING: dict[str, Pricing] = {
+    "none": Pricing(),
+    "partial": Pricing(per_email=1.0),
+    "phone_only": Pricing(per_phone=10.0),
+    "full": Pricing(per_email=1.0, per_phone=10.0, published_per_lead=11.0),
+    "prospecting_only": Pricing(per_prospect=1.0),
+}

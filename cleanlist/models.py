@@ -7,11 +7,12 @@ defaults, and a `null` where a list is documented becomes an empty list.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from cleanlist.constants import PRICING as PRICING
+from cleanlist.constants import Pricing as Pricing
 from cleanlist.vocab import EnrichmentType as EnrichmentType
 from cleanlist.vocab import FinalWord
 
@@ -27,35 +28,6 @@ CONTACT_FIELDS: tuple[str, ...] = (
     "company_domain",
     "company_name",
 )
-
-
-@dataclass(frozen=True)
-class Pricing:
-    """Credits charged per found item for one enrichment type (failed lookups cost 0)."""
-
-    per_email: float = 0.0
-    per_phone: float = 0.0
-    per_prospect: float = 0.0
-    published_per_lead: float = 0.0
-    """A flat price per lead where a page publishes one (`full`: 11 [doc, enrichment-types page and
-    glossary]); the worst case is never below it, whichever reading the API bills by."""
-
-    @property
-    def worst_case_per_contact(self) -> float:
-        return max(self.per_email + self.per_phone + self.per_prospect, self.published_per_lead)
-
-
-# Documented pricing. "Per phone found" is read as per contact whose phone lookup found something.
-# The credit cap and the dry-run estimate use `worst_case_per_contact`: the published worst case per
-# enrichment type (`full` = 11 per lead under both published readings; `prospecting_only` has no
-# published ceiling per contact, 1 per discovered contact is the documented price).
-PRICING: dict[str, Pricing] = {
-    "none": Pricing(),
-    "partial": Pricing(per_email=1.0),
-    "phone_only": Pricing(per_phone=10.0),
-    "full": Pricing(per_email=1.0, per_phone=10.0, published_per_lead=11.0),
-    "prospecting_only": Pricing(per_prospect=1.0),
-}
 
 
 def worst_case_credits(enrichment_type: str, contacts: int) -> float:

@@ -247,16 +247,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(args.worker_args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from cleanlist.sandbox.cli import add_sandbox_parser
+# Listed in `cleanlist-enrich --help` when another command runs (see `build_parser`).
+SANDBOX_HELP = "serve a local imitation of the Cleanlist Public API"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given the `command` about to run, the options of `run` and `sandbox` are
+    built only for themselves: they come from pydantic models (EnrichOptions, SandboxConfig) whose
+    import costs more than `cleanlist-enrich report`'s own work. Every command is listed either way."""
     from cleanlist_prefect.deployments.receiver import add_receiver_parser
 
     parser = argparse.ArgumentParser(prog="cleanlist-enrich", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="enrich a contact source into an output file or table")
-    run.add_argument("source", help=_run_option_help("source"))
-    _add_run_options(run)
+    if command in (None, "run"):
+        run.add_argument("source", help=_run_option_help("source"))
+        _add_run_options(run)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="enrich the shipped sample CRM export against a local sandbox")
@@ -321,9 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(func=cmd_report)
 
-    add_sandbox_parser(sub)
+    if command in (None, "sandbox"):
+        from cleanlist.sandbox.cli import add_sandbox_parser
+
+        add_sandbox_parser(sub)
+    else:
+        sub.add_parser("sandbox", help=SANDBOX_HELP)
     add_receiver_parser(sub)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand in `argv` (its first word that is not an option), or None (`--help`, nothing)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -334,8 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(words))
+    args, unknown = parser.parse_known_args(words)
     if args.command == "worker":  # everything after `worker` is `prefect worker start`'s
         args.worker_args = [*unknown, *args.worker_args]
     elif unknown:

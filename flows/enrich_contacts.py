@@ -581,6 +581,7 @@ def write_and_report(
         **_webhook_counts(run),
         enrichment_type=options.enrichment_type,
         credit_cap=options.max_credits,
+        balance_left=run.balance_left(),
     )
     run.outcome = (status, summary.as_dict())
     _hint_if_paced(run)

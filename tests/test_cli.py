@@ -237,6 +237,8 @@ def test_the_demos_end_of_run_output_fits_a_screen_and_starts_with_the_headline(
     # Every number in it is the summary's: the printed report is the report of the stored summary.
     assert "\n".join(end_of_run).startswith(report_text(summary))
     assert end_of_run[0].startswith(f"{summary.submitted} contacts → {summary.emails_found} emails")
+    # The balance read as the run ended: the demo's sandbox starts every world at 5,000 credits.
+    assert summary.balance_left == 5000 - summary.credits_spent
     assert "What needs you" not in result.stdout
 
     async def economics() -> list[str]:
@@ -250,3 +252,11 @@ def test_the_demos_end_of_run_output_fits_a_screen_and_starts_with_the_headline(
 
     published = asyncio.run(economics())
     assert any(f"| {summary.submitted} |" in text for text in published), published[-1:]
+
+
+@pytest.mark.parametrize("command", ["report", "limits", "demo", "run", "sandbox", "receiver"])
+def test_every_command_is_listed_whichever_command_runs(command: str) -> None:
+    """`cleanlist-enrich report` skips building run's and sandbox's options; its help is the same."""
+    from cleanlist_prefect.deployments.cli import build_parser
+
+    assert build_parser(command).format_help() == build_parser().format_help()

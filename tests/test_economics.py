@@ -114,6 +114,28 @@ def test_report_by_day_for_one_source(store_url: str) -> None:
     assert "total (5 runs)" in result.stdout
 
 
+def test_the_report_command_loads_no_web_server_dataframe_or_suffix_list(tmp_path: Path) -> None:
+    """`cleanlist-enrich report` must start fast (< 2 s over 1M contacts, benchmarks/economics.py): what the
+    other commands need — FastAPI and uvicorn (the sandbox), httpx (the client), pandas (sources),
+    tldextract (preparation), Prefect (runs) — stays unloaded."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    build_30_runs(url)
+    heavy = ["fastapi", "starlette", "uvicorn", "httpx", "pandas", "numpy", "pyarrow", "tldextract"]
+    heavy.append("prefect")
+    probe = (
+        "import sys\n"
+        "from cleanlist_prefect.deployments.cli import main\n"
+        f"code = main(['report', '--store', {url!r}, '--since', '31d'])\n"
+        f"print('LOADED', sorted(m for m in {heavy!r} if m in sys.modules), code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert "total (30 runs)" in result.stdout
+    assert result.stdout.splitlines()[-1] == "LOADED [] 0"
+
+
 def test_a_bad_span_is_one_clear_line(tmp_path: Path) -> None:
     result = report("--store", f"sqlite:///{tmp_path / 'store.db'}", "--since", "last tuesday")
     assert result.returncode == 1 and "Traceback" not in result.stderr

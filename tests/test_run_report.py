@@ -167,3 +167,54 @@ def test_a_real_run_with_unresolved_rows_a_request_in_doubt_and_a_learned_limit_
         assert f"! {item.what}\n    → {item.remedy}" in section
     # Tasks the API no longer knows leave their contacts unresolved in a run that still completes.
     assert state.is_completed(), state.message
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_reads_the_balance_left_once_at_its_end_and_the_report_shows_it(
+    tmp_path: Path, make_sandbox: Any, api_env: Any
+) -> None:
+    """Over HTTP against the sandbox: one `GET /credits/balance` as the run ends, after every charge."""
+    from cleanlist.run.report import cost, count
+    from tests.flow_helpers import messy_export, run_flow
+
+    sandbox = make_sandbox(rate_limit=None, seed=3, credits=5000.0)
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=300)
+
+    state, data = run_flow(
+        source=str(source), output=str(tmp_path / "out.csv"), store=f"sqlite:///{tmp_path / 'store.db'}"
+    )
+
+    assert state.is_completed(), state.message
+    summary = RunSummary.model_validate(data)
+    assert summary.credits_spent > 0
+    assert summary.balance_left == 5000.0 - summary.credits_spent
+    balance_calls = [entry for entry in sandbox.requests_log() if entry["endpoint"] == "credits-balance"]
+    assert len(balance_calls) == 1
+    assert cost(summary).endswith(f"; balance left {count(summary.balance_left)}")
+    assert f"balance left {count(summary.balance_left)}" in report_text(summary)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_failed_balance_read_leaves_it_unknown_and_the_run_completes(
+    tmp_path: Path, make_sandbox: Any, api_env: Any
+) -> None:
+    from cleanlist.sandbox import FaultSpec
+    from tests.flow_helpers import messy_export, run_flow
+
+    sandbox = make_sandbox(
+        rate_limit=None, seed=3, faults={"credits-balance": FaultSpec(sequence=(503, 503, 503))}
+    )
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=300)
+
+    state, data = run_flow(
+        source=str(source), output=str(tmp_path / "out.csv"), store=f"sqlite:///{tmp_path / 'store.db'}"
+    )
+
+    assert state.is_completed(), state.message
+    summary = RunSummary.model_validate(data)
+    assert summary.balance_left is None and summary.credits_spent > 0
+    # Asked once, not retried: the report does without it.
+    assert [e["endpoint"] for e in sandbox.requests_log()].count("credits-balance") == 1
+    assert "balance left" not in report_text(summary)

@@ -23,12 +23,14 @@ for futures, and this object is a handle, not data.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from cleanlist.client import CleanlistClient
+from cleanlist.constants import BALANCE_READ_TIMEOUT
 from cleanlist.errors import CleanlistError
 from cleanlist.models import WorkflowStatus
 from cleanlist.poller import TrackedWorkflow, WorkflowPoller
@@ -65,6 +67,8 @@ __all__ = [
     "identity_keys",
     "join_results",
 ]
+
+logger = logging.getLogger("cleanlist.run")
 
 
 class RunContext:
@@ -229,6 +233,25 @@ class RunContext:
         """The error that stopped the run for good (401/403 on a submit or a poll, an API outage, a lost
         store), if any."""
         return self.gate.fatal or (self.poller.fatal if self.poller is not None else None)
+
+    def balance_left(self) -> float | None:
+        """The organization's credit balance as the run ends, for the report; None when not known.
+
+        One `GET /credits/balance`, and only when it is cheap: not after a stop request or an error that
+        ended the run (a revoked key, a silent API, a lost store), not while its rate budget is spent or
+        held by a 429 (a status call would wait for the slot it takes), and bounded by
+        BALANCE_READ_TIMEOUT. It costs no credits; a failure leaves it unknown and never fails the run.
+        """
+        if self.stop.requested or self.fatal is not None:
+            return None
+        try:
+            if self.client.limiter.endpoint("credits-balance").usage() >= 1.0:
+                logger.info("balance left not read: the rate budget is spent")
+                return None
+            return self.client.credits_balance(timeout=BALANCE_READ_TIMEOUT).credits
+        except (CleanlistError, *STORE_ERRORS) as exc:
+            logger.info("balance left not read: %s", exc)
+            return None
 
     # -- dead dependencies ---------------------------------------------------------------------------
     def _api_outage(self, outage: APIOutage) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cleanlist.models import PRICING
+from cleanlist.constants import PRICING
 from cleanlist.run.summary import RunSummary
 from cleanlist.vocab import RunStatus
 

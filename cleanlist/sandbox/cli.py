@@ -24,7 +24,6 @@ from cleanlist.sandbox.config import (
     ResultsOrder,
     SandboxConfig,
 )
-from cleanlist.sandbox.server import bind_socket, serve_forever
 
 FAULT_HELP = (
     "inject failures into ENDPOINT (one of: " + ", ".join(ENDPOINTS) + "). SPEC is one of: "
@@ -442,6 +441,10 @@ def _describe(error: Any) -> str:
 
 def run_sandbox_command(args: argparse.Namespace) -> int:
     """Serve in the foreground until Ctrl-C; returns the process exit code."""
+    # Here, not at the top: every `cleanlist-enrich` start registers this parser, and only this command
+    # needs FastAPI and uvicorn.
+    from cleanlist.sandbox.server import bind_socket, serve_forever
+
     parser: argparse.ArgumentParser = args.sandbox_parser
     try:
         config = config_from_args(args)

@@ -9,8 +9,10 @@ from typing import Literal, Self, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The five types are documented; the sandbox charges them by its own table (cleanlist/sandbox/results.py).
-from cleanlist.models import ENRICHMENT_TYPES as ENRICHMENT_TYPES
-from cleanlist.models import EnrichmentType as EnrichmentType
+# From vocab, not models: `cleanlist-enrich` reads this module for the sandbox's options on every start.
+from cleanlist.vocab import EnrichmentType as EnrichmentType
+
+ENRICHMENT_TYPES: tuple[EnrichmentType, ...] = tuple(EnrichmentType)
 
 Endpoint = Literal["validate-key", "credits-balance", "enrich-bulk", "enrich-status", "webhook-deliveries"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)

@@ -55,7 +55,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateColumn
 
-from cleanlist.prepare import bare_domain, key_part, registrable_domain, visible
 from cleanlist.store.bulk import execute_rows
 from cleanlist.store.codec import batches, dump_json, load_json
 from cleanlist.store.economics import economics_of
@@ -110,6 +109,8 @@ def folded_key(key: str) -> str:
     """
     if key.isascii():
         return key
+    from cleanlist.prepare import key_part, visible  # see registrable_key
+
     if key.startswith(ContactKeyKind.LINKEDIN.prefix):
         return ContactKeyKind.LINKEDIN.key(visible(key[len(ContactKeyKind.LINKEDIN.prefix) :]))
     parts = _name_parts(key)
@@ -148,8 +149,13 @@ def registrable_key(key: str) -> str:
     if not key.startswith(_NAME_PREFIX):
         return key
     org = _org_part(key)
-    # A one-dot domain is registrable already (registrable_domain returns it as it is).
-    if org is None or org.count(".") < 2 or bare_domain(org) != org:
+    if org is None or org.count(".") < 2:  # a one-dot domain is registrable already
+        return key
+    # Here, not at the top: opening a store that needs no upgrade (`cleanlist-enrich report`) should
+    # not load the Public Suffix List (tldextract, requests) that only the key rewrite uses.
+    from cleanlist.prepare import bare_domain, key_part, registrable_domain
+
+    if bare_domain(org) != org:
         return key
     registrable = key_part(registrable_domain(org))
     return key if registrable == org else key[: len(key) - len(org)] + registrable
