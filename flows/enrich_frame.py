@@ -255,10 +255,23 @@ def _failures_as_exceptions(body: Callable[P, R]) -> Callable[P, R | State]:
         if isinstance(outcome, State) and outcome.is_failed() and isinstance(outcome.data, dict):
             message = outcome.message or "the run failed"
             exit_code = int(outcome.data.get("exit_code", 1))
-            return Failed(message=message, data=RunFailed(message, exit_code=exit_code))
+            summary = _summary_of(outcome.data)
+            return Failed(message=message, data=RunFailed(message, exit_code=exit_code, summary=summary))
         return outcome
 
     return run
+
+
+def _summary_of(data: dict[str, Any]) -> RunSummary | None:
+    """The summary of a run that ended failed or incomplete (what it wrote, what is in doubt), when it
+    counted anything; None for a run that failed before counting (its one line says it all)."""
+    counts = {key: value for key, value in data.items() if key not in ("exit_code", "error")}
+    if set(counts) <= {"status"}:
+        return None
+    try:
+        return RunSummary.model_validate(counts)
+    except ValueError:  # pydantic's ValidationError: a partial dict is no summary
+        return None
 
 
 @_failures_as_exceptions

@@ -224,6 +224,31 @@ def test_a_revoked_key_fails_the_flow_with_one_line_and_leaves_no_file(
     assert leftover_frame_folders() <= before
 
 
+def test_a_run_that_fails_after_sending_raises_with_its_summary(
+    tmp_path: Path, make_sandbox: Any, api_env: Any
+) -> None:
+    """A user's program learns what the failed run did (what was sent, what is in doubt) from the error,
+    as the CLI prints it: without it a DataFrame run's reported doubt reached no one (chaos seed 2432806)."""
+    sandbox = make_sandbox(rate_limit=None, revoke_after_batches=1)
+    api_env(sandbox)
+    frame = pd.DataFrame(
+        {
+            "First Name": [f"Ann{i}" for i in range(300)],
+            "Last Name": ["Lee"] * 300,
+            "Website": [f"c{i}.example" for i in range(300)],
+        }
+    )
+
+    with pytest.raises(RunFailed) as raised:
+        enrich_dataframe(frame, store=f"sqlite:///{tmp_path / 'store.db'}", max_concurrent_chunks=1, **FAST)
+
+    summary = raised.value.summary
+    assert summary is not None, "the error carries the run's summary"
+    assert summary.status != "completed"
+    assert summary.submitted == 250, "the one chunk the API accepted before the key was revoked"
+    assert "\n" not in str(raised.value)
+
+
 def test_the_frame_on_disk_is_private(tmp_path: Path) -> None:
     from cleanlist_prefect.flows.enrich_frame import as_arrow, private_folder, write_private_parquet
 
