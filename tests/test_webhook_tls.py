@@ -84,7 +84,9 @@ def _stored_deliveries(store_url: str) -> list[str]:
     return sorted(found)
 
 
-def test_a_run_serving_tls_itself_gets_every_delivery_over_https(tmp_path: Path, make_sandbox, api_env) -> None:
+def test_a_run_serving_tls_itself_gets_every_delivery_over_https(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
     cert, key = self_signed(tmp_path)
     sandbox = make_sandbox(rate_limit=None, latency=0.2, webhook_ca_file=cert)
     api_env(sandbox)
