@@ -260,3 +260,34 @@ def test_every_command_is_listed_whichever_command_runs(command: str) -> None:
     from cleanlist_prefect.deployments.cli import build_parser
 
     assert build_parser(command).format_help() == build_parser().format_help()
+
+
+def test_deliveries_that_fail_for_good_are_in_what_needs_you_at_the_end_of_the_run(
+    tmp_path: Path, make_sandbox
+) -> None:
+    """Every delivery attempt answered 502 (`--webhook-fail-rate 1`, Cleanlist's retries compressed to
+    nothing): the run completes by polling, and its printed report says why under "What needs you"."""
+    from cleanlist.run.report import NEEDS_YOU_TITLE
+
+    sandbox = make_sandbox(rate_limit=None, latency=0.2, webhook_fail_rate=1.0, webhook_backoff_scale=0.0)
+    source = messy_export(tmp_path / "crm.csv", unique=300)
+    result = _cli(
+        ["run", str(source), "--output", str(tmp_path / "out.csv"),
+         "--store", f"sqlite:///{tmp_path / 's.db'}", "--rate-limit", "100/1",
+         "--webhook-listen", "127.0.0.1:0", "--webhook-retry-scale", "0",
+         "--initial-poll-seconds", "1"],
+        {"CLEANLIST_API_KEY": sandbox.api_key, "CLEANLIST_BASE_URL": sandbox.base_url},
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    _no_traceback(result)
+    out = result.stdout
+    assert NEEDS_YOU_TITLE in out, out
+    needs_you = out[out.index(NEEDS_YOU_TITLE) :]
+    # Two workflows, five 502s each, none reaching the run's receiver: both polled instead.
+    assert "2 webhook deliveries failed (2 deliveries failed: 502 from http://127.0.0.1:" in needs_you, out
+    assert "2 workflows were polled instead" in needs_you
+    assert "fix the receiver the deliveries log names" in needs_you
+    assert "/hooks/" not in out  # never the token
+    assert len(read_csv(tmp_path / "out.csv")) == 300
+    assert sum(sandbox.counters()["requests"].get("enrich-status", {}).values()) == 2

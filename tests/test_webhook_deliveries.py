@@ -372,6 +372,59 @@ def test_receiver_allow_list_tls_and_deep_bodies(tmp_path: Path) -> None:
     assert (refused, deep, health) == (403, 422, 200)
 
 
+def test_garbage_at_the_size_limit_to_a_valid_token_is_read_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The flood benchmark's valid-token bodies: read whole (the token is known), answered 4xx, and no
+    row of the store changes, including for a workflow of the run that is waiting for its delivery."""
+    from benchmarks.webhook_flood import BIG_BODY, garbage_at_the_limit
+    from cleanlist.webhooks.app import MAX_DELIVERY_BYTES
+    from cleanlist.webhooks.server import ReceiverServer
+
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    with EnrichmentStore(store_url) as store:
+        store.start_run("r", {})
+        token = register_run(store, "r")
+        store.record_accepted(
+            "r", workflow_id="public_bulk_w", chunk_key="0", enrichment_type="partial",
+            keys=["nm:a|b|c.example"], task_ids=["t0"], worst_case_credits=1.0,
+        )  # fmt: skip
+        engine = sa.create_engine(store_url)
+
+        def snapshot() -> dict[str, list[tuple[Any, ...]]]:
+            with engine.connect() as conn:
+                names = sa.inspect(conn).get_table_names()
+                return {n: [tuple(r) for r in conn.exec_driver_sql(f"SELECT * FROM {n}")] for n in names}
+
+        before = snapshot()
+        head = b'{"event": "enrichment.completed", "workflow_id": "public_bulk_w", "status": "completed", '
+        bodies = {
+            "garbage at the limit": garbage_at_the_limit(),
+            "results of the wrong type, at the limit": head
+            + b'"results": "'
+            + b"x" * (BIG_BODY - len(head) - 14)
+            + b'"}',
+            "one byte past the limit": garbage_at_the_limit() + b" ",
+            "not JSON": b"\xff" * 1000,
+        }
+        with ReceiverServer(store, "127.0.0.1", 0) as receiver:
+            answers = {
+                what: httpx.post(f"{receiver.base_url}/hooks/{token}", content=body, timeout=30).status_code
+                for what, body in bodies.items()
+            }
+        after = snapshot()
+        engine.dispose()
+    assert len(bodies["garbage at the limit"]) == BIG_BODY == MAX_DELIVERY_BYTES
+    assert len(bodies["results of the wrong type, at the limit"]) == BIG_BODY
+    assert answers == {
+        "garbage at the limit": 422,
+        "results of the wrong type, at the limit": 422,
+        "one byte past the limit": 413,
+        "not JSON": 422,
+    }
+    assert after == before
+
+
 def test_a_cap_on_connections_answers_503_beyond_it(tmp_path: Path) -> None:
     from cleanlist.webhooks.server import ReceiverServer
 

@@ -250,6 +250,12 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="multiply the 1, 2, 4, 8 s webhook retry waits by F (default: 1)",
     )
     parser.add_argument(
+        "--webhook-ca-file",
+        metavar="PEM",
+        help="test facility: also trust these certificates for https deliveries, e.g. a receiver's "
+        "self-signed one (default: publicly trusted certificates only)",
+    )
+    parser.add_argument(
         "--webhook-drop-rate",
         type=_fraction,
         default=0.0,
@@ -411,6 +417,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         revoke_after_batches=args.revoke_after_batches,
         refuse_contacts_containing=tuple(args.refuse_contacts_containing),
         webhook_backoff_scale=args.webhook_backoff_scale,
+        webhook_ca_file=args.webhook_ca_file,
         webhook_drop_rate=args.webhook_drop_rate,
         webhook_results_limit=args.webhook_results_limit,
         webhook_delay=args.webhook_delay,

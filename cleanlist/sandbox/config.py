@@ -4,6 +4,7 @@ which reading it plays of each point the contract leaves unpublished (every defa
 
 from __future__ import annotations
 
+import ssl
 from typing import Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -105,6 +106,10 @@ class SandboxConfig(BaseModel):
     """Multiplies the documented 1, 2, 4, 8 s webhook retry backoff (tests compress it)."""
     webhook_timeout: float = Field(default=10.0, gt=0.0)
     """Seconds a webhook receiver has to answer."""
+    webhook_ca_file: str | None = None
+    """Test facility: a PEM file of certificates to trust, besides the system's, for https deliveries (a
+    receiver's self-signed certificate in tests). Default none: only publicly trusted certificates, as
+    Cleanlist's receivers must be."""
     webhook_drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of workflows (seeded, stable per workflow) whose webhook is never sent: no attempt at all,
     as if lost on the way. Default 0: every workflow with a webhook_url is delivered."""
@@ -165,6 +170,16 @@ class SandboxConfig(BaseModel):
         if not api_key.startswith(API_KEY_PREFIX):
             raise ValueError(f"api_key must start with {API_KEY_PREFIX!r}")
         return api_key
+
+    @field_validator("webhook_ca_file")
+    @classmethod
+    def _loadable_ca_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=value)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot trust certificates from {value!r}: {exc.strerror or exc}") from None
+        return value
 
     @field_validator("refuse_contacts_containing")
     @classmethod

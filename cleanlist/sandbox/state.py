@@ -45,6 +45,8 @@ Behaviour the contract leaves open ([assumed]) and how this world settles it:
   `webhook_delay` waits that long after completion before the first attempt. Receiver failures, without
   reaching it: `webhook_fail_rate` answers 502 for that share of attempts (seeded per workflow and
   attempt), `webhook_down_seconds` refuses every attempt for that long after the first accepted bulk.
+  https deliveries trust publicly trusted certificates only (an untrusted one is a failed attempt with
+  the TLS error); `webhook_ca_file` also trusts the certificates in that PEM file (a test receiver's).
 - Error bodies the docs do not give: injected 500 `Internal server error`, 502 `Bad gateway`,
   503 `Service temporarily unavailable`, 504 `Gateway timeout` (all as `{"detail": …}`); only 429s
   carry Retry-After. A deliveries call without workflow_id gets FastAPI's missing-query 422.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from datetime import UTC, datetime
 
 import httpx
@@ -41,7 +42,12 @@ class WebhookDispatcher:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._state.config.webhook_timeout)
+            config = self._state.config
+            verify: ssl.SSLContext | bool = True
+            if config.webhook_ca_file is not None:  # a test receiver's own certificate, besides the system's
+                verify = ssl.create_default_context()
+                verify.load_verify_locations(cafile=config.webhook_ca_file)
+            self._client = httpx.AsyncClient(timeout=config.webhook_timeout, verify=verify)
         return self._client
 
     async def _deliver(self, workflow: Workflow) -> None:
