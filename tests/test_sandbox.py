@@ -893,3 +893,15 @@ def test_the_admin_api_answers_only_the_sandboxs_main_key(start_sandbox: StartSa
     assert httpx.post(url, json={"add": 1_000_000}, headers=other).status_code == 401
     assert httpx.get(sandbox.base_url + "/_sandbox/requests").status_code == 401
     assert httpx.post(url, json={"add": 5}, headers=_admin(sandbox)).status_code == 200
+
+
+def test_the_sandboxs_wire_words_for_enrichment_types_are_the_shared_vocabulary() -> None:
+    """The request model spells the types as a Literal (FastAPI's `literal_error` on a bad one); the
+    words must stay those of `cleanlist.vocab.EnrichmentType`."""
+    import typing
+
+    from cleanlist.sandbox.app import BulkRequest
+    from cleanlist.vocab import EnrichmentType
+
+    annotation = BulkRequest.model_fields["enrichment_type"].annotation
+    assert set(typing.get_args(annotation)) == {member.value for member in EnrichmentType}

@@ -17,7 +17,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -67,7 +67,9 @@ class BulkRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    enrichment_type: EnrichmentType = EnrichmentType.PARTIAL
+    # The wire's words as a Literal, as the sandbox has always validated them: an unknown type is a
+    # FastAPI `literal_error` (an enum would answer `enum`); read as the shared `EnrichmentType` after.
+    enrichment_type: Literal["none", "partial", "phone_only", "full", "prospecting_only"] = "partial"
     webhook_url: str | None = None
     contacts: list[ContactIn]
 
@@ -279,7 +281,7 @@ def create_app(  # noqa: C901
             if bad:
                 return _unprocessable(bad)
             records = [ContactRecord.from_input(contact) for contact in bulk.contacts]
-            workflow = world.accept_bulk(key, bulk.enrichment_type, bulk.webhook_url, records)
+            workflow = world.accept_bulk(key, EnrichmentType(bulk.enrichment_type), bulk.webhook_url, records)
             if workflow.webhook_url is not None:
                 webhooks.schedule(workflow)
             return Reply(200, _accepted(workflow, world.config.bulk_task_ids))
