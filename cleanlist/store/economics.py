@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, or_, select
 
-from cleanlist.store.schema import contacts, runs
+from cleanlist.store.schema import RUN_ECONOMICS_COLUMNS, contacts, runs
 from cleanlist.vocab import LedgerState
 
 
@@ -71,16 +71,7 @@ def read_runs(conn: Connection, since: datetime | None, source: str | None) -> l
     """Finished runs that started at or after `since`, oldest first; `source`: only runs whose source is
     it, or whose file name is it."""
     query = select(
-        runs.c.run_id,
-        runs.c.started_at,
-        runs.c.finished_at,
-        runs.c.status,
-        runs.c.source,
-        runs.c.enrichment_type,
-        runs.c.submitted,
-        runs.c.emails_found,
-        runs.c.phones_found,
-        runs.c.credits_spent,
+        runs.c.run_id, runs.c.started_at, runs.c.finished_at, runs.c.status, *RUN_ECONOMICS_COLUMNS
     ).where(runs.c.finished_at.is_not(None))
     if since is not None:
         query = query.where(runs.c.started_at >= since)

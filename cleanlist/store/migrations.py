@@ -59,6 +59,7 @@ from cleanlist.store.bulk import execute_rows
 from cleanlist.store.codec import batches, dump_json, load_json
 from cleanlist.store.economics import economics_of
 from cleanlist.store.schema import (
+    RUN_ECONOMICS_COLUMNS,
     SCHEMA_COMPONENT,
     SCHEMA_VERSION,
     contacts,
@@ -424,14 +425,6 @@ def add_rate_slot_owner(conn: Connection) -> MigrationCount:
     return _add_columns(conn, rate_slots, (rate_slots.c.run_id,))
 
 
-RUN_ECONOMICS_COLUMNS: Final = (
-    runs.c.source,
-    runs.c.enrichment_type,
-    runs.c.submitted,
-    runs.c.emails_found,
-    runs.c.phones_found,
-    runs.c.credits_spent,
-)
 # Run rows read and rewritten per transaction by the economics step.
 RUN_BATCH_ROWS: Final = 500
 

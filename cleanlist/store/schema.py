@@ -102,6 +102,16 @@ runs = Table(
     Column("phones_found", Integer),
     Column("credits_spent", Float),
 )
+# What a run sent, found and paid (schema 7): filled at start and finish, read by `cleanlist-enrich report`.
+RUN_ECONOMICS_COLUMNS = (
+    runs.c.source,
+    runs.c.enrichment_type,
+    runs.c.submitted,
+    runs.c.emails_found,
+    runs.c.phones_found,
+    runs.c.credits_spent,
+)
+
 
 contacts = Table(
     "cleanlist_contacts",
