@@ -106,3 +106,20 @@ class CreditWatcher:
             except Exception as exc:  # resumed by a person in between, or not paused yet
                 logger.debug("resume attempt: %s", exc)
             self._stop.wait(0.5)
+
+
+def leave_expired_pause(flow_run_id: UUID) -> None:
+    """After the pause timed out: put the flow run back to Running, so that the run ends in its own state.
+
+    Prefect leaves a flow run whose pause timed out in Paused, and its server then turns every later
+    transition into Failed("The flow was failed and never resumed.") with no data: the run's summary (what
+    it wrote, the requests in doubt) would be lost to the CLI and to `enrich_dataframe`. The server's
+    orchestration rule allows no transition out of an expired pause, hence `force`.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as prefect:
+        prefect.set_flow_run_state(
+            flow_run_id, Running(message="the credit pause timed out; ending the run"), force=True
+        )

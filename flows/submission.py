@@ -37,7 +37,7 @@ from cleanlist.run.context import RunContext
 from cleanlist.run.outage import STORE_ERRORS
 from cleanlist.run.submit import ChunkOutcome
 from cleanlist.vocab import ChunkStatus, StopReason
-from cleanlist_prefect.flows.credits import CreditWatcher
+from cleanlist_prefect.flows.credits import CreditWatcher, leave_expired_pause
 from cleanlist_prefect.tasks.submit import submit_chunk_with_retries
 
 HEARTBEAT_SECONDS = 30.0  # claims of a run whose heartbeat is older than the store's lease may be taken
@@ -258,6 +258,7 @@ class SubmitLoop:
                 "still out of credits after %ss; giving up on the remaining chunks",
                 options.pause_timeout_seconds,
             )
+            leave_expired_pause(self.flow_run_id)
             return False
         finally:
             watcher.stop()

@@ -11,10 +11,13 @@ Prefect's clients find that instance (Prefect keeps one temporary server per por
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -96,6 +99,32 @@ def _startup_timeout() -> int:
     return STARTUP_SECONDS_UNLESS_SET
 
 
+@contextlib.contextmanager
+def _one_start_at_a_time() -> Iterator[None]:
+    """Hold PREFECT_HOME's start lock while a temporary server starts.
+
+    Each temporary server migrates the database of PREFECT_HOME as it starts; two runs started at once on
+    one machine (two shells, a cron job beside a person) ran the same migrations side by side, and the
+    loser's server died with "duplicate column name" and a traceback on the user's terminal. Behind this
+    lock the second start finds the database migrated. Not on Windows (no fcntl): there, as in Prefect.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home)
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".cleanlist-server-start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class OwnedTemporaryServer:
     """The temporary Prefect server of a run in this process, when no Prefect server is configured."""
 
@@ -111,7 +140,8 @@ class OwnedTemporaryServer:
             return None
         # Prefect keeps one temporary server per port; this instance is the one its clients will find.
         server = _server_class()()
-        server.start(timeout=_startup_timeout())
+        with _one_start_at_a_time():
+            server.start(timeout=_startup_timeout())
         return cls(server)
 
     @property

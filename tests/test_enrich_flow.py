@@ -271,6 +271,33 @@ def test_out_of_credits_pauses_then_resumes_by_itself_when_credits_arrive(
     assert summary["credits_spent"] == pytest.approx(counters["credits_charged"])
 
 
+def test_a_credit_pause_that_times_out_ends_the_run_with_its_summary(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    """Prefect leaves a run whose pause timed out in Paused and then fails every later transition with
+    "never resumed" and no data; the run's own summary (what it sent, what is in doubt) must survive it
+    (chaos seed 614033 lost the doubt of a DataFrame rerun that way)."""
+    sandbox = make_sandbox(rate_limit=None, credits=300.0, find_rate=0.9)
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=1000)
+    state, summary = run_flow(
+        source=str(source),
+        output=str(tmp_path / "out.csv"),
+        store=f"sqlite:///{tmp_path / 's.db'}",
+        max_concurrent_chunks=1,
+        pause_timeout_seconds=2,
+    )
+
+    assert state.is_failed()
+    assert "credits were not topped up" in (state.message or ""), state.message
+    assert summary["status"] == "credits_exhausted"
+    counters = sandbox.counters()
+    assert summary["submitted"] == counters["contacts_accepted"] > 0
+    assert summary["credits_spent"] == pytest.approx(counters["credits_charged"])
+    out = read_csv(tmp_path / "out.csv")
+    assert len(out) + summary["rejected"] == summary["rows_read"]
+
+
 def test_server_side_422_quarantines_exactly_the_named_rows(tmp_path: Path, make_sandbox, api_env) -> None:
     sandbox = make_sandbox(
         rate_limit=None,
