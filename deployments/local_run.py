@@ -147,9 +147,11 @@ def run_enrichment(kwargs: dict[str, Any], *, as_json: bool) -> int:
 
 
 def _run_and_report(kwargs: dict[str, Any], stop_request: Any, *, as_json: bool) -> int:
+    from prefect.exceptions import TerminationSignal
+
     from cleanlist.errors import CleanlistError
     from cleanlist.run.progress import reporting_progress_to
-    from cleanlist.run.stop import stopping_through
+    from cleanlist.run.stop import EXIT_INTERRUPTED, stopping_through
     from cleanlist_prefect.flows.enrich_contacts import enrich_contacts, outcome_of
 
     stop = threading.Event()
@@ -165,6 +167,11 @@ def _run_and_report(kwargs: dict[str, Any], stop_request: Any, *, as_json: bool)
     except CleanlistError as exc:
         error(str(exc))
         return EXIT_FAILED
+    except TerminationSignal:
+        # SIGTERM while Prefect's engine held the signal, before the flow body took it over: the run had
+        # not started (nothing was sent); the CLI's handler has already announced the stop.
+        error("stopped (SIGTERM) before the run started: nothing was submitted")
+        return EXIT_INTERRUPTED
     finally:
         stop.set()
         if bar is not None:

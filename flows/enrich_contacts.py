@@ -140,8 +140,9 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     # SIGTERM/SIGINT stop the run in order (cleanlist/run/stop.py), for the CLI (which hands its stop
     # request over) and any other process (a worker, `serve`, a script). Installed here, in the flow,
     # because Prefect's engine installs its own SIGTERM handler (which raises) when the flow run starts.
-    stop = stop_request() or StopRequest()
-    signals = stop_on_signals(stop)
+    handed_over = stop_request()  # the CLI's: it owns the signals before and after the flow run
+    stop = handed_over or StopRequest()
+    signals = stop_on_signals(stop, keep_installed=handed_over is not None)
     # A flow run a worker or `serve` started (they set PREFECT__FLOW_RUN_ID for its process) also stops
     # when that process ends: Prefect's process worker does not stop its flow runs when SIGTERM stops it.
     orphaned = stop_when_orphaned(stop) if os.environ.get("PREFECT__FLOW_RUN_ID") else nullcontext()

@@ -19,6 +19,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -296,3 +297,37 @@ def test_a_stop_while_paused_for_credits_ends_the_run_in_order(
     assert summary.get("ambiguous_submissions", 0) == 0, summary
     sandbox.add_credits(10_000)
     _rerun_pays_nothing_twice(sandbox, args, env)
+
+
+def test_a_signal_while_prefect_ends_the_flow_run_still_gives_the_summary_and_no_traceback(
+    tmp_path: Path, make_sandbox: Callable[..., Any]
+) -> None:
+    """Chaos seed 6744700: SIGTERM right after the flow body ended, while Prefect's engine closed the flow
+    run (its SIGTERM handler back in place): TerminationSignal went past the run's summary as a traceback.
+    """
+    sandbox = make_sandbox(rate_limit=None, latency=0.2)
+    source = messy_export(tmp_path / "crm.csv", unique=300)
+    args, env = _args(source, tmp_path), _env(sandbox, tmp_path)
+    proc = _start(args, env)
+    lines: list[str] = []
+    finished = threading.Event()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "Finished in state" in line and "Flow run" in line:
+                finished.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    assert finished.wait(120), "".join(lines)[-2000:]
+    os.kill(proc.pid, signal.SIGTERM)  # the engine is closing the flow run (heartbeats, final state)
+    out = proc.stdout.read() if proc.stdout is not None else ""
+    proc.wait(timeout=EXIT_BOUND)
+    reader.join(timeout=5)
+    err = "".join(lines)
+
+    assert "Traceback" not in err, err[-3000:]
+    assert proc.returncode == 0, err[-2000:]
+    assert _summary(out)["status"] == "completed"

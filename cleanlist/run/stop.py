@@ -109,12 +109,17 @@ def arm_deadline(
 
 
 @contextmanager
-def stop_on_signals(stop: StopRequest, *, deadline: float = EXIT_DEADLINE_SECONDS) -> Iterator[None]:
+def stop_on_signals(
+    stop: StopRequest, *, deadline: float = EXIT_DEADLINE_SECONDS, keep_installed: bool = False
+) -> Iterator[None]:
     """While the block runs: the first SIGTERM/SIGINT requests `stop` (and arms the deadline); a second
     one ends the process at once after the stop's `cleanup`. Outside the main thread this does nothing.
 
     Blocks nest: the flow installs them again inside the CLI's, because Prefect's flow engine replaces
-    the SIGTERM handler with its own (`capture_sigterm`, which raises in the main thread) for the run."""
+    the SIGTERM handler with its own (`capture_sigterm`, which raises in the main thread) for the run.
+    `keep_installed` leaves this block's handlers in place when it ends, for a caller that restores its
+    own after (the CLI, through Prefect's engine): a signal while the engine ends the flow run then stops
+    the run in order instead of raising Prefect's TerminationSignal past the run's summary."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -138,8 +143,9 @@ def stop_on_signals(stop: StopRequest, *, deadline: float = EXIT_DEADLINE_SECOND
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if not keep_installed:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @contextmanager
