@@ -280,9 +280,15 @@ class _Run:
         return RunFacts(
             label=self.label,
             exit_code=None if hung else self.proc.returncode,
-            # Killed -9 after it logged its end: it completed, its JSON line was never printed.
+            # Killed -9 after it logged its end: it completed, its JSON line was never printed. Not when
+            # its output is missing: a DataFrame program killed before it saved the frame the run
+            # returned has lost it (seeds 9007567, 6089384): the user reruns, served from the store.
             summary=_summary(stdout)
-            or (logged_summary(stderr) if self.signal_name == "SIGKILL" and not hung else None),
+            or (
+                logged_summary(stderr)
+                if self.signal_name == "SIGKILL" and not hung and self.output.exists()
+                else None
+            ),
             stderr=stderr + "\n" + stdout,
             signal=self.signal_name,
             signalled_at=self.signalled_at,
