@@ -28,7 +28,7 @@ from benchmarks.chaos.invariants import (
     rows_accounted,
     runs_end,
 )
-from benchmarks.chaos.runner import logged_summary
+from benchmarks.chaos.runner import logged_summary, unsettled_intents_before
 from benchmarks.chaos.schedule import EVENTS, draw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +94,38 @@ def test_doubt_above_the_requests_whose_answer_was_lost_breaks_invariant_2() -> 
     facts.workflows_recorded = 0
     facts.bulk_requests = [*answered, BulkRequest(9.8, 10.5, None)]
     assert paid_at_most_in_doubt(facts) == []
+
+
+def test_doubt_of_a_request_killed_right_after_its_intent_is_allowed_only_inside_the_send_window() -> None:
+    # Seed 3929167 (ci, container/bulk_on_wire): killed after journalling a request's intent and before its
+    # body reached the API; the rerun rightly reports it in doubt (nobody can tell it never left).
+    killed = RunFacts("run 1", -9, None, signal="SIGKILL", signalled_at=10.0, ended_at=10.1)
+    rerun = _completed("rerun 1", [_row("r1"), _row("r2")], ambiguous_submissions=2, ambiguous_contacts=300)
+    facts = _facts(killed, rerun, bulk_requests=[BulkRequest(9.8, 10.5, None)])
+    assert any("reported 2 request(s) in doubt; at most 1" in p for p in paid_at_most_in_doubt(facts))
+    killed.intents_at_death = 1
+    assert paid_at_most_in_doubt(facts) == []
+
+
+def test_only_unsettled_intents_written_just_before_the_kill_count_as_maybe_unsent(tmp_path: Path) -> None:
+    journal = tmp_path / ".cleanlist" / "journal"
+    journal.mkdir(parents=True)
+    death = 1_000.0
+    lines = [
+        {"kind": "intent", "request": "a", "at": death - 0.2},  # unsettled, just before: counts
+        {"kind": "intent", "request": "b", "at": death - 0.1},  # settled by its acceptance
+        {"kind": "accepted", "request": "b"},
+        {"kind": "intent", "request": "c", "at": death - 0.3},  # settled by a 429 read
+        {"kind": "answered", "request": "c", "status": 429},
+        {"kind": "intent", "request": "d", "at": death - 5.0},  # long before the kill: sent, or a bug
+        {"kind": "intent", "request": "e"},  # a journal without times (before this field): no allowance
+        {"kind": "intent", "request": "f", "at": death + 0.5},  # after the kill: another process's
+    ]
+    text = "\n".join(json.dumps(line) for line in lines) + "\n{broken\n"
+    (journal / "store.jsonl").write_text(text, encoding="utf-8")
+    assert unsettled_intents_before(tmp_path, death, 1.0) == 1
+    assert unsettled_intents_before(tmp_path, death, 10.0) == 2
+    assert unsettled_intents_before(tmp_path / "nowhere", death, 1.0) == 0
 
 
 def test_a_charge_without_an_output_row_breaks_invariant_3() -> None:

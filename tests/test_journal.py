@@ -103,3 +103,14 @@ def test_an_accepted_request_costs_one_fsync_and_its_intent_survives_without_one
     assert len(synced) == 1
     journal.answered(journal.intent("run-1", "1", ["k2"]), run_id="run-1", status=429)
     assert len(synced) == 1
+
+
+def test_an_intent_says_when_the_body_was_about_to_leave(tmp_path: Path) -> None:
+    """The time lets an observer tell a request killed before its body left from one sent long before."""
+    import time
+
+    journal = AcceptanceJournal(store_url="sqlite:///x", directory=tmp_path / "journal")
+    before = time.time()
+    journal.intent("run-1", "0", ["k1"])
+    (entry,) = [json.loads(line) for line in journal.path.read_text().splitlines()]
+    assert entry["kind"] == "intent" and before - 0.01 <= entry["at"] <= time.time() + 0.01

@@ -202,6 +202,33 @@ def test_a_contact_sent_again_after_its_task_was_lost_is_no_repeat_payment(
     assert sandbox.counters()["credits_charged"] == float(len(known[0]) + len(known[1]))
 
 
+@pytest.mark.parametrize("word", ["cancelled", "failed"])
+def test_contacts_sent_again_after_their_workflow_was_cancelled_are_no_repeat_payment(
+    start_sandbox: StartSandbox, word: str
+) -> None:
+    # Chaos seed 3949638: the API ended a workflow 'cancelled' (nothing served, nothing charged), the
+    # rerun sent its 242 contacts again, and the sandbox counted them as accepted twice.
+    sandbox = start_sandbox(final_word=word, final_word_rate=1.0, find_rate=1.0, credits=1000.0)
+    contacts = people(20)
+    with api(sandbox) as client:
+        for _ in range(2):
+            body = settle(client, bulk(client, contacts).json()["workflow_id"])
+            assert body["status"] == word and not body["results"]
+    counters = sandbox.counters()
+    assert counters["contacts_accepted"] == 40
+    assert counters["contacts_accepted_more_than_once"] == 0
+    assert counters["credits_charged"] == 0.0
+
+
+def test_a_contact_charged_twice_still_counts_as_a_repeat(start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(find_rate=1.0, credits=1000.0)
+    contacts = people(20)
+    with api(sandbox) as client:
+        for _ in range(2):
+            settle(client, bulk(client, contacts).json()["workflow_id"])
+    assert sandbox.counters()["contacts_accepted_more_than_once"] == 20
+
+
 # --- 4. the bulk answer's task_ids --------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.chaos.invariants import RunFacts, ScheduleFacts, Violation, check
+from benchmarks.chaos.invariants import SEND_WINDOW_SECONDS, RunFacts, ScheduleFacts, Violation, check
 from benchmarks.chaos.proxy import ApiProxy
 from benchmarks.chaos.schedule import Schedule
 from benchmarks.chaos.sources import Source, build_rows, write_source
@@ -101,6 +101,28 @@ def _summary(stdout: str) -> dict[str, Any] | None:
                 if isinstance(parsed, dict):
                     return parsed
     return None
+
+
+def unsettled_intents_before(home: Path, death: float, window: float) -> int:
+    """Intents in the journals under `home` with no settling line, written at most `window` seconds
+    before `death` (wall clock): requests a kill -9 may have stopped before their body left."""
+    entries: list[dict[str, Any]] = []
+    for path in sorted((home / ".cleanlist" / "journal").glob("*.jsonl")):
+        with contextlib.suppress(OSError):
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if isinstance(entry, dict):
+                        entries.append(entry)
+    settled = {e.get("request") for e in entries if e.get("kind") != "intent"}
+    return sum(
+        1
+        for e in entries
+        if e.get("kind") == "intent"
+        and e.get("request") not in settled
+        and isinstance(e.get("at"), int | float)
+        and 0.0 <= death - float(e["at"]) <= window
+    )
 
 
 _DONE = " - done: {"
@@ -197,9 +219,11 @@ class _Run:
         self.descendants: dict[int, str] = {}
         self.signal_name: str | None = None
         self.signalled_at: float | None = None
+        self.signalled_wall: float | None = None
         self.ended_at: float | None = None
         self.cpu_seconds: float | None = None
         self._next_watch = 0.0
+        self.home = Path(env.get("HOME", str(cwd)))
 
     def watch(self) -> None:
         """Remember every descendant (a temporary Prefect server, a receiver) while the run lives.
@@ -230,6 +254,7 @@ class _Run:
             sig
         ]
         self.signalled_at = time.monotonic()
+        self.signalled_wall = time.time()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.target_pid(), sig)
             if sig == signal.SIGKILL:
@@ -296,6 +321,11 @@ class _Run:
             started_at=self.started,
             bound_seconds=self.bound,
             leftover_processes=leftovers,
+            intents_at_death=(
+                unsettled_intents_before(self.home, self.signalled_wall, SEND_WINDOW_SECONDS)
+                if self.signal_name == "SIGKILL" and self.signalled_wall is not None
+                else 0
+            ),
             output_rows=_read_rows(self.output),
             reject_rows=_read_rows(rejects),
             library=self.library,
@@ -303,8 +333,13 @@ class _Run:
         )
 
     def _leftovers(self, *, report: bool) -> list[str]:
-        """Descendants still alive a moment after the run ended; killed either way (we started them)."""
-        deadline = time.monotonic() + 3.0
+        """Descendants still alive a moment after the run ended; killed either way (we started them).
+
+        After a kill -9 the wait is longer: a killed process stuck in a system call (an fsync on a busy
+        disk) dies only when the call returns, and until then it still holds its store session and its
+        liveness lock. A container restart waits for its processes to be gone; so does the harness
+        before the rerun (seed 1075081: a rerun 5 s after the kill rightly found the run alive)."""
+        deadline = time.monotonic() + (3.0 if report else KILLED_PROCESS_WAIT_SECONDS)
         alive: list[psutil.Process] = []
         while time.monotonic() < deadline:
             alive = []
@@ -321,6 +356,9 @@ class _Run:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         return names if report else []
+
+
+KILLED_PROCESS_WAIT_SECONDS = 30.0
 
 
 class SchedulePlayer:

@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -119,6 +120,9 @@ class AcceptanceJournal:
                 "host": self._host,
                 "chunk": chunk_key,
                 "keys": list(keys),
+                # When the body was about to go on the wire: a process killed within moments of it may
+                # have died before the bytes left (the doubt it leaves is then the kill's, not a bug's).
+                "at": round(time.time(), 3),
             }
         )
         return request

@@ -436,7 +436,10 @@ class SandboxState:
                     continue
                 task_bytes = workflow.task_ids[index * 16 : index * 16 + 16]
                 self._tasks[int.from_bytes(task_bytes)] = base | index
-            self._count_acceptance(serial, findings, cost, unknown)
+            # A workflow that ends failed or cancelled serves and charges none of its contacts: like
+            # tasks unknown for good, sending them again is the only way to an answer, not a repeat.
+            unserved = frozenset(range(len(records))) if final_status in FAILED_FINAL_WORDS else unknown
+            self._count_acceptance(serial, findings, cost, unserved)
             key.batches_accepted += 1
             limit = self.config.revoke_after_batches
             if limit is not None and key.revoke_armed and key.batches_accepted >= limit:
@@ -473,8 +476,9 @@ class SandboxState:
         self._credits_charged += cost
         seen = self._seen
         for index, found in enumerate(findings):
-            # A task unknown for good was neither served nor charged: the contact sent again (the only
-            # way to its answer) is not a second payment, so neither acceptance counts as a repeat.
+            # A task unknown for good (or of a failed or cancelled workflow) was neither served nor
+            # charged: the contact sent again (the only way to its answer) is not a second payment, so
+            # neither acceptance counts as a repeat.
             if index in unknown:
                 continue
             last = seen.get(found.identity_key)
