@@ -137,6 +137,22 @@ def test_a_charge_without_an_output_row_breaks_invariant_3() -> None:
     assert paid_is_written(facts) == []
 
 
+def test_a_lost_answer_reported_in_doubt_excuses_its_charge_and_nothing_more() -> None:
+    # Seed 1998011: killed with a bulk answer on the wire (205 credits charged, never read), the rerun's
+    # resend ended in a failed workflow (not charged, so no repeat): the 205 are the reported doubt's.
+    killed = RunFacts("run 1", -9, None, signal="SIGKILL")
+    rerun = _completed("rerun 1", [_row("r1"), _row("r2")], ambiguous_submissions=1, ambiguous_contacts=250)
+    facts = _facts(killed, rerun, credits_charged=207.0, credits_never_asked=205.0)
+    assert paid_is_written(facts) == []
+    # Not beyond the doubt reported: 250 contacts at 1 credit each.
+    facts.credits_charged, facts.credits_never_asked = 402.0, 400.0
+    assert any("150 paid and lost" in p for p in paid_is_written(facts))
+    # Nor without any doubt reported: a workflow recorded and never asked about is a bug, not a loss.
+    rerun.summary = {"status": "completed"}
+    facts.credits_charged, facts.credits_never_asked = 207.0, 205.0
+    assert any("205 paid and lost" in p for p in paid_is_written(facts))
+
+
 def test_a_mark_past_an_unsettled_row_breaks_invariant_4() -> None:
     run = _completed("run 1", [_row("r1"), _row("r2", status="pending")], cursor_mark_new="2")
     facts = _facts(run, cursor_kind="int")

@@ -220,6 +220,17 @@ def test_contacts_sent_again_after_their_workflow_was_cancelled_are_no_repeat_pa
     assert counters["credits_charged"] == 0.0
 
 
+def test_charges_of_workflows_nobody_asked_about_are_counted(start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(find_rate=1.0, credits=1000.0)
+    with api(sandbox) as client:
+        lost = bulk(client, people(3)).json()  # its answer "lost": never asked about
+        read = bulk(client, people(5)).json()
+        settle(client, read["workflow_id"])
+        assert sandbox.counters()["credits_of_workflows_never_asked"] == 3.0
+        assert task(client, lost["task_ids"][0]).status_code == 200  # asked by a task id: not lost
+    assert sandbox.counters()["credits_of_workflows_never_asked"] == 0.0
+
+
 def test_a_contact_charged_twice_still_counts_as_a_repeat(start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox(find_rate=1.0, credits=1000.0)
     contacts = people(20)

@@ -638,6 +638,7 @@ class SchedulePlayer:
             workflows_recorded=workflows,
             contacts_accepted_more_than_once=int(counters["contacts_accepted_more_than_once"]),
             credits_charged=float(counters["credits_charged"]),
+            credits_never_asked=float(counters.get("credits_of_workflows_never_asked", 0.0)),
             email_credit=email,
             phone_credit=phone,
             secrets=[self.key, *([_password_for(s.seed)] if self.pg else [])],

@@ -257,6 +257,9 @@ class Workflow:
     """Indexes left out of workflow-mode results (`omit_task_rate`)."""
     unknown: frozenset[int] = _NO_TASKS
     """Indexes unknown for good (`unknown_task_rate`): never listed, 404 by task_id, not charged."""
+    asked: bool = False
+    """Whether a client ever asked about it (status by workflow or task id, deliveries) or a webhook
+    delivered it: a charged workflow never asked about is a payment whose answer was lost."""
 
     @property
     def ends_unfound(self) -> bool:
@@ -500,6 +503,7 @@ class SandboxState:
             raise ApiRefusal(404, WORKFLOW_NOT_FOUND)
         if status_mode and self.clock() < workflow.accepted_at + self.config.workflow_visible_after:
             raise ApiRefusal(404, WORKFLOW_NOT_FOUND)
+        workflow.asked = True
         return workflow
 
     def remembers(self, workflow: Workflow) -> bool:
@@ -520,6 +524,7 @@ class SandboxState:
             workflow = self._workflows[packed >> _INDEX_BITS]
         if workflow.organization_id != key.organization.organization_id:
             raise ApiRefusal(404, TASK_NOT_FOUND)
+        workflow.asked = True
         return workflow, packed & ((1 << _INDEX_BITS) - 1)
 
     def balance(self, key: ApiKey | None = None) -> float:
@@ -634,6 +639,7 @@ class SandboxState:
         with self._lock:
             workflow.deliveries.append(attempt)
             if attempt.status == "delivered":
+                workflow.asked = True
                 self._webhooks_delivered += 1
                 self._last_webhook_t = self.clock() - self.started_at
 
@@ -670,6 +676,10 @@ class SandboxState:
                 "contacts_accepted_more_than_once": self._repeated,
                 "bulk_accepted": self._bulk_accepted,
                 "credits_charged": self._credits_charged,
+                # Charged for workflows nobody ever asked about: answers lost (a kill on the wire).
+                "credits_of_workflows_never_asked": sum(
+                    w.cost for w in self._workflows.values() if not w.asked
+                ),
                 "balance": self.organization.credits,
                 "webhooks_delivered": self._webhooks_delivered,
                 "last_webhook_delivered_t": self._last_webhook_t,
