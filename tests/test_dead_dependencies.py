@@ -360,6 +360,40 @@ def test_a_store_dropped_mid_run_ends_it_with_one_line(
     assert len(logged.lines) < 60, logged.text[-6000:]  # no line per workflow or per chunk
 
 
+@pytest.mark.postgres
+def test_a_store_that_refuses_the_run_as_it_starts_ends_it_with_one_line(
+    tmp_path: Path, make_sandbox, api_env
+) -> None:
+    """Chaos seed 6280223: the store refused connections while the run opened it (a traceback)."""
+    sandbox = make_sandbox(rate_limit=None)
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=300)
+    with postgres_database() as store:
+        EnrichmentStore(store).close()  # its tables exist: opening it works, recording the run does not
+        engine = sa.create_engine(store.replace("postgresql://", "postgresql+psycopg://"))
+        with engine.begin() as conn:  # the server answers as one that stops taking connections would
+            conn.execute(sa.text(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION "
+                "'the database system is shutting down' USING ERRCODE = '57P03'; END $$ LANGUAGE plpgsql"
+            ))  # fmt: skip
+            conn.execute(sa.text(
+                "CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON cleanlist_runs "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"
+            ))  # fmt: skip
+        engine.dispose()
+        with _recording() as logged:
+            state, _summary = run_flow(source=str(source), output=str(tmp_path / "out.csv"), store=store)
+
+    assert state.is_failed() and _exit_code(state) == 1
+    message = state.message
+    assert "\n" not in message
+    assert message.startswith("run stopped before submitting anything: the enrichment store at "), message
+    assert "is unreachable (CannotConnectNow: the database system is shutting down)" in message, message
+    assert message.endswith("nothing was sent; rerun once it is reachable")
+    assert "Traceback" not in logged.text, logged.text[-6000:]
+    assert not [e for e in sandbox.requests_log() if e["endpoint"] == "enrich-bulk"]
+
+
 # -- passwords ------------------------------------------------------------------------------------------
 
 
