@@ -9,6 +9,7 @@ is within the lease. The acceptance journal of a dead run is replayed."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -16,8 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from cleanlist.store.liveness import (
     lock_file_name,
     process_start,
     run_is_alive,
+    run_lock_key,
 )
 from cleanlist.store.schema import runs
 
@@ -333,6 +337,47 @@ def test_a_killed_run_in_this_namespace_whose_pid_is_alive_again_loses_its_claim
     rewrite_run(store_url, "crashed", pid=ME.pid, proc_start=ME.started)
     store.start_run("rerun", {})
     assert taken_within(store, "rerun", keys(2), seconds=5.0) < LEASE_SECONDS
+
+
+@contextmanager
+def another_judge_probing(store_url: str, run_id: str, seconds: float) -> Iterator[None]:
+    """Hold `run_id`'s liveness lock for `seconds`, as another process judging that run does for a
+    moment (it takes the lock to see whether it is free)."""
+    if store_url.startswith("sqlite"):
+        path = lock_directory(store_url.removeprefix("sqlite:///")) / lock_file_name(run_id)
+        fd = os.open(path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        release: Callable[[], None] = lambda: os.close(fd)  # noqa: E731
+    else:
+        engine = sa.create_engine(store_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        key = {"key": run_lock_key(run_id)}
+        assert conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), key).scalar_one()
+
+        def release() -> None:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), key)
+            conn.close()
+            engine.dispose()
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join()
+
+
+def test_a_dead_runs_lock_probed_by_another_judge_is_no_sign_of_life(
+    store_url: str, store: EnrichmentStore, start_holder: Callable[..., subprocess.Popen[str]]
+) -> None:
+    # Chaos seed 1075081: the two chunk tasks of a rerun judged the same killed run at once; one found
+    # the lock taken (by the other's probe) and left 26 contacts "held by another live run".
+    holder = start_holder("crashed", keys(4))
+    kill_9(holder)
+    store.start_run("rerun", {})
+    with another_judge_probing(store_url, "crashed", seconds=0.03):
+        outcome = store.claim("rerun", keys(4), FULL, None)
+    assert (outcome.claimed, outcome.held) == (keys(4), [])
 
 
 def test_a_run_holding_its_lock_but_silent_far_past_the_lease_loses_its_claims(

@@ -222,6 +222,26 @@ class RunLocks(Protocol):
         waits."""
 
 
+# A judge tests another run's lock by taking it for a moment, so a lock found held may be another
+# judge's probe, not a live run: two chunk tasks of a rerun judging the same dead run at once, one saw the
+# other's probe and left 26 contacts "held by another live run" (chaos seed 1075081). Probes of one
+# store take turns; a lock is held only if it is held at each of these tries.
+PROBE_ATTEMPTS: Final = 3
+PROBE_RETRY_SECONDS: Final = 0.03
+
+
+def held_past_probes(probe: Callable[[], bool | None], turn: threading.Lock) -> bool | None:
+    """`probe()`'s verdict, with True only if it holds at each of `PROBE_ATTEMPTS` tries."""
+    for attempt in range(PROBE_ATTEMPTS):
+        with turn:
+            verdict = probe()
+        if verdict is not True:
+            return verdict
+        if attempt + 1 < PROBE_ATTEMPTS:
+            time.sleep(PROBE_RETRY_SECONDS)
+    return True
+
+
 def lock_kind(tag: str | None) -> str | None:
     """The kind of lock a runs row's `liveness_lock` names."""
     return None if tag is None else tag.split("@", 1)[0]
@@ -261,6 +281,7 @@ class FileRunLocks:
         self._directory = directory
         self._held: dict[str, int] = {}
         self._mutex = threading.Lock()
+        self._probing = threading.Lock()
 
     def acquire(self, run_id: str) -> None:
         with self._mutex:
@@ -306,6 +327,9 @@ class FileRunLocks:
 
     def held(self, conn: Connection, run_id: str, tag: str) -> bool | None:
         del conn, tag
+        return held_past_probes(lambda: self._probe(run_id), self._probing)
+
+    def _probe(self, run_id: str) -> bool | None:
         path = self._directory / lock_file_name(run_id)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -367,8 +391,8 @@ _SERVER_START: Final = "(extract(epoch from pg_postmaster_start_time()) * 100000
 class AdvisoryRunLocks:
     """PostgreSQL: a session-level advisory lock per run, on one connection of its own (autocommit, out of
     the pool) that the store keeps open while it has runs; the server releases the locks when the
-    connection drops. Judges try the lock in their own transaction (`pg_try_advisory_xact_lock`, let go
-    when that transaction ends), so a judge never keeps a lock past its transaction."""
+    connection drops. A judge tries the lock and lets go at once (`pg_try_advisory_lock`, then
+    `pg_advisory_unlock`): held for the length of the probe only, never for the judge's transaction."""
 
     kind = LOCK_ADVISORY
 
@@ -377,6 +401,7 @@ class AdvisoryRunLocks:
         self._conn: Connection | None = None
         self._held: set[str] = set()
         self._mutex = threading.Lock()
+        self._probing = threading.Lock()
         self._server_start = ""
 
     @property
@@ -430,10 +455,13 @@ class AdvisoryRunLocks:
             self._drop()
 
     def held(self, conn: Connection, run_id: str, tag: str) -> bool | None:
-        got = conn.execute(
-            text(f"SELECT pg_try_advisory_xact_lock(:key), {_SERVER_START}"),
-            {"key": run_lock_key(run_id)},
-        ).one()
+        return held_past_probes(lambda: self._probe(conn, run_id, tag), self._probing)
+
+    def _probe(self, conn: Connection, run_id: str, tag: str) -> bool | None:
+        key = {"key": run_lock_key(run_id)}
+        got = conn.execute(text(f"SELECT pg_try_advisory_lock(:key), {_SERVER_START}"), key).one()
+        if got[0]:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), key)  # a probe holds it for a moment only
         if got[0] and tag != f"{self.kind}@{got[1]}":
             # Taken before the server (re)started: the restart let go of it, not the run's death; the run
             # takes it again at its next beat. Meanwhile its heartbeat decides.
