@@ -130,19 +130,18 @@ def failures_as_states(body: Callable[P, R]) -> Callable[P, R | State]:
 
 
 @contextmanager
-def _store_unreachable_as_one_line(url: str | None, store: EnrichmentStore | None = None) -> Iterator[None]:
-    """While the run opens its store: a store that fails (down, refusing connections) stops the run with
-    one line before anything is sent, not a traceback (chaos seed 6280223: an outage as the run began)."""
+def _store_unreachable_as_one_line(store: EnrichmentStore) -> Iterator[None]:
+    """While the run records itself in its store (opening it already says what failed in one line, and
+    the rate book falls back to memory): a store that fails stops the run with one line before anything
+    is sent, not a traceback (chaos seed 6280223: an outage as the run began)."""
     try:
         yield
     except STORE_ERRORS as exc:
-        if store is not None:
-            with contextlib.suppress(Exception):
-                store.close()
-        where = store.url_display if store is not None else hide_passwords(url or "its default location")
+        with contextlib.suppress(Exception):
+            store.close()
         raise RunFailed(
-            f"run stopped before submitting anything: the enrichment store at {where} is unreachable "
-            f"({describe_store_error(exc)}); nothing was sent; rerun once it is reachable"
+            f"run stopped before submitting anything: the enrichment store at {store.url_display} is "
+            f"unreachable ({describe_store_error(exc)}); nothing was sent; rerun once it is reachable"
         ) from None
 
 
@@ -163,14 +162,11 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
     # A flow run a worker or `serve` started (they set PREFECT__FLOW_RUN_ID for its process) also stops
     # when that process ends: Prefect's process worker does not stop its flow runs when SIGTERM stops it.
     orphaned = stop_when_orphaned(stop) if os.environ.get("PREFECT__FLOW_RUN_ID") else nullcontext()
-    store_url = options.store or settings.store_url
-    with _store_unreachable_as_one_line(store_url):
-        store = EnrichmentStore(store_url)
+    store = EnrichmentStore(options.store or settings.store_url)
     journal = AcceptanceJournal(store.url_display)
     # The rate budget is the organization's, shared through the store with every run that uses it.
     # Its slots name the run: a rerun after a kill -9 closes the slots this run left in flight.
-    with _store_unreachable_as_one_line(store_url, store):
-        book = store.rate_book(organization_of(settings.base_url, api_key), run_id)
+    book = store.rate_book(organization_of(settings.base_url, api_key), run_id)
     limiter = RateLimiter(settings.rate, book=book)
     client = WatchedClient(api_key, settings=settings, limiter=limiter)  # its outage watch is the run's
     workspace = RunWorkspace()
@@ -181,7 +177,7 @@ def open_run(options: EnrichOptions) -> Iterator[RunContext]:
         key: _shown(getattr(options, key))
         for key in ("source", "output", "enrichment_type", "refresh_days", "max_credits", "dry_run")
     }
-    with _store_unreachable_as_one_line(store_url, store):
+    with _store_unreachable_as_one_line(store):
         store.start_run(run_id, params, flow_run_id=str(flow_run_id) if flow_run_id else None)
         heartbeat = store.keep_alive(run_id)  # the run owns its claims while this beats (store/liveness.py)
     quiet = _ReportedByTheRun(str(flow_run_id) if flow_run_id else None)

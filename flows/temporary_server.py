@@ -117,12 +117,9 @@ def _one_start_at_a_time() -> Iterator[None]:
 
     home = Path(get_current_settings().home)
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".cleanlist-server-start.lock", "a") as lock:
+    with open(home / ".cleanlist-server-start.lock", "a") as lock:  # closing it lets go of the lock
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
 
 
 class OwnedTemporaryServer:

@@ -175,15 +175,9 @@ def test_a_run_reads_the_balance_left_once_at_its_end_and_the_report_shows_it(
 ) -> None:
     """Over HTTP against the sandbox: one `GET /credits/balance` as the run ends, after every charge."""
     from cleanlist.run.report import cost, count
-    from tests.flow_helpers import messy_export, run_flow
 
     sandbox = make_sandbox(rate_limit=None, seed=3, credits=5000.0)
-    api_env(sandbox)
-    source = messy_export(tmp_path / "crm.csv", unique=300)
-
-    state, data = run_flow(
-        source=str(source), output=str(tmp_path / "out.csv"), store=f"sqlite:///{tmp_path / 'store.db'}"
-    )
+    state, data = _run_300_contacts(tmp_path, sandbox, api_env)
 
     assert state.is_completed(), state.message
     summary = RunSummary.model_validate(data)
@@ -195,22 +189,27 @@ def test_a_run_reads_the_balance_left_once_at_its_end_and_the_report_shows_it(
     assert f"balance left {count(summary.balance_left)}" in report_text(summary)
 
 
+def _run_300_contacts(tmp_path: Path, sandbox: Any, api_env: Any) -> tuple[Any, dict[str, Any]]:
+    """enrich-contacts over 300 contacts against `sandbox`: (final state, summary)."""
+    from tests.flow_helpers import messy_export, run_flow
+
+    api_env(sandbox)
+    source = messy_export(tmp_path / "crm.csv", unique=300)
+    return run_flow(
+        source=str(source), output=str(tmp_path / "out.csv"), store=f"sqlite:///{tmp_path / 'store.db'}"
+    )
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_failed_balance_read_leaves_it_unknown_and_the_run_completes(
     tmp_path: Path, make_sandbox: Any, api_env: Any
 ) -> None:
     from cleanlist.sandbox import FaultSpec
-    from tests.flow_helpers import messy_export, run_flow
 
     sandbox = make_sandbox(
         rate_limit=None, seed=3, faults={"credits-balance": FaultSpec(sequence=(503, 503, 503))}
     )
-    api_env(sandbox)
-    source = messy_export(tmp_path / "crm.csv", unique=300)
-
-    state, data = run_flow(
-        source=str(source), output=str(tmp_path / "out.csv"), store=f"sqlite:///{tmp_path / 'store.db'}"
-    )
+    state, data = _run_300_contacts(tmp_path, sandbox, api_env)
 
     assert state.is_completed(), state.message
     summary = RunSummary.model_validate(data)
