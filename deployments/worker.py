@@ -17,12 +17,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
 import psutil
 
-from cleanlist.run.stop import EXIT_DEADLINE_SECONDS
+from cleanlist.run.stop import EXIT_DEADLINE_SECONDS, SAME_STOP_SECONDS
 
 # A flow run stops within its own deadline (25 s); a little more for its process to be reaped.
 FLOW_RUN_GRACE_SECONDS = EXIT_DEADLINE_SECONDS + 3.0
@@ -55,11 +56,13 @@ def run_worker(argv: Sequence[str]) -> int:
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", *argv], start_new_session=True
     )
-    signals: list[int] = []
+    signals: list[float] = []  # when each stop signal came (time.monotonic())
     asked = threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        signals.append(signum)
+        if signals and time.monotonic() - signals[0] < SAME_STOP_SECONDS:
+            return  # the first signal again (`timeout` signals the command and its process group)
+        signals.append(time.monotonic())
         if len(signals) > 1:  # a second signal: the worker now, its runs as Prefect leaves them
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)

@@ -331,3 +331,29 @@ def test_a_signal_while_prefect_ends_the_flow_run_still_gives_the_summary_and_no
     assert "Traceback" not in err, err[-3000:]
     assert proc.returncode == 0, err[-2000:]
     assert _summary(out)["status"] == "completed"
+
+
+def test_the_same_stop_sent_twice_at_once_is_one_stop(
+    tmp_path: Path, make_sandbox: Callable[..., Any]
+) -> None:
+    """GNU `timeout` sends SIGTERM to the command and then to its process group: two signals within
+    microseconds. `timeout 20 cleanlist-enrich run …` took the second for "exit at once" and ended with no
+    summary. A second signal within SAME_STOP_SECONDS of the first is the same stop (here 0.1 s later, so
+    the first was surely handled); a later one still exits at once (the test above)."""
+    config, rate_limit, contacts, extra = MOMENTS["on_the_wire"]
+    sandbox = make_sandbox(**{"latency": 0.5, **config})
+    source = messy_export(tmp_path / "crm.csv", unique=contacts)
+    env = _env(sandbox, tmp_path, rate_limit=rate_limit)
+    args = _args(source, tmp_path, *extra)
+    proc = _start(args, env)
+    _wait_until(proc, _moment_reached("on_the_wire", sandbox, tmp_path, contacts))
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.1)
+    _seconds, out, err = _signal_and_wait(proc, signal.SIGTERM)
+
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    summary = _summary(out)
+    assert summary["status"] == "interrupted" and summary.get("ambiguous_submissions", 0) == 0, summary
+    assert summary["workflows"] == _bulk(sandbox, 200), summary
+    _rerun_pays_nothing_twice(sandbox, args, env)

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
@@ -34,6 +35,10 @@ EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what shells report for Ctrl-C; us
 # A stopped run ends within this many seconds of the first signal, whatever hangs (the bound is 30 s).
 EXIT_DEADLINE_SECONDS: Final = 25.0
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+# A second signal this soon after the first is the same stop sent twice, not a person insisting: GNU
+# `timeout` signals the command and then its whole process group, so the command gets SIGTERM twice
+# within microseconds (`timeout 20 cleanlist-enrich run …` exited at once, with no summary).
+SAME_STOP_SECONDS: Final = 0.25
 # How often a flow run started by a worker checks that the worker still lives.
 PARENT_CHECK_SECONDS: Final = 1.0
 
@@ -45,6 +50,7 @@ class StopRequest:
     def __init__(self, *, announce: bool = False, cleanup: Callable[[], None] | None = None) -> None:
         self.event = threading.Event()
         self.reason: str | None = None
+        self.requested_at: float | None = None  # time.monotonic() of the first request
         self.announce = announce  # say on stderr what the first signal does (a terminal's user reads it)
         self.cleanup = cleanup  # what a second signal, or the deadline, does before exiting at once
 
@@ -60,6 +66,7 @@ class StopRequest:
         if self.event.is_set():
             return False
         self.reason = reason
+        self.requested_at = time.monotonic()
         self.event.set()
         return True
 
@@ -137,6 +144,8 @@ def stop_on_signals(
                     )
             arm_deadline(deadline, stop.cleanup)
             return
+        if stop.requested_at is not None and time.monotonic() - stop.requested_at < SAME_STOP_SECONDS:
+            return  # the first signal again (see SAME_STOP_SECONDS)
         exit_now(stop.cleanup)
 
     previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
