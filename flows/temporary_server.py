@@ -7,6 +7,12 @@ own session (a Ctrl-C at the terminal reaches the run, not the server under it) 
 (PR_SET_PDEATHSIG) to end when the thread that started it ends — a SIGKILL of the process included.
 Prefect's clients find that instance (Prefect keeps one temporary server per port). Used by the CLI
 (`deployments/local_run.py`) and by `enrich_dataframe` called outside a flow.
+
+Its port is the kernel's: this process binds a socket to port 0 and hands it to the server (uvicorn's
+`--fd`). Prefect picks a random free port and lets uvicorn bind it only after the app has started (seconds
+of migrations); two runs started at once in different PREFECT_HOMEs could pick the same port, the second
+server failed to bind with a traceback, and its run's health check was answered by the other run's
+server, so the run recorded itself in the other PREFECT_HOME (fault-schedule seed 5099608).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,8 +48,20 @@ def _server_class() -> type[Any]:
     class _Owned(SubprocessASGIServer):
         """Prefect's temporary server, started by this process and tied to it (see the module docstring).
 
-        The command is Prefect 3.9's own (`SubprocessASGIServer._run_uvicorn_command`), plus the tie.
+        The command is Prefect 3.9's own (`SubprocessASGIServer._run_uvicorn_command`), plus the tie, with
+        the socket bound here instead of `--host`/`--port`.
         """
+
+        _socket: socket.socket | None = None
+
+        def find_available_port(self) -> int:
+            """A port nobody else can take: this socket holds it until the server listens on it."""
+            if self._socket is not None:
+                self._socket.close()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))  # not listening: a health check before the server is up is refused
+            self._socket = sock
+            return int(sock.getsockname()[1])
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             import prefect
@@ -54,7 +73,11 @@ def _server_class() -> type[Any]:
                 "PREFECT__SERVER_FINAL": "1",
             }
             app_dir = str(prefect.__module_path__.parent)
-            return subprocess.Popen(
+            if self._socket is None:  # Prefect binds a port of its choosing only through this class
+                self.port = self.find_available_port()
+            assert self._socket is not None
+            fd = self._socket.fileno()
+            process = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
@@ -63,10 +86,8 @@ def _server_class() -> type[Any]:
                     app_dir,
                     "--factory",
                     "prefect.server.api.server:create_app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
+                    "--fd",
+                    str(fd),
                     "--log-level",
                     "error",
                     "--lifespan",
@@ -81,7 +102,11 @@ def _server_class() -> type[Any]:
                 # Its own session: a Ctrl-C at the terminal reaches the run (which stops in order and
                 # still reports to this server), not the server under it.
                 start_new_session=True,
+                pass_fds=(fd,),
             )
+            self._socket.close()  # the server holds the port now
+            self._socket = None
+            return process
 
     return _Owned
 

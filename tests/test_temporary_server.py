@@ -59,3 +59,54 @@ def test_two_temporary_servers_started_at_once_on_one_home_both_start_cleanly(tm
         assert proc.returncode == 0, err[-2000:]
         assert out.strip() == "served"
         assert "Traceback" not in err and "startup failed" not in err, err[-2000:]
+
+
+DECOY = """
+import http.server, random, sys, threading
+import httpx
+from prefect.server.api import server as prefect_server
+from cleanlist_prefect.flows.temporary_server import OwnedTemporaryServer
+
+
+class Decoy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"decoy")
+
+    def log_message(self, *args):
+        pass
+
+
+decoy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Decoy)
+threading.Thread(target=decoy.serve_forever, daemon=True).start()
+taken = decoy.server_address[1]
+# The race, made certain: Prefect's check finds the port free, then another process's server has it.
+prefect_server.random.choice = lambda _: taken
+prefect_server.SubprocessASGIServer.is_port_available = staticmethod(lambda port: True)
+server = OwnedTemporaryServer.start_if_needed()
+assert server is not None
+try:
+    print(httpx.get(server._server.api_url + "/health").text)
+finally:
+    server.stop()
+"""
+
+
+def test_a_temporary_server_never_shares_its_port_with_another_process(tmp_path: Path) -> None:
+    """Prefect chose a free port, then let the server bind it only after its start-up (migrations); a
+    server of another process that took the port meanwhile answered this run's health check, and the run
+    recorded itself on that other server (fault-schedule seed 5099608: two runs at once, each on a
+    temporary server in its own PREFECT_HOME, "[Errno 98] address already in use" on stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="240",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", DECOY], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "true", done.stdout  # Prefect's own health answer, not the decoy's
+    assert "Traceback" not in done.stderr and "address already in use" not in done.stderr, done.stderr[-2000:]
