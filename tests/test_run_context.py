@@ -414,6 +414,27 @@ def test_what_an_unresolved_workflow_owes_is_asked_through_the_one_lookup_that_r
         assert run.counters.credits_spent == pytest.approx(sandbox.counters()["credits_charged"])
 
 
+def test_a_task_lookup_waits_out_429s_as_a_submit_does_and_gets_the_paid_answer(
+    make_sandbox: StartSandbox, tmp_path: Path
+) -> None:
+    from cleanlist.sandbox import FaultSpec
+
+    # Seven 429s with Retry-After in a row, more than `retries` (5): a 429 is "not now", allowed
+    # `rate_limit_retries` (3) more times, as for a submit. Before, the lookup gave up after the sixth and
+    # the paid answer stayed unread in a run that said "completed" (fault-schedule seed 9742251: a
+    # client limit above the server's, lookups of tasks left out of a completed workflow).
+    refusals = FaultSpec(sequence=(429,) * 7, retry_after="0.05")
+    sandbox = make_sandbox(rate_limit=None, latency=0.0, faults={"enrich-status": refusals})
+    with open_run(sandbox, tmp_path, 1, left_in_flight=1) as (run, plan):
+        [workflow_id] = plan.resume_workflows
+        owed = run.store.owed(workflow_id)
+
+        answered, unknown = run.settle_unresolved({workflow_id: owed})
+
+        assert (answered, unknown) == (list(owed), [])
+        assert sandbox.counters()["requests"]["enrich-status"] == {"429": 7, "200": 1}
+
+
 def test_progress_counts_only_the_chunks_of_this_run(make_sandbox: StartSandbox, tmp_path: Path) -> None:
     sandbox = make_sandbox(rate_limit=None, latency=0.2)
     snapshots: list[Progress] = []

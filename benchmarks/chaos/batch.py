@@ -138,6 +138,7 @@ def run_batch(
     moment: str | None = None,
     keep: Path | None = None,
     progress: bool = False,
+    keep_all: bool = False,
 ) -> dict[str, Any]:
     """Play `seeds`; returns the batch report (what the CLI prints)."""
     started = time.monotonic()
@@ -146,7 +147,11 @@ def run_batch(
         os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
     prefect = PrefectServer(root / "prefect-shared")
     world = World(
-        checkout=checkout.resolve(), root=root, prefect_api_url=prefect.api_url, prefect_env=dict(prefect.env)
+        checkout=checkout.resolve(),
+        root=root,
+        prefect_api_url=prefect.api_url,
+        prefect_env=dict(prefect.env),
+        keep_all=keep_all,
     )
     played: list[Played] = []
     errors: list[dict[str, Any]] = []
@@ -199,7 +204,7 @@ def run_batch(
                    for seed, where in leaks]  # fmt: skip
     per_schedule = sorted(r.seconds for r in played)
     run_cpu = sorted(sum(run.cpu_seconds or 0.0 for run in r.facts.runs) for r in played)
-    if not any(r.violations for r in played) and not errors:
+    if not any(r.violations for r in played) and not errors and not keep_all:
         shutil.rmtree(root, ignore_errors=True)
     by_invariant = Counter(v["invariant"] for v in violations)
     return {
@@ -249,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moment", choices=[*MOMENTS, *EXTRA_MOMENTS],
                         help="force the moment the event fires at on every schedule")  # fmt: skip
     parser.add_argument("--progress", action="store_true", help="one line per schedule on stderr")
+    parser.add_argument("--keep-all", action="store_true",
+                        help="keep every schedule's folder (logs, store, outputs), not only those that failed")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = list(args.replay) if args.replay else schedule_seeds(args.seed, args.schedules)
     report = run_batch(
@@ -260,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         event=args.event,
         moment=args.moment,
         progress=args.progress,
+        keep_all=args.keep_all,
     )
     report = {"batch_seed": None if args.replay else args.seed, **report}
     print(json.dumps(report, ensure_ascii=False))

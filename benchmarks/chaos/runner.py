@@ -57,6 +57,7 @@ class World:
     prefect_api_url: str | None
     prefect_env: dict[str, str]
     keep_failed: bool = True
+    keep_all: bool = False
     postgres: bool = True
 
     @property
@@ -661,6 +662,6 @@ def play(schedule: Schedule, world: World) -> Played:
     player = SchedulePlayer(schedule, world)
     facts, notes = player.play()
     violations = check(facts)
-    if not violations or not world.keep_failed:
+    if not world.keep_all and (not violations or not world.keep_failed):
         shutil.rmtree(player.work, ignore_errors=True)
     return Played(schedule, facts, violations, time.monotonic() - started, notes)
