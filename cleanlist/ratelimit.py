@@ -30,7 +30,9 @@ The API does not publish its limits ("back off on 429"), so the configured limit
   the endpoint paces by it for RATE_STORED_RECHECK_SECONDS, then grows from it — one slot per clean
   answer while short of slots — until this run's own 429s settle it, and a limit the server serves
   above is dropped. A limit settled in this run probes one request above itself after
-  RATE_RECHECK_WINDOWS clean windows at its edge; served, it grows again.
+  RATE_RECHECK_WINDOWS clean windows at its edge; served, it grows again. A 429 that confirms the limit
+  brings the allowance back to it, and a measure spanning several windows of the learned limit at no
+  more than its rate (the server reset unseen while the client paced below it) is no measure of a window.
 * **Limits.** `N/SECONDS` is a hard ceiling that learning never lifts. `auto` (`auto/SECONDS`) starts
   from the documented 60 per minute and grows — one slot per clean answer while the endpoint is short of
   slots — until the first 429, then settles on what is measured. Until an endpoint has either been
@@ -794,6 +796,18 @@ class RateLimiter:
             # Widened by half the tolerance each side: latency and clocks blur both resets a little.
             slack = (reset - (since_lo or since)) * RATE_LEARN_TOLERANCE / 2
             lo, hi = reset_lo - since - slack, reset - (since_lo or since) + slack
+            learned = limiter.learned
+            if (
+                learned is not None
+                and lo > 1.5 * learned.seconds
+                and served <= learned.requests * math.ceil(hi / learned.seconds)
+            ):
+                # Several windows of the learned limit, served at most at its rate: since the last reset
+                # the client saw, the server reset unseen (it paced below the limit between its 429s).
+                # Not one window: taken for one, "1 a second" was learned as "20 per 22 s" (fault-
+                # schedule seed 2922321). It confirms the learned limit, nothing more.
+                limiter.allowance = min(limiter.allowance, learned.requests)
+                return
             measure = _Measure(limiter.name, served, total, lo, hi, since=since, at=reset)
             self._measures = [*self._measures[-19:], measure]
             self._relearn(limiter, measure)
@@ -804,7 +818,10 @@ class RateLimiter:
         own = [m for m in self._measures if m.endpoint == limiter.name]
         configured = None if self.limit.auto else self.limit.seconds
         confirmed = _confirmed(own, lambda m: m.served, configured)
-        if confirmed is not None and confirmed != limiter.learned:
+        # Confirmed again while a re-check had grown the allowance above it: back to it. Kept grown, one
+        # request too many went into every window of a server at exactly that limit, a 429 per window
+        # (fault-schedule seed 2922321).
+        if confirmed is not None and (confirmed != limiter.learned or limiter.allowance > confirmed.requests):
             limiter.learned = confirmed
             limiter.allowance = min(AUTO_RATE_CAP, confirmed.requests)
             limiter.window = widened(confirmed.seconds)

@@ -362,3 +362,24 @@ def test_a_real_run_stores_a_three_second_window_and_goes_at_its_pace(
     assert main(["limits", "--store", store_url, "--clear"]) == 0
     assert main(["limits", "--store", store_url]) == 0
     assert "no learned rate limits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("config", "stored"),
+    [("3/1", None), ("3/1", RateLimit(1, 1.0)), ("20/1", RateLimit(1, 1.0))],
+    ids=["learned-in-the-run", "stored-by-another-run", "stored-far-below-the-ceiling"],
+)
+def test_a_one_second_window_stays_one_second_and_its_limit_stays_its_limit(
+    config: str, stored: RateLimit | None
+) -> None:
+    """A server allowing 1 status call a second, a client told 3/1 (fault-schedule seed 2922321, two runs
+    sharing a rate book). Two faults made every other request a 429: a re-check grew the allowance to 2
+    and a 429 confirming the limit left it there; and a measure between two 429s far apart (the client
+    paced below the limit between them, so the server reset unseen) was taken for one window, and
+    "20 in 22 s" was learned for "1 a second"."""
+    served, refused, most, limiter = _fixed_window_run(1, 1.0, config, windows=60, stored=stored)
+    bulk = limiter.endpoint("enrich-bulk")
+    assert bulk.learned == RateLimit(1, 1.0) and bulk.allowance == 1, (bulk.learned, bulk.allowance)
+    assert limiter.book.learned()["enrich-bulk"] == RateLimit(1, 1.0)
+    assert refused / (served + refused) <= 0.10, (served, refused)
+    assert served >= 0.9 * most, (served, most)
