@@ -136,6 +136,11 @@ class SlotBook(Protocol):
 
     def held_for(self, scope: str) -> float: ...
 
+    def hold_ended(self, scope: str) -> float | None:
+        """Seconds since the scope's latest hold ended (negative while it lasts); None if never held.
+        A hold ends at a reset of the server's window that some process of the book saw."""
+        ...
+
     def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
         """Requests served within the last `lookback` seconds: (of `endpoint`, of every endpoint)."""
         ...
@@ -235,6 +240,11 @@ class MemoryBook:
     def held_for(self, scope: str) -> float:
         with self._lock:
             return max(self._held.get(scope, 0.0) - self._clock(), 0.0)
+
+    def hold_ended(self, scope: str) -> float | None:
+        with self._lock:
+            held = self._held.get(scope)
+            return None if held is None else self._clock() - held
 
     def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
         with self._lock:
@@ -708,9 +718,17 @@ class RateLimiter:
     def refused(self, limiter: EndpointLimiter, ticket: Ticket | None, retry_after: float | None) -> None:
         """A 429 on `limiter`: hold for its hint, and measure what the server served since its last reset."""
         now = self.clock()
+        # The latest reset any process of the book saw (where its last hold ended), before this 429's
+        # own hold: measured from an older reset of its own, a window spans resets the other runs saw
+        # and is taken for one long window (two runs sharing a book learned "1 a second" as 3 per 6 s,
+        # fault-schedule seed 2922321).
+        ended = self.book.hold_ended(limiter.name)
         with self.lock:
             limiter._cautious = True
             since, since_lo = limiter.reset_at, limiter.reset_lo
+            if ended is not None and ended >= 0 and (since is None or now - ended > since + _COUNT_SLACK):
+                since = now - ended
+                since_lo = since - RATE_WINDOW_ROUNDING  # another's hint: as coarse as a whole second
             if limiter._probe_above:
                 # The re-check probe was refused: the limit stands; probe again twice as late.
                 limiter._probe_above = False

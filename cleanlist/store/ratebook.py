@@ -269,6 +269,18 @@ class StoreRateBook:
             self._held_seen[scope] = (time.monotonic(), result)
         return result
 
+    def hold_ended(self, scope: str) -> float | None:
+        def work(conn: Connection) -> float | None:
+            held = conn.execute(
+                select(rate_scopes.c.held_until).where(
+                    rate_scopes.c.organization == self.organization, rate_scopes.c.scope == scope
+                )
+            ).scalar_one_or_none()
+            return self._now(conn) - float(held) if held else None
+
+        result: float | None = self._read(work)
+        return result
+
     def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
         def work(conn: Connection) -> tuple[int, int]:
             since = self._now(conn) - lookback
@@ -384,6 +396,14 @@ class FallbackRateBook:
             except (DBAPIError, PoolTimeoutError) as exc:
                 self._fail(exc)
         return self._memory.held_for(scope)
+
+    def hold_ended(self, scope: str) -> float | None:
+        if not self._failed:
+            try:
+                return self._store.hold_ended(scope)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                self._fail(exc)
+        return self._memory.hold_ended(scope)
 
     def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
         if not self._failed:
