@@ -129,7 +129,7 @@ def pgpassword(password: str | None) -> Iterator[None]:
 
 def run_enrichment(kwargs: dict[str, Any], *, as_json: bool) -> int:
     """Run the flow in this process and report; the exit code follows the README."""
-    from cleanlist.run.stop import StopRequest, arm_deadline, stop_on_signals
+    from cleanlist.run.stop import StopRequest, arm_deadline, exit_on_signals_with, stop_on_signals
 
     server: OwnedTemporaryServer | None = None
     stop = StopRequest(announce=True, cleanup=lambda: server.kill() if server is not None else None)
@@ -141,7 +141,9 @@ def run_enrichment(kwargs: dict[str, Any], *, as_json: bool) -> int:
             drain_prefect_workers()
             if server is not None:
                 server.stop()
-    # Nothing is left to do: an at-exit hook that hangs must not keep the process alive.
+    # Nothing is left to do: an at-exit hook that hangs must not keep the process alive, and a signal
+    # now ends it with the code it was about to end with.
+    exit_on_signals_with(exit_code)
     arm_deadline(EXIT_AFTER_RUN_SECONDS, code=exit_code)
     return exit_code
 

@@ -357,3 +357,30 @@ def test_the_same_stop_sent_twice_at_once_is_one_stop(
     assert summary["status"] == "interrupted" and summary.get("ambiguous_submissions", 0) == 0, summary
     assert summary["workflows"] == _bulk(sandbox, 200), summary
     _rerun_pays_nothing_twice(sandbox, args, env)
+
+
+AFTER_THE_RUN = """
+import os, signal, sys, time
+from cleanlist_prefect.deployments import local_run
+
+local_run.OwnedTemporaryServer.start_if_needed = classmethod(lambda cls: None)
+local_run.drain_prefect_workers = lambda *args, **kwargs: None
+# The run ended (failed for a revoked key: exit 2) and printed its line; the signal comes while the
+# process winds down, as at-exit hooks run.
+local_run._run_and_report = lambda kwargs, stop, as_json: print("run stopped: 401", flush=True) or 2
+code = local_run.run_enrichment({}, as_json=False)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+sys.exit(99)  # the signal was not what ended it
+"""
+
+
+def test_a_signal_after_the_run_ended_exits_with_the_runs_own_code() -> None:
+    """Fault-schedule seed 8766676: SIGTERM 1.3 s into a run whose key was revoked. The run had failed
+    and printed its line (exit 2 due); the signal came after the CLI had given its handlers back, and
+    the process died of it (exit -15, a code the README does not document)."""
+    done = subprocess.run(
+        [sys.executable, "-c", AFTER_THE_RUN], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "run stopped: 401"
