@@ -20,6 +20,7 @@ The signal handlers are installed only from the main thread (Python's rule). Not
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -118,11 +119,21 @@ def arm_deadline(
 def exit_on_signals_with(code: int) -> None:
     """The run is over and reported: from now on SIGTERM or SIGINT ends the process at once with the
     run's own exit code, which it was about to end with anyway, instead of the signal's default action
-    (exit -15 from a run that had printed its result; fault-schedule seed 8766676). Main thread only."""
+    (exit -15 from a run that had printed its result; fault-schedule seed 8766676). Main thread only.
+
+    Once the interpreter exits, the signals are ignored: its at-exit hooks run no Python signal handler
+    at their end, and it gives every handler back to the default action as it finalizes, which is what
+    killed that run. The exit deadline (`arm_deadline`) bounds what is left."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _signum, _frame: exit_now(None, code))
+    atexit.register(_ignore_stop_signals)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @contextmanager
