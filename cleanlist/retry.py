@@ -103,16 +103,19 @@ class RetryPolicy:
     def for_submit(self, error: BaseException, *, what: str, attempt: int) -> RetryDecision:
         """Decide after a bulk request failed on the `attempt`-th run of its task (1 for the first), and
         log the decision once."""
-        decision = self._submit_decision(error, attempt)
+        decision = self.decision(error, attempt)
         self._log(what, error, decision)
         return decision
 
     def allows_submit_retry(self, error: BaseException, attempt: int) -> bool:
         """Whether the submit-chunk task that failed with `error` on its `attempt`-th run runs again
         (Prefect's retry condition: the same decision as `for_submit`, not logged twice)."""
-        return self._submit_decision(error, attempt).retry
+        return self.decision(error, attempt).retry
 
-    def _submit_decision(self, error: BaseException, attempt: int) -> RetryDecision:
+    def decision(self, error: BaseException, attempt: int) -> RetryDecision:
+        """The decision after the `attempt`-th failure (1-based) of a request retried as a whole, a submit
+        or a task lookup, not logged: a 429 with Retry-After may come `rate_limit_retries` times more than
+        other transient errors, and waits its hint; those back off (`spread`: the caller jitters)."""
         policy = policy_for(error)
         action = policy.action if policy is not None else Action.FAIL
         retry_after = error.retry_after if isinstance(error, APIStatusError) else None

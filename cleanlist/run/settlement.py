@@ -18,14 +18,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from cleanlist.errors import (
-    Action,
-    APIConnectionError,
-    APIError,
-    APIStatusError,
-    NotFoundError,
-    StoppedBeforeSending,
-)
+from cleanlist.errors import Action, APIConnectionError, APIError, NotFoundError, StoppedBeforeSending
 from cleanlist.models import IN_PROGRESS_WORDS, TaskResult, WorkflowStatus, credits_for, worst_case_credits
 from cleanlist.poller import PollAgain, TrackedWorkflow, WorkflowPoller
 from cleanlist.prepare import prepare_row
@@ -255,20 +248,16 @@ class Settlement:
                     gate.fail(exc)
                     return False
                 failures += 1
-                # A 429 with Retry-After is "not now", as for a submit: it may come `rate_limit_retries`
-                # times more, and the wait is the limiter's (it holds the endpoint for the hint).
-                hinted = (
-                    isinstance(exc, APIStatusError)
-                    and exc.retry_after is not None
-                    and retry.action_for(exc) is Action.RETRY_AFTER
-                )
-                most = retry.retries + (retry.rate_limit_retries if hinted else 0)
-                again = retry.is_retryable(exc) and failures <= most
+                # As for a submit: a 429 with Retry-After may come `rate_limit_retries` times more.
+                decision = retry.decision(exc, failures)
                 if not isinstance(exc, APIConnectionError):  # those the outage watch reports
                     logger.warning(
-                        "asking for task %s failed: %s%s", task_id, exc, "" if again else " (giving up)"
+                        "asking for task %s failed: %s%s",
+                        task_id,
+                        exc,
+                        "" if decision.retry else " (giving up)",
                     )
-                if not again or stop.event.wait(0.0 if hinted else retry.backoff(failures)):
+                if decision.wait is None or stop.event.wait(decision.wait):
                     return False
 
     # -- storing ---------------------------------------------------------------------------------------

@@ -126,13 +126,13 @@ def exit_on_signals_with(code: int) -> None:
     killed that run. The exit deadline (`arm_deadline`) bounds what is left."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda _signum, _frame: exit_now(None, code))
     atexit.register(_ignore_stop_signals)
 
 
 def _ignore_stop_signals() -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -257,12 +257,7 @@ class StoreRateBook:
             return max(seen[1] - (time.monotonic() - seen[0]), 0.0)
 
         def work(conn: Connection) -> float:
-            held = conn.execute(
-                select(rate_scopes.c.held_until).where(
-                    rate_scopes.c.organization == self.organization, rate_scopes.c.scope == scope
-                )
-            ).scalar_one_or_none()
-            return max(float(held or 0.0) - self._now(conn), 0.0)
+            return max(self._held_until(conn, scope) - self._now(conn), 0.0)
 
         result: float = self._read(work)
         with self._fields:
@@ -271,15 +266,20 @@ class StoreRateBook:
 
     def hold_ended(self, scope: str) -> float | None:
         def work(conn: Connection) -> float | None:
-            held = conn.execute(
-                select(rate_scopes.c.held_until).where(
-                    rate_scopes.c.organization == self.organization, rate_scopes.c.scope == scope
-                )
-            ).scalar_one_or_none()
-            return self._now(conn) - float(held) if held else None
+            held = self._held_until(conn, scope)
+            return self._now(conn) - held if held else None
 
         result: float | None = self._read(work)
         return result
+
+    def _held_until(self, conn: Connection, scope: str) -> float:
+        """When the scope's latest hold ends on the book's clock (0 if it was never held)."""
+        held = conn.execute(
+            select(rate_scopes.c.held_until).where(
+                rate_scopes.c.organization == self.organization, rate_scopes.c.scope == scope
+            )
+        ).scalar_one_or_none()
+        return float(held or 0.0)
 
     def served(self, endpoint: str, lookback: float) -> tuple[int, int]:
         def work(conn: Connection) -> tuple[int, int]:
