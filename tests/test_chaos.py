@@ -28,7 +28,7 @@ from benchmarks.chaos.invariants import (
     rows_accounted,
     runs_end,
 )
-from benchmarks.chaos.runner import logged_summary, unsettled_intents_before
+from benchmarks.chaos.runner import _Run, _until_each_ends, logged_summary, unsettled_intents_before
 from benchmarks.chaos.schedule import EVENTS, draw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +126,19 @@ def test_only_unsettled_intents_written_just_before_the_kill_count_as_maybe_unse
     assert unsettled_intents_before(tmp_path, death, 1.0) == 1
     assert unsettled_intents_before(tmp_path, death, 10.0) == 2
     assert unsettled_intents_before(tmp_path / "nowhere", death, 1.0) == 0
+
+
+def test_runs_side_by_side_each_end_when_they_end_not_when_the_other_is_done(tmp_path: Path) -> None:
+    # Seed 303197: run 1 (started first) outlived run 2; waiting for run 1 before polling run 2 recorded
+    # run 2's end after run 1's, and invariant 4, which reads marks in that order, failed on a good run.
+    def launch(label: str, seconds: float) -> _Run:
+        code = f"import time; time.sleep({seconds})"
+        return _Run(label, [sys.executable, "-c", code], dict(os.environ), tmp_path, tmp_path / f"{label}.csv")
+
+    first, second = launch("first", 2.0), launch("second", 0.0)
+    _until_each_ends([(first, first.started + 30), (second, second.started + 30)])
+    assert first.ended_at is not None and second.ended_at is not None
+    assert second.ended_at < first.ended_at - 1.0
 
 
 def test_a_charge_without_an_output_row_breaks_invariant_3() -> None:
