@@ -90,8 +90,14 @@ def measure(url: str) -> tuple[float, float, str]:
     started = time.monotonic()
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "cleanlist_prefect.deployments.cli",
-            "report", "--store", url, "--since", "30d",
+            sys.executable,
+            "-m",
+            "cleanlist_prefect.deployments.cli",
+            "report",
+            "--store",
+            url,
+            "--since",
+            "30d",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

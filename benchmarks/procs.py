@@ -8,7 +8,10 @@ to the last 0.1 s, and the CPU over time, so a phase of the run can be costed on
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +28,40 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_KEY = "clapi_" + "bench000" * 8
+
+
+PREFECT_DB = "prefect.db"
+_MIGRATING = threading.Lock()  # schedules played at once wait for the one migration
+
+
+@functools.cache
+def _migrated_prefect_db(python: str) -> Path:
+    """A Prefect database with every migration of `python`'s Prefect, made once per process.
+
+    A Prefect server's first start on an empty PREFECT_HOME runs Prefect's migrations: ~17 s of CPU on
+    this 2-CPU machine, 40-90 s at a load of 5-8. A user pays that once per machine; the benchmarks and
+    the fault schedules start many servers, each from a copy of this one (`seed_prefect_home`), as on a
+    machine that ran Prefect before. The directory is removed when the process exits."""
+    home = Path(tempfile.mkdtemp(prefix="cleanlist-prefect-template-"))
+    atexit.register(shutil.rmtree, home, True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    for name in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+        env.pop(name, None)
+    subprocess.run([python, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                   env=env, check=True, capture_output=True, timeout=900)  # fmt: skip
+    return home / PREFECT_DB
+
+
+def migrated_prefect_db(python: str = sys.executable) -> Path:
+    with _MIGRATING:
+        return _migrated_prefect_db(python)
+
+
+def seed_prefect_home(home: Path, python: str = sys.executable) -> None:
+    """Give an empty PREFECT_HOME the migrated database (see `migrated_prefect_db`)."""
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / PREFECT_DB).exists():
+        shutil.copy2(migrated_prefect_db(python), home / PREFECT_DB)
 
 
 def free_port() -> int:
@@ -136,7 +173,7 @@ class PrefectServer:
     def __init__(self, home: Path) -> None:
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        home.mkdir(parents=True, exist_ok=True)
+        seed_prefect_home(home)
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(home),

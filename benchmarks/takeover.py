@@ -83,7 +83,9 @@ def takeover_seconds(url: str, place: str, attempt: int) -> float:
             engine.dispose()
         with EnrichmentStore(url) as store:
             store.start_run(rerun, {})
-            assert store.claim(rerun, keys, EnrichmentType.FULL, None).held == keys, "a live run's claims were taken"
+            assert store.claim(rerun, keys, EnrichmentType.FULL, None).held == keys, (
+                "a live run's claims were taken"
+            )
             os.killpg(holder.pid, signal.SIGKILL)
             killed = time.monotonic()
             while store.claim(rerun, keys, EnrichmentType.FULL, None).claimed != keys:

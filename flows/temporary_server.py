@@ -13,6 +13,11 @@ Its port is the kernel's: this process binds a socket to port 0 and hands it to 
 of migrations); two runs started at once in different PREFECT_HOMEs could pick the same port, the second
 server failed to bind with a traceback, and its run's health check was answered by the other run's
 server, so the run recorded itself in the other PREFECT_HOME (fault-schedule seed 5099608).
+
+Its output goes to `PREFECT_HOME/cleanlist-temporary-server.log` (owner-only), not to the run's terminal:
+the server logs its own troubles with tracebacks (on a busy machine, "database is locked" while it
+validates a state, which it then answers with a retry), and a user of the CLI gets one line per event,
+never a traceback (fault-schedule seed 3998015). A server that does not start says where its output is.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def _server_class() -> type[Any]:
                 self.port = self.find_available_port()
             assert self._socket is not None
             fd = self._socket.fileno()
+            log = os.open(server_log(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             process = subprocess.Popen(
                 [
                     sys.executable,
@@ -103,12 +109,24 @@ def _server_class() -> type[Any]:
                 # still reports to this server), not the server under it.
                 start_new_session=True,
                 pass_fds=(fd,),
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
+            os.close(log)  # the server holds its own copy
             self._socket.close()  # the server holds the port now
             self._socket = None
             return process
 
     return _Owned
+
+
+def server_log() -> Path:
+    """Where the temporary servers of PREFECT_HOME write their output (appended, owner-only)."""
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home)
+    home.mkdir(parents=True, exist_ok=True)
+    return home / "cleanlist-temporary-server.log"
 
 
 # A first start on a new PREFECT_HOME migrates its database, which on a small, busy machine takes longer
@@ -162,8 +180,15 @@ class OwnedTemporaryServer:
             return None
         # Prefect keeps one temporary server per port; this instance is the one its clients will find.
         server = _server_class()()
+        timeout = _startup_timeout()
         with _one_start_at_a_time():
-            server.start(timeout=_startup_timeout())
+            try:
+                server.start(timeout=timeout)
+            except Exception as exc:  # Prefect's "Timed out while attempting to connect ...", a bad answer
+                raise RuntimeError(
+                    f"the temporary Prefect server did not start within {timeout} s ({exc}); its output "
+                    f"is in {server_log()}. Set PREFECT_API_URL to use a Prefect server of your own"
+                ) from None
         return cls(server)
 
     @property

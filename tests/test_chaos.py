@@ -133,7 +133,8 @@ def test_runs_side_by_side_each_end_when_they_end_not_when_the_other_is_done(tmp
     # run 2's end after run 1's, and invariant 4, which reads marks in that order, failed on a good run.
     def launch(label: str, seconds: float) -> _Run:
         code = f"import time; time.sleep({seconds})"
-        return _Run(label, [sys.executable, "-c", code], dict(os.environ), tmp_path, tmp_path / f"{label}.csv")
+        output = tmp_path / f"{label}.csv"
+        return _Run(label, [sys.executable, "-c", code], dict(os.environ), tmp_path, output)
 
     first, second = launch("first", 2.0), launch("second", 0.0)
     _until_each_ends([(first, first.started + 30), (second, second.started + 30)])

@@ -59,6 +59,11 @@ def test_two_temporary_servers_started_at_once_on_one_home_both_start_cleanly(tm
         assert proc.returncode == 0, err[-2000:]
         assert out.strip() == "served"
         assert "Traceback" not in err and "startup failed" not in err, err[-2000:]
+    # The servers' own output is kept beside their database, owner-only, and holds no failed start either.
+    server_log = home / "cleanlist-temporary-server.log"
+    assert server_log.stat().st_mode & 0o077 == 0
+    logged = server_log.read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in logged and "startup failed" not in logged, logged[-2000:]
 
 
 DECOY = """
@@ -110,3 +115,38 @@ def test_a_temporary_server_never_shares_its_port_with_another_process(tmp_path:
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "true", done.stdout  # Prefect's own health answer, not the decoy's
     assert "Traceback" not in done.stderr and "address already in use" not in done.stderr, done.stderr[-2000:]
+
+
+WHERE_OUTPUT_GOES = """
+import os
+from cleanlist_prefect.flows.temporary_server import OwnedTemporaryServer, server_log
+server = OwnedTemporaryServer.start_if_needed()
+assert server is not None and server.pid is not None
+try:
+    print(os.readlink(f"/proc/{server.pid}/fd/1"), os.readlink(f"/proc/{server.pid}/fd/2"), server_log())
+finally:
+    server.stop()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_temporary_servers_output_goes_to_its_log_never_to_the_runs_terminal(tmp_path: Path) -> None:
+    """The server logs its own troubles with tracebacks (on a busy machine: "database is locked" while it
+    validates a state); they reached the user's terminal through the run's stderr (seed 3998015)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="240")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", WHERE_OUTPUT_GOES], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    stdout, stderr, log = done.stdout.split()
+    assert stdout == stderr == log == str(tmp_path / "prefect-home" / "cleanlist-temporary-server.log")
+
+    # A start that does not finish in time says, in one line, where the server's output is.
+    fresh = tmp_path / "fresh-home"
+    env.update(PREFECT_HOME=str(fresh), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    late = subprocess.run([sys.executable, "-c", WHERE_OUTPUT_GOES], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert late.returncode != 0
+    assert "the temporary Prefect server did not start within 1 s" in late.stderr
+    assert str(fresh / "cleanlist-temporary-server.log") in late.stderr

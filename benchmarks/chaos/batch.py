@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from benchmarks.chaos.invariants import Violation, last_line
-from benchmarks.chaos.runner import Played, World, api_key_for, migrated_prefect_home, play
+from benchmarks.chaos.runner import Played, World, api_key_for, play
 from benchmarks.chaos.schedule import EVENTS, EXTRA_MOMENTS, LATER_EVENTS, MOMENTS, PROFILES, Schedule, draw
 from benchmarks.procs import ROOT, PrefectServer
 
@@ -153,7 +153,6 @@ def run_batch(
         prefect_env=dict(prefect.env),
         keep_all=keep_all,
     )
-    world.prefect_template = migrated_prefect_home(world.python, root / "prefect-template", world.prefect_env)
     played: list[Played] = []
     errors: list[dict[str, Any]] = []
 

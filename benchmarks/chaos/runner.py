@@ -33,7 +33,7 @@ from benchmarks.chaos.invariants import SEND_WINDOW_SECONDS, RunFacts, ScheduleF
 from benchmarks.chaos.proxy import ApiProxy
 from benchmarks.chaos.schedule import Schedule
 from benchmarks.chaos.sources import Source, build_rows, write_source
-from benchmarks.procs import SandboxProcess, free_port
+from benchmarks.procs import SandboxProcess, free_port, seed_prefect_home
 
 POSTGRES_ADMIN = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 WATCH_EVERY_SECONDS = 0.3
@@ -59,9 +59,10 @@ class World:
     keep_failed: bool = True
     keep_all: bool = False
     postgres: bool = True
-    # A Prefect database migrated once per batch (`migrated_prefect_home`), copied into the PREFECT_HOME of
-    # each schedule that runs a temporary server; None: each of those homes starts empty.
-    prefect_template: Path | None = None
+    # Each PREFECT_HOME of a schedule starts with a migrated database (`benchmarks.procs.seed_prefect_home`:
+    # a first start migrates for 40-90 s at a load of 5-8, which alone passed a schedule's 100 s bound:
+    # seeds 303197 and 2373544 beside a test suite). False: each of those homes starts empty.
+    seed_prefect_homes: bool = True
 
     @property
     def python(self) -> str:
@@ -78,25 +79,6 @@ class Played:
     violations: list[Violation]
     seconds: float
     notes: list[str] = field(default_factory=list)
-
-
-PREFECT_DB = "prefect.db"
-
-
-def migrated_prefect_home(python: str, home: Path, env: dict[str, str]) -> Path:
-    """A PREFECT_HOME whose database has every migration of the checkout's Prefect.
-
-    A temporary server's first start on an empty home runs Prefect's migrations: ~17 s of CPU, 40-90 s at
-    a load of 5-8 on this 2-CPU machine, which alone passed a schedule's 100 s bound (seeds 303197 and
-    2373544 in a batch beside a test suite; two runs at once wait for each other's start). A user pays
-    that once per machine; each schedule's home starts from this copy, as a machine that ran Prefect
-    before. The server is still each run's own, started and stopped by it."""
-    home.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [python, "-m", "prefect", "server", "database", "upgrade", "-y"],
-        env={**env, "PREFECT_HOME": str(home)}, check=True, capture_output=True, timeout=900,
-    )  # fmt: skip
-    return home
 
 
 def api_key_for(seed: int) -> str:
@@ -458,10 +440,8 @@ class SchedulePlayer:
         )
         if s.temp_server or self.world.prefect_api_url is None:
             home = self.work / "prefect"
-            template = self.world.prefect_template
-            if template is not None and not home.exists():
-                home.mkdir(parents=True)
-                shutil.copy2(template / PREFECT_DB, home / PREFECT_DB)
+            if self.world.seed_prefect_homes:
+                seed_prefect_home(home, self.world.python)
             env["PREFECT_HOME"] = str(home)
             # A loaded CI machine starts the temporary server slowly: that is not the run's fault.
             env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
