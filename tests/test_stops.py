@@ -239,11 +239,12 @@ def test_kill_minus_nine_leaves_no_temporary_server_behind(
     assert _gone(children, timeout=15.0), "the temporary Prefect server was orphaned"
 
 
-# Five random moments (issue 19). 1,250 contacts (5 chunks) instead of 2,000: at 2 requests per 2 s the
-# killed run still has chunks waiting for a slot at every moment drawn (0.5-4 s after its first bulk
-# request: 2 sent, then 2 more at ~2 s, the last at ~4 s; seeds 31 and 52 take the first and the last
-# window), and each rerun has 3 chunks fewer to pace.
-@pytest.mark.parametrize("seed", [3, 11, 29, 31, 52])  # kills at 1.3, 2.1, 2.4, 0.5 and 3.9 s
+# Random moments (issue 19). 1,250 contacts (5 chunks) instead of 2,000: at 2 requests per 2 s the killed
+# run still has chunks waiting for a slot at every moment drawn (0.5-4 s after its first bulk request: 2
+# sent, then 2 more at ~2 s, the last at ~4 s; seeds 31, 11 and 52 take the first, the second and the
+# last window), and each rerun has 3 chunks fewer to pace. Seeds 3 and 29 (1.3 and 2.4 s, windows these
+# cover) were dropped for suite time; the fault-schedule gate kills behind a limit too ("limiter_wait").
+@pytest.mark.parametrize("seed", [31, 11, 52])  # kills at 0.5, 2.1 and 3.9 s
 def test_kill_minus_nine_behind_a_rate_limit_reports_no_more_doubt_than_requests_the_api_took(
     tmp_path: Path, make_sandbox: Callable[..., Any], seed: int
 ) -> None:
