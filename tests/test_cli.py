@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.procs import seed_prefect_home
 from tests.flow_helpers import messy_export, read_csv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -192,6 +193,7 @@ def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path, 
         CLEANLIST_STORE_URL=f"sqlite:///{tmp_path / 's.db'}",
         PREFECT_HOME=str(tmp_path / "prefect-home"),
     )
+    seed_prefect_home(tmp_path / "prefect-home")  # migrated once per session: the test is about the stop
     proc = subprocess.Popen(
         [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source),
          "-o", str(tmp_path / "out.csv")],

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 from prefect.client.orchestration import get_client
 
+from benchmarks.procs import seed_prefect_home
 from cleanlist.run.options import EnrichOptions
 from cleanlist.store import EnrichmentStore
 from cleanlist_prefect import EnrichedFrame, enrich_dataframe
@@ -183,6 +184,7 @@ def test_a_killed_script_leaves_no_temporary_prefect_server(
         PREFECT_SERVER_EPHEMERAL_ENABLED="true",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
     )  # a loaded machine starts it slowly
+    seed_prefect_home(tmp_path / "prefect")
     script = subprocess.Popen(
         [sys.executable, "-c", KILLED_SCRIPT, f"sqlite:///{tmp_path / 'store.db'}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

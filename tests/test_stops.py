@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import pytest
 
+from benchmarks.procs import seed_prefect_home
 from tests.flow_helpers import messy_export
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -40,11 +41,7 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Prefect home whose database is migrated once, for the CLI's temporary servers (a fresh one
     spends most of a temporary server's start-up migrating)."""
     home = tmp_path_factory.mktemp("prefect-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    subprocess.run(
-        [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
-        env=env, check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
+    seed_prefect_home(home)
     return home
 
 
