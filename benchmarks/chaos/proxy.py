@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -86,6 +86,8 @@ class ApiProxy:
             return Response(answer.content, status_code=answer.status_code, headers=out_headers)
         except httpx.HTTPError:
             return Response(b'{"detail": "proxy: upstream failed"}', status_code=502)
+        except ClientDisconnect:  # a killed run went away mid-body: nobody is left to answer
+            return Response(b"", status_code=499)
         finally:
             if is_bulk:
                 with self._lock:
