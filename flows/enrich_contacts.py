@@ -548,9 +548,13 @@ def write_and_report(
     counters = run.counters
     # Rows nobody settled in this run: held by another live run, or accepted with no answer yet.
     unsettled_rows = sum(report.statuses.get(word, 0) for word in UNSETTLED_ROW_STATUSES)
-    # A stop after the last chunk went out still leaves workflows unanswered: the run did not complete.
-    unfinished = bool(submission.leftover) or (run.poller is not None and run.poller.outstanding > 0)
-    stopped = run.stop.requested and unfinished
+    # A stop after the last chunk went out still leaves workflows unanswered, or task lookups cut short
+    # (contacts paid for and unresolved, which waiting out a Retry-After would have fetched): the run did
+    # not complete, and a scheduler must see 130, not 0 (chaos seed 1266472: "completed", no rerun, the
+    # answers of 26 paid contacts never read).
+    unresolved = run.workspace.count(ContactState.UNRESOLVED)
+    outstanding = run.poller is not None and run.poller.outstanding > 0
+    stopped = run.stop.requested and (bool(submission.leftover) or outstanding or unresolved > 0)
     status = RunStatus.after_submitting(
         fatal=fatal is not None,
         stop=StopReason.STOPPED if stopped else submission.stop,
@@ -581,7 +585,7 @@ def write_and_report(
         rate_limits_learned=run.client.limiter.learned_limits(),
         learned_limits=run.client.limiter.pacing_note(),
         pauses=counters.pauses,
-        unresolved=run.workspace.count(ContactState.UNRESOLVED),
+        unresolved=unresolved,
         task_lookups=counters.task_lookups,
         ambiguous_submissions=counters.ambiguous_submissions,
         ambiguous_contacts=counters.ambiguous_contacts,
