@@ -120,13 +120,18 @@ def _server_class() -> type[Any]:
     return _Owned
 
 
-def server_log() -> Path:
-    """Where the temporary servers of PREFECT_HOME write their output (appended, owner-only)."""
+def _prefect_home() -> Path:
+    """PREFECT_HOME, made if missing."""
     from prefect.settings import get_current_settings
 
     home = Path(get_current_settings().home)
     home.mkdir(parents=True, exist_ok=True)
-    return home / "cleanlist-temporary-server.log"
+    return home
+
+
+def server_log() -> Path:
+    """Where the temporary servers of PREFECT_HOME write their output (appended, owner-only)."""
+    return _prefect_home() / "cleanlist-temporary-server.log"
 
 
 # A first start on a new PREFECT_HOME migrates its database, which on a small, busy machine takes longer
@@ -156,11 +161,8 @@ def _one_start_at_a_time() -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    from prefect.settings import get_current_settings
-
-    home = Path(get_current_settings().home)
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".cleanlist-server-start.lock", "a") as lock:  # closing it lets go of the lock
+    # Closing the file lets go of the lock.
+    with open(_prefect_home() / ".cleanlist-server-start.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
