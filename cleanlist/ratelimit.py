@@ -324,24 +324,35 @@ def _confirmed(
     configured: float | None,
     *,
     endpoints: int = 1,
+    lowest: bool = False,
 ) -> RateLimit | None:
     """The limit the newest measure agrees on with earlier ones of other server windows: counts that
     agree, window bounds that overlap, 429s of at least `endpoints` endpoints. The smallest count (less
-    the margin), in the likeliest window of the bounds they all allow."""
-    if len(measures) < 2:
-        return None
-    newest = measures[-1]
-    lo, hi, counts, names = newest.lo, newest.hi, [count(newest)], {newest.endpoint}
-    for earlier in reversed(measures[:-1]):
-        if newest.since < earlier.at - _COUNT_SLACK:
-            continue  # the same server window, measured by another request or endpoint: not a second one
-        if _agree([count(newest), count(earlier)]) and earlier.lo <= hi and earlier.hi >= lo:
-            lo, hi = max(lo, earlier.lo), min(hi, earlier.hi)
-            counts.append(count(earlier))
-            names.add(earlier.endpoint)
-    if len(counts) < 2 or len(names) < endpoints:
-        return None
-    return RateLimit(with_margin(min(counts)), _likely_window(lo, hi, configured))
+    the margin), in the likeliest window of the bounds they all allow.
+
+    With `lowest`, the lowest count that any two measures agree on, whichever is newest. A measure can
+    only count too many: the client resumes where the latest reset can be, so it may send into the tail
+    of one server window and then fill the next before its 429 — two windows counted as one (whole-second
+    hints cannot tell them apart). On a loaded machine such tails came twice alike and "4 a second" was
+    learned as 7 a second (CI, 2026-12-07); a window counted whole is never above the limit."""
+    best: RateLimit | None = None
+    anchors = range(len(measures) - 1, 0, -1) if lowest else range(len(measures) - 1, len(measures) - 2, -1)
+    for at in anchors:
+        newest = measures[at]
+        lo, hi, counts, names = newest.lo, newest.hi, [count(newest)], {newest.endpoint}
+        for earlier in reversed(measures[:at]):
+            if newest.since < earlier.at - _COUNT_SLACK:
+                continue  # the same server window, measured by another request or endpoint: not a second one
+            if _agree([count(newest), count(earlier)]) and earlier.lo <= hi and earlier.hi >= lo:
+                lo, hi = max(lo, earlier.lo), min(hi, earlier.hi)
+                counts.append(count(earlier))
+                names.add(earlier.endpoint)
+        if len(counts) < 2 or len(names) < endpoints:
+            continue
+        found = RateLimit(with_margin(min(counts)), _likely_window(lo, hi, configured))
+        if best is None or found.requests < best.requests:
+            best = found
+    return best
 
 
 class EndpointLimiter:
@@ -667,8 +678,10 @@ class RateLimiter:
             limiter._cautious = False
             pending, limiter._pending = limiter._pending, None
             if limiter._probe_above and full:
-                # The re-check probe was served above the settled limit: the server allows more now.
+                # The re-check probe was served above the settled limit: the server allows more now, and
+                # what its 429s measured before is out of date (the lowest count would win again).
                 limiter._probe_above = False
+                self._forget_measures(limiter)
                 limiter.settled = False
                 limiter.rechecking = limiter._recheck_started = True
                 limiter._recheck_windows = RATE_RECHECK_WINDOWS
@@ -701,6 +714,7 @@ class RateLimiter:
         # Outgrown only when it allows at least the ceiling's count in every span of its own window (a
         # learned 4/3s is tighter than 60/60 though its rate is higher: it caps bursts).
         if limiter.allowance >= self.limit.requests * max(1, math.ceil(limiter.window / self.window - 0.01)):
+            self._forget_measures(limiter)
             limiter.learned = None
             limiter.rechecking = False
             limiter.allowance, limiter.window = self.limit.requests, self.window
@@ -770,6 +784,10 @@ class RateLimiter:
             hint=retry_after,
         )
 
+    def _forget_measures(self, limiter: EndpointLimiter) -> None:
+        """The server served `limiter` above what its measures told: they no longer describe it."""
+        self._measures = [m for m in self._measures if m.endpoint != limiter.name]
+
     def _next_reset(self, limiter: EndpointLimiter, since: float | None) -> float | None:
         """When the server's window is likely to reset next, from its last reset and what was measured
         of its length (the learned window, or the shortest a measure allows); None if nothing was."""
@@ -835,7 +853,7 @@ class RateLimiter:
         changed: dict[str, RateLimit | None] = {}
         own = [m for m in self._measures if m.endpoint == limiter.name]
         configured = None if self.limit.auto else self.limit.seconds
-        confirmed = _confirmed(own, lambda m: m.served, configured)
+        confirmed = _confirmed(own, lambda m: m.served, configured, lowest=True)
         # Confirmed again while a re-check had grown the allowance above it: back to it. Kept grown, one
         # request too many went into every window of a server at exactly that limit, a 429 per window
         # (fault-schedule seed 2922321).

@@ -223,7 +223,10 @@ def test_a_dead_api_stops_the_run_within_the_bound_with_one_line_and_a_rerun_fin
             rate_limit="1000/1",
         )
         assert state.is_completed(), state.message
-        assert rerun["submitted"] + rerun["resumed_in_flight"] == unique
+        # Every contact once: read from the store (answered before the API died), polled again (accepted,
+        # its answer not read yet) or sent now. How many answers the first run read before the API died
+        # depends on timing (CI's full suite read one workflow's).
+        assert rerun["fresh_in_store"] + rerun["resumed_in_flight"] + rerun["submitted"] == unique, rerun
         counters = again.counters()  # the same world: the first run's requests are counted too
         assert counters["contacts_accepted"] == unique
         assert counters["contacts_accepted_more_than_once"] <= summary["ambiguous_contacts"]

@@ -211,8 +211,9 @@ def _fixed_window_run(
     windows: int = 20,
     hint: str = "seconds",
     stored: RateLimit | None = None,
+    request_seconds: float = 0.02,
 ) -> tuple[int, int, int, RateLimiter]:
-    """One caller sending back to back (20 ms a request) to a fixed-window server of `count` per `window`
+    """One caller sending back to back (`request_seconds` a request, 20 ms by default) to a fixed-window server of `count` per `window`
     for `windows` of its windows, in virtual time. Returns (served, refused, most the server and the
     configured ceiling allow in that span, the limiter)."""
     import math
@@ -233,7 +234,7 @@ def _fixed_window_run(
             gate.release(rate_limited=False, answered=False)
             break
         wait = server.admit("org", "enrich-bulk", now)
-        clock.advance(0.02)
+        clock.advance(request_seconds)
         if wait is None:
             served += 1
             gate.release(rate_limited=False)
@@ -273,6 +274,26 @@ def test_a_server_window_of_any_length_is_measured_not_assumed(
     assert learned is not None
     assert learned.requests <= count
     assert window - 0.5 <= learned.seconds <= window + 1.2, learned  # whole-second hints: ±1 s at most
+
+
+def test_two_windows_counted_as_one_do_not_outvote_a_window_counted_whole() -> None:
+    """After a 429 the client is held to where the reset can be at the latest (a whole-second hint), so
+    a slow client sends into the tail of one server window, fills the next, and counts both between two
+    resets it saw: too many, never too few. On a loaded CI machine such tails came alike twice and
+    "4 a second" was learned as 7 a second. The lowest count that two measures of different windows
+    agree on is the limit, whichever measure came last."""
+    from cleanlist.ratelimit import _confirmed, _Measure
+
+    def measure(served: int, at: float) -> _Measure:
+        return _Measure("enrich-bulk", served, served, lo=0.4, hi=2.6, since=at - 1.5, at=at)
+
+    measures = [measure(4, 10.0), measure(7, 12.0), measure(4, 14.0), measure(7, 16.0)]
+    assert _confirmed(measures, lambda m: m.served, 1.0, lowest=True) == RateLimit(4, 1.0)
+    # Newest first (how organization-wide totals are still read): the last pair of tails would win.
+    assert _confirmed(measures, lambda m: m.served, 1.0) == RateLimit(7, 1.0)
+    # One low measure alone teaches nothing (a fault can answer 429 once): the agreed count stands.
+    lone = [measure(7, 10.0), measure(2, 12.0), measure(7, 14.0)]
+    assert _confirmed(lone, lambda m: m.served, 1.0, lowest=True) == RateLimit(7, 1.0)
 
 
 @pytest.mark.parametrize(("count", "window"), [(15, 10.0), (40, 60.0)])
