@@ -211,9 +211,8 @@ def _fixed_window_run(
     windows: int = 20,
     hint: str = "seconds",
     stored: RateLimit | None = None,
-    request_seconds: float = 0.02,
 ) -> tuple[int, int, int, RateLimiter]:
-    """One caller sending back to back (`request_seconds` a request, 20 ms by default) to a fixed-window server of `count` per `window`
+    """One caller sending back to back (20 ms a request) to a fixed-window server of `count` per `window`
     for `windows` of its windows, in virtual time. Returns (served, refused, most the server and the
     configured ceiling allow in that span, the limiter)."""
     import math
@@ -234,7 +233,7 @@ def _fixed_window_run(
             gate.release(rate_limited=False, answered=False)
             break
         wait = server.admit("org", "enrich-bulk", now)
-        clock.advance(request_seconds)
+        clock.advance(0.02)
         if wait is None:
             served += 1
             gate.release(rate_limited=False)
