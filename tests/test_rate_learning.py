@@ -186,8 +186,15 @@ def test_a_run_learns_a_lower_limit_keeps_it_for_the_next_run_and_reports_it(
     state, summary = run_flow(source=str(first), output=str(tmp_path / "out.csv"), store=store)
     assert state.is_completed(), state.message
     assert summary["rate_limit"] == "20/1"
-    # Its window is measured; whole-second Retry-Afters cannot tell it from the configured one.
-    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1s", summary["rate_limits_learned"]
+    # Its window is measured; whole-second Retry-Afters cannot tell it from the configured one. On a quiet
+    # machine it is exactly 4/1s. A starved client (CI's loaded runner; this test beside a fault-schedule
+    # batch at nice 19 learned 5/2.7s and 6/3s) fills windows partly and its measures span several: what
+    # it learns is never faster than the server, and the next run pays no 429 for it (below). CI once
+    # learned 7/1s, faster than the server: two windows counted as one, twice alike.
+    learned = summary["rate_limits_learned"].get("enrich-bulk")
+    assert learned is not None, summary["rate_limits_learned"]
+    count, seconds = learned.removesuffix("s").split("/")
+    assert int(count) / float(seconds) <= 4.0, learned
     assert len(read_csv(tmp_path / "out.csv")) == 10_000
     assert sandbox.counters()["contacts_accepted_more_than_once"] == 0
 
@@ -195,7 +202,7 @@ def test_a_run_learns_a_lower_limit_keeps_it_for_the_next_run_and_reports_it(
     second = messy_export(tmp_path / "second.csv", unique=2000, tag="b")
     state, summary = run_flow(source=str(second), output=str(tmp_path / "out2.csv"), store=store)
     assert state.is_completed(), state.message
-    assert summary["rate_limits_learned"].get("enrich-bulk") == "4/1s"
+    assert summary["rate_limits_learned"].get("enrich-bulk") == learned
     bulk = sandbox.counters()["requests"]["enrich-bulk"]
     assert bulk.get("429", 0) == 0, bulk  # the next run starts from what the first one learned
 
