@@ -335,9 +335,10 @@ def _confirmed(
     of one server window and then fill the next before its 429 — two windows counted as one (whole-second
     hints cannot tell them apart). On a loaded machine such tails came twice alike and "4 a second" was
     learned as 7 a second (CI, 2026-12-07); a window counted whole is never above the limit."""
+    if len(measures) < 2:
+        return None
     best: RateLimit | None = None
-    anchors = range(len(measures) - 1, 0, -1) if lowest else range(len(measures) - 1, len(measures) - 2, -1)
-    for at in anchors:
+    for at in range(len(measures) - 1, 0, -1) if lowest else [len(measures) - 1]:
         newest = measures[at]
         lo, hi, counts, names = newest.lo, newest.hi, [count(newest)], {newest.endpoint}
         for earlier in reversed(measures[:at]):
