@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr, ValidationError
 
+from cleanlist import jsontext
 from cleanlist.constants import API_PREFIX, POOL_TIMEOUT, WRITE_TIMEOUT
 from cleanlist.errors import (
     APIConnectionError,
@@ -252,7 +253,7 @@ class _ClientCore:
         if not response.is_success:
             raise self._error_from(endpoint, response)
         try:
-            return response.json()
+            return jsontext.loads(response.content)
         except (json.JSONDecodeError, UnicodeDecodeError):
             method, path = ENDPOINTS[endpoint]
             raise APIConnectionError(

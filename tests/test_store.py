@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -204,6 +205,9 @@ def test_claimed_contact_is_accepted_then_resulted_then_fresh(store: EnrichmentS
         ("+15550100000",),
         {"status": "completed", "workflow": "wf-1"},
     )
+    # The writer's read leaves out the API's objects only.
+    slim = store.results(batch, FULL, raw=False)
+    assert slim == {key: dataclasses.replace(value, raw={}) for key, value in stored.items()}
     outcome = store.claim("r1", batch, FULL, fresh_after=datetime.now(UTC) - timedelta(days=30))
     assert outcome == ClaimOutcome(fresh=stored)
     completed = store.workflow("wf-1")

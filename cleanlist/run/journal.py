@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cleanlist import jsontext
 from cleanlist.models import worst_case_credits
 from cleanlist.store import EnrichmentStore
 from cleanlist.store.database import make_private_dirs
@@ -98,7 +99,7 @@ class AcceptanceJournal:
 
     def _append(self, entry: dict[str, Any], *, sync: bool = False) -> None:
         """One line, in the kernel when this returns (survives a kill); on disk too if `sync`."""
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        line = jsontext.dumps(entry).encode() + b"\n"
         with self._locked(fcntl.LOCK_SH):
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -176,7 +177,7 @@ class AcceptanceJournal:
         with self.path.open(encoding="utf-8") as lines:
             for line in lines:
                 try:
-                    yield line, json.loads(line)
+                    yield line, jsontext.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by the kill itself: its request is in doubt, its intent says so
 

@@ -17,7 +17,6 @@ created) is removed only once it is older than a day; a live run's never.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import socket
@@ -34,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cleanlist import jsontext
 from cleanlist.store.liveness import pid_is_alive
 from cleanlist.vocab import ContactState
 
@@ -156,7 +156,7 @@ class RunWorkspace:
         self._parts.append(path)
         rows = []
         for contact in contacts:
-            rows.append((contact.key, self._seq, json.dumps(contact.payload, ensure_ascii=False)))
+            rows.append((contact.key, self._seq, jsontext.dumps(contact.payload)))
             self._seq += 1
         with self._lock:
             self._db.execute("BEGIN")
@@ -234,7 +234,7 @@ class RunWorkspace:
                 "SELECT key, payload FROM contacts WHERE chunk_no = ? AND state = ? ORDER BY seq",
                 (chunk_no, ContactState.PLANNED),
             ).fetchall()
-        return [StagedContact(key, json.loads(payload)) for key, payload in rows]
+        return [StagedContact(key, jsontext.loads(payload)) for key, payload in rows]
 
     def chunk_keys(self, chunk_no: int) -> list[str]:
         with self._lock:

@@ -125,7 +125,7 @@ def write_rows(
         for part in workspace.parts():
             keys = [k for k in part[KEY].tolist() if isinstance(k, str)]
             states = workspace.states(keys)
-            results = store.results(list(dict.fromkeys(keys)), enrichment_type)
+            results = store.results(list(dict.fromkeys(keys)), enrichment_type, raw=False)
             rejects_of_part: list[tuple[str, str] | None] = []  # (code, detail) of each rejected row
             values: list[tuple[object, ...]] = []
             for key, detail, code in zip(

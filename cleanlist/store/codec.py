@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import Row
 
+from cleanlist import jsontext
 from cleanlist.store.records import RunRecord, StoredResult, WorkflowRecord
 from cleanlist.vocab import EnrichmentType
 
 T = TypeVar("T")
-
-# json.dumps with options builds a new encoder per call; results write three JSON values per contact.
-_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
 
 # Keys per IN clause: with the other filters a statement stays under 500 bound parameters.
 IN_CLAUSE_KEYS: Final = 400
@@ -45,12 +42,12 @@ def batches(items: Sequence[T], size: int = IN_CLAUSE_KEYS) -> Iterator[Sequence
 
 def dump_json(value: object) -> str:
     """Compact JSON text; values JSON cannot hold (paths, datetimes in params) are written as strings."""
-    return _ENCODER.encode(value)
+    return jsontext.dumps(value)
 
 
 def load_json(text: str | None) -> Any:
     """The value behind a JSON text column (None stays None)."""
-    return None if text is None else json.loads(text)
+    return None if text is None else jsontext.loads(text)
 
 
 def stored_result(row: Row[Any]) -> StoredResult:

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Final, Literal, Self, TypeVar, get_args
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, null, select, update
 from sqlalchemy.exc import DBAPIError
 
 from cleanlist.dburl import hide_passwords
@@ -80,6 +80,11 @@ _TRANSACTION_KINDS: Final[tuple[TransactionKind, ...]] = get_args(TransactionKin
 # or fail a serializable one (40001); the whole transaction is safe to run again.
 _RETRYABLE_SQLSTATES: Final = frozenset({"40P01", "40001"})
 _MAX_ATTEMPTS: Final = 5
+
+
+# The columns `results` reads: every column, or every column but the API's objects (read as NULL).
+_WITH_RAW: Final = tuple(contacts.c)
+_WITHOUT_RAW: Final = (*(c for c in contacts.c if c.name != "raw"), null().label("raw"))
 
 
 class EnrichmentStore:
@@ -442,14 +447,19 @@ class EnrichmentStore:
 
     # Results
 
-    def results(self, keys: Sequence[str], enrichment_type: EnrichmentType) -> dict[str, StoredResult]:
-        """Stored results of these keys, including old ones of contacts being refreshed."""
+    def results(
+        self, keys: Sequence[str], enrichment_type: EnrichmentType, *, raw: bool = True
+    ) -> dict[str, StoredResult]:
+        """Stored results of these keys, including old ones of contacts being refreshed. `raw=False`
+        leaves out the API's own objects (`raw` is then empty): the writer never reads them, and
+        decoding them was most of the cost of reading a result back."""
         wanted = unique(keys)
+        columns = _WITH_RAW if raw else _WITHOUT_RAW
 
         def work(conn: Connection) -> dict[str, StoredResult]:
             found: dict[str, StoredResult] = {}
             for part in batches(wanted):
-                stmt = select(contacts).where(
+                stmt = select(*columns).where(
                     contacts.c.enrichment_type == enrichment_type,
                     contacts.c.contact_key.in_(part),
                     contacts.c.enriched_at.is_not(None),
