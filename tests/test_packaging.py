@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -34,9 +35,14 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and a checkout's
+    # leftovers (or another build of it at the same time) once failed the build ("Is a directory").
+    source = tmp_path_factory.mktemp("source") / "tree"
+    leftovers = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "results")
+    shutil.copytree(REPO, source, symlinks=True, ignore=leftovers)
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(REPO)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(source)],
+        capture_output=True, text=True, timeout=300, cwd=source,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Our own configuration warns about nothing (setuptools' "byte-compiling is disabled" follows
