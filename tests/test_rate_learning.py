@@ -4,6 +4,7 @@ virtual time, one at a time, so every count is exact and nothing sleeps."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -378,7 +379,10 @@ def test_a_real_run_stores_a_three_second_window_and_goes_at_its_pace(
     assert 3.0 <= stored["enrich-bulk"].seconds <= 4.2, stored
     # The report shows it (and names it among the limits that paced the run when requests waited on it:
     # learned in the last windows of so short a run, none may have).
-    assert summary["rate_limits_learned"]["enrich-bulk"].startswith("4/3"), summary
+    # Shown as `limit_text` shows it (one decimal): a starved client measures the window up to ~4 s
+    # (one CI run beside two other test workers: stored 3.x s, the limiter's last measure shown `4/4s`).
+    shown = summary["rate_limits_learned"]["enrich-bulk"]
+    assert _is_four_per_three_seconds(shown), summary
 
     # `cleanlist-enrich limits` lists it, and --clear forgets it.
     from cleanlist_prefect.deployments.cli import main
@@ -386,10 +390,17 @@ def test_a_real_run_stores_a_three_second_window_and_goes_at_its_pace(
     capsys.readouterr()
     assert main(["limits", "--store", store_url]) == 0
     listed = capsys.readouterr().out
-    assert "enrich-bulk 4/3" in listed, listed
+    listed_bulk = re.search(r"enrich-bulk (\S+)", listed)
+    assert listed_bulk is not None and _is_four_per_three_seconds(listed_bulk[1]), listed
     assert main(["limits", "--store", store_url, "--clear"]) == 0
     assert main(["limits", "--store", store_url]) == 0
     assert "no learned rate limits" in capsys.readouterr().out
+
+
+def _is_four_per_three_seconds(text: str) -> bool:
+    """`4/3s` … `4/4.2s`: the sandbox's 4 per 3 s, measured by a client that may be slow to refill."""
+    found = re.fullmatch(r"4/(\d+(?:\.\d+)?)s", text)
+    return found is not None and 3.0 <= float(found[1]) <= 4.2
 
 
 @pytest.mark.parametrize(
