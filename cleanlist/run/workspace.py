@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import pandas as pd
 import pyarrow as pa
@@ -108,6 +109,9 @@ def _pid_owner_is_gone(path: Path, modified: float) -> bool:
 class StagedContact:
     key: str
     payload: dict[str, str]
+
+
+_STATE_OF: Final = {state.value: state for state in ContactState}
 
 
 class RunWorkspace:
@@ -247,6 +251,7 @@ class RunWorkspace:
         """Each known key's state and note (the note: why it was quarantined or failed)."""
         found: dict[str, tuple[ContactState, str | None]] = {}
         unique = list(dict.fromkeys(keys))
+        state_of = _STATE_OF  # a dict lookup: calling the enum per row was 2.5 % of a run's CPU
         with self._lock:
             for start in range(0, len(unique), 500):
                 block = unique[start : start + 500]
@@ -254,5 +259,5 @@ class RunWorkspace:
                 for key, state, note in self._db.execute(
                     f"SELECT key, state, note FROM contacts WHERE key IN ({marks})", block
                 ):
-                    found[key] = (ContactState(state), note)
+                    found[key] = (state_of.get(state) or ContactState(state), note)
         return found
