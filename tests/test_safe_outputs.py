@@ -388,3 +388,22 @@ def test_a_live_workspace_is_kept_whatever_its_pid_says_and_a_killed_ones_remove
     finally:
         owner.kill()
         owner.wait()
+
+
+@pytest.mark.parametrize("dtype", ["string[pyarrow]", "string[python]", "object"])
+@pytest.mark.parametrize("raw", [False, True])
+def test_csv_cells_follow_one_rule_whichever_way_the_column_is_checked(dtype: str, raw: bool) -> None:
+    """String columns are first tested whole (vectorized); only one that needs it goes cell by cell.
+    Either way every cell is what the per-cell rule makes of it."""
+    from cleanlist.io.filesink import FORMULA_TRIGGERS, _csv_cell, csv_safe
+
+    risky = ["plain", *(trigger + "1" for trigger in FORMULA_TRIGGERS), "nul\0here", None, "x-y"]
+    harmless = ["plain", "x-y", None, "ann@example.com"]
+    harmless = [*harmless, *harmless, None, "z"]  # as long as `risky`
+    frame = pd.DataFrame({"risky": pd.array(risky, dtype=dtype), "harmless": pd.array(harmless, dtype=dtype)})
+    safe = csv_safe(frame, raw=raw)
+    for name in ("risky", "harmless"):
+        expected = [_csv_cell(value, raw=raw) for value in frame[name].to_numpy(dtype=object)]
+        got = safe[name].to_numpy(dtype=object).tolist()
+        assert [None if pd.isna(v) else v for v in got] == [None if pd.isna(v) else v for v in expected]
+    assert "nul\0here" not in safe["risky"].tolist()
