@@ -82,9 +82,17 @@ _RETRYABLE_SQLSTATES: Final = frozenset({"40P01", "40001"})
 _MAX_ATTEMPTS: Final = 5
 
 
-# The columns `results` reads: every column, or every column but the API's objects (read as NULL).
-_WITH_RAW: Final = tuple(contacts.c)
-_WITHOUT_RAW: Final = (*(c for c in contacts.c if c.name != "raw"), null().label("raw"))
+# The columns `results` reads: those of a result (`codec.stored_result`), with or without the API's
+# objects (read as NULL). Not every column: each time column read is a conversion per row.
+_RESULT_COLUMNS: Final = tuple(
+    contacts.c[name]
+    for name in (
+        "contact_key", "enrichment_type", "result_workflow_id", "result_task_id", "result_status",
+        "primary_email", "primary_email_status", "other_emails", "phones", "enriched_at",
+    )
+)  # fmt: skip
+_WITH_RAW: Final = (*_RESULT_COLUMNS, contacts.c.raw)
+_WITHOUT_RAW: Final = (*_RESULT_COLUMNS, null().label("raw"))
 
 
 class EnrichmentStore:

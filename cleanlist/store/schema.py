@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -31,6 +32,13 @@ SCHEMA_VERSION: Final = 7
 SCHEMA_COMPONENT: Final = "enrichment_store"
 
 
+@functools.lru_cache(maxsize=4096)
+def _utc_from_text(text: str) -> datetime:
+    """A stored SQLite time as an aware UTC datetime: a workflow's results share one time, so reading a
+    run's results back parses each only once."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """Aware datetimes in, aware UTC datetimes out, on backends with and without time zones."""
 
@@ -58,7 +66,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if isinstance(value, str):
-            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+            return _utc_from_text(value)
         parsed: datetime = value
         return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
