@@ -108,6 +108,7 @@ class Taken:
     ticket: Ticket | None
     wait: float = 0.0
     held: bool = False
+    more: tuple[Ticket, ...] = ()  # further tickets, when `take` was asked for several at once
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,9 @@ class Pace:
 class SlotBook(Protocol):
     """Where slots, holds and learned limits live. Durations are seconds on the book's own clock."""
 
-    def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
-        """Take a slot in every scope at once — or none, and say how long to wait before asking again."""
+    def take(self, endpoint: str, paces: Sequence[Pace], count: int = 1) -> Taken:
+        """Take a slot in every scope at once — or none, and say how long to wait before asking again.
+        With `count` > 1, up to `count` requests' slots (as many as the paces allow now) in one go."""
         ...
 
     def give_back(self, ticket: Ticket, *, ok: bool) -> None:
@@ -199,7 +201,7 @@ class MemoryBook:
         self._slots[scope] = slots
         return [s for s in slots if s.in_flight or s.stamp > now - window]
 
-    def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
+    def take(self, endpoint: str, paces: Sequence[Pace], count: int = 1) -> Taken:
         with self._lock:
             now = self._clock()
             held = {pace.scope for pace in paces} | {SHARED_SCOPE}  # a hold on "*" holds every endpoint
@@ -217,12 +219,16 @@ class MemoryBook:
                     if len(done) > excess:
                         return Taken(None, max(done[excess] + pace.window - now, 0.001))
                     return Taken(None, 0.01)
-            ticket = _MemoryTicket()
-            for scope in longest_windows(paces):
-                slot = _Slot(endpoint, now, now)
-                self._slots.setdefault(scope, []).append(slot)
-                ticket.slots.append((scope, slot))
-            return Taken(ticket)
+                count = min(count, pace.allowance - len(live))
+            tickets: list[Ticket] = []
+            for _ in range(count):
+                ticket = _MemoryTicket()
+                for scope in longest_windows(paces):
+                    slot = _Slot(endpoint, now, now)
+                    self._slots.setdefault(scope, []).append(slot)
+                    ticket.slots.append((scope, slot))
+                tickets.append(ticket)
+            return Taken(tickets[0], more=tuple(tickets[1:]))
 
     def give_back(self, ticket: Ticket, *, ok: bool) -> None:
         assert isinstance(ticket, _MemoryTicket)
@@ -402,6 +408,8 @@ class EndpointLimiter:
         self._line_next = 0  # the number the next thread to arrive draws
         self._line_head = 0  # the number whose turn it is to ask the book
         self._line_left: set[int] = set()  # numbers that left the line before their turn came
+        self._granted: deque[Ticket] = deque()  # slots taken for threads further back in line
+        self._gather: tuple[int, float] | None = None  # (requests, until): the first waits for the rest
 
     def __repr__(self) -> str:
         return f"EndpointLimiter({self.name}: {self.allowance}/{self.window:g})"
@@ -418,22 +426,29 @@ class EndpointLimiter:
             return False
         return self.limit.auto and not self.settled
 
-    def _reserve(self, counted: list[bool]) -> float:
-        """Take a slot now and return 0, or return how long to wait before asking again."""
+    def _reserve(self, counted: list[bool], want: int = 1) -> float:
+        """Take a slot now and return 0, or return how long to wait before asking again. With `want` > 1
+        (threads are waiting in line behind this one), the slots the book grants beyond the first are
+        kept in `_granted` for them: one book transaction for a window's burst, not one per request."""
         parent = self._parent
         with parent.lock:
             if self._cautious and self._in_flight > 0:
                 return 0.01
             if self._probing and self._in_flight >= PROBE_IN_FLIGHT:
                 return 0.01
+            if self._cautious or self._probing or self._probe_above:
+                want = 1  # one request at a time: each answer may change what the next may do
             paces = parent.paces_for(self)
-            self._in_flight += 1  # counted before asking the book, so no other thread slips past the caps
-        taken = parent.book.take(self.name, paces)
+            # Counted before asking the book, so no other thread slips past the caps.
+            self._in_flight += want
+        taken = parent.book.take(self.name, paces, want) if want > 1 else parent.book.take(self.name, paces)
         with parent.lock:
             if taken.ticket is not None:
                 self._tickets.append(taken.ticket)
+                self._granted.extend(taken.more)
+                self._in_flight -= want - 1 - len(taken.more)
                 return 0.0
-            self._in_flight -= 1
+            self._in_flight -= want
             if not taken.held:
                 self._short = True
                 waiting_recheck = self.rechecking and not self._recheck_started
@@ -447,6 +462,25 @@ class EndpointLimiter:
                     # Ask again when the re-check of a limit from the book begins (it lets one more go).
                     return min(taken.wait, max(self._recheck_at - parent.clock(), 0.001))
             return taken.wait
+
+    def _take_granted(self) -> bool:
+        """Take a slot the thread ahead in line was granted for this one (True), if one is left."""
+        with self._parent.lock:
+            if not self._granted:
+                return False
+            self._tickets.append(self._granted.popleft())
+            return True
+
+    def _give_back_unclaimed(self) -> None:
+        """Slots granted for threads that left the line unserved (a stop) go back to the book, unsent."""
+        with self._line:
+            if self._line_head != self._line_next:
+                return  # someone is still in line: the slots are theirs
+        with self._parent.lock:
+            unclaimed, self._granted = list(self._granted), deque()
+            self._in_flight = max(self._in_flight - len(unclaimed), 0)
+        for ticket in unclaimed:
+            self._parent.book.give_back(ticket, ok=False)
 
     def release(self, *, rate_limited: bool, answered: bool = True, retry_after: float | None = None) -> None:
         """A slot taken with `acquire` is over: `rate_limited` if it got a 429, `answered` if any answer;
@@ -469,22 +503,21 @@ class EndpointLimiter:
         With `stop` (the run's stop request), the wait — for a slot or a Retry-After hold — ends as soon
         as it is set, with `StoppedBeforeSending` and no slot taken: the request never goes out.
         """
-        with self._line:
-            number = self._line_next
-            self._line_next += 1
-            # Behind another thread: wait for the turn without asking the book (a stop is seen within
-            # LINE_STOP_CHECK seconds; the turn is handed over at once).
-            while self._line_head != number:
-                if stop is not None and stop.is_set():
-                    self._leave_line(number)
-                    raise StoppedBeforeSending(self.name)
-                self._line.wait(LINE_STOP_CHECK if stop is not None else None)
+        number = self._wait_for_turn(stop)
         try:
+            if stop is not None and stop.is_set():
+                raise StoppedBeforeSending(self.name)
+            if self._take_granted():
+                return
+            if self._gather is not None:
+                self._gathered(stop)
             counted: list[bool] = []
             while True:
                 if stop is not None and stop.is_set():
                     raise StoppedBeforeSending(self.name)
-                delay = self._reserve(counted)
+                with self._line:
+                    behind = self._line_next - self._line_head - len(self._line_left)
+                delay = self._reserve(counted, max(1, min(behind, self.allowance)))
                 if delay <= 0:
                     return
                 if stop is None:
@@ -494,6 +527,46 @@ class EndpointLimiter:
         finally:
             with self._line:
                 self._leave_line(number)
+            if self._granted:
+                self._give_back_unclaimed()
+
+    def _wait_for_turn(self, stop: threading.Event | None) -> int:
+        """Draw a number and wait until it is first in line (without asking the book; a stop is seen
+        within LINE_STOP_CHECK seconds and raises StoppedBeforeSending); returns the number."""
+        with self._line:
+            number = self._line_next
+            self._line_next += 1
+            if self._gather is not None:
+                self._line.notify_all()  # the head may be gathering a burst: one more is in line
+            while self._line_head != number:
+                if stop is not None and stop.is_set():
+                    self._leave_line(number)
+                    break
+                self._line.wait(LINE_STOP_CHECK if stop is not None else None)
+            else:
+                return number
+        if self._granted:
+            self._give_back_unclaimed()
+        raise StoppedBeforeSending(self.name)
+
+    def gather(self, requests: int, timeout: float) -> None:
+        """Let the next `requests` requests leave together: the first waits, at most `timeout` seconds,
+        until that many are in line (then one book transaction grants their slots, as far as the limit
+        allows). A run's first burst, whose tasks reach the limiter one by one as they start: sent one
+        by one, each would pace its own lane of every later window (a slot counts from its answer)."""
+        with self._line:
+            self._gather = (requests, time.monotonic() + timeout) if requests > 1 else None
+
+    def _gathered(self, stop: threading.Event | None) -> None:
+        with self._line:
+            while self._gather is not None:
+                requests, until = self._gather
+                in_line = self._line_next - self._line_head - len(self._line_left)
+                left = until - time.monotonic()
+                if in_line >= requests or left <= 0 or (stop is not None and stop.is_set()):
+                    self._gather = None
+                    break
+                self._line.wait(min(left, LINE_STOP_CHECK))
 
     def _leave_line(self, number: int) -> None:
         """`number` leaves the line (served, or stopped while waiting); the next in line gets the turn.

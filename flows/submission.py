@@ -45,6 +45,7 @@ PROGRESS_SECONDS = 1.0
 SETTLE_WAIT_SECONDS = 0.5
 PROBE_SECONDS = 10.0  # while the API is down and no chunk is running, validate-key this often (at most)
 CANCEL_CHECK_SECONDS = 5.0  # how often a run asks Prefect whether its flow run was cancelled
+GATHER_SECONDS = 1.0  # at most this long the first request waits for the first burst's others
 
 
 class CreditsToppedUp(RunInput):
@@ -111,6 +112,7 @@ class SubmitLoop:
         """Submit until every chunk is settled, or the run stops. After a stop request no chunk starts;
         the running ones end at once (a request waiting for its slot is given up) or when their request
         on the wire is answered and recorded, and the rest is left over."""
+        self._gather_first_burst()
         while True:
             self.run.outage.check()
             self._heartbeat()
@@ -125,6 +127,13 @@ class SubmitLoop:
             self.settled.clear()
             self._collect()
             self._report_progress()
+
+    def _gather_first_burst(self) -> None:
+        """The first chunks' requests leave together (see `EndpointLimiter.gather`): as many as start at
+        once and the bulk limit allows in one window, waiting at most a moment for the slowest."""
+        limiter = self.run.client.limiter.endpoint("enrich-bulk")
+        burst = min(len(self.pending), self.run.options.max_concurrent_chunks, limiter.allowance)
+        limiter.gather(burst, timeout=GATHER_SECONDS)
 
     def _check_cancelled(self) -> None:
         """A cancellation in Prefect (the UI, `prefect flow-run cancel`) is a stop request too. A worker

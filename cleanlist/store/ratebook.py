@@ -158,7 +158,7 @@ class StoreRateBook:
                 .values(stamp=now, in_flight=False, ok=False)
             )
 
-    def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
+    def take(self, endpoint: str, paces: Sequence[Pace], count: int = 1) -> Taken:
         sweep = next(self._takes) % _SWEEP_EVERY == 0
         scopes = longest_windows(paces)
 
@@ -176,56 +176,65 @@ class StoreRateBook:
                         rate_slots.c.organization == self.organization, rate_slots.c.stamp < old
                     )
                 )
+            granted = count
             for pace in paces:
                 live = self._live(pace.scope, now, pace.window)
-                count = conn.execute(select(func.count()).select_from(rate_slots).where(live)).scalar_one()
+                live_count = int(
+                    conn.execute(select(func.count()).select_from(rate_slots).where(live)).scalar_one()
+                )
                 if pace.window == scopes[pace.scope]:
                     with self._fields:
-                        self._used[pace.scope] = int(count)
-                if count >= pace.allowance:
+                        self._used[pace.scope] = live_count
+                if live_count >= pace.allowance:
                     # The wait until enough of the window's slots have expired for one more.
                     stamps = conn.execute(
                         select(rate_slots.c.stamp)
                         .where(live, rate_slots.c.in_flight.is_(False))
                         .order_by(rate_slots.c.stamp)
-                        .offset(int(count) - pace.allowance)
+                        .offset(live_count - pace.allowance)
                         .limit(1)
                     ).scalar_one_or_none()
                     wait = float(stamps) + pace.window - now if stamps is not None else 0.01
                     return Taken(None, max(wait, 0.001))
-            ids = []
+                granted = min(granted, pace.allowance - live_count)
+            slot = {
+                "organization": self.organization,
+                "endpoint": endpoint,
+                "taken": now,
+                "stamp": now,
+                "in_flight": True,
+                "ok": False,
+                "run_id": self._run_id,
+            }
+            ids: list[list[int]] = [[] for _ in range(granted)]
             for scope in scopes:
-                ids.append(
-                    conn.execute(
-                        insert(rate_slots)
-                        .values(
-                            organization=self.organization,
-                            scope=scope,
-                            endpoint=endpoint,
-                            taken=now,
-                            stamp=now,
-                            in_flight=True,
-                            ok=False,
-                            run_id=self._run_id,
-                        )
-                        .returning(rate_slots.c.id)
-                    ).scalar_one()
-                )
+                for ticket_ids in ids:
+                    ticket_ids.append(
+                        conn.execute(
+                            insert(rate_slots).values(**slot, scope=scope).returning(rate_slots.c.id)
+                        ).scalar_one()
+                    )
                 with self._fields:
-                    self._used[scope] = self._used.get(scope, 0) + 1
-            return Taken(_StoreTicket(tuple(ids)))
+                    self._used[scope] = self._used.get(scope, 0) + granted
+            tickets = [_StoreTicket(tuple(ticket_ids)) for ticket_ids in ids]
+            return Taken(tickets[0], more=tuple(tickets[1:]))
 
         result: Taken = self._transact(work)
         return result
 
     def give_back(self, ticket: Ticket, *, ok: bool) -> None:
         assert isinstance(ticket, _StoreTicket)
+        answered = time.monotonic()
 
         def work(conn: Connection) -> None:
+            # The slot counts from the answer, not from when this transaction got the write lock (behind
+            # other threads' commits): as safe (the server counted the request before it answered), and a
+            # window's next burst is not pushed later by the store's own queue.
+            stamp = self._now(conn) - (time.monotonic() - answered)
             conn.execute(
                 update(rate_slots)
                 .where(rate_slots.c.id.in_(ticket.ids))
-                .values(stamp=self._now(conn), in_flight=False, ok=ok)
+                .values(stamp=stamp, in_flight=False, ok=ok)
             )
 
         self._transact(work)
@@ -362,13 +371,13 @@ class FallbackRateBook:
                 "rate book: the store failed (%s); pacing in memory from now on", type(exc).__name__
             )
 
-    def take(self, endpoint: str, paces: Sequence[Pace]) -> Taken:
+    def take(self, endpoint: str, paces: Sequence[Pace], count: int = 1) -> Taken:
         if not self._failed:
             try:
-                return self._store.take(endpoint, paces)
+                return self._store.take(endpoint, paces, count)
             except (DBAPIError, PoolTimeoutError) as exc:
                 self._fail(exc)
-        return self._memory.take(endpoint, paces)
+        return self._memory.take(endpoint, paces, count)
 
     def give_back(self, ticket: Ticket, *, ok: bool) -> None:
         if isinstance(ticket, _StoreTicket):
