@@ -16,6 +16,7 @@ and event workers were drained into it — never before, which left them waiting
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ EXIT_OK, EXIT_FAILED, EXIT_AUTH = 0, 1, 2
 # (Prefect's drains of its workers) hangs.
 EXIT_AFTER_RUN_SECONDS = 15.0
 DRAIN_SECONDS = 5.0  # each of Prefect's log and event workers, before the temporary server stops
+GC_YOUNG_THRESHOLD = 7_000  # allocations between young collections in the CLI (Python: 700)
 
 
 def error(message: str) -> None:
@@ -156,6 +158,12 @@ def _run_and_report(kwargs: dict[str, Any], stop_request: Any, *, as_json: bool)
     from cleanlist.run.stop import EXIT_INTERRUPTED, stopping_through
     from cleanlist_prefect.flows.enrich_contacts import enrich_contacts, outcome_of
 
+    # This process is the CLI's own: what is alive now (the modules of Prefect, pandas, pydantic… most
+    # of the heap, and none of it garbage) leaves the cyclic collector's care, and the collector runs
+    # a tenth as often. Each full collection walked the whole heap: 13 of them were 16 % of a
+    # 40,000-contact run's CPU. (Not done by the flow: in a user's process, the collector is theirs.)
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     stop = threading.Event()
     bar = None
     latest = _LatestProgress()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from cleanlist.client import CleanlistClient
 from cleanlist.run.options import EnrichOptions
@@ -11,7 +12,9 @@ from cleanlist.run.services import DeliveryListener, WebhookSettings
 from cleanlist.store import EnrichmentStore
 from cleanlist.webhooks.delivery import hook_url, register_run
 from cleanlist.webhooks.failures import DeliveryLog
-from cleanlist.webhooks.server import ReceiverServer, parse_listen
+
+if TYPE_CHECKING:
+    from cleanlist.webhooks.server import ReceiverServer
 
 
 @contextmanager
@@ -32,6 +35,10 @@ def receiving_webhooks(
     server: ReceiverServer | None = None
     base = options.webhook_url
     if options.webhook_listen:
+        # Imported here: the receiver's web stack (FastAPI, uvicorn) costs every process that imports
+        # the flow ~0.2 s of CPU, and only a run that listens uses it.
+        from cleanlist.webhooks.server import ReceiverServer, parse_listen
+
         host, port = parse_listen(options.webhook_listen)
         cert, key = options.webhook_tls_cert, options.webhook_tls_key
         tls = (cert, key) if cert and key else None
