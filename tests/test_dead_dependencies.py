@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -263,7 +264,9 @@ def test_an_outage_shorter_than_the_bound_is_ridden_out(tmp_path: Path, make_san
     assert set(read_csv(tmp_path / "out.csv")["cleanlist_status"]) <= {"enriched", "not_found"}
     outage = [line for line in logged.lines if "cleanlist.outage" in line]
     assert len(outage) == 2, logged.text[-4000:]
-    assert "failed: ConnectError" in outage[0] and "answers again" in outage[1]
+    # Refused, or (a poll on a kept-alive connection when the server went) closed without an answer.
+    assert re.search(r"failed: (ConnectError|RemoteProtocolError|ReadError)", outage[0]), outage[0]
+    assert "answers again" in outage[1]
 
 
 # -- workflows the API no longer knows -----------------------------------------------------------------
