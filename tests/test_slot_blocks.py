@@ -134,3 +134,32 @@ def test_gathering_gives_up_after_its_timeout() -> None:
     assert 0.15 <= time.monotonic() - started < 2.0
     limiter.acquire()  # the gathering is over: no wait
     assert time.monotonic() - started < 2.0
+
+
+def test_a_stop_while_the_first_request_gathers_its_burst_sends_nothing() -> None:
+    """SIGTERM (the run's stop event) while the first request waits for the rest of its burst: it
+    leaves at once, unsent, with no slot taken."""
+    book = MemoryBook()
+    limiter = RateLimiter(RateLimit(20, 30.0), book=book).endpoint("enrich-bulk")
+    limiter.proven = True
+    limiter.gather(8, timeout=30.0)
+    stop = threading.Event()
+    outcome: list[str] = []
+
+    def caller() -> None:
+        try:
+            limiter.acquire(stop)
+            outcome.append("sent")
+        except StoppedBeforeSending:
+            outcome.append("stopped")
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    stop.set()
+    thread.join(timeout=5)
+    assert outcome == ["stopped"]
+    assert time.monotonic() - started < 1.0
+    assert book.used("enrich-bulk", 30.0) == 0
+    assert limiter._in_flight == 0
