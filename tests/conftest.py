@@ -165,9 +165,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
             continue
-        if item.get_closest_marker("xdist_group") is not None:
-            grouped.add(item.nodeid)  # the module named its own groups (fixtures that are apart)
-            continue
         if any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
             grouped.add(item.nodeid)

@@ -777,11 +777,6 @@ def test_the_ui_shows_the_flow_run_and_its_summary_artifact(
 # ------------------------------------------------------------------------------ PostgreSQL server
 
 
-# The PostgreSQL-backed stack shares nothing with the SQLite one but the (cheap) sandbox: its tests are a
-# group of their own, so `--dist loadgroup` runs them beside the SQLite stack's, not after them.
-PG_GROUP = pytest.mark.xdist_group("tests.test_deployments::pg_stack")
-
-
 @pytest.fixture(scope="module")
 def pg_stack(tmp_path_factory: pytest.TempPathFactory, sandbox: SandboxServer) -> Iterator[PrefectStack]:
     """A second server whose own database is a fresh PostgreSQL database."""
@@ -798,7 +793,6 @@ def pg_stack(tmp_path_factory: pytest.TempPathFactory, sandbox: SandboxServer) -
 
 @pytest.mark.integration
 @pytest.mark.postgres
-@PG_GROUP
 def test_adhoc_run_completes_with_postgresql_as_the_prefect_database(pg_stack: PrefectStack) -> None:
     run = adhoc_run(pg_stack, "pgserver")
     assert run.command.returncode == 0, f"{run.command.stdout}\n{pg_stack.diagnostics()}"
@@ -819,7 +813,6 @@ def test_adhoc_run_completes_with_postgresql_as_the_prefect_database(pg_stack: P
 
 @pytest.mark.integration
 @pytest.mark.postgres
-@PG_GROUP
 def test_cleanlist_enrich_serve_runs_the_deployments_from_one_process(pg_stack: PrefectStack) -> None:
     for worker in pg_stack.workers:  # only the serving process may take runs now
         pg_stack.procs.stop(worker)
