@@ -441,7 +441,7 @@ class EndpointLimiter:
             paces = parent.paces_for(self)
             # Counted before asking the book, so no other thread slips past the caps.
             self._in_flight += want
-        taken = parent.book.take(self.name, paces, want) if want > 1 else parent.book.take(self.name, paces)
+        taken = parent.book.take(self.name, paces, want)
         with parent.lock:
             if taken.ticket is not None:
                 self._tickets.append(taken.ticket)
@@ -516,8 +516,8 @@ class EndpointLimiter:
                 if stop is not None and stop.is_set():
                     raise StoppedBeforeSending(self.name)
                 with self._line:
-                    behind = self._line_next - self._line_head - len(self._line_left)
-                delay = self._reserve(counted, max(1, min(behind, self.allowance)))
+                    in_line = self._in_line()
+                delay = self._reserve(counted, max(1, min(in_line, self.allowance)))
                 if delay <= 0:
                     return
                 if stop is None:
@@ -561,12 +561,15 @@ class EndpointLimiter:
         with self._line:
             while self._gather is not None:
                 requests, until = self._gather
-                in_line = self._line_next - self._line_head - len(self._line_left)
                 left = until - time.monotonic()
-                if in_line >= requests or left <= 0 or (stop is not None and stop.is_set()):
+                if self._in_line() >= requests or left <= 0 or (stop is not None and stop.is_set()):
                     self._gather = None
                     break
                 self._line.wait(min(left, LINE_STOP_CHECK))
+
+    def _in_line(self) -> int:
+        """Threads in line now, the one whose turn it is included. Called with `_line` held."""
+        return self._line_next - self._line_head - len(self._line_left)
 
     def _leave_line(self, number: int) -> None:
         """`number` leaves the line (served, or stopped while waiting); the next in line gets the turn.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,18 @@ from cleanlist.errors import StoppedBeforeSending
 from cleanlist.ratelimit import MemoryBook, Pace, RateLimiter, SlotBook, Taken
 from cleanlist.settings import RateLimit
 from cleanlist.store import EnrichmentStore
+
+
+def arrive_one_by_one(target: Callable[[], None], count: int, *, apart: float) -> None:
+    """`count` threads of `target`, started `apart` seconds from each other (as a run's chunk tasks reach
+    the limiter), all joined."""
+    threads = [threading.Thread(target=target, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+        time.sleep(apart)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads), "a caller is still blocked in the limiter"
 
 
 @pytest.fixture(params=["memory", "store"])
@@ -79,12 +91,7 @@ def test_a_stop_gives_back_the_slots_taken_for_threads_that_never_sent(tmp_path:
         with lock:
             outcomes.append("sent")
 
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.05)
-    for thread in threads:
-        thread.join(timeout=10)
+    arrive_one_by_one(caller, 3, apart=0.05)
     assert sorted(outcomes) == ["sent", "stopped", "stopped"]
     assert given_back == [False, False], "the slots taken for the stopped threads were not given back"
     assert book.used("enrich-bulk", 30.0) == 3  # given back unsent, they still count (as a request may)
@@ -114,12 +121,7 @@ def test_the_first_burst_leaves_together_in_one_book_transaction() -> None:
         with lock:
             sent.append(time.monotonic())
 
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.03)
-    for thread in threads:
-        thread.join(timeout=10)
+    arrive_one_by_one(caller, 8, apart=0.03)
     assert len(sent) == 8
     assert takes == [8], takes
     assert max(sent) - min(sent) < 0.15  # not 30 ms apart, as they arrived
