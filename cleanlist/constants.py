@@ -85,7 +85,7 @@ POLL_WORKERS = 4
 POLL_PENDING_RESULTS = 8
 # A workflow this run just submitted that answers 404 may not be visible yet [assumed]: it is polled again
 # for this long before its tasks are asked for one by one. Resumed workflows get no grace.
-POLL_NOT_FOUND_GRACE = 30.0
+POLL_NOT_FOUND_GRACE = 30.0  # the default of EnrichOptions.not_found_grace_seconds
 # A workflow answering a status word that is neither final nor known to be in progress, with no results,
 # is polled this many times (at growing intervals) before it is left unresolved for a later run.
 POLL_UNKNOWN_WORD_POLLS = 5

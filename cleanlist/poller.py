@@ -197,6 +197,7 @@ class WorkflowPoller:
         on_gone: OnGone,
         on_fatal: OnFatal | None = None,
         initial_estimate: float = 5.0,
+        not_found_grace: float = POLL_NOT_FOUND_GRACE,
         timeout: float = 3600.0,
         min_interval: float = 0.05,
         max_interval: float = 60.0,
@@ -214,6 +215,7 @@ class WorkflowPoller:
         self._on_result = on_result
         self._on_gone = on_gone
         self._on_fatal = on_fatal
+        self._not_found_grace = not_found_grace
         self._estimate = CompletionEstimate(initial_estimate, floor=min_interval, ceiling=max_interval)
         self.timeout = timeout
         self.min_interval = min_interval
@@ -486,7 +488,7 @@ class WorkflowPoller:
         return True
 
     def _not_found(self, workflow: TrackedWorkflow, now: float) -> None:
-        if not workflow.resumed and now - workflow.submitted_at < POLL_NOT_FOUND_GRACE:
+        if not workflow.resumed and now - workflow.submitted_at < self._not_found_grace:
             self._requeue(workflow, min(self.estimate, 1.0))  # just accepted: possibly not visible yet
             return
         self._count("not_found")

@@ -290,6 +290,7 @@ def _enrich_dataframe(  # noqa: PLR0913
     pause_timeout_seconds: int = 7 * 24 * 3600,
     poll_timeout_seconds: float = 6 * 3600.0,
     initial_poll_seconds: float = 5.0,
+    not_found_grace_seconds: float = 30.0,
     max_concurrent_chunks: int = 8,
     retries: int = 5,
     retry_delay_seconds: float = 2.0,

@@ -286,7 +286,11 @@ def test_workflows_the_api_forgot_end_the_run_non_zero_and_a_rerun_resubmits_the
 
     with _meanwhile(forget):
         state, summary = run_flow(
-            source=str(source), output=str(tmp_path / "out.csv"), store=store, rate_limit="1000/1"
+            source=str(source),
+            output=str(tmp_path / "out.csv"),
+            store=store,
+            rate_limit="1000/1",
+            not_found_grace_seconds=3.0,  # past its accept, a 404 no longer means "not visible yet"
         )
 
     assert state.is_failed()

@@ -197,6 +197,7 @@ class RunContext:
             on_gone=self._store_guarded(settlement.on_gone),
             on_fatal=self.gate.fail,
             initial_estimate=self.options.initial_poll_seconds,
+            not_found_grace=self.options.not_found_grace_seconds,
             timeout=self.options.poll_timeout_seconds,
             retry=self.retry,
             inbox=self._delivered if self.services.webhooks.expect_deliveries else None,

@@ -16,7 +16,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cleanlist.constants import INITIAL_RETRY_DELAY, MAX_CONTACTS_PER_REQUEST, RETRIES
+from cleanlist.constants import INITIAL_RETRY_DELAY, MAX_CONTACTS_PER_REQUEST, POLL_NOT_FOUND_GRACE, RETRIES
 from cleanlist.dburl import is_database_url
 from cleanlist.errors import InputError
 from cleanlist.settings import RateLimit
@@ -113,6 +113,12 @@ class EnrichOptions(BaseModel):
         gt=0,
         description="a generous guess at how long a workflow takes: the first status probe goes out at a "
         "quarter of it, and the poller learns the real figure from there",
+    )
+    not_found_grace_seconds: float = Field(
+        default=POLL_NOT_FOUND_GRACE,
+        ge=0,
+        description="a workflow this run just submitted that the status endpoint does not know yet is "
+        "asked again for this long before it counts as forgotten (its tasks are then asked for by id)",
     )
     max_concurrent_chunks: int = Field(
         default=8,
