@@ -752,6 +752,22 @@ def test_admin_sets_and_adds_credits(sandbox: SandboxServer) -> None:
         assert client.get("/credits/balance").json()["credits"] == 7.5
 
 
+def test_admin_latency_brings_running_workflows_forward_and_times_new_ones(
+    start_sandbox: StartSandbox,
+) -> None:
+    sandbox = start_sandbox(latency=60.0)
+    with api(sandbox) as client:
+        slow = bulk(client, people(2, "slow")).json()["workflow_id"]
+        assert client.get("/enrich/status", params={"workflow_id": slow}).json()["status"] != "completed"
+        assert sandbox.set_latency(0.0) == 1
+        assert wait_for_completion(client, slow, timeout=2.0)["status"] == "completed"
+        fast = bulk(client, people(2, "fast")).json()["workflow_id"]
+        assert wait_for_completion(client, fast, timeout=2.0)["status"] == "completed"
+        assert sandbox.set_latency(30.0) == 0  # nothing runs longer than 30 s from now: none moved
+        late = bulk(client, people(2, "late")).json()["workflow_id"]
+        assert client.get("/enrich/status", params={"workflow_id": late}).json()["status"] != "completed"
+
+
 def test_an_accepted_contact_costs_a_few_hundred_bytes(start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox(credits=1e9)
     state = sandbox.state

@@ -81,6 +81,14 @@ class CreditsChange(BaseModel):
     set_to: float | None = Field(default=None, alias="set")
 
 
+class LatencyChange(BaseModel):
+    """Body of POST /_sandbox/latency: workflows take `seconds` from now on, running ones at most that."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(ge=0.0)
+
+
 class KeyRef(BaseModel):
     """Body of the key revoke/restore admin endpoints."""
 
@@ -352,6 +360,10 @@ def _admin_router(world: SandboxState) -> APIRouter:  # noqa: C901 - one nested 
             assert change.set_to is not None
             balance = world.set_credits(change.set_to)
         return JSONResponse({"credits": balance})
+
+    @admin.post("/latency")
+    async def change_latency(change: LatencyChange) -> JSONResponse:
+        return JSONResponse({"seconds": change.seconds, "brought_forward": world.set_latency(change.seconds)})
 
     def set_revoked(ref: KeyRef, revoked: bool) -> JSONResponse:
         if not world.set_revoked(ref.api_key, revoked, rearm=ref.rearm):

@@ -171,6 +171,11 @@ class SandboxServer:
         """Set the balance; returns it."""
         return float(self._call("POST", "/credits", {"set": amount})["credits"])
 
+    def set_latency(self, seconds: float) -> int:
+        """Test facility: new workflows take `seconds`; running ones complete within `seconds` from now.
+        Returns how many running workflows were brought forward."""
+        return int(self._call("POST", "/latency", {"seconds": seconds})["brought_forward"])
+
     def revoke_key(self, api_key: str | None = None) -> None:
         """Revoke a key (the main one by default)."""
         self._call("POST", "/keys/revoke", {"api_key": api_key or self.api_key})

@@ -311,6 +311,7 @@ class SandboxState:
         self._limiter = FixedWindowLimiter(*config.rate_limit) if config.rate_limit else None
         self._faults = FaultInjector(config.faults, config.seed)
         self._refused_substrings: tuple[str, ...] = config.refuse_contacts_containing
+        self._latency_range: tuple[float, float] = config.latency_range
 
         self.organization = Organization(_digest_id("org_", config.api_key), config.credits, True)
         no_access = Organization(_digest_id("org_", "no-api:" + config.api_key), 0.0, False)
@@ -407,7 +408,7 @@ class SandboxState:
             cost = sum(outcome.cost for outcome in outcomes)
             organization.credits -= cost
             workflow_uuid = uuid.uuid4()
-            low, high = self.config.latency_range
+            low, high = self._latency_range
             latency = self._latency_rng.uniform(low, high) if high > low else low
             accepted_at = self.clock()
             workflow = Workflow(
@@ -721,6 +722,22 @@ class SandboxState:
         with self._lock:
             self.organization.credits = amount
             return self.organization.credits
+
+    def set_latency(self, seconds: float) -> int:
+        """Test facility: workflows accepted from now on take `seconds`, and every workflow still running
+        completes at the latest `seconds` from now (as if it had been that fast); returns how many were
+        brought forward. Unless called, the configured latency holds."""
+        with self._lock:
+            self._latency_range = (seconds, seconds)
+            now = self.clock()
+            wall = datetime.now(UTC)
+            moved = 0
+            for workflow in self._workflows.values():
+                if workflow.ready_at > now + seconds:
+                    workflow.ready_at = now + seconds
+                    workflow.completed_at = _iso(wall + timedelta(seconds=seconds))
+                    moved += 1
+            return moved
 
     def set_revoked(self, api_key: str, revoked: bool, *, rearm: bool = False) -> bool:
         """Revoke or restore a configured key; False when the key is unknown.
