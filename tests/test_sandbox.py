@@ -768,6 +768,21 @@ def test_admin_latency_brings_running_workflows_forward_and_times_new_ones(
         assert client.get("/enrich/status", params={"workflow_id": late}).json()["status"] != "completed"
 
 
+def test_admin_replaces_the_rate_limit(start_sandbox: StartSandbox) -> None:
+    sandbox = start_sandbox(rate_limit=(1, 60.0))
+    with api(sandbox) as client:
+        assert client.get("/credits/balance").status_code == 200
+        assert client.get("/credits/balance").status_code == 429
+        sandbox.set_rate_limit(None)
+        assert [client.get("/credits/balance").status_code for _ in range(5)] == [200] * 5
+        sandbox.set_rate_limit((2, 60.0))
+        assert [client.get("/credits/balance").status_code for _ in range(3)] == [200, 200, 429]
+    refused = httpx.post(
+        sandbox.base_url + "/_sandbox/rate-limit", headers=_admin(sandbox), json={"rate_limit": [0, 1.0]}
+    )
+    assert refused.status_code == 422
+
+
 def test_an_accepted_contact_costs_a_few_hundred_bytes(start_sandbox: StartSandbox) -> None:
     sandbox = start_sandbox(credits=1e9)
     state = sandbox.state

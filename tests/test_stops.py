@@ -28,8 +28,9 @@ from typing import Any
 import psutil
 import pytest
 
+from benchmarks.chaos.invariants import RunFacts, ScheduleFacts, paid_is_written
 from benchmarks.procs import seed_prefect_home
-from tests.flow_helpers import messy_export
+from tests.flow_helpers import messy_export, read_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 ROOT = Path(__file__).parent.parent
@@ -193,6 +194,68 @@ def test_a_stop_ends_within_30_s_without_doubt_and_the_rerun_pays_nothing_twice(
         # The answers on the wire were read and recorded: every request the sandbox judged is this run's.
         assert summary["workflows"] == _bulk(sandbox, 200), summary
     _rerun_pays_nothing_twice(sandbox, args, env)
+
+
+def test_a_stop_while_task_lookups_wait_out_a_429_interrupts_the_run_and_the_rerun_reads_them(
+    tmp_path: Path, make_sandbox: Callable[..., Any]
+) -> None:
+    """Fault-schedule seed 1266472 (test_chaos.py's replay of it until this test): workflows completed
+    with tasks omitted from their results; the lookups of those tasks by task id waited on a Retry-After
+    when SIGTERM came. The run gave them up and said "completed" (exit 0), so no rerun followed and paid
+    credits were never read (invariant 3). It must say "interrupted" (130), and the rerun asks for them by
+    task id and pays nothing twice.
+
+    Here directly: one chunk, every workflow done at the first poll, 10 % of its tasks omitted, and the
+    status endpoint allowing 1 call per 5 s against a client that believes 100/s: the poll takes the
+    window, the first lookup gets a 429 with Retry-After, and the stop comes while the lookups wait."""
+    sandbox = make_sandbox(rate_limit=(1, 5.0), latency=0.1, omit_task_rate=0.1, seed=7)
+    source = messy_export(tmp_path / "crm.csv", unique=200)
+    env = _env(sandbox, tmp_path, rate_limit="100/1")
+    args = _args(source, tmp_path)
+    proc = _start(args, env)
+
+    def lookups_wait_on_a_429() -> bool:
+        log = sandbox.requests_log()
+        polled = any(e["endpoint"] == "enrich-status" and e["status"] == 200 for e in log)
+        held = [e for e in log if e["endpoint"] == "enrich-status" and e["status"] == 429]
+        return polled and bool(held) and held[-1]["retry_after"] >= 1
+
+    _wait_until(proc, lookups_wait_on_a_429)
+    assert _bulk(sandbox, 200) == 1 and _bulk(sandbox) == 1  # one workflow: any later status call is a lookup
+    seconds, out, err = _signal_and_wait(proc, signal.SIGTERM)
+    print(f"task lookups waiting on a 429, SIGTERM: exit {proc.returncode} after {seconds:.1f} s")
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    summary = _summary(out)
+    assert summary["status"] == "interrupted", summary
+    assert summary.get("ambiguous_submissions", 0) == 0, summary
+    assert summary["unresolved"] > 0, summary  # paid for, not read: what the rerun must ask for
+    first_rows = read_csv(tmp_path / "out.csv").to_dict("records")
+    charged = sandbox.counters()["credits_charged"]
+    assert charged > 0
+
+    sandbox.set_rate_limit(None)  # the rerun's lookups need not queue behind the 5 s window
+    rerun = _rerun_pays_nothing_twice(sandbox, args, env)
+    assert rerun["task_lookups"] >= summary["unresolved"], rerun  # asked for them by task id
+    assert rerun.get("unresolved", 0) == 0, rerun
+    after = sandbox.counters()
+    assert (after["contacts_accepted"], after["credits_charged"]) == (200, charged)  # nothing sent again
+    output = read_csv(tmp_path / "out.csv")
+    assert set(output["cleanlist_status"]) <= {"enriched", "not_found", "cached"}
+    # Invariant 3 of the fault schedules, as the replay judged it: every credit charged is a found item
+    # in some output row.
+    facts = ScheduleFacts(
+        seed=1266472,
+        input_rows={},
+        runs=[
+            RunFacts("run 1", 130, summary, output_rows=first_rows, reject_rows=[]),
+            RunFacts("rerun 1", 0, rerun, output_rows=output.to_dict("records"), reject_rows=[]),
+        ],
+        contacts_accepted_more_than_once=after["contacts_accepted_more_than_once"],
+        credits_charged=after["credits_charged"],
+        credits_never_asked=after["credits_of_workflows_never_asked"],
+    )
+    assert paid_is_written(facts) == []
 
 
 def test_a_second_signal_exits_at_once_and_takes_the_temporary_server_with_it(

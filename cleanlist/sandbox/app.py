@@ -89,6 +89,14 @@ class LatencyChange(BaseModel):
     seconds: float = Field(ge=0.0)
 
 
+class RateLimitChange(BaseModel):
+    """Body of POST /_sandbox/rate-limit: (requests, window seconds), or null for no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate_limit: tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0.0)]] | None
+
+
 class KeyRef(BaseModel):
     """Body of the key revoke/restore admin endpoints."""
 
@@ -364,6 +372,11 @@ def _admin_router(world: SandboxState) -> APIRouter:  # noqa: C901 - one nested 
     @admin.post("/latency")
     async def change_latency(change: LatencyChange) -> JSONResponse:
         return JSONResponse({"seconds": change.seconds, "brought_forward": world.set_latency(change.seconds)})
+
+    @admin.post("/rate-limit")
+    async def change_rate_limit(change: RateLimitChange) -> JSONResponse:
+        world.set_rate_limit(change.rate_limit)
+        return JSONResponse({"rate_limit": change.rate_limit})
 
     def set_revoked(ref: KeyRef, revoked: bool) -> JSONResponse:
         if not world.set_revoked(ref.api_key, revoked, rearm=ref.rearm):

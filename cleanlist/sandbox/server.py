@@ -176,6 +176,10 @@ class SandboxServer:
         Returns how many running workflows were brought forward."""
         return int(self._call("POST", "/latency", {"seconds": seconds})["brought_forward"])
 
+    def set_rate_limit(self, rate_limit: tuple[int, float] | None) -> None:
+        """Test facility: replace the rate limit ((requests, window seconds), None: no limit)."""
+        self._call("POST", "/rate-limit", {"rate_limit": list(rate_limit) if rate_limit else None})
+
     def revoke_key(self, api_key: str | None = None) -> None:
         """Revoke a key (the main one by default)."""
         self._call("POST", "/keys/revoke", {"api_key": api_key or self.api_key})

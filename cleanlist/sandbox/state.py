@@ -739,6 +739,12 @@ class SandboxState:
                     moved += 1
             return moved
 
+    def set_rate_limit(self, rate_limit: tuple[int, float] | None) -> None:
+        """Test facility: replace the rate limit, (requests, window seconds) or None for none, with
+        fresh windows. Unless called, the configured limit holds."""
+        with self._lock:
+            self._limiter = FixedWindowLimiter(*rate_limit) if rate_limit else None
+
     def set_revoked(self, api_key: str, revoked: bool, *, rearm: bool = False) -> bool:
         """Revoke or restore a configured key; False when the key is unknown.
 
