@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, Table, delete, select, update
+from sqlalchemy import Connection, Row, Table, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from cleanlist.store.bulk import db_time, execute_one
 from cleanlist.store.codec import batches, stored_result
 from cleanlist.store.liveness import ProcessIdentity, RunLocks, lock_kind, run_is_alive
 from cleanlist.store.records import ClaimOutcome, StoredResult
@@ -22,6 +24,9 @@ from cleanlist.vocab import EnrichmentType, LedgerState, RunRecordState
 
 # A row can vanish between our INSERT and our SELECT (another run released it); then we try again.
 MAX_CLAIM_PASSES: Final = 5
+# New claims go in as multi-row INSERTs of a power of two rows each (at most this many): a handful of
+# statements, each compiled once, for any count of keys.
+_CLAIM_BLOCK_MAX: Final = 256
 
 
 def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
@@ -62,28 +67,44 @@ class Judge:
     locks: RunLocks  # tries another run's liveness lock (this store's kind of lock)
 
 
-def insert_claims(
-    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: EnrichmentType, now: datetime
-) -> set[str]:
-    """Claim the keys nobody has a row for; returns the ones this call inserted."""
-    if not keys:
-        return set()
-    stmt = (
-        insert_for(conn, contacts)
+@functools.lru_cache(maxsize=32)
+def _claim_block(dialect: str, size: int) -> postgresql.Insert | sqlite.Insert:
+    """INSERT of `size` claim rows (keys `k0`…), those whose key has a row already left out, returning
+    the keys it inserted."""
+    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    shared = {
+        "enrichment_type": bindparam("c_type"),
+        "state": bindparam("c_state"),
+        "run_id": bindparam("c_run"),
+        "claimed_at": bindparam("c_at"),
+    }
+    return (
+        make(contacts)
+        .values([{"contact_key": bindparam(f"k{i}"), **shared} for i in range(size)])
         .on_conflict_do_nothing(index_elements=[contacts.c.contact_key, contacts.c.enrichment_type])
         .returning(contacts.c.contact_key)
     )
-    rows = [
-        {
-            "contact_key": key,
-            "enrichment_type": enrichment_type,
-            "state": LedgerState.CLAIMED,
-            "run_id": run_id,
-            "claimed_at": now,
-        }
-        for key in keys
-    ]
-    return set(conn.execute(stmt, rows).scalars())
+
+
+def insert_claims(
+    conn: Connection, run_id: str, keys: Sequence[str], enrichment_type: EnrichmentType, now: datetime
+) -> set[str]:
+    """Claim the keys nobody has a row for (in the given order); returns the ones this call inserted."""
+    shared = {
+        "c_type": str(enrichment_type),
+        "c_state": str(LedgerState.CLAIMED),
+        "c_run": run_id,
+        "c_at": db_time(conn, now),
+    }
+    inserted: set[str] = set()
+    start = 0
+    while start < len(keys):
+        size = min(1 << ((len(keys) - start).bit_length() - 1), _CLAIM_BLOCK_MAX)
+        block = {f"k{i}": key for i, key in enumerate(keys[start : start + size])}
+        statement = _claim_block(conn.dialect.name, size)
+        inserted.update(execute_one(conn, statement, {**shared, **block}).scalars())
+        start += size
+    return inserted
 
 
 def contact_rows(
