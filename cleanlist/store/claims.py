@@ -14,6 +14,8 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, Row, Table, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.sql.elements import BindParameter
 
 from cleanlist.store.bulk import db_time, execute_one
 from cleanlist.store.codec import batches, stored_result
@@ -68,11 +70,11 @@ class Judge:
 
 
 @functools.lru_cache(maxsize=32)
-def _claim_block(dialect: str, size: int) -> postgresql.Insert | sqlite.Insert:
+def _claim_block(dialect: str, size: int) -> ReturningInsert[Any]:
     """INSERT of `size` claim rows (keys `k0`…), those whose key has a row already left out, returning
     the keys it inserted."""
     make = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    shared = {
+    shared: dict[str, BindParameter[Any]] = {
         "enrichment_type": bindparam("c_type"),
         "state": bindparam("c_state"),
         "run_id": bindparam("c_run"),
