@@ -100,20 +100,31 @@ class TaskResult(_Lenient):
     # The task's object exactly as the API sent it, when the parser had it (see `WorkflowStatus.parse`).
     _sent: dict[str, Any] | None = PrivateAttr(default=None)
 
-    _lists = field_validator("other_emails", "personal_phone_numbers", mode="before")(_none_to_list)
-
     def raw(self) -> dict[str, Any]:
         """The result as JSON-ready data, to keep: the API's own object when the parser kept it (no
         second serialization per task), else this model dumped."""
-        return self._sent if self._sent is not None else self.model_dump(mode="json")
+        # Read from pydantic's private dict directly: `self._sent` goes through `__getattr__`, a cost
+        # once per contact.
+        private = self.__pydantic_private__
+        sent = private.get("_sent") if private is not None else None
+        return sent if sent is not None else self.model_dump(mode="json")
 
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
         """The per-task field names are documented only by the webhook example; take the obvious
         other spellings (`email`, `email_status`, `phone(s)`, also nested under `result` or `data`)
-        rather than report every contact of such an answer as not found."""
-        if not isinstance(data, dict) or data.get("primary_email") is not None:
+        rather than report every contact of such an answer as not found. A `null` list is an empty one
+        (here, not in a validator per field: one Python call per result, not three)."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("other_emails", ()) is None or data.get("personal_phone_numbers", ()) is None:
+            data = {
+                **data,
+                "other_emails": data.get("other_emails") or [],
+                "personal_phone_numbers": data.get("personal_phone_numbers") or [],
+            }
+        if data.get("primary_email") is not None:
             return data
         nested = [data[k] for k in ("result", "data", "enrichment") if isinstance(data.get(k), dict)]
         sources = [data, *nested]
