@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Connection, Row, Table, bindparam, delete, select, update
+from sqlalchemy import Connection, Row, Table, bindparam, delete, literal_column, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.sql.elements import BindParameter
@@ -222,10 +222,20 @@ def release_tasks(conn: Connection, workflow_id: str, keys: Sequence[str]) -> No
         )
 
 
+_WORKFLOW_WAITING: Final = (
+    contacts.c.workflow_id == bindparam("p_workflow"),
+    contacts.c.state == literal_column(f"'{LedgerState.ACCEPTED}'"),
+)
+# Run once per settled chunk: built once, run at driver speed.
+_DROP_NEVER_RESULTED: Final = delete(contacts).where(*_WORKFLOW_WAITING, contacts.c.enriched_at.is_(None))
+_FREE_REFRESHED: Final = (
+    update(contacts)
+    .where(*_WORKFLOW_WAITING)
+    .values(state=literal_column(f"'{LedgerState.DONE}'"), workflow_id=null(), task_id=null())
+)
+
+
 def release_workflow(conn: Connection, workflow_id: str) -> None:
     """Free the contacts a closed workflow never resulted, so a later run may submit them again."""
-    waiting = (contacts.c.workflow_id == workflow_id, contacts.c.state == LedgerState.ACCEPTED)
-    conn.execute(delete(contacts).where(*waiting, contacts.c.enriched_at.is_(None)))
-    conn.execute(
-        update(contacts).where(*waiting).values(state=LedgerState.DONE, workflow_id=None, task_id=None)
-    )
+    execute_one(conn, _DROP_NEVER_RESULTED, {"p_workflow": workflow_id})
+    execute_one(conn, _FREE_REFRESHED, {"p_workflow": workflow_id})

@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ClauseElement
 
-from cleanlist.store.bulk import db_time, execute_rows
+from cleanlist.store.bulk import db_time, execute_one, execute_rows
 from cleanlist.store.claims import insert_for, release_workflow
 from cleanlist.store.codec import dump_json
 from cleanlist.store.records import ContactResult
@@ -104,6 +104,30 @@ _STORE_RESULT: Final = (
 )
 
 
+# A workflow's settling statements, built once: run per chunk at driver speed (`execute_one`).
+_LEDGER_ROW: Final = (
+    select(
+        workflows.c.enrichment_type,
+        workflows.c.state,
+        workflows.c.completed_at,
+        workflows.c.credits_charged,
+    )
+    .where(workflows.c.workflow_id == bindparam("p_workflow"))
+    .with_for_update()
+)
+_SET_STATE: Final = {
+    (charged, closed): update(workflows)
+    .where(workflows.c.workflow_id == bindparam("p_workflow"))
+    .values(
+        state=bindparam("p_state"),
+        **({"credits_charged": bindparam("p_charged")} if charged else {}),
+        **({"completed_at": bindparam("p_completed_at")} if closed else {}),
+    )
+    for charged in (False, True)
+    for closed in (False, True)
+}
+
+
 def check_state(state: str) -> None:
     """Refuse a workflow state the ledger does not know."""
     if state not in frozenset(WorkflowState):
@@ -163,27 +187,23 @@ def set_state(
     conn: Connection, workflow_id: str, state: str, at: datetime, credits_charged: float | None = None
 ) -> EnrichmentType:
     """Move the (locked) workflow to `state`; returns its enrichment type. Closed workflows stay closed."""
-    ledger = conn.execute(
-        select(workflows.c.enrichment_type, workflows.c.state, workflows.c.completed_at)
-        .where(workflows.c.workflow_id == workflow_id)
-        .with_for_update()
-    ).one_or_none()
+    ledger = execute_one(conn, _LEDGER_ROW, {"p_workflow": workflow_id}).one_or_none()
     if ledger is None:
         raise ValueError(f"workflow {workflow_id} is not in the ledger; record_accepted comes first")
     if ledger.state in CLOSED_WORKFLOW_STATES and state in OPEN_WORKFLOW_STATES:
         # Its contacts were freed when it closed; reopening it would have later runs poll for nothing.
         raise ValueError(f"workflow {workflow_id} is {ledger.state}; a closed workflow stays closed")
-    changes: dict[str, object] = {"state": state}
+    changes: dict[str, object] = {"p_workflow": workflow_id, "p_state": str(state)}
     if credits_charged is not None:
         # Answers of an unresolved workflow come in parts: each part adds what it cost.
-        earlier = conn.execute(
-            select(workflows.c.credits_charged).where(workflows.c.workflow_id == workflow_id)
-        ).scalar_one()
+        earlier = ledger.credits_charged
         partial = ledger.state == WorkflowState.UNRESOLVED and earlier is not None
-        changes["credits_charged"] = credits_charged + (earlier if partial else 0.0)
-    if state in CLOSED_WORKFLOW_STATES:
-        changes["completed_at"] = ledger.completed_at or at
-    conn.execute(update(workflows).where(workflows.c.workflow_id == workflow_id).values(changes))
+        changes["p_charged"] = credits_charged + (float(earlier) if partial else 0.0)
+    closed = state in CLOSED_WORKFLOW_STATES
+    if closed:
+        # Kept as the driver stored it (not read back through the column type), or this moment's.
+        changes["p_completed_at"] = ledger.completed_at or db_time(conn, at)
+    execute_one(conn, _SET_STATE[credits_charged is not None, closed], changes)
     return EnrichmentType(ledger.enrichment_type)
 
 
