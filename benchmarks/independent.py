@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from benchmarks.data import DatasetSpec, cached_dataset
-from benchmarks.procs import ROOT, PrefectServer, _wait_for, free_port, run_measured
+from benchmarks.procs import ROOT, _wait_for, free_port, prefect_for, run_measured
 from benchmarks.run import CHUNK, RESULTS, count_rows, pipeline_cmd
 from benchmarks.standin import DEFAULT_KEY
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", default="0.5-1.5")
     parser.add_argument("--data-dir", type=Path, default=RESULTS / "data")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--prefect-api-url", help="use this running Prefect API instead of starting a server")
     args = parser.parse_args(argv)
 
     requests, _, window = args.rate_limit.partition("/")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        prefect = PrefectServer(workdir / "prefect-home")
+        prefect = prefect_for(workdir / "prefect-home", args.prefect_api_url)
         admin = httpx.Client(base_url=base + "/_standin", timeout=60.0)
         try:
             _wait_for(base + "/_standin/stats", 60, standin, "the stand-in")

@@ -218,6 +218,28 @@ class PrefectServer:
         self._log.close()
 
 
+class ExistingPrefect:
+    """A Prefect API that is already running (`--prefect-api-url`, e.g. a test session's): nothing is
+    started or stopped, and its CPU is not measured (reported as 0)."""
+
+    startup_seconds = 0.0
+
+    def __init__(self, api_url: str) -> None:
+        self.api_url = api_url
+        self.env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+    def cpu_seconds(self) -> float:
+        return 0.0
+
+    def stop(self) -> None:
+        pass
+
+
+def prefect_for(home: Path, api_url: str | None) -> PrefectServer | ExistingPrefect:
+    """The given Prefect API, else a server of our own (started here, stopped by the caller)."""
+    return ExistingPrefect(api_url) if api_url else PrefectServer(home)
+
+
 @dataclass
 class Sample:
     t: float  # time.monotonic()

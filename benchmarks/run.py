@@ -27,7 +27,16 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from benchmarks.data import DatasetSpec, cached_dataset
-from benchmarks.procs import ROOT, Measured, PrefectServer, SandboxProcess, machine, run_measured
+from benchmarks.procs import (
+    ROOT,
+    ExistingPrefect,
+    Measured,
+    PrefectServer,
+    SandboxProcess,
+    machine,
+    prefect_for,
+    run_measured,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHUNK = 250
@@ -108,7 +117,7 @@ def count_rows(path: Path) -> int:
 
 @dataclass
 class Stand:
-    prefect: PrefectServer
+    prefect: PrefectServer | ExistingPrefect
     sandbox: SandboxProcess
     workdir: Path
 
@@ -480,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-latency", default="0.05")
     parser.add_argument("--data-dir", type=Path, default=RESULTS / "data", help="generated sources, reused")
     parser.add_argument(
+        "--prefect-api-url",
+        help="use this running Prefect API instead of starting a server (its CPU is then not measured)",
+    )
+    parser.add_argument(
         "--output", type=Path, help="results JSON (default benchmarks/results/<time>-<mode>.json)"
     )
     args = parser.parse_args(argv)
@@ -494,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="cleanlist-bench-") as tmp:
         workdir = Path(tmp)
-        prefect = PrefectServer(workdir / "prefect-home")
+        prefect = prefect_for(workdir / "prefect-home", args.prefect_api_url)
         report["machine"]["prefect_startup_s"] = round(prefect.startup_seconds, 1)
         try:
             if args.mode in ("throughput", "all"):

@@ -13,13 +13,24 @@ import pytest
 
 from benchmarks import run
 
+# The session's Prefect server: each benchmark would otherwise start one of its own (15-20 s on a busy
+# machine) for two or three runs.
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _prefect_api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_benchmark_measures_the_pipeline_and_the_documented_loop(tmp_path: Path) -> None:
     results = tmp_path / "throughput.json"
     data = tmp_path / "data"
-    argv = ["throughput", "--contacts", "1000", "--data-dir", str(data), "--output", str(results)]
+    argv = ["throughput", "--contacts", "1000", "--data-dir", str(data), "--output", str(results),
+            "--prefect-api-url", _prefect_api_url()]  # fmt: skip
     assert run.main(argv) == 0
 
     report = json.loads(results.read_text())
@@ -44,7 +55,8 @@ def test_the_cli_against_the_independent_stand_in(tmp_path: Path) -> None:
     from benchmarks import independent
 
     results = tmp_path / "independent.json"
-    argv = ["--contacts", "1000", "--data-dir", str(tmp_path / "data"), "--output", str(results)]
+    argv = ["--contacts", "1000", "--data-dir", str(tmp_path / "data"), "--output", str(results),
+            "--prefect-api-url", _prefect_api_url()]  # fmt: skip
     assert independent.main(argv) == 0
     runs = json.loads(results.read_text())["runs"]
     assert len(runs) == 2
