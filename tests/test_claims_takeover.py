@@ -28,7 +28,6 @@ from tests.flow_helpers import read_csv
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ROOT = Path(__file__).parent.parent
 CONTACTS = 2_000
-TAKEOVER_CONTACTS = 750
 SETTLED = {"enriched", "not_found", "cached"}
 NEW_PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
 
@@ -99,8 +98,7 @@ def test_a_rerun_in_a_restarted_container_submits_what_the_killed_run_never_sent
     tmp_path: Path, make_sandbox: Any, store_url: str
 ) -> None:
     sandbox = make_sandbox(rate_limit=None, latency=(0.3, 0.8), seed=3)
-    # Three chunks: the kill after two bulk requests leaves the third unsent (two at a time).
-    source = contact_list(tmp_path / "crm.csv", count=TAKEOVER_CONTACTS)
+    source = contact_list(tmp_path / "crm.csv")
     out = tmp_path / "out.csv"
     args = _args(source, out, store_url, "--cursor", "seq")
     killed = subprocess.Popen(
@@ -111,7 +109,7 @@ def test_a_rerun_in_a_restarted_container_submits_what_the_killed_run_never_sent
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     sent_by_the_killed_run = sandbox.counters()["contacts_accepted"]
-    assert sent_by_the_killed_run < TAKEOVER_CONTACTS
+    assert sent_by_the_killed_run < CONTACTS
     assert _journal_lines(store_url), "the killed run left no journal to replay"
 
     # The restarted container: PID 1 again, in a new PID namespace, right away.
@@ -121,14 +119,14 @@ def test_a_rerun_in_a_restarted_container_submits_what_the_killed_run_never_sent
 
     summary = _summary(rerun)
     assert (rerun.returncode, summary["status"]) == (0, "completed"), rerun.stderr[-2000:]
-    assert summary["submitted"] >= TAKEOVER_CONTACTS - sent_by_the_killed_run
+    assert summary["submitted"] >= CONTACTS - sent_by_the_killed_run
     written = read_csv(out)
-    assert len(written) == TAKEOVER_CONTACTS
+    assert len(written) == CONTACTS
     assert set(written["cleanlist_status"]) <= SETTLED
     counters = sandbox.counters()
     assert counters["contacts_accepted_more_than_once"] <= summary["ambiguous_contacts"]
     assert _journal_lines(store_url) == []  # the killed run's lines were replayed, then dropped
-    assert summary["cursor_mark_new"] == str(TAKEOVER_CONTACTS)
+    assert summary["cursor_mark_new"] == str(CONTACTS)
 
     # The mark moved only because every row was settled: the next run has nothing left to send.
     again = subprocess.run(
@@ -136,7 +134,7 @@ def test_a_rerun_in_a_restarted_container_submits_what_the_killed_run_never_sent
         cwd=ROOT, env=_env(sandbox), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
-    assert _summary(again)["skipped_by_cursor"] == TAKEOVER_CONTACTS
+    assert _summary(again)["skipped_by_cursor"] == CONTACTS
     assert sandbox.counters()["contacts_accepted"] == counters["contacts_accepted"]
 
 
