@@ -384,7 +384,10 @@ def test_retry_after_from_the_wire_is_parsed_or_ignored(
     else:
         # An HTTP-date has whole-second resolution.
         assert error.retry_after == pytest.approx(expected, abs=1.0)
-        assert 0 < held <= error.retry_after
+        # For a date, each reads the time left at its own moment: the hold from the hint when the limiter
+        # took it, the error a moment later (a fresh-clone run saw the hold 0.6 ms longer under load).
+        # The hold ends with the window the server named, at most a moment (here 50 ms) after it.
+        assert 0 < held <= error.retry_after + 0.05
 
 
 # --- transport failures -------------------------------------------------------------------------------
