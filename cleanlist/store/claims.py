@@ -31,11 +31,16 @@ MAX_CLAIM_PASSES: Final = 5
 _CLAIM_BLOCK_MAX: Final = 256
 
 
-def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
-    """An INSERT that knows ON CONFLICT on this connection's backend."""
-    if conn.dialect.name == "postgresql":
+def insert_of(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT that knows ON CONFLICT on this backend."""
+    if dialect == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def insert_for(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT that knows ON CONFLICT on this connection's backend."""
+    return insert_of(conn.dialect.name, table)
 
 
 @dataclass
@@ -73,7 +78,6 @@ class Judge:
 def _claim_block(dialect: str, size: int) -> ReturningInsert[Any]:
     """INSERT of `size` claim rows (keys `k0`…), those whose key has a row already left out, returning
     the keys it inserted."""
-    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
     shared: dict[str, BindParameter[Any]] = {
         "enrichment_type": bindparam("c_type"),
         "state": bindparam("c_state"),
@@ -81,7 +85,7 @@ def _claim_block(dialect: str, size: int) -> ReturningInsert[Any]:
         "claimed_at": bindparam("c_at"),
     }
     return (
-        make(contacts)
+        insert_of(dialect, contacts)
         .values([{"contact_key": bindparam(f"k{i}"), **shared} for i in range(size)])
         .on_conflict_do_nothing(index_elements=[contacts.c.contact_key, contacts.c.enrichment_type])
         .returning(contacts.c.contact_key)

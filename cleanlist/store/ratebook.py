@@ -77,6 +77,14 @@ _LIVE = and_(
     ),
 )
 _COUNT_LIVE = select(func.count()).select_from(rate_slots).where(_LIVE)
+# When the window is full: the answered slot whose expiry frees one more (a rare path, run through Core).
+_OLDEST_BLOCKING = (
+    select(rate_slots.c.stamp)
+    .where(_LIVE, rate_slots.c.in_flight.is_(False))
+    .order_by(rate_slots.c.stamp)
+    .offset(bindparam("skip"))
+    .limit(1)
+)
 _NEW_SLOT = (
     insert(rate_slots)
     .values(
@@ -93,16 +101,21 @@ _NEW_SLOT = (
 )
 
 
+def _names(prefix: str, count: int) -> list[BindParameter[Any]]:
+    """Parameters `prefix0`… of an IN list of `count` values (see `_named`)."""
+    return [bindparam(f"{prefix}{i}") for i in range(count)]
+
+
 def _named(prefix: str, values: Sequence[object]) -> dict[str, object]:
+    """The values of an IN list built by `_names`."""
     return {f"{prefix}{i}": value for i, value in enumerate(values)}
 
 
 @functools.lru_cache(maxsize=32)
 def _scope_rows(count: int, for_update: bool) -> Select[Any]:
-    names: list[BindParameter[Any]] = [bindparam(f"s{i}") for i in range(count)]
     query = (
         select(rate_scopes.c.scope, rate_scopes.c.held_until)
-        .where(rate_scopes.c.organization == bindparam("org"), rate_scopes.c.scope.in_(names))
+        .where(rate_scopes.c.organization == bindparam("org"), rate_scopes.c.scope.in_(_names("s", count)))
         .order_by(rate_scopes.c.scope)
     )
     return query.with_for_update() if for_update else query
@@ -115,7 +128,7 @@ def _in_flight_owners(count: int) -> Select[Any]:
         .distinct()
         .where(
             rate_slots.c.organization == bindparam("org"),
-            rate_slots.c.scope.in_([bindparam(f"s{i}") for i in range(count)]),
+            rate_slots.c.scope.in_(_names("s", count)),
             rate_slots.c.in_flight.is_(True),
             rate_slots.c.stamp > bindparam("stale_before"),
             rate_slots.c.run_id.is_not(None),
@@ -127,7 +140,7 @@ def _in_flight_owners(count: int) -> Select[Any]:
 def _answered(count: int) -> Update:
     return (
         update(rate_slots)
-        .where(rate_slots.c.id.in_([bindparam(f"i{i}") for i in range(count)]))
+        .where(rate_slots.c.id.in_(_names("i", count)))
         .values(stamp=bindparam("v_stamp"), in_flight=bindparam("v_in_flight"), ok=bindparam("v_ok"))
     )
 
@@ -190,16 +203,6 @@ class StoreRateBook:
             rows = execute_one(conn, query, params).all()
         return max((float(row.held_until or 0.0) for row in rows), default=0.0)
 
-    def _live(self, scope: str, now: float, window: float) -> Any:
-        return and_(
-            rate_slots.c.organization == self.organization,
-            rate_slots.c.scope == scope,
-            or_(
-                and_(rate_slots.c.in_flight.is_(True), rate_slots.c.stamp > now - STALE_IN_FLIGHT),
-                rate_slots.c.stamp > now - window,
-            ),
-        )
-
     def _close_dead_in_flight(self, conn: Connection, scopes: Sequence[str], now: float) -> None:
         """Close the in-flight slots (in `scopes`, scope rows locked) of other runs proved dead: from now
         they count for their window like an answered request, instead of for STALE_IN_FLIGHT."""
@@ -259,13 +262,8 @@ class StoreRateBook:
                         self._used[pace.scope] = live_count
                 if live_count >= pace.allowance:
                     # The wait until enough of the window's slots have expired for one more.
-                    stamps = conn.execute(
-                        select(rate_slots.c.stamp)
-                        .where(self._live(pace.scope, now, pace.window), rate_slots.c.in_flight.is_(False))
-                        .order_by(rate_slots.c.stamp)
-                        .offset(live_count - pace.allowance)
-                        .limit(1)
-                    ).scalar_one_or_none()
+                    skip = {**live_params, "skip": live_count - pace.allowance}
+                    stamps = conn.execute(_OLDEST_BLOCKING, skip).scalar_one_or_none()
                     wait = float(stamps) + pace.window - now if stamps is not None else 0.01
                     return Taken(None, max(wait, 0.001))
                 granted = min(granted, pace.allowance - live_count)
