@@ -18,9 +18,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
+from benchmarks.procs import quiet_prefect_services
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.sandbox import SandboxConfig, SandboxServer
 from cleanlist.store import EnrichmentStore
+
+# The session servers, and the temporary servers and fault schedules the tests start, inherit this: the
+# services that look after deployments and workers are off. The deployment tests' own stacks start from
+# an environment without PREFECT_* (tests/test_deployments.py::base_env) and keep every service.
+quiet_prefect_services(os.environ)
 
 POSTGRES_URL = os.environ.get("CLEANLIST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

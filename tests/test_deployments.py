@@ -384,8 +384,8 @@ def start_stack(
             "cleanlist_nightly_output": str(root / "nightly" / "enriched.csv"),
             "cleanlist_nightly_store": f"sqlite:///{root / 'nightly' / 'store.db'}",
         }
-        for name, value in nightly.items():
-            stack.prefect("variable", "set", name, value)
+        for name, value in nightly.items():  # through the API: a `prefect variable set` costs ~2 s of CPU
+            stack.api("POST", "/variables/", {"name": name, "value": value})
         stack.prefect("--no-prompt", "deploy", "--all", timeout=180.0)
 
         stack.env = {
@@ -766,8 +766,13 @@ def test_the_ui_shows_the_flow_run_and_its_summary_artifact(
     }
     assert NEEDS_YOU_TITLE not in report["data"]
     for name, (url, expected) in pages.items():
-        dom = browse(url, tmp_path / f"profile-{name}")
-        missing = [text for text in expected if text not in dom]
+        # Twice at most: on a loaded machine a page's data request can still be out when the browser's
+        # virtual time runs out (a fresh-clone run once saw the economics page without its table).
+        for attempt in range(2):
+            dom = browse(url, tmp_path / f"profile-{name}-{attempt}")
+            missing = [text for text in expected if text not in dom]
+            if not missing:
+                break
         assert not missing, f"{url} does not show {missing}"
         shot = ARTIFACTS / f"{name}.png"
         shot.unlink(missing_ok=True)

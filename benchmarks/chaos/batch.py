@@ -35,7 +35,7 @@ import httpx
 from benchmarks.chaos.invariants import Violation, last_line
 from benchmarks.chaos.runner import Played, World, api_key_for, play
 from benchmarks.chaos.schedule import EVENTS, EXTRA_MOMENTS, LATER_EVENTS, MOMENTS, PROFILES, Schedule, draw
-from benchmarks.procs import ROOT, PrefectServer
+from benchmarks.procs import ROOT, PrefectServer, quiet_prefect_services
 
 
 def schedule_seeds(seed: int, count: int) -> list[int]:
@@ -94,11 +94,6 @@ def _prefect_records_leaks(home: Path, api_url: str | None, seeds: list[int]) ->
     return [(seed, where) for seed in seeds for where, text in texts.items() if api_key_for(seed) in text]
 
 
-# Services of the Prefect server that look after deployments, workers and old data: a CLI run uses none
-# of them, and their loops cost the shared server CPU on a 2-CPU machine.
-IDLE_SERVICES = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "DB_VACUUM", "REPOSSESSOR", "CLEANUP_RECONCILER")
-
-
 def expected_cost(schedule: Schedule) -> float:
     """A rough rank of a schedule's wall time: a temporary Prefect server (started by every run), two
     runs at once, a rerun in a new container, and each extra run after a signal cost most."""
@@ -143,8 +138,7 @@ def run_batch(
     """Play `seeds`; returns the batch report (what the CLI prints)."""
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="cleanlist-chaos-", dir=keep))
-    for service in IDLE_SERVICES:
-        os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
+    quiet_prefect_services(os.environ)
     prefect = PrefectServer(root / "prefect-shared")
     world = World(
         checkout=checkout.resolve(),

@@ -128,6 +128,7 @@ class RunWorkspace:
         self._db = sqlite3.connect(self.root / "contacts.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("PRAGMA temp_store=MEMORY")
         self._db.execute(
             "CREATE TABLE contacts (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, payload TEXT NOT NULL,"
             f" state TEXT NOT NULL DEFAULT '{ContactState.NEW}', chunk_no INTEGER, note TEXT)"

@@ -114,6 +114,9 @@ def open_engine(url: URL) -> Engine:
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+            # The connection used last goes out next: SQLite drops a connection's page cache whenever
+            # another connection of the store wrote, so rotating through the pool re-read most pages.
+            pool_use_lifo=True,
         )
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin)
@@ -192,6 +195,9 @@ def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: ConnectionP
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        # Statement journals and sorts stay in memory: with the default they spill to temporary files in
+        # /var/tmp (strace of a 40,000-contact run: 154 files of ~400 page writes each for 160 chunks).
+        cursor.execute("PRAGMA temp_store=MEMORY")
     finally:
         cursor.close()
 
