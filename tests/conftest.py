@@ -157,13 +157,19 @@ def workspace(tmp_path: Path) -> Iterator[RunWorkspace]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With `--dist loadgroup` (.ci/run) tests spread over the workers one by one, except the tests of a
     module that share a module-scoped fixture (a Prefect stack with workers, a migrated Prefect home, an
-    S3 server): those stay on one worker, so the fixture is still built once.
+    S3 server): those stay on one worker, so the fixture is still built once. A test may name its own
+    group (`xdist_group`) to split a module whose fixtures are independent.
 
-    The longest work goes out first (xdist hands work out in collection order): tests with a longer
+    The longest work goes out first (xdist hands work out in collection order, .ci/run keeps it): tests
+    marked `first_out` (a group of several minutes, the Prefect stack with workers), tests with a longer
     timeout than the default (the fault-schedule gate, kill -9 and worker scenarios, minutes each), then
-    the module groups, then the rest in file order. Started last, the 5-minute gate alone would be the
-    suite's tail."""
-    if config.getoption("dist", "no") != "loadgroup":
+    the groups, then the rest in file order. Started last, the 5-minute gate alone would be the suite's
+    tail. (A worker whose first unit holds one or two tests is given a second at once, so the longest
+    group goes out before the gate: behind the gate, on the same worker, it would wait five minutes.)"""
+    # The workers collect, and xdist sets their `dist` to "no" (keeping `loadgroup`): asking only for
+    # `dist` made this hook a no-op under xdist, so each worker that drew a test of a module built that
+    # module's fixtures again (three Prefect stacks with workers for test_deployments, not one).
+    if not (config.getoption("dist", "no") == "loadgroup" or getattr(config.option, "loadgroup", False)):
         return
     default_timeout = float(config.getini("timeout") or 0)
     grouped: set[str] = set()
@@ -171,15 +177,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
             continue
-        if any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs):
+        if item.get_closest_marker("xdist_group") is not None:
+            grouped.add(item.nodeid)
+        elif any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
             grouped.add(item.nodeid)
 
     def longest_first(item: pytest.Item) -> tuple[int, float]:
+        if item.get_closest_marker("first_out") is not None:
+            return (0, 0.0)
         marker = item.get_closest_marker("timeout")
         timeout = float(marker.args[0]) if marker is not None and marker.args else default_timeout
         if timeout > default_timeout:
-            return (0, -timeout)
-        return (1, 0.0) if item.nodeid in grouped else (2, 0.0)
+            return (1, -timeout)
+        return (2, 0.0) if item.nodeid in grouped else (3, 0.0)
 
     items.sort(key=longest_first)

@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,8 +227,10 @@ class ProcessGroup:
                 child.kill()
 
     def stop_all(self) -> None:
-        for name in reversed(list(self.started)):
-            self.stop(name)
+        """Stop every process at once (one after the other, a server or worker slow to leave made a
+        teardown wait 15 s for each: 30 s a stack)."""
+        with ThreadPoolExecutor(max_workers=max(len(self.started), 1)) as pool:
+            list(pool.map(self.stop, list(self.started)))
 
 
 def free_port() -> int:
@@ -420,6 +423,13 @@ def start_stack(
         raise
 
 
+# Under xdist (.ci/run) the two stacks are two groups, each on one worker and built once: the SQLite one
+# (six tests, ~5 minutes) goes out before anything else, the PostgreSQL one (two tests) runs beside it.
+# Each worker starts its own sandbox (in-process, a moment).
+SQLITE_STACK = pytest.mark.first_out
+POSTGRES_STACK = pytest.mark.xdist_group("tests.test_deployments.postgres")
+
+
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[SandboxServer]:
     with SandboxServer(SandboxConfig(credits=1_000_000.0, latency=(0.2, 0.5))) as server:
@@ -464,6 +474,7 @@ def adhoc(stack: PrefectStack) -> AdhocRun:
 
 
 @pytest.mark.integration
+@SQLITE_STACK
 def test_prefect_yaml_deploys_nightly_adhoc_and_backfill_non_interactively(stack: PrefectStack) -> None:
     assert (stack.root / "prefect-home" / "prefect.db").exists(), "the server's SQLite database is elsewhere"
     deployments = {
@@ -494,6 +505,7 @@ def test_prefect_yaml_deploys_nightly_adhoc_and_backfill_non_interactively(stack
 
 
 @pytest.mark.integration
+@SQLITE_STACK
 def test_adhoc_run_on_a_worker_completes_with_every_row_in_the_output(
     stack: PrefectStack, adhoc: AdhocRun
 ) -> None:
@@ -512,6 +524,7 @@ def test_adhoc_run_on_a_worker_completes_with_every_row_in_the_output(
 
 
 @pytest.mark.integration
+@SQLITE_STACK
 def test_backfill_runs_three_shards_over_two_workers_and_a_rerun_pays_nothing(
     stack: PrefectStack, sandbox: SandboxServer
 ) -> None:
@@ -578,6 +591,7 @@ def test_backfill_runs_three_shards_over_two_workers_and_a_rerun_pays_nothing(
 
 
 @pytest.mark.integration
+@SQLITE_STACK
 def test_a_failed_shard_fails_the_backfill_after_every_shard_finished(stack: PrefectStack) -> None:
     inputs = stack.root / "glob"
     inputs.mkdir()
@@ -616,6 +630,7 @@ def test_a_failed_shard_fails_the_backfill_after_every_shard_finished(stack: Pre
 
 
 @pytest.mark.integration
+@SQLITE_STACK
 def test_running_out_of_credits_notifies_through_the_automation_and_resumes_after_a_top_up(
     stack: PrefectStack,
 ) -> None:
@@ -711,6 +726,7 @@ def browse(url: str, profile: Path, *, screenshot: Path | None = None) -> str:
 
 
 @pytest.mark.integration
+@SQLITE_STACK
 def test_the_ui_shows_the_flow_run_and_its_summary_artifact(
     stack: PrefectStack, adhoc: AdhocRun, tmp_path: Path
 ) -> None:
@@ -799,6 +815,7 @@ def pg_stack(tmp_path_factory: pytest.TempPathFactory, sandbox: SandboxServer) -
 
 @pytest.mark.integration
 @pytest.mark.postgres
+@POSTGRES_STACK
 def test_adhoc_run_completes_with_postgresql_as_the_prefect_database(pg_stack: PrefectStack) -> None:
     run = adhoc_run(pg_stack, "pgserver")
     assert run.command.returncode == 0, f"{run.command.stdout}\n{pg_stack.diagnostics()}"
@@ -819,6 +836,7 @@ def test_adhoc_run_completes_with_postgresql_as_the_prefect_database(pg_stack: P
 
 @pytest.mark.integration
 @pytest.mark.postgres
+@POSTGRES_STACK
 def test_cleanlist_enrich_serve_runs_the_deployments_from_one_process(pg_stack: PrefectStack) -> None:
     for worker in pg_stack.workers:  # only the serving process may take runs now
         pg_stack.procs.stop(worker)
