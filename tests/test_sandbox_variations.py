@@ -544,13 +544,19 @@ def test_forget_drops_every_workflow_like_a_restart_without_memory(start_sandbox
 
 
 def test_a_forgotten_workflow_never_sends_its_webhook(start_sandbox: StartSandbox) -> None:
-    sandbox = start_sandbox(latency=0.3, webhook_backoff_scale=0.0)
+    # A second of latency: the forgetting must come before the first workflow ends (with 0.3 s a loaded
+    # machine once let it end, and send its webhook, first). It ends before the kept one, so once the kept
+    # one's webhook is in, a webhook of the forgotten one would be too.
+    sandbox = start_sandbox(latency=1.0, webhook_backoff_scale=0.0)
     receiver = WebhookReceiver([])
     with receiver.running(), api(sandbox) as client:
         forgotten = bulk(client, people(1), webhook_url=receiver.url).json()
         sandbox.forget()
         kept = bulk(client, people(1, tag="kept"), webhook_url=receiver.url).json()
-        time.sleep(0.6)
+        deadline = time.monotonic() + 15
+        while kept["workflow_id"] not in [b["workflow_id"] for b in receiver.bodies]:
+            assert time.monotonic() < deadline, "the kept workflow's webhook never came"
+            time.sleep(0.05)
         status = client.get("/enrich/status", params={"workflow_id": forgotten["workflow_id"]})
     assert status.status_code == 404
     assert [body["workflow_id"] for body in receiver.bodies] == [kept["workflow_id"]]
