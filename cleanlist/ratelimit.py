@@ -476,6 +476,11 @@ class EndpointLimiter:
         with self._line:
             if self._line_head != self._line_next:
                 return  # someone is still in line: the slots are theirs
+        self._take_back_granted()
+
+    def _take_back_granted(self) -> None:
+        """Slots granted but not yet taken go back to the book, unsent: a hold that began since they
+        were granted (a 429's Retry-After) must keep the threads in line from sending on them."""
         with self._parent.lock:
             unclaimed, self._granted = list(self._granted), deque()
             self._in_flight = max(self._in_flight - len(unclaimed), 0)
@@ -711,10 +716,16 @@ class RateLimiter:
         with self.lock:
             limiter._cautious = True
             limiter.hold_ends = max(limiter.hold_ends, now + seconds)
+            held = [limiter]
             if self.shared is not None:  # one window: it began anew for every endpoint (a hold only to be
                 # safe says nothing of the other endpoints' windows)
-                for other in self._endpoints.values():
+                held = list(self._endpoints.values())
+                for other in held:
                     other.hold_ends = max(other.hold_ends, now + seconds)
+            if everyone:
+                held = list(self._endpoints.values())
+        for one in held:
+            one._take_back_granted()
 
     # -- learning ---------------------------------------------------------------------------------
     def short_of_slots(self, limiter: EndpointLimiter) -> None:

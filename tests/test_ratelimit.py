@@ -366,3 +366,20 @@ def test_threads_waiting_for_a_slot_ask_the_book_one_at_a_time() -> None:
     assert takes.count(False) <= 2 * 4, takes
     # And the first in line takes slots for the threads behind it too: fewer grants than sends.
     assert takes.count(True) < len(sends), takes
+
+
+def test_a_hold_takes_back_the_slots_granted_to_the_threads_behind_in_line() -> None:
+    """A burst's slots are granted in one book transaction to the first in line, for the threads behind
+    it. A 429 that comes back before they take them holds the endpoint: the threads in line must not send
+    on slots granted before it (one request in five auto runs went inside a Retry-After this way)."""
+    clock = VirtualClock()
+    limiter = RateLimiter(RateLimit(10, 2.0), clock=clock, sleep=clock.sleep, async_sleep=clock.async_sleep)
+    bulk = limiter.endpoint("enrich-bulk")
+    assert bulk._reserve([], want=3) == 0.0  # the first in line takes one slot and is granted two more
+    assert len(bulk._granted) == 2
+    bulk.release(rate_limited=True, retry_after=5.0)  # its answer: 429, Retry-After 5
+    assert not bulk._granted
+    start = clock()
+    bulk.acquire()  # the next in line waits out the hold instead of sending on a granted slot
+    assert clock() - start >= 5.0 - 1e-9
+    bulk.release(rate_limited=False)
