@@ -54,22 +54,54 @@ PREFECT_DB = "prefect.db"
 _MIGRATING = threading.Lock()  # schedules played at once wait for the one migration
 
 
-@functools.cache
-def _migrated_prefect_db(python: str) -> Path:
-    """A Prefect database with every migration of `python`'s Prefect, made once per process.
+# A directory where every process of one test session (pytest-xdist workers, the fault schedules they
+# start) finds one migrated Prefect database instead of migrating its own (tests/conftest.py sets it).
+TEMPLATE_DIR_ENV = "CLEANLIST_PREFECT_TEMPLATE_DIR"
 
-    A Prefect server's first start on an empty PREFECT_HOME runs Prefect's migrations: ~17 s of CPU on
-    this 2-CPU machine, 40-90 s at a load of 5-8. A user pays that once per machine; the benchmarks and
-    the fault schedules start many servers, each from a copy of this one (`seed_prefect_home`), as on a
-    machine that ran Prefect before. The directory is removed when the process exits."""
-    home = Path(tempfile.mkdtemp(prefix="cleanlist-prefect-template-"))
-    atexit.register(shutil.rmtree, home, True)
+
+def _migrate(home: Path, python: str) -> Path:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     for name in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
         env.pop(name, None)
     subprocess.run([python, "-m", "prefect", "server", "database", "upgrade", "-y"],
                    env=env, check=True, capture_output=True, timeout=900)  # fmt: skip
     return home / PREFECT_DB
+
+
+def _shared_migrated_db(directory: Path, python: str) -> Path:
+    """The migrated database kept in `directory` for every process that shares it, made by the first
+    to ask (the others wait on a file lock): one per Python and Prefect version."""
+    import fcntl
+    import hashlib
+
+    probe = "import importlib.metadata as m; print(m.version('prefect'))"  # without importing Prefect
+    version = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    home = directory / hashlib.sha256(f"{python}\0{version}".encode()).hexdigest()[:16]
+    home.mkdir(parents=True, exist_ok=True)
+    done = home / "migrated"
+    with open(home / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            _migrate(home, python)
+            done.touch()
+    return home / PREFECT_DB
+
+
+@functools.cache
+def _migrated_prefect_db(python: str) -> Path:
+    """A Prefect database with every migration of `python`'s Prefect, made once per process (or once per
+    test session: `TEMPLATE_DIR_ENV`).
+
+    A Prefect server's first start on an empty PREFECT_HOME runs Prefect's migrations: ~17 s of CPU on
+    this 2-CPU machine, 40-90 s at a load of 5-8. A user pays that once per machine; the benchmarks and
+    the fault schedules start many servers, each from a copy of this one (`seed_prefect_home`), as on a
+    machine that ran Prefect before. The directory is removed when the process exits."""
+    shared = os.environ.get(TEMPLATE_DIR_ENV)
+    if shared:
+        return _shared_migrated_db(Path(shared), python)
+    home = Path(tempfile.mkdtemp(prefix="cleanlist-prefect-template-"))
+    atexit.register(shutil.rmtree, home, True)
+    return _migrate(home, python)
 
 
 def migrated_prefect_db(python: str = sys.executable) -> Path:

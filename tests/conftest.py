@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -18,7 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-from benchmarks.procs import quiet_prefect_services
+from benchmarks.procs import TEMPLATE_DIR_ENV, migrated_prefect_db, quiet_prefect_services
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.sandbox import SandboxConfig, SandboxServer
 from cleanlist.store import EnrichmentStore
@@ -49,16 +50,41 @@ def _isolate_xdist_worker() -> None:
     atexit.register(shutil.rmtree, private, ignore_errors=True)
 
 
+def _share_one_migrated_prefect_database() -> None:
+    """Every Prefect database the session's servers start from (the session harnesses, the temporary
+    servers and stacks the tests start on a seeded PREFECT_HOME, the fault schedules) is a copy of one,
+    migrated once: each migration costs ~16 s of CPU, and the workers, their harnesses and the fault
+    schedules' batch each ran their own. Set in the controller, before the workers inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get(TEMPLATE_DIR_ENV):
+        return
+    shared = Path(tempfile.mkdtemp(prefix="cleanlist-tests-prefect-template-"))
+    os.environ[TEMPLATE_DIR_ENV] = str(shared)
+    atexit.register(shutil.rmtree, shared, ignore_errors=True)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _share_one_migrated_prefect_database()
     _isolate_xdist_worker()
 
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """One real (temporary) Prefect server for every flow test of the session."""
-    from prefect.testing.utilities import prefect_test_harness
+    """One real (temporary) Prefect server for every flow test of the session, on a copy of the
+    session's migrated database (the harness would migrate an empty one: ~16 s of CPU a worker)."""
+    import prefect.testing.utilities as harness
 
-    with prefect_test_harness(server_startup_timeout=180):
+    real_mkdtemp = harness.mkdtemp
+
+    def seeded_mkdtemp() -> str:
+        # The harness's database is `prefect-test.db` in the directory it makes: made here, from the copy.
+        directory = real_mkdtemp()
+        shutil.copy2(migrated_prefect_db(), Path(directory) / "prefect-test.db")
+        return directory
+
+    with (
+        mock.patch.object(harness, "mkdtemp", seeded_mkdtemp),
+        harness.prefect_test_harness(server_startup_timeout=180),
+    ):
         yield
 
 
