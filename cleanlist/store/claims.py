@@ -18,7 +18,7 @@ from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.sql.elements import BindParameter
 
 from cleanlist.store.bulk import db_time, execute_one
-from cleanlist.store.codec import batches, stored_result
+from cleanlist.store.codec import RESULT_FIELDS, batches, stored_result
 from cleanlist.store.liveness import ProcessIdentity, RunLocks, lock_kind, run_is_alive
 from cleanlist.store.records import ClaimOutcome, StoredResult
 from cleanlist.store.schema import contacts, runs
@@ -149,7 +149,7 @@ def judge_rows(conn: Connection, rows: dict[str, Row[Any]], judge: Judge, split:
         elif fresh:
             # A refresh claimed or in flight elsewhere does not make a result that is fresh enough
             # for this caller any less usable.
-            split.fresh[key] = stored_result(row)
+            split.fresh[key] = stored_result([getattr(row, name) for name in RESULT_FIELDS])
         elif row.state == LedgerState.ACCEPTED:
             split.in_flight[key] = (row.workflow_id, row.task_id)
         elif row.state == LedgerState.CLAIMED and row.run_id in alive:

@@ -52,20 +52,31 @@ def load_json(text: str | None) -> Any:
     return None if text is None else jsontext.loads(text)
 
 
-def stored_result(row: Row[Any]) -> StoredResult:
-    """The result held by a contact row (the row must have one)."""
+# A stored result's columns of the contacts table, in the order `stored_result` reads them.
+RESULT_FIELDS: Final = (
+    "contact_key", "enrichment_type", "result_workflow_id", "result_task_id", "result_status",
+    "primary_email", "primary_email_status", "other_emails", "phones", "enriched_at", "raw",
+)  # fmt: skip
+
+
+def stored_result(values: Sequence[Any]) -> StoredResult:
+    """The result held by a contact row (the row must have one): its RESULT_FIELDS, in that order.
+
+    Read by position: a SQLAlchemy row read by attribute costs ~1 µs a column, and the writer reads
+    every output row's result (10 of the 17 µs this took a row)."""
+    key, kind, workflow_id, task_id, status, email, email_status, other, phones, enriched_at, raw = values
     return StoredResult(
-        contact_key=row.contact_key,
-        enrichment_type=_TYPE_OF.get(row.enrichment_type) or EnrichmentType(row.enrichment_type),
-        workflow_id=row.result_workflow_id,
-        task_id=row.result_task_id,
-        status=row.result_status,
-        primary_email=row.primary_email,
-        primary_email_status=row.primary_email_status,
-        other_emails=tuple(load_json(row.other_emails) or ()),
-        phones=tuple(load_json(row.phones) or ()),
-        raw=load_json(row.raw) or {},
-        enriched_at=row.enriched_at,
+        contact_key=key,
+        enrichment_type=_TYPE_OF.get(kind) or EnrichmentType(kind),
+        workflow_id=workflow_id,
+        task_id=task_id,
+        status=status,
+        primary_email=email,
+        primary_email_status=email_status,
+        other_emails=tuple(load_json(other) or ()),
+        phones=tuple(load_json(phones) or ()),
+        raw=load_json(raw) or {},
+        enriched_at=enriched_at,
     )
 
 

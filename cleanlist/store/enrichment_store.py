@@ -29,6 +29,7 @@ from cleanlist.store.claims import (
     take_over,
 )
 from cleanlist.store.codec import (
+    RESULT_FIELDS,
     batches,
     dump_json,
     require_aware,
@@ -84,13 +85,7 @@ _MAX_ATTEMPTS: Final = 5
 
 # The columns `results` reads: those of a result (`codec.stored_result`), with or without the API's
 # objects (read as NULL). Not every column: each time column read is a conversion per row.
-_RESULT_COLUMNS: Final = tuple(
-    contacts.c[name]
-    for name in (
-        "contact_key", "enrichment_type", "result_workflow_id", "result_task_id", "result_status",
-        "primary_email", "primary_email_status", "other_emails", "phones", "enriched_at",
-    )
-)  # fmt: skip
+_RESULT_COLUMNS: Final = tuple(contacts.c[name] for name in RESULT_FIELDS[:-1])  # `raw` apart
 _WITH_RAW: Final = (*_RESULT_COLUMNS, contacts.c.raw)
 _WITHOUT_RAW: Final = (*_RESULT_COLUMNS, null().label("raw"))
 
@@ -473,7 +468,7 @@ class EnrichmentStore:
                     contacts.c.enriched_at.is_not(None),
                 )
                 for row in conn.execute(stmt):
-                    found[row.contact_key] = stored_result(row)
+                    found[row[0]] = stored_result(row)
             return {key: found[key] for key in wanted if key in found}
 
         return self._transact(work, "read")
