@@ -164,6 +164,7 @@ def _run_and_report(kwargs: dict[str, Any], stop_request: Any, *, as_json: bool)
     # 40,000-contact run's CPU. (Not done by the flow: in a user's process, the collector is theirs.)
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    gc.enable()  # the CLI's commands turn it off while they import (cli.py::_collector_off_until_the_run)
     stop = threading.Event()
     bar = None
     latest = _LatestProgress()
