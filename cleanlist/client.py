@@ -359,6 +359,7 @@ class CleanlistClient(_ClientCore):
         # Every endpoint spends its budget: validate-key is free of credits, not of the rate limit.
         limiter = self.limiter.endpoint(endpoint)
         limiter.acquire(self.stop)
+        limiter.wait_out_hold(self.stop)
         if before_send is not None:
             try:
                 before_send()
@@ -469,6 +470,7 @@ class AsyncCleanlistClient(_ClientCore):
     ) -> Any:
         limiter = self.limiter.endpoint(endpoint)
         await limiter.acquire_async(self.stop)
+        await limiter.wait_out_hold_async(self.stop)
         if before_send is not None:
             try:
                 before_send()

@@ -585,6 +585,29 @@ class EndpointLimiter:
             self._line_head += 1
         self._line.notify_all()
 
+    def wait_out_hold(self, stop: threading.Event | None = None) -> None:
+        """With a slot, right before sending: a hold that began after the slot was granted (the 429 of a
+        request already on the wire came back meanwhile) is waited out first, the slot kept. A stop
+        while waiting gives the slot back unsent and raises StoppedBeforeSending. Reads this process's
+        own hold only (no book transaction): it narrows, to the send itself, the time in which a
+        request granted before a 429 can still leave inside its Retry-After."""
+        parent = self._parent
+        while (left := self.hold_ends - parent.clock()) > 0:
+            if stop is None:
+                parent.sleep(left)
+            elif stop.wait(left):
+                self.release(rate_limited=False, answered=False)
+                raise StoppedBeforeSending(self.name)
+
+    async def wait_out_hold_async(self, stop: threading.Event | None = None) -> None:
+        """`wait_out_hold` without blocking the event loop (a stop is noticed within a tenth of a second)."""
+        parent = self._parent
+        while (left := self.hold_ends - parent.clock()) > 0:
+            if stop is not None and stop.is_set():
+                self.release(rate_limited=False, answered=False)
+                raise StoppedBeforeSending(self.name)
+            await parent.async_sleep(left if stop is None else min(left, 0.1))
+
     async def acquire_async(self, stop: threading.Event | None = None) -> None:
         """Wait, without blocking the event loop, until a request may be sent (`stop` as in `acquire`)."""
         counted: list[bool] = []

@@ -12,6 +12,7 @@ import pytest
 
 from cleanlist.client import CleanlistClient
 from cleanlist.constants import PROBE_IN_FLIGHT
+from cleanlist.errors import StoppedBeforeSending
 from cleanlist.ratelimit import EndpointLimiter, MemoryBook, Pace, RateLimiter, Taken
 from cleanlist.sandbox import SandboxServer
 from cleanlist.settings import RateLimit
@@ -383,3 +384,26 @@ def test_a_hold_takes_back_the_slots_granted_to_the_threads_behind_in_line() -> 
     bulk.acquire()  # the next in line waits out the hold instead of sending on a granted slot
     assert clock() - start >= 5.0 - 1e-9
     bulk.release(rate_limited=False)
+
+
+def test_a_request_granted_before_a_hold_waits_it_out_before_it_is_sent() -> None:
+    """A slot granted, then a 429 of a request already on the wire comes back and holds the endpoint:
+    the request waits the hold out before it goes (the client calls `wait_out_hold` right before
+    sending), and a stop while it waits gives its slot back unsent."""
+    clock = VirtualClock()
+    limiter = RateLimiter(RateLimit(10, 2.0), clock=clock, sleep=clock.sleep, async_sleep=clock.async_sleep)
+    bulk = limiter.endpoint("enrich-bulk")
+    bulk.acquire()
+    granted = clock()
+    bulk.hold(3.0)  # another request's 429, Retry-After 3
+    bulk.wait_out_hold()
+    assert clock() - granted >= 3.0 - 1e-9
+    bulk.release(rate_limited=False)
+
+    bulk.acquire()
+    bulk.hold(3.0)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StoppedBeforeSending):
+        bulk.wait_out_hold(stop)
+    assert bulk._in_flight == 0 and not bulk._tickets  # the slot went back to the book, unsent
