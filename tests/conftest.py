@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -19,7 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cleanlist")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-from benchmarks.procs import TEMPLATE_DIR_ENV, migrated_prefect_db, quiet_prefect_services
+from benchmarks.procs import SEEDED_SERVER_ENV, TEMPLATE_DIR_ENV, migrated_prefect_db, quiet_prefect_services
 from cleanlist.run.workspace import RunWorkspace
 from cleanlist.sandbox import SandboxConfig, SandboxServer
 from cleanlist.store import EnrichmentStore
@@ -81,10 +81,11 @@ def prefect_harness() -> Iterator[None]:
         shutil.copy2(migrated_prefect_db(), Path(directory) / "prefect-test.db")
         return directory
 
-    with (
-        mock.patch.object(harness, "mkdtemp", seeded_mkdtemp),
-        harness.prefect_test_harness(server_startup_timeout=180),
-    ):
+    # Only the harness's server skips the block types the copy holds (SEEDED_SERVER_ENV): the temporary
+    # servers some tests start on an empty PREFECT_HOME still register them.
+    with mock.patch.object(harness, "mkdtemp", seeded_mkdtemp), ExitStack() as stack:
+        with mock.patch.dict(os.environ, SEEDED_SERVER_ENV):
+            stack.enter_context(harness.prefect_test_harness(server_startup_timeout=180))
         yield
 
 

@@ -193,7 +193,8 @@ def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path, 
         CLEANLIST_STORE_URL=f"sqlite:///{tmp_path / 's.db'}",
         PREFECT_HOME=str(tmp_path / "prefect-home"),
     )
-    seed_prefect_home(tmp_path / "prefect-home")  # migrated once per session: the test is about the stop
+    # Migrated once per session: the test is about the stop.
+    env.update(seed_prefect_home(tmp_path / "prefect-home"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "cleanlist_prefect.deployments.cli", "run", str(source),
          "-o", str(tmp_path / "out.csv")],

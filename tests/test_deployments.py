@@ -34,7 +34,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from benchmarks.procs import seed_prefect_home
+from benchmarks.procs import SEEDED_SERVER_ENV, seed_prefect_home
 from cleanlist.errors import InputError
 from cleanlist.io.shards import split_source, sql_windows
 from cleanlist.run.economics import ECONOMICS_KEY
@@ -364,6 +364,8 @@ def start_stack(
         server_env = dict(env)
         if database_url:
             server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+        else:
+            server_env.update(SEEDED_SERVER_ENV)  # the copy holds the block types already
         procs.start(
             "server",
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],

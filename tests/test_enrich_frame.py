@@ -184,7 +184,7 @@ def test_a_killed_script_leaves_no_temporary_prefect_server(
         PREFECT_SERVER_EPHEMERAL_ENABLED="true",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
     )  # a loaded machine starts it slowly
-    seed_prefect_home(tmp_path / "prefect")
+    env.update(seed_prefect_home(tmp_path / "prefect"))
     script = subprocess.Popen(
         [sys.executable, "-c", KILLED_SCRIPT, f"sqlite:///{tmp_path / 'store.db'}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

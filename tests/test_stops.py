@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from benchmarks.chaos.invariants import RunFacts, ScheduleFacts, paid_is_written
-from benchmarks.procs import seed_prefect_home
+from benchmarks.procs import SEEDED_SERVER_ENV, seed_prefect_home
 from tests.flow_helpers import messy_export, read_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -66,6 +66,7 @@ def _env(
     else:
         env["PREFECT_HOME"] = str(temporary_server)
         env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+        env.update(SEEDED_SERVER_ENV)  # `prefect_home`, a migrated copy, holds the block types
     return env
 
 

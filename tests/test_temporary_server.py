@@ -111,7 +111,7 @@ def test_a_temporary_server_never_shares_its_port_with_another_process(tmp_path:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="240",
     )
-    seed_prefect_home(tmp_path / "prefect-home")  # a machine that ran Prefect before: no migrations
+    env.update(seed_prefect_home(tmp_path / "prefect-home"))  # a machine that ran Prefect before
     done = subprocess.run(
         [sys.executable, "-c", DECOY], env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -139,7 +139,7 @@ def test_the_temporary_servers_output_goes_to_its_log_never_to_the_runs_terminal
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="240")  # fmt: skip
-    seed_prefect_home(tmp_path / "prefect-home")
+    env.update(seed_prefect_home(tmp_path / "prefect-home"))
     done = subprocess.run([sys.executable, "-c", WHERE_OUTPUT_GOES], env=env, capture_output=True, text=True,
                           timeout=300, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

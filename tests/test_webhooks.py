@@ -279,7 +279,14 @@ def test_sandbox_drops_truncates_and_delays_deliveries_on_request(make_sandbox) 
         _wait_for(lambda: len(receiver.bodies) == len(ids) - len(dropped))
         late_id = bulk(late_client, people(3), webhook_url=receiver.url).json()["workflow_id"]
         _wait_for(lambda: any(body["workflow_id"] == late_id for body in receiver.bodies))
-        late = late_client.get("/webhooks/deliveries", params={"workflow_id": late_id}).json()
+        # The sandbox logs a delivery once the receiver's answer is back, a moment after the body arrived.
+        late: dict[str, Any] = {}
+
+        def logged() -> bool:
+            late.update(late_client.get("/webhooks/deliveries", params={"workflow_id": late_id}).json())
+            return bool(late["deliveries"])
+
+        _wait_for(logged)
         late_status = late_client.get("/enrich/status", params={"workflow_id": late_id}).json()
 
     delivered = {body["workflow_id"]: body for body in receiver.bodies if body["workflow_id"] != late_id}

@@ -451,7 +451,7 @@ class SchedulePlayer:
         if s.temp_server or self.world.prefect_api_url is None:
             home = self.work / "prefect"
             if self.world.seed_prefect_homes:
-                seed_prefect_home(home, self.world.python)
+                env.update(seed_prefect_home(home, self.world.python))
             env["PREFECT_HOME"] = str(home)
             # A loaded CI machine starts the temporary server slowly: that is not the run's fault.
             env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
