@@ -34,7 +34,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from benchmarks.procs import SEEDED_SERVER_ENV, seed_prefect_home
+from benchmarks.procs import seed_prefect_home
 from cleanlist.errors import InputError
 from cleanlist.io.shards import split_source, sql_windows
 from cleanlist.run.economics import ECONOMICS_KEY
@@ -356,16 +356,15 @@ def start_stack(
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = base_env(root / "prefect-home", api_url)
-    if database_url is None:  # SQLite: start from a migrated copy (a first start migrates for ~17 s of CPU)
-        seed_prefect_home(root / "prefect-home")
+    # SQLite: start from a migrated copy, which holds the block types (a first start migrates for ~17 s
+    # of CPU); PostgreSQL: Prefect migrates and registers.
+    seeded = seed_prefect_home(root / "prefect-home") if database_url is None else {}
     procs = ProcessGroup(logs)
     stack = PrefectStack(api_url, env, root, procs, sandbox, database_url)
     try:
-        server_env = dict(env)
+        server_env = {**env, **seeded}
         if database_url:
             server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
-        else:
-            server_env.update(SEEDED_SERVER_ENV)  # the copy holds the block types already
         procs.start(
             "server",
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
